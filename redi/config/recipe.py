@@ -1,0 +1,128 @@
+"""The recipe: one typed config per stage, loaded with precedence defaults < YAML < overrides.
+
+``load_recipe(path, overrides=["redi.alpha=1.0", ...])`` is the one entry point; an unknown key,
+a wrong type or an impossible value raises :class:`RecipeError` naming the field, before any work.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError
+
+from .base import StrictModel
+from .data import DataConfig
+from .evaluate import EvaluateConfig
+from .model import ModelConfig
+from .train import SFTConfig, Stage2Config
+from .verify import VerifyConfig
+
+STAGES = ("download", "model", "verify", "sft", "redi", "evaluate")
+"""Every cached stage of the DAG, in order. ``model`` builds the tiny base model (or resolves a Hub id)."""
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be run; the message names the field and what is wrong."""
+
+
+class RunConfig(StrictModel):
+    """Run-wide settings."""
+
+    name: str = Field("run", min_length=1, description="Run name: registered in the results store and used by nightly evaluation.")
+    artifact_root: str = Field(
+        default_factory=lambda: os.environ.get("REDI_ARTIFACT_ROOT", "artifacts"),
+        description="Where stage artifacts live (content-addressed folders). Env REDI_ARTIFACT_ROOT. A local path.",
+    )
+    results_db: str | None = Field(None, description="Results store (Parquet folder); None = <artifact_root>/results.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: CUDA when available, else CPU.")
+    refresh: list[Literal["download", "model", "verify", "sft", "redi", "evaluate"]] = Field(
+        default_factory=list, description="Stages to recompute even when a valid cached artifact exists."
+    )
+    threads: int | None = Field(None, ge=1, description="torch threads on CPU; None = torch's default.")
+
+
+class Recipe(StrictModel):
+    """A whole run: every stage's config. Each stage's cache key uses only its own section (+ upstream hashes)."""
+
+    run: RunConfig = Field(default_factory=RunConfig, description="Run-wide settings.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Stage `download`.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
+    verify: VerifyConfig = Field(default_factory=VerifyConfig, description="Stage `verify`.")
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="Stage `sft`.")
+    redi: Stage2Config = Field(default_factory=Stage2Config, description="Stage `redi` (objective redi | dpo | simpo).")
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Stage `evaluate`.")
+
+
+def _parse_value(raw: str) -> Any:
+    """`--set` values are YAML scalars/lists: `1e-6`, `true`, `[math500, aime24]`, `null`."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys (``redi.alpha=1.0`` or ``{"redi.alpha": 1.0}``) in a nested dict, in place."""
+    items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides]
+    for key, value in items:
+        parts = key.split(".")
+        node = tree
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise RecipeError(f"override {key!r}: {p!r} is a value, not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return tree
+
+
+def _split(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise RecipeError(f"override {item!r} must look like section.field=value (e.g. redi.alpha=1.0)")
+    k, v = item.split("=", 1)
+    return k.strip(), _parse_value(v.strip())
+
+
+def _format_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid recipe ({origin}):"]
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (not a field of this section)"
+        lines.append(f"  {loc}: {msg} (got {e.get('input')!r})" if e["type"] != "extra_forbidden" else f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Recipe:
+    """Defaults < the YAML file at `path` < `overrides`. Raises RecipeError naming any bad field."""
+    tree: dict[str, Any] = {}
+    origin = "defaults"
+    if path is not None:
+        p = Path(path)
+        if p.is_dir():
+            p = p / "recipe.yaml"
+        if not p.exists():
+            raise RecipeError(f"recipe file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise RecipeError(f"recipe {p} is not valid YAML: {e}") from e
+        if not isinstance(tree, dict):
+            raise RecipeError(f"recipe {p} must be a mapping of sections, got {type(tree).__name__}")
+        origin = str(p)
+    if overrides:
+        apply_overrides(tree, overrides)
+        origin += " + overrides"
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as e:
+        raise RecipeError(_format_error(e, origin)) from None
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The fully resolved recipe, as written into every run's folder."""
+    return yaml.safe_dump(recipe.model_dump(mode="json", by_alias=True), sort_keys=False)

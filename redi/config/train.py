@@ -1,0 +1,88 @@
+"""Configs of the training stages: ``sft`` (stage 1) and ``redi`` (stage 2: redi | dpo | simpo)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from .base import StrictModel
+
+
+class OptimConfig(StrictModel):
+    """Optimiser and schedule shared by both stages (paper App. C: AdamW (0.9, 0.999, 1e-8), wd 1e-4, linear decay, 10% warm-up)."""
+
+    lr: float = Field(5e-5, gt=0, description="Peak learning rate.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the data (fractions allowed).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimiser steps (overrides epochs when set).")
+    global_batch: int = Field(32, ge=1, description="Examples per optimiser step, across devices and accumulation.")
+    micro_batch: int = Field(8, ge=1, description="Examples per forward pass per device (global_batch must divide by micro_batch x devices).")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps with linear warm-up.")
+    schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warm-up (paper: linear).")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Floor of the decay as a share of lr.")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; None = off.")
+    seed: int = Field(0, description="Seed of data order and dropout.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (saves memory).")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="`auto`: bf16 on CUDA with bf16 support, else fp32.")
+    save_steps: int = Field(200, ge=1, description="Checkpoint every N optimiser steps (a killed run resumes from the last one).")
+    log_steps: int = Field(1, ge=1, description="Log training signals every N steps. Does not change results.")
+
+    def hash_fields(self) -> dict:
+        d = self.model_dump(mode="json")
+        d.pop("log_steps")
+        d.pop("save_steps")
+        return d
+
+
+class SFTConfig(OptimConfig):
+    """Stage 1: rejection-sampling SFT on positive traces, loss on completion tokens only."""
+
+    lr: float = Field(5e-5, gt=0, description="Peak learning rate (paper: 5e-5).")
+    epochs: float = Field(5.0, gt=0, description="Epochs (paper: 5).")
+    global_batch: int = Field(128, ge=1, description="Global batch (paper: 128).")
+    max_length: int = Field(32768, ge=16, description="Longest prompt+completion in tokens; longer examples are truncated (counted in the manifest).")
+    packing: bool = Field(True, description="Padding-free packing: examples concatenated into one row with position ids reset per example.")
+
+
+class Stage2Config(OptimConfig):
+    """Stage 2 from the SFT checkpoint: the REDI objective, or the DPO / SimPO baselines (same data, same schedule)."""
+
+    loss: Literal["redi", "dpo", "simpo"] = Field("redi", description="Objective: `redi` (Eq. 5), `dpo` (Eq. 2, reference = the SFT model), `simpo` (Eq. 3).")
+    lr: float = Field(1e-6, gt=0, description="Peak learning rate (paper REDI: 1e-6; DPO best 2e-7; SimPO best 5e-7).")
+    epochs: float = Field(1.0, gt=0, description="Epochs (paper: 1).")
+    global_batch: int = Field(32, ge=1, description="Pairs per optimiser step (paper: 32).")
+    alpha: float = Field(0.8, ge=0, le=1, description="REDI weight of the rejected term (Eq. 5): 1 = symmetric REDI, 0 = length-normalised SFT. Paper best: 0.8.")
+    beta: float = Field(0.001, gt=0, description="DPO / SimPO inverse temperature (paper best: DPO 0.001, SimPO 2).")
+    gamma: float = Field(1.0, ge=0, description="SimPO target margin (paper best: 1).")
+    neg_reweight_gamma: float | None = Field(None, ge=0, description="Official-code option, off by default: scale the REDI negative term by exp(gamma * logp_l/|y_l|).")
+    precompute_ref: bool = Field(True, description="DPO: compute reference log-probs once before training instead of keeping a reference copy.")
+    max_prompt_length: int = Field(800, ge=1, description="Pairs with a longer prompt are dropped (paper: 800).")
+    max_length: int = Field(19800, ge=16, description="Longest prompt+completion; longer ones are truncated keeping the end (paper: 19800, keep_end).")
+    packing: bool = Field(True, description="Padding-free packing of chosen and rejected sequences.")
+    collapse_threshold: float = Field(-0.1, lt=0, description="Warn when the mean per-token chosen log-prob falls below this (the paper's collapse signal).")
+
+    @model_validator(mode="after")
+    def _loss_fields(self) -> Stage2Config:
+        if self.loss != "redi" and self.neg_reweight_gamma is not None:
+            raise ValueError("redi.neg_reweight_gamma only applies to loss 'redi'")
+        return self
+
+    def hash_fields(self) -> dict:
+        d = super().hash_fields()
+        d.pop("collapse_threshold")
+        # Fields that the chosen objective ignores do not change the artifact.
+        if self.loss != "redi":
+            d.pop("alpha")
+            d.pop("neg_reweight_gamma")
+        if self.loss == "redi":
+            d.pop("beta")
+            d.pop("gamma")
+        if self.loss != "simpo":
+            d.pop("gamma", None)
+        if self.loss != "dpo":
+            d.pop("precompute_ref")
+        return d
