@@ -1,0 +1,330 @@
+"""The REDI DAG as plain Python: download -> model -> verify -> sft -> redi -> evaluate (-> grade) -> report.
+
+Every stage is a content-addressed artifact (``redi.artifacts``): its key hashes the stage's own config
+fields (``hash_fields``), the keys of its upstream artifacts and the code version of the modules it runs.
+Keys are computed without running anything (``Pipeline.plan``), so ``redi status`` can say what is cached
+and a changed evaluation parameter reruns only evaluation, a changed alpha only ``redi`` and its
+evaluation. Asking for one stage builds (or takes from cache) exactly its upstream.
+
+This module is what the Prefect tasks (``tasks/``), the flows and the CLI call. It never imports Prefect.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from .artifacts import Artifact, ArtifactStore, code_version, hash_obj, stage_key
+from .config import Recipe, recipe_to_yaml
+
+log = logging.getLogger(__name__)
+
+# The source modules whose code determines each stage's output (hashed into the stage key).
+STAGE_MODULES: dict[str, tuple[str, ...]] = {
+    "download": ("redi.data", "redi.synth", "redi.schema"),
+    "model": ("redi.tinymodel", "redi.prompts"),
+    "verify": ("redi.verify", "redi.split", "redi.schema", "redi.prompts", "redi.tinymodel"),
+    "sft": ("redi.train", "redi.losses", "redi.prompts", "redi.tinymodel"),
+    "redi": ("redi.train", "redi.losses", "redi.prompts", "redi.tinymodel"),
+    "evaluate": ("redi.evaluate", "redi.generate", "redi.benchmarks", "redi.prompts"),
+    "grade": ("redi.verify", "redi.metrics"),
+}
+MODEL_LABELS = ("base", "sft", "redi")
+LABEL_STAGE = {"base": "model", "sft": "sft", "redi": "redi"}  # which stage produces each evaluated model
+DEMO_BENCHMARKS = ("demo_test", "demo_val")
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class StagePlan:
+    """One node of the DAG as planned: its key, where its artifact lives, whether a valid one is cached."""
+
+    stage: str
+    label: str | None
+    key: str
+    path: str
+    cached: bool
+    upstream: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.stage}[{self.label}]" if self.label else self.stage
+
+
+class Pipeline:
+    """Runs the stages of one recipe against one artifact store."""
+
+    def __init__(self, recipe: Recipe, store: ArtifactStore | None = None):
+        self.recipe = recipe
+        self.store = store or ArtifactStore(recipe.run.artifact_root)
+        self.timings: dict[str, float] = {}
+        if recipe.run.threads:
+            import torch
+
+            torch.set_num_threads(recipe.run.threads)
+
+    # ------------------------------------------------------------------ keys (no work done)
+    @cached_property
+    def _code(self) -> dict[str, str]:
+        return {s: code_version(mods) for s, mods in STAGE_MODULES.items()}
+
+    def _refresh(self, stage: str) -> bool:
+        return stage in self.recipe.run.refresh or (stage == "grade" and "evaluate" in self.recipe.run.refresh)
+
+    def _upstream(self, stage: str, label: str | None = None) -> dict[str, Any]:
+        r = self.recipe
+        if stage == "download":
+            return {}
+        if stage == "model":
+            return {"download": self.key("download")} if r.model.base == "tiny" else {}
+        if stage == "verify":
+            return {"download": self.key("download"), "model": self.key("model"), "decontam": self._decontam_fingerprints()}
+        if stage == "sft":
+            return {"verify": self.key("verify"), "model": self.key("model")}
+        if stage == "redi":
+            return {"verify": self.key("verify"), "sft": self.key("sft")}
+        if stage == "evaluate":
+            assert label in MODEL_LABELS, label
+            return {"model": self._model_key(label), "benchmarks": self._benchmark_fingerprints()}
+        if stage == "grade":
+            return {"evaluate": self.key("evaluate", label)}
+        raise ValueError(f"unknown stage {stage!r}")
+
+    def _config(self, stage: str) -> Any:
+        r = self.recipe
+        if stage == "grade":
+            return {"grade_timeout_s": r.evaluate.grade_timeout_s, "pass_k": r.evaluate.pass_k}
+        sections = {"download": r.data, "model": r.model, "verify": r.verify, "sft": r.sft, "redi": r.redi, "evaluate": r.evaluate}
+        return sections[stage].hash_fields()
+
+    def key(self, stage: str, label: str | None = None) -> str:
+        cache = self.__dict__.setdefault("_keys", {})
+        if (stage, label) not in cache:
+            cache[(stage, label)] = stage_key(stage, self._config(stage), self._upstream(stage, label), self._code[stage])
+        return cache[(stage, label)]
+
+    def _model_key(self, label: str) -> str:
+        return self.key(LABEL_STAGE[label])
+
+    def extra_benchmark_paths(self) -> dict[str, Path]:
+        """The download artifact's held-out demo splits, when the source is synthetic (cheap: built on demand)."""
+        if self.recipe.data.source != "synthetic":
+            return {}
+        wanted = set(self.recipe.evaluate.benchmarks) & set(DEMO_BENCHMARKS)
+        if not wanted:
+            return {}
+        data = self.download()
+        return {name: data.dir / "benchmarks" / f"{name}.jsonl" for name in sorted(wanted)}
+
+    def _benchmark_fingerprints(self) -> dict[str, str]:
+        from . import benchmarks
+
+        ev = self.recipe.evaluate
+        out = {}
+        for name in ev.benchmarks:
+            if name in DEMO_BENCHMARKS and self.recipe.data.source == "synthetic":
+                out[name] = f"download:{self.key('download')}"  # content fixed by the download key
+                continue
+            try:
+                out[name] = benchmarks.fingerprint(name, ev, {})
+            except Exception as e:  # unreachable Hub, missing file: evaluation reports it; key stays stable
+                out[name] = f"unavailable:{type(e).__name__}"
+        return out
+
+    def _decontam_fingerprints(self) -> dict[str, str]:
+        if not self.recipe.verify.decontaminate:
+            return {}
+        from . import benchmarks
+
+        out = {}
+        for name in self.recipe.verify.decontam_benchmarks:
+            try:
+                out[name] = benchmarks.fingerprint(name, self.recipe.evaluate, {})
+            except Exception as e:
+                out[name] = f"unavailable:{type(e).__name__}"
+        return out
+
+    def plan(self) -> list[StagePlan]:
+        """Every node the recipe's full run touches, with its key and whether a valid artifact is cached."""
+        nodes: list[tuple[str, str | None]] = [("download", None), ("model", None), ("verify", None), ("sft", None), ("redi", None)]
+        for label in self.recipe.evaluate.models:
+            nodes += [("evaluate", label), ("grade", label)]
+        out = []
+        for stage, label in nodes:
+            k = self.key(stage, label)
+            out.append(StagePlan(stage, label, k, str(self.store.dir(stage, k)), self.store.lookup(stage, k) is not None,
+                                 {n: v for n, v in self._upstream(stage, label).items() if isinstance(v, str)}))
+        return out
+
+    # ------------------------------------------------------------------ stages
+    def _build(self, stage: str, fn: Callable[[Path, Path], dict], label: str | None = None,
+               extra_inputs: dict[str, Any] | None = None) -> Artifact:
+        k = self.key(stage, label)
+        t0 = time.time()
+        inputs = {**self._upstream(stage, label), **(extra_inputs or {})}
+        art = self.store.build(stage, k, fn, config=self._config(stage), inputs=inputs, refresh=self._refresh(stage))
+        name = f"{stage}[{label}]" if label else stage
+        self.timings[name] = time.time() - t0
+        log.info("%s %s: %s (%.1fs)", name, "cache hit" if art.cached else "built", art.path, self.timings[name])
+        return art
+
+    def download(self) -> Artifact:
+        memo = self.__dict__.setdefault("_memo", {})
+        if "download" not in memo:
+            from . import data
+
+            memo["download"] = self._build("download", lambda out, work: data.download(self.recipe.data, out))
+        return memo["download"]
+
+    def base_model(self, data: Artifact | None = None) -> Artifact:
+        from . import tinymodel
+
+        traces = None
+        if self.recipe.model.base == "tiny":
+            data = data or self.download()
+            traces = data.file("traces.parquet")
+        return self._build("model", lambda out, work: tinymodel.build_base_model(self.recipe.model, out, traces))
+
+    def decontam_problems(self) -> dict[str, list[str]]:
+        from . import benchmarks
+
+        out: dict[str, list[str]] = {}
+        for name in self.recipe.verify.decontam_benchmarks if self.recipe.verify.decontaminate else []:
+            try:
+                out[name] = [row["problem"] for row in benchmarks.load_benchmark(name, self.recipe.evaluate, {})]
+            except Exception as e:
+                log.warning("decontamination: benchmark %s not available, skipped (%s)", name, e)
+        return out
+
+    def verify(self, data: Artifact | None = None, model: Artifact | None = None) -> Artifact:
+        from . import split
+
+        data = data or self.download()
+        model = model or self.base_model(data)
+
+        def fn(out: Path, work: Path) -> dict:
+            return split.verify_and_split(self.recipe.verify, data.file("traces.parquet"), model.dir, out, self.decontam_problems())
+
+        return self._build("verify", fn)
+
+    def sft(self, verify: Artifact | None = None, model: Artifact | None = None) -> Artifact:
+        from . import train
+
+        model = model or self.base_model()
+        verify = verify or self.verify(model=model)
+        device = resolve_device(self.recipe.run.device)
+        return self._build("sft", lambda out, work: train.train_sft(
+            self.recipe.sft, model.dir, verify.file("positives.parquet"), out, work, device))
+
+    def stage2(self, verify: Artifact | None = None, sft: Artifact | None = None) -> Artifact:
+        from . import train
+
+        verify = verify or self.verify()
+        sft = sft or self.sft(verify=verify)
+        device = resolve_device(self.recipe.run.device)
+        return self._build("redi", lambda out, work: train.train_stage2(
+            self.recipe.redi, sft.file("model"), verify.file("pairs.parquet"), out, work, device))
+
+    def model_dir(self, label: str, art: Artifact) -> Path:
+        return art.dir if label == "base" else art.file("model")
+
+    def model_artifact(self, label: str) -> Artifact:
+        return {"base": self.base_model, "sft": self.sft, "redi": self.stage2}[label]()
+
+    def evaluate(self, label: str, model: Artifact | None = None) -> Artifact:
+        """Generate and grade on every benchmark of the recipe; then ``grade`` re-grades if the grader changed."""
+        from . import evaluate as ev
+
+        model = model or self.model_artifact(label)
+        extra = self.extra_benchmark_paths()
+        gen = self._build("evaluate", lambda out, work: ev.evaluate_model(
+            self.recipe.evaluate, self.model_dir(label, model), out, extra, label), label,
+            extra_inputs={"grader_code": self._code["grade"], "model_dir": str(self.model_dir(label, model))})
+        return self.grade(label, gen)
+
+    def grade(self, label: str, gen: Artifact) -> Artifact:
+        """Metrics under the current grader: copied when the evaluation already used it, else re-graded."""
+        from . import evaluate as ev
+
+        def fn(out: Path, work: Path) -> dict:
+            if gen.manifest.get("inputs", {}).get("grader_code") == self._code["grade"]:
+                shutil.copy(gen.file("metrics.json"), out / "metrics.json")
+                return json.loads((out / "metrics.json").read_text())
+            return ev.regrade(gen.file("samples.parquet"), self.recipe.evaluate, out)
+
+        return self._build("grade", fn, label)
+
+    # ------------------------------------------------------------------ whole run
+    def run(self, labels: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """The full DAG. Returns {stage name: artifact dict} plus the report."""
+        t0 = time.time()
+        data = self.download()
+        model = self.base_model(data)
+        verify = self.verify(data, model)
+        sft = self.sft(verify, model)
+        red = self.stage2(verify, sft)
+        models = {"base": model, "sft": sft, "redi": red}
+        grades = {lab: self.evaluate(lab, models[lab]) for lab in (labels or self.recipe.evaluate.models)}
+        report = self.report(models, grades)
+        report["seconds"] = round(time.time() - t0, 1)
+        return {"download": data, "model": model, "verify": verify, "sft": sft, "redi": red, "grades": grades, "report": report}
+
+    # ------------------------------------------------------------------ report
+    def run_dir(self) -> Path:
+        return self.store.root / "runs" / self.recipe.run.name
+
+    def results_path(self) -> Path:
+        return Path(self.recipe.run.results_db) if self.recipe.run.results_db else self.store.root / "results"
+
+    def recipe_hash(self) -> str:
+        return hash_obj(self.recipe.model_dump(mode="json"))
+
+    def report(self, models: dict[str, Artifact], grades: dict[str, Artifact]) -> dict[str, Any]:
+        """Register the run's latest models, append metrics to the results store, write table + plot."""
+        from . import results
+
+        rdir = self.run_dir()
+        rdir.mkdir(parents=True, exist_ok=True)
+        (rdir / "recipe.yaml").write_text(recipe_to_yaml(self.recipe))
+        latest = {
+            "run": self.recipe.run.name,
+            "recipe_hash": self.recipe_hash(),
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "models": {lab: {"key": art.key, "stage": art.stage, "dir": str(self.model_dir(lab, art))} for lab, art in models.items()},
+            "grades": {lab: g.key for lab, g in grades.items()},
+        }
+        _atomic_write(rdir / "latest.json", json.dumps(latest, indent=2))
+        store = results.ResultsStore(self.results_path())
+        for lab, g in grades.items():
+            metrics = json.loads(g.file("metrics.json").read_text())
+            store.append_metrics(
+                run=self.recipe.run.name, label=lab, model_key=models[lab].key, recipe_hash=latest["recipe_hash"],
+                eval_key=g.key, metrics=metrics, protocol=self.recipe.evaluate.hash_fields(), kind="pipeline",
+            )
+        df = store.load(run=self.recipe.run.name, latest_only=True)
+        table = results.comparison_table(df)
+        (rdir / "results.md").write_text(table.markdown)
+        table.frame.to_csv(rdir / "results.csv")
+        results.bar_chart(df, rdir / "results.png")
+        return {"run_dir": str(rdir), "table_markdown": table.markdown, "table_rows": table.rows, "plot": str(rdir / "results.png")}
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
