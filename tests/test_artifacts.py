@@ -1,0 +1,169 @@
+"""The content-addressed store: validated hits, corrupt artifacts rebuilt, atomic writes, per-key locking."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from redi.artifacts import ArtifactStore, CorruptArtifact, code_version, stage_key, validate
+
+
+def _writer(payload: str):
+    def fn(out: Path, work: Path) -> dict:
+        (out / "data.txt").write_text(payload)
+        (out / "sub").mkdir()
+        (out / "sub" / "x.json").write_text(json.dumps({"p": payload}))
+        return {"rows": len(payload)}
+
+    return fn
+
+
+def test_build_then_hit(tmp_path):
+    store = ArtifactStore(tmp_path)
+    calls = []
+
+    def fn(out, work):
+        calls.append(1)
+        return _writer("abc")(out, work)
+
+    a = store.build("download", "k1", fn, config={"x": 1})
+    assert not a.cached and calls == [1]
+    assert a.summary == {"rows": 3}
+    assert set(a.manifest["files"]) == {"data.txt", "sub/x.json"}
+    assert "torch" in a.manifest["versions"] or "python" in a.manifest["versions"]
+    b = store.build("download", "k1", fn)
+    assert b.cached and calls == [1]
+    assert b.path == a.path
+    # no temp or work folders left behind
+    assert sorted(p.name for p in (tmp_path / "download").iterdir()) == [".locks", "k1"]
+
+
+def test_corrupt_artifact_is_rebuilt(tmp_path):
+    store = ArtifactStore(tmp_path)
+    a = store.build("verify", "k", _writer("hello"))
+    (a.dir / "data.txt").write_text("hellp")  # same size, different content
+    with pytest.raises(CorruptArtifact, match="checksum"):
+        validate(a.dir)
+    assert store.lookup("verify", "k") is None
+    b = store.build("verify", "k", _writer("hello"))
+    assert not b.cached and (b.dir / "data.txt").read_text() == "hello"
+
+
+def test_missing_manifest_or_file_is_not_trusted(tmp_path):
+    store = ArtifactStore(tmp_path)
+    a = store.build("sft", "k", _writer("x"))
+    (a.dir / "sub" / "x.json").unlink()
+    assert store.lookup("sft", "k") is None
+    (a.dir / "manifest.json").unlink()
+    assert store.lookup("sft", "k") is None
+
+
+def test_refresh_forces_rebuild(tmp_path):
+    store = ArtifactStore(tmp_path)
+    store.build("redi", "k", _writer("1"))
+    b = store.build("redi", "k", _writer("22"), refresh=True)
+    assert not b.cached and (b.dir / "data.txt").read_text() == "22"
+
+
+def test_failed_build_leaves_nothing_trusted(tmp_path):
+    store = ArtifactStore(tmp_path)
+
+    def boom(out, work):
+        (out / "half.txt").write_text("half")
+        raise RuntimeError("stage failed")
+
+    with pytest.raises(RuntimeError, match="stage failed"):
+        store.build("evaluate", "k", boom)
+    assert store.lookup("evaluate", "k") is None
+    assert not list((tmp_path / "evaluate").glob(".tmp-*"))
+
+
+def _slow_build(root: str, marker: str) -> None:
+    store = ArtifactStore(root)
+
+    def fn(out, work):
+        (work / "checkpoint").write_text("step 1")
+        (out / "big.txt").write_text("partial")
+        Path(marker).write_text("started")
+        time.sleep(60)
+        return {}
+
+    store.build("sft", "k", fn)
+
+
+def test_sigkill_mid_build_then_resume(tmp_path):
+    marker = tmp_path / "started"
+    ctx = mp.get_context("spawn")
+    p = ctx.Process(target=_slow_build, args=(str(tmp_path / "store"), str(marker)))
+    p.start()
+    for _ in range(600):
+        if marker.exists():
+            break
+        time.sleep(0.05)
+    assert marker.exists(), "child never started building"
+    os.kill(p.pid, signal.SIGKILL)
+    p.join()
+    store = ArtifactStore(tmp_path / "store")
+    assert store.lookup("sft", "k") is None  # the half-written folder is not an artifact
+    assert list((tmp_path / "store" / "sft").glob(".tmp-k-*"))
+    seen = {}
+
+    def fn(out, work):
+        seen["ckpt"] = (work / "checkpoint").read_text()  # work_dir survives the kill (resume point)
+        (out / "big.txt").write_text("complete")
+        return {}
+
+    a = store.build("sft", "k", fn)
+    assert seen["ckpt"] == "step 1"
+    assert (a.dir / "big.txt").read_text() == "complete"
+    assert not list((tmp_path / "store" / "sft").glob(".tmp-*")), "stale temp folder not cleaned"
+    assert not (tmp_path / "store" / "sft" / ".work-k").exists()
+
+
+def _concurrent(root: str, out_q) -> None:
+    store = ArtifactStore(root)
+
+    def fn(out, work):
+        time.sleep(1.0)
+        (out / "pid.txt").write_text(str(os.getpid()))
+        return {}
+
+    a = store.build("download", "same", fn)
+    out_q.put((os.getpid(), a.cached, (a.dir / "pid.txt").read_text()))
+
+
+def test_two_runs_of_same_key_do_not_collide(tmp_path):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_concurrent, args=(str(tmp_path), q)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    res = [q.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join()
+    assert sorted(r[1] for r in res) == [False, True]  # one built, the other waited and took it from cache
+    assert len({r[2] for r in res}) == 1  # both see the same, complete artifact
+    validate(tmp_path / "download" / "same")
+
+
+def test_keys_depend_on_exactly_their_inputs():
+    k = stage_key("sft", {"lr": 1e-3}, {"verify": "a"}, "c1")
+    assert k == stage_key("sft", {"lr": 1e-3}, {"verify": "a"}, "c1")
+    assert k != stage_key("sft", {"lr": 2e-3}, {"verify": "a"}, "c1")
+    assert k != stage_key("sft", {"lr": 1e-3}, {"verify": "b"}, "c1")
+    assert k != stage_key("sft", {"lr": 1e-3}, {"verify": "a"}, "c2")
+    assert k != stage_key("redi", {"lr": 1e-3}, {"verify": "a"}, "c1")
+
+
+def test_code_version_tracks_source():
+    a = code_version(["redi.artifacts"])
+    assert a == code_version(["redi.artifacts"])
+    assert a != code_version(["redi.artifacts", "redi.schema"])
+    with pytest.raises(ValueError, match="not found"):
+        code_version(["redi.no_such_module"])
