@@ -1,0 +1,407 @@
+"""The one grader of the project: Math-Verify on the final answer, with a hard deadline from outside.
+
+``grade(response, gold)`` is used both to label teacher traces (``redi.split``) and to grade
+evaluation samples (``redi.evaluate``). It returns ``True`` / ``False``, or ``None`` when the gold
+cannot be parsed at all (the example cannot be judged, as Open-R1's accuracy reward does).
+
+How an answer is read (both sides go through the same ``parse_answer`` so that
+``grade("\\boxed{" + gold + "}", gold)`` holds for every benchmark gold):
+
+1. Response: the content of the LAST ``\\boxed{...}`` (brace-matched, linear time), as Open-R1's
+   evaluations (boxed_match_priority=0, rightmost match first). Without any ``\\boxed``, Math-Verify's
+   anchored extraction (``final answer is ...``, ``answer: ...``) on the whole response; no
+   anchor-free fallback, so a truncated trace whose last number happens to equal the gold is not
+   counted as correct.
+2. An answer string is normalised (``4.5e33`` -> ``4.5\\times 10^{33}``, ``np.arcsin(x)`` ->
+   ``\\arcsin(x)``, plain ``-1./3`` read as an expression), then parsed as ``\\boxed{answer}`` with
+   ``LatexExtractionConfig`` and, failing that, with ``ExprExtractionConfig``. The raw string is
+   kept as a last candidate, so two answers that neither parser understands match only when they are
+   identical strings.
+3. Equivalence: ``math_verify.verify(gold_candidates, pred_candidates)`` (any pair matching).
+
+Math-Verify's own timeouts use ``signal.alarm`` (main thread only), so they are disabled here
+(``parsing_timeout=None``, ``timeout_seconds=None``) and the deadline is enforced by
+:class:`GradingPool`: each item runs in a worker process; a worker past its deadline is killed and
+replaced, its item gets ``None`` and is counted. ``grade`` itself has no deadline: call it directly
+only on trusted input, use ``grade_many`` / ``GradingPool`` otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import queue
+import re
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from functools import lru_cache
+from multiprocessing.connection import wait as mp_wait
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+Verdict = bool | None
+
+_E_NOTATION = re.compile(r"^\s*([+-]?\d+(?:\.\d*)?|[+-]?\.\d+)\s*[eE]\s*([+-]?\d+)\s*$")
+_PLAIN_EXPR = re.compile(r"^[\d\s.+\-*/()]+$")  # "-1./3", "10/13": python arithmetic, not LaTeX
+_NP_FUNC = re.compile(r"\b(?:np|numpy|math)\.(arcsin|arccos|arctan|sin|cos|tan|log|exp|sqrt|pi)\b")
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox``) in `text`, brace-matched; None if absent/unclosed.
+
+    Linear in len(text) from the last opening, so a 100 kB or deeply nested box cannot blow up.
+    """
+    starts = [m.end() for m in _BOXED.finditer(text)]
+    for start in reversed(starts):
+        depth, i = 1, start
+        while i < len(text):
+            c = text[i]
+            if c == "{":
+                depth += 1
+            elif c == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[start:i].strip()
+            i += 1
+    return None
+
+
+def normalise_answer(ans: str) -> str:
+    """Rewrite answer forms Math-Verify's LaTeX reader gets wrong into LaTeX it reads right."""
+    ans = ans.strip().strip("$").strip()
+    m = _E_NOTATION.match(ans)
+    if m:
+        return f"{m.group(1)}\\times 10^{{{int(m.group(2))}}}"
+    ans = _NP_FUNC.sub(lambda mm: "\\pi" if mm.group(1) == "pi" else "\\" + mm.group(1), ans)
+    return ans
+
+
+def _mv():
+    """Math-Verify, imported lazily (workers preload it; importing the module stays cheap)."""
+    import math_verify
+    import math_verify.grader
+    import math_verify.parser
+
+    # Deadlines are enforced by GradingPool, so Math-Verify's "timeout disabled" warning is noise.
+    math_verify.parser.TIMEOUT_WARNING_SHOWN = True
+    math_verify.grader.TIMEOUT_WARNING_SHOWN = True
+    return math_verify
+
+
+@lru_cache(maxsize=1)
+def _configs():
+    mv = _mv()
+    latex = [mv.LatexExtractionConfig(boxed_match_priority=0)]
+    expr = [mv.ExprExtractionConfig()]
+    anchored = [
+        mv.LatexExtractionConfig(boxed_match_priority=0, try_extract_without_anchor=False),
+        mv.ExprExtractionConfig(try_extract_without_anchor=False),
+    ]
+    return latex, expr, anchored
+
+
+def _sympy_only(parsed: list) -> list:
+    return [p for p in parsed if not isinstance(p, str)]
+
+
+@lru_cache(maxsize=4096)
+def parse_answer(ans: str) -> tuple:
+    """Candidates for one answer string: parsed SymPy objects first, then the raw string (never raises).
+
+    Plain arithmetic (``-1./3``) is read as an expression first, because LaTeX reads ``1.`` as 1.
+    """
+    mv = _mv()
+    latex, expr, _ = _configs()
+    norm = normalise_answer(ans)
+    if not norm:
+        return ()
+    order = (expr, latex) if _PLAIN_EXPR.match(norm) else (latex, expr)
+    got: list = []
+    for cfg in order:
+        text = f"\\boxed{{{norm}}}" if cfg is latex else norm
+        got = _sympy_only(mv.parse(text, cfg, parsing_timeout=None))
+        if got:
+            break
+    return (*got, norm)
+
+
+def _parse_response(response: str) -> list:
+    box = last_boxed(response)
+    if box is not None:
+        return list(parse_answer(box))
+    _, _, anchored = _configs()
+    return list(_mv().parse(response, anchored, parsing_timeout=None))
+
+
+def grade(response: str, gold: str) -> Verdict:
+    """True/False: is the response's final answer equivalent to `gold`; None if `gold` cannot be parsed.
+
+    No deadline here (see the module docstring): use :func:`grade_many` for untrusted input.
+    """
+    if not isinstance(gold, str) or not isinstance(response, str):
+        return None
+    gold_c = parse_answer(gold)
+    if not gold_c:
+        return None
+    pred_c = _parse_response(response)
+    if not pred_c:
+        return False
+    return bool(_mv().verify(list(gold_c), pred_c, timeout_seconds=None))
+
+
+def _safe_grade(response: str, gold: str) -> Verdict:
+    try:
+        return grade(response, gold)
+    except Exception:  # noqa: BLE001 - a grader bug must not kill the worker; the item is unjudgeable
+        logger.debug("grade raised", exc_info=True)
+        return None
+
+
+# ----------------------------------------------------------------------------- worker processes
+
+
+def _worker_main(conn) -> None:
+    """Worker loop: receive (key, response, gold), send (key, verdict). Exits on None or EOF."""
+    _configs()
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        key, response, gold = msg
+        conn.send((key, _safe_grade(response, gold)))
+
+
+def _context() -> mp.context.BaseContext:
+    """forkserver with math_verify preloaded (cheap worker starts, safe in threaded parents); spawn elsewhere."""
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["redi.verify", "math_verify", "latex2sympy2_extended", "sympy"])
+        return ctx
+    return mp.get_context("spawn")
+
+
+def default_workers() -> int:
+    """All cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - macOS
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class _Slot:
+    """One worker process and the item it is grading."""
+
+    proc: Any
+    conn: Any
+    key: int | None = None
+    deadline: float = 0.0
+
+
+@dataclass
+class PoolStats:
+    """Counters of a pool's life: graded items, deadline kills, worker crashes, workers started."""
+
+    done: int = 0
+    timeouts: int = 0
+    crashes: int = 0
+    started: int = 0
+    timeout_examples: list = field(default_factory=list)
+
+
+class GradingPool:
+    """Worker processes grading (response, gold) items, each under a hard deadline enforced here.
+
+    ``submit`` returns a Future resolved with True/False/None. A worker that overruns ``timeout_s``
+    is killed and replaced and its item resolves to None (``stats.timeouts``); a worker that dies
+    resolves its item to None too (``stats.crashes``). Thread-safe submit; use as a context manager.
+    """
+
+    def __init__(self, workers: int = 0, timeout_s: float = 5.0):
+        self.n = workers or default_workers()
+        self.timeout_s = float(timeout_s)
+        self.stats = PoolStats()
+        self._ctx = _context()
+        self._pending: queue.SimpleQueue = queue.SimpleQueue()
+        self._futures: dict[int, tuple[Future, str]] = {}
+        self._next = 0
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
+        self._closing = False
+        self._woken = False
+        self._slots = [self._start_worker() for _ in range(self.n)]
+        self._thread = threading.Thread(target=self._run, name="grading-pool", daemon=True)
+        self._thread.start()
+
+    # -- public
+    def submit(self, response: str, gold: str) -> Future:
+        """Queue one item; the Future resolves to its verdict (None on timeout/crash)."""
+        fut: Future = Future()
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("GradingPool is closed")
+            key = self._next
+            self._next += 1
+            self._futures[key] = (fut, response[:200] if isinstance(response, str) else "")
+        self._pending.put((key, response, gold))
+        self._wake()
+        return fut
+
+    def _wake(self) -> None:
+        with self._lock:
+            if self._woken:
+                return
+            self._woken = True
+        self._wake_w.send_bytes(b"x")
+
+    def close(self) -> None:
+        """Finish every submitted item, then stop the workers."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            self._woken = True
+        self._wake_w.send_bytes(b"x")
+        self._thread.join()
+        for s in self._slots:
+            self._stop_worker(s, graceful=True)
+
+    def __enter__(self) -> GradingPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- workers
+    def _start_worker(self) -> _Slot:
+        parent, child = self._ctx.Pipe(duplex=True)
+        proc = self._ctx.Process(target=_worker_main, args=(child,), daemon=True, name="redi-grader")
+        proc.start()
+        child.close()
+        self.stats.started += 1
+        return _Slot(proc, parent)
+
+    @staticmethod
+    def _stop_worker(slot: _Slot, graceful: bool) -> None:
+        if graceful:
+            try:
+                slot.conn.send(None)
+            except (OSError, BrokenPipeError):
+                pass
+            slot.proc.join(timeout=2)
+        if slot.proc.is_alive():
+            slot.proc.kill()
+            slot.proc.join()
+        slot.conn.close()
+
+    def _resolve(self, key: int, verdict: Verdict) -> None:
+        with self._lock:
+            fut, _ = self._futures.pop(key)
+        self.stats.done += 1
+        fut.set_result(verdict)
+
+    def _replace(self, i: int, reason: str) -> None:
+        slot = self._slots[i]
+        key = slot.key
+        if reason == "timeout":
+            self.stats.timeouts += 1
+            if len(self.stats.timeout_examples) < 5:
+                self.stats.timeout_examples.append(self._futures[key][1])
+        else:
+            self.stats.crashes += 1
+        logger.warning("grading worker %s (pid %s) on item %s: killed and replaced", reason, slot.proc.pid, key)
+        self._stop_worker(slot, graceful=False)
+        self._slots[i] = self._start_worker()
+        self._resolve(key, None)
+
+    # -- scheduler thread
+    def _dispatch(self) -> None:
+        for slot in self._slots:
+            if slot.key is not None:
+                continue
+            try:
+                key, response, gold = self._pending.get_nowait()
+            except queue.Empty:
+                return
+            slot.key, slot.deadline = key, time.monotonic() + self.timeout_s
+            slot.conn.send((key, response, gold))
+
+    def _busy(self) -> bool:
+        return any(s.key is not None for s in self._slots) or not self._pending.empty()
+
+    def _run(self) -> None:
+        while True:
+            self._dispatch()
+            if self._closing and not self._busy():
+                return
+            self._wait_once()
+
+    def _wait_once(self) -> None:
+        busy = [s for s in self._slots if s.key is not None]
+        now = time.monotonic()
+        timeout = min((s.deadline - now for s in busy), default=None)
+        handles = [self._wake_r] + [s.conn for s in busy] + [s.proc.sentinel for s in busy]
+        ready = set(mp_wait(handles, timeout=None if timeout is None else max(0.0, timeout)))
+        if self._wake_r in ready:
+            with self._lock:
+                self._woken = False
+            while self._wake_r.poll():
+                self._wake_r.recv_bytes()
+        for i, s in enumerate(self._slots):
+            if s.key is None:
+                continue
+            if s.conn in ready or s.conn.poll():
+                self._receive(i)
+            elif s.proc.sentinel in ready or not s.proc.is_alive():
+                self._replace(i, "crash")
+            elif time.monotonic() >= s.deadline:
+                self._replace(i, "timeout")
+
+    def _receive(self, i: int) -> None:
+        s = self._slots[i]
+        try:
+            key, verdict = s.conn.recv()
+        except (EOFError, OSError):
+            self._replace(i, "crash")
+            return
+        s.key = None
+        self._resolve(key, verdict)
+
+
+def grade_many(
+    items: Sequence[tuple[str, str]],
+    workers: int = 0,
+    timeout_s: float = 5.0,
+    progress: bool = True,
+    desc: str = "grading",
+    stats: dict | None = None,
+) -> list[Verdict]:
+    """Grade (response, gold) pairs in worker processes, order preserved; None = unjudgeable or timed out.
+
+    `stats`, if given, is filled with the pool's counters (done, timeouts, crashes, workers started).
+    """
+    from tqdm.auto import tqdm
+
+    items = list(items)
+    if not items:
+        return []
+    n = min(workers or default_workers(), len(items))
+    with GradingPool(n, timeout_s) as pool:
+        futs = [pool.submit(r, g) for r, g in items]
+        out = []
+        for f in tqdm(futs, desc=desc, total=len(futs), disable=not progress, unit="item", mininterval=1.0):
+            out.append(f.result())
+    if stats is not None:
+        stats.update(vars(pool.stats))
+    if pool.stats.timeouts or pool.stats.crashes:
+        logger.warning("%s: %d timeouts, %d worker crashes out of %d items", desc, pool.stats.timeouts, pool.stats.crashes, len(items))
+    return out
