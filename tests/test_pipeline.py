@@ -1,0 +1,54 @@
+"""Cache keys of the DAG: a change reruns exactly the stages it determines (computed without running anything)."""
+
+from __future__ import annotations
+
+import pytest
+
+from redi.artifacts import ArtifactStore
+from redi.config import load_recipe
+from redi.pipeline import Pipeline
+
+BASE = ["evaluate.benchmarks=[demo_test]", "verify.decontaminate=false"]
+
+
+def _keys(tmp_path, *overrides: str) -> dict[str, str]:
+    r = load_recipe(None, [*BASE, *overrides])
+    p = Pipeline(r, ArtifactStore(tmp_path))
+    return {n.name: n.key for n in p.plan()}
+
+
+def _changed(a: dict, b: dict) -> set[str]:
+    return {k for k in a if a[k] != b[k]}
+
+
+def test_eval_parameter_reruns_only_evaluation(tmp_path):
+    a, b = _keys(tmp_path), _keys(tmp_path, "evaluate.n_samples=7")
+    assert _changed(a, b) == {f"{s}[{m}]" for s in ("evaluate", "grade") for m in ("base", "sft", "redi")}
+
+
+def test_alpha_reruns_redi_and_its_evaluation_not_sft(tmp_path):
+    a, b = _keys(tmp_path), _keys(tmp_path, "redi.alpha=1.0")
+    assert _changed(a, b) == {"redi", "evaluate[redi]", "grade[redi]"}
+
+
+def test_sft_change_propagates_downstream_only(tmp_path):
+    a, b = _keys(tmp_path), _keys(tmp_path, "sft.lr=1e-3")
+    assert _changed(a, b) == {"sft", "redi", "evaluate[sft]", "grade[sft]", "evaluate[redi]", "grade[redi]"}
+
+
+def test_data_change_reruns_everything(tmp_path):
+    a, b = _keys(tmp_path), _keys(tmp_path, "data.synth.seed=5")
+    assert _changed(a, b) == set(a)
+
+
+def test_knobs_that_do_not_change_results_keep_every_key(tmp_path):
+    a = _keys(tmp_path)
+    b = _keys(tmp_path, "verify.workers=1", "evaluate.grade_workers=1", "sft.log_steps=9", "run.name=other")
+    assert _changed(a, b) == set()
+
+
+@pytest.mark.parametrize("stage", ["download", "verify", "sft", "redi", "evaluate"])
+def test_refresh_is_per_stage(tmp_path, stage):
+    p = Pipeline(load_recipe(None, [*BASE, f"run.refresh=[{stage}]"]), ArtifactStore(tmp_path))
+    assert p._refresh(stage)
+    assert not any(p._refresh(s) for s in ("download", "verify", "sft", "redi", "evaluate") if s != stage)
