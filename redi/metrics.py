@@ -16,7 +16,8 @@ Inputs are per benchmark, one row per problem and one column per sample index (`
   (:func:`normalize_answer`) are equal; samples with no extractable answer do not vote; ties go to the
   answer seen first. The vote is correct when the winning group's first sample was graded correct.
   A problem where no sample has an answer counts as wrong.
-- **no_answer**: share of samples with no extractable final answer (no ``\\boxed{}``).
+- **no_answer**: share of samples with no extractable final answer (``redi.verify.last_boxed`` finds no
+  ``\\boxed{}``; the extraction is the grader's own, done by ``redi.evaluate``).
 - **truncated**: share of samples that hit the token limit (finish reason ``length``).
 - **ungraded**: share of samples the grader could not judge (verdict None: grader timeout or gold
   that does not parse). They stay in every denominator and count as wrong.
@@ -38,27 +39,7 @@ SEM_DDOF = 0
 """ddof of the std in the pass@1 SEM: 0, as the paper's official evaluation code (np.std default)."""
 
 
-# ---------------------------------------------------------------- answer extraction (voting only)
-
-
-def last_boxed(text: str | None) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) in `text`, brace-matched; None if absent.
-
-    Used only to group samples for maj@k and to show the answer; the verdict itself comes from the
-    project's one grader, ``redi.verify.grade``.
-    """
-    if not text:
-        return None
-    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
-    for start in reversed(starts):
-        depth, i = 1, start
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            inner = text[start : i - 1].strip()
-            return inner or None
-    return None
+# ---------------------------------------------------------------- answer normalisation (voting only)
 
 
 _NORM_DROP = re.compile(r"\\left|\\right|\\!|\\,|\\;|\\:|\\ |\$|\s+")

@@ -9,7 +9,6 @@ import pytest
 
 from redi.metrics import (
     benchmark_metrics,
-    last_boxed,
     macro_average,
     majority_correct,
     normalize_answer,
@@ -76,11 +75,7 @@ def test_shapes_must_match():
         benchmark_metrics([], [], [])
 
 
-def test_last_boxed_and_normalize():
-    assert last_boxed("a \\boxed{1} then \\boxed{\\frac{1}{2}}.") == "\\frac{1}{2}"
-    assert last_boxed("\\boxed{x^{2}+1}") == "x^{2}+1"
-    assert last_boxed("no answer") is None
-    assert last_boxed("\\boxed{unclosed") is None
+def test_normalize():
     assert normalize_answer(" \\left( 1, 2 \\right) ") == "(1,2)"
     assert normalize_answer("\\text{Monday}") == "Monday"
     assert normalize_answer("5.") == "5"

@@ -24,6 +24,9 @@ class EvaluateConfig(StrictModel):
     benchmark_dir: str | None = Field(
         None, description="A folder with <name>/test.jsonl for each benchmark (e.g. a copy of the real sets); also env REDI_BENCHMARK_DIR."
     )
+    benchmark_revisions: dict[str, str] = Field(
+        default_factory=dict, description="Pinned Hub revisions (commit sha) per benchmark, for Hub-loaded benchmarks: {name: revision}."
+    )
     skip_missing: bool = Field(True, description="Skip (and report) a benchmark that cannot be loaded instead of failing the stage.")
     models: list[Literal["base", "sft", "redi"]] = Field(
         default_factory=lambda: ["base", "sft", "redi"], description="Which models of the run the pipeline evaluates."

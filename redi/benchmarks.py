@@ -1,0 +1,234 @@
+"""Benchmark registry: every benchmark as rows of ``id, problem, answer`` (BENCHMARK_COLUMNS), from a local
+file or the Hugging Face Hub.
+
+Adding a benchmark is one :class:`BenchmarkSpec` entry in :data:`REGISTRY` (Hub id, split and a row mapper).
+Where a benchmark comes from, first match wins:
+
+1. ``cfg.benchmark_paths[name]`` (a ``.jsonl``/``.parquet`` file, or a folder holding ``test.jsonl``),
+2. ``extra_paths[name]`` (the download artifact's ``demo_test``/``demo_val`` files),
+3. ``<cfg.benchmark_dir or $REDI_BENCHMARK_DIR>/<name>/test.jsonl`` when that file exists,
+4. the Hub (``datasets.load_dataset``), with the spec's row mapper.
+
+Local files must already have ``id, problem, answer``; rows are validated (missing or empty fields, an
+empty file, duplicate ids raise :class:`BenchmarkError` naming the file and the row).
+
+The Hub sets are the ones commonly used for these benchmarks (open-r1, Qwen2.5-Math, simpleRL, rllm);
+the paper does not name its copies. Answer mapping: GSM8K takes the text after ``####`` (thousands
+commas removed), OlympiadBench ``final_answer[0]`` without ``$``, AMC23 float answers become integers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config.evaluate import EvaluateConfig
+
+log = logging.getLogger(__name__)
+
+ENV_DIR = "REDI_BENCHMARK_DIR"
+REQUIRED = ("id", "problem", "answer")
+
+
+class BenchmarkError(ValueError):
+    """A benchmark that cannot be loaded; the message says which file/row and what to do."""
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """How to get one benchmark from the Hub. ``to_row(hub_row, index) -> {id, problem, answer}``."""
+
+    name: str
+    hub_id: str | None
+    split: str = "test"
+    config: str | None = None
+    revision: str | None = None
+    to_row: Callable[[dict, int], dict] | None = None
+    description: str = ""
+
+
+def _num(x: Any) -> str:
+    """Answers stored as numbers: 27.0 -> '27', 0.5 -> '0.5'."""
+    if isinstance(x, float) and x.is_integer():
+        return str(int(x))
+    return str(x).strip()
+
+
+def _pick(row: dict, *names: str) -> Any:
+    for n in names:
+        if row.get(n) not in (None, ""):
+            return row[n]
+    raise KeyError(f"none of the fields {names} in Hub row (fields: {sorted(row)})")
+
+
+def _generic(prefix: str) -> Callable[[dict, int], dict]:
+    def to_row(r: dict, i: int) -> dict:
+        rid = r.get("id", r.get("unique_id", r.get("problem_idx", i)))
+        return {"id": f"{prefix}-{rid}", "problem": str(_pick(r, "problem", "question", "Question")), "answer": _num(_pick(r, "answer", "Answer"))}
+
+    return to_row
+
+
+def _math500(r: dict, i: int) -> dict:
+    return {"id": r["unique_id"], "problem": r["problem"], "answer": str(r["answer"])}
+
+
+def _gsm8k(r: dict, i: int) -> dict:
+    ans = r["answer"].split("####")[-1].strip().replace(",", "")
+    return {"id": f"gsm8k-test-{i}", "problem": r["question"], "answer": ans}
+
+
+def _olympiad(r: dict, i: int) -> dict:
+    fa = r["final_answer"]
+    ans = (fa[0] if isinstance(fa, list | tuple) else fa).strip().strip("$").strip()
+    return {"id": f"olympiadbench-{r.get('id', i)}", "problem": r["question"], "answer": ans}
+
+
+REGISTRY: dict[str, BenchmarkSpec] = {
+    s.name: s
+    for s in [
+        BenchmarkSpec("math500", "HuggingFaceH4/MATH-500", "test", to_row=_math500, description="MATH-500 (PRM800K test split), 500"),
+        BenchmarkSpec("aime24", "HuggingFaceH4/aime_2024", "train", to_row=_generic("aime24"), description="AIME 2024 I+II, 30"),
+        BenchmarkSpec("aime25", "math-ai/aime25", "test", to_row=_generic("aime25"), description="AIME 2025 I+II, 30"),
+        BenchmarkSpec("amc23", "math-ai/amc23", "test", to_row=_generic("amc23"), description="AMC 2023 (Qwen2.5-Math 40-problem set)"),
+        BenchmarkSpec("minerva_math", "math-ai/minervamath", "test", to_row=_generic("minerva"), description="Minerva / MIT OCW, 272"),
+        BenchmarkSpec("olympiadbench", "Hothan/OlympiadBench", "train", config="OE_TO_maths_en_COMP", to_row=_olympiad, description="OlympiadBench OE_TO_maths_en_COMP, 675"),
+        BenchmarkSpec("gsm8k", "openai/gsm8k", "test", config="main", to_row=_gsm8k, description="GSM8K test, 1319"),
+        BenchmarkSpec("demo_test", None, description="The offline synthetic source's held-out test problems (download artifact)"),
+        BenchmarkSpec("demo_val", None, description="The offline synthetic source's held-out validation problems (download artifact)"),
+    ]
+}
+
+
+# ---------------------------------------------------------------- resolution
+
+
+def _file_in(path: Path) -> Path:
+    """A benchmark path as given: a file, or a folder holding test.jsonl / test.parquet."""
+    if path.is_dir():
+        for cand in ("test.jsonl", "test.parquet"):
+            if (path / cand).exists():
+                return path / cand
+        raise BenchmarkError(f"benchmark folder {path} has no test.jsonl or test.parquet")
+    if not path.exists():
+        raise BenchmarkError(f"benchmark file not found: {path}")
+    return path
+
+
+def resolve(name: str, cfg: EvaluateConfig, extra_paths: dict[str, Path] | None = None) -> Path | BenchmarkSpec:
+    """The local file that would be loaded for `name`, or its Hub spec (see the module docstring for the order)."""
+    extra_paths = extra_paths or {}
+    if name in cfg.benchmark_paths:
+        return _file_in(Path(cfg.benchmark_paths[name]).expanduser())
+    if name in extra_paths:
+        return _file_in(Path(extra_paths[name]))
+    root = cfg.benchmark_dir or os.environ.get(ENV_DIR)
+    if root:
+        for cand in ("test.jsonl", "test.parquet"):
+            p = Path(root).expanduser() / name / cand
+            if p.exists():
+                return p
+    spec = REGISTRY.get(name)
+    if spec is None:
+        raise BenchmarkError(f"unknown benchmark {name!r}: registered are {sorted(REGISTRY)}; or give a file in evaluate.benchmark_paths")
+    if spec.hub_id is None:
+        raise BenchmarkError(
+            f"benchmark {name!r} has no Hub source and no local file: it comes from the download artifact "
+            f"(data.source=synthetic) or evaluate.benchmark_paths.{name}"
+        )
+    return spec
+
+
+def _revision(spec: BenchmarkSpec, cfg: EvaluateConfig) -> str | None:
+    return cfg.benchmark_revisions.get(spec.name, spec.revision)
+
+
+def fingerprint(name: str, cfg: EvaluateConfig, extra_paths: dict[str, Path] | None = None) -> str:
+    """sha256 of the local file that would be loaded, or ``hub:<id>@<revision>`` (``main`` if unpinned)."""
+    src = resolve(name, cfg, extra_paths)
+    if isinstance(src, Path):
+        h = hashlib.sha256()
+        with open(src, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        return h.hexdigest()
+    cfg_part = f"/{src.config}" if src.config else ""
+    return f"hub:{src.hub_id}{cfg_part}:{src.split}@{_revision(src, cfg) or 'main'}"
+
+
+# ---------------------------------------------------------------- loading
+
+
+def read_local(path: Path) -> list[dict]:
+    """Rows of a .jsonl or .parquet benchmark file (unvalidated). Bad JSON names the line."""
+    if path.suffix == ".parquet":
+        import pandas as pd
+
+        return pd.read_parquet(path).to_dict("records")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for ln, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise BenchmarkError(f"{path}: line {ln} is not valid JSON ({e.msg})") from None
+    return rows
+
+
+def validate_rows(rows: list[dict], origin: str) -> list[dict]:
+    """Check id/problem/answer are present and non-empty and ids unique; return rows with string fields."""
+    if not rows:
+        raise BenchmarkError(f"{origin}: no rows (empty benchmark file)")
+    out, seen = [], {}
+    for i, r in enumerate(rows, 1):
+        missing = [k for k in REQUIRED if r.get(k) is None or (isinstance(r.get(k), str) and not r[k].strip())]
+        if missing:
+            raise BenchmarkError(f"{origin}: row {i} lacks {', '.join(missing)} (every row needs {', '.join(REQUIRED)}); row keys: {sorted(r)}")
+        row = dict(r)
+        row["id"], row["problem"], row["answer"] = str(r["id"]), str(r["problem"]), _num(r["answer"])
+        if row["id"] in seen:
+            raise BenchmarkError(f"{origin}: duplicate id {row['id']!r} in rows {seen[row['id']]} and {i}")
+        seen[row["id"]] = i
+        out.append(row)
+    return out
+
+
+def load_hub(spec: BenchmarkSpec, revision: str | None = None) -> list[dict]:
+    """Load and map a Hub benchmark; any failure becomes one line saying how to go offline."""
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(spec.hub_id, spec.config, split=spec.split, revision=revision)
+    except Exception as e:  # noqa: BLE001 — offline, auth, missing config: all mean "give a local file"
+        raise BenchmarkError(
+            f"cannot load benchmark {spec.name!r} from the Hub ({spec.hub_id}, {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
+            f"offline? set evaluate.benchmark_paths.{spec.name}, evaluate.benchmark_dir or ${ENV_DIR} "
+            f"to a folder with {spec.name}/test.jsonl (fields id, problem, answer)"
+        ) from None
+    assert spec.to_row is not None
+    return [spec.to_row(dict(r), i) for i, r in enumerate(ds)]
+
+
+def load_benchmark(name: str, cfg: EvaluateConfig, extra_paths: dict[str, Path] | None = None) -> list[dict]:
+    """Validated rows (id, problem, answer, + any extra fields) of benchmark `name`; the first
+    ``cfg.max_problems`` only when that is set."""
+    src = resolve(name, cfg, extra_paths)
+    if isinstance(src, Path):
+        rows, origin = read_local(src), str(src)
+    else:
+        rev = _revision(src, cfg)
+        rows, origin = load_hub(src, rev), f"hub:{src.hub_id}@{rev or 'main'}"
+    rows = validate_rows(rows, origin)
+    if cfg.max_problems:
+        rows = rows[: cfg.max_problems]
+    log.info("benchmark %s: %d problems from %s", name, len(rows), origin)
+    return rows
+

@@ -1,0 +1,136 @@
+"""redi.benchmarks: registry, resolution order, validation, fingerprints, on the real copies in shared/data."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from redi import benchmarks as B
+from redi.config import EvaluateConfig
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+if not SHARED.exists():
+    SHARED = Path("/work/shared/data")
+REAL = {"math500": 500, "aime24": 30, "aime25": 30, "amc23": 40, "minerva_math": 272, "olympiadbench": 675, "gsm8k": 1319}
+needs_shared = pytest.mark.skipif(not SHARED.exists(), reason=f"real benchmark copies not found at {SHARED}")
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.delenv(B.ENV_DIR, raising=False)
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_registry_has_every_benchmark_with_a_hub_source():
+    for name in REAL:
+        spec = B.REGISTRY[name]
+        assert spec.hub_id and spec.to_row is not None, name
+    assert B.REGISTRY["demo_test"].hub_id is None
+
+
+@needs_shared
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_real_copies_load_from_benchmark_dir(name):
+    cfg = EvaluateConfig(benchmark_dir=str(SHARED))
+    rows = B.load_benchmark(name, cfg, {})
+    assert len(rows) == REAL[name]
+    assert all(r["id"] and r["problem"] and isinstance(r["answer"], str) for r in rows)
+    digest = hashlib.sha256((SHARED / name / "test.jsonl").read_bytes()).hexdigest()
+    assert B.fingerprint(name, cfg, {}) == digest
+
+
+@needs_shared
+def test_env_dir_and_max_problems(monkeypatch):
+    monkeypatch.setenv(B.ENV_DIR, str(SHARED))
+    rows = B.load_benchmark("aime24", EvaluateConfig(max_problems=5), {})
+    assert [r["id"] for r in rows][:2] == ["aime2024-I-1", "aime2024-I-2"] and len(rows) == 5
+
+
+def test_resolution_order(tmp_path, monkeypatch):
+    a = _write(tmp_path / "a.jsonl", [{"id": "a", "problem": "p", "answer": "1"}])
+    b = _write(tmp_path / "b" / "test.jsonl", [{"id": "b", "problem": "p", "answer": "2"}])
+    c = _write(tmp_path / "dir" / "math500" / "test.jsonl", [{"id": "c", "problem": "p", "answer": "3"}])
+    both = EvaluateConfig(benchmark_paths={"math500": str(a)}, benchmark_dir=str(c.parents[1]))
+    assert B.load_benchmark("math500", both, {"math500": b})[0]["id"] == "a"
+    assert B.load_benchmark("math500", EvaluateConfig(benchmark_dir=str(c.parents[1])), {"math500": b.parent})[0]["id"] == "b"
+    assert B.load_benchmark("math500", EvaluateConfig(benchmark_dir=str(c.parents[1])), {})[0]["id"] == "c"
+    # a benchmark_dir without this benchmark falls through to the Hub
+    assert isinstance(B.resolve("aime24", EvaluateConfig(benchmark_dir=str(c.parents[1]))), B.BenchmarkSpec)
+
+
+def test_parquet_file(tmp_path):
+    import pandas as pd
+
+    p = tmp_path / "x.parquet"
+    pd.DataFrame({"id": [1, 2], "problem": ["a", "b"], "answer": [3.0, 0.5]}).to_parquet(p)
+    rows = B.load_benchmark("mine", EvaluateConfig(benchmark_paths={"mine": str(p)}), {})
+    assert [(r["id"], r["answer"]) for r in rows] == [("1", "3"), ("2", "0.5")]
+
+
+def test_missing_field_names_file_and_row(tmp_path):
+    p = _write(tmp_path / "bad.jsonl", [{"id": "1", "problem": "p", "answer": "1"}, {"id": "2", "problem": "q"}])
+    with pytest.raises(B.BenchmarkError, match=r"bad\.jsonl: row 2 lacks answer"):
+        B.load_benchmark("x", EvaluateConfig(benchmark_paths={"x": str(p)}), {})
+
+
+def test_empty_file_and_blank_fields(tmp_path):
+    p = tmp_path / "empty.jsonl"
+    p.write_text("\n")
+    with pytest.raises(B.BenchmarkError, match="empty"):
+        B.load_benchmark("x", EvaluateConfig(benchmark_paths={"x": str(p)}), {})
+    q = _write(tmp_path / "blank.jsonl", [{"id": "1", "problem": "  ", "answer": "1"}])
+    with pytest.raises(B.BenchmarkError, match="row 1 lacks problem"):
+        B.load_benchmark("x", EvaluateConfig(benchmark_paths={"x": str(q)}), {})
+
+
+def test_duplicate_ids_and_bad_json(tmp_path):
+    p = _write(tmp_path / "dup.jsonl", [{"id": "1", "problem": "p", "answer": "1"}] * 2)
+    with pytest.raises(B.BenchmarkError, match="duplicate id '1' in rows 1 and 2"):
+        B.load_benchmark("x", EvaluateConfig(benchmark_paths={"x": str(p)}), {})
+    q = tmp_path / "broken.jsonl"
+    q.write_text('{"id": "1", "problem": "p", "answer": "1"}\n{oops\n')
+    with pytest.raises(B.BenchmarkError, match="line 2 is not valid JSON"):
+        B.load_benchmark("x", EvaluateConfig(benchmark_paths={"x": str(q)}), {})
+
+
+def test_missing_path_and_unknown_name(tmp_path):
+    with pytest.raises(B.BenchmarkError, match="not found"):
+        B.load_benchmark("x", EvaluateConfig(benchmark_paths={"x": str(tmp_path / "nope.jsonl")}), {})
+    with pytest.raises(B.BenchmarkError, match="unknown benchmark 'nope'"):
+        B.load_benchmark("nope", EvaluateConfig(), {})
+    with pytest.raises(B.BenchmarkError, match="download artifact"):
+        B.load_benchmark("demo_test", EvaluateConfig(), {})
+
+
+def test_offline_hub_gives_one_clear_line():
+    with pytest.raises(B.BenchmarkError) as e:
+        B.load_benchmark("aime24", EvaluateConfig(), {})
+    msg = str(e.value)
+    assert "\n" not in msg and "HuggingFaceH4/aime_2024" in msg and "benchmark_dir" in msg
+
+
+def test_hub_fingerprint_and_revision_pin():
+    assert B.fingerprint("gsm8k", EvaluateConfig(), {}) == "hub:openai/gsm8k/main:test@main"
+    cfg = EvaluateConfig(benchmark_revisions={"math500": "abc123"})
+    assert B.fingerprint("math500", cfg, {}) == "hub:HuggingFaceH4/MATH-500:test@abc123"
+
+
+def test_hub_row_mappers():
+    gsm = B.REGISTRY["gsm8k"].to_row({"question": "q", "answer": "work <<1+1=2>>\n#### 1,234"}, 7)
+    assert gsm == {"id": "gsm8k-test-7", "problem": "q", "answer": "1234"}
+    oly = B.REGISTRY["olympiadbench"].to_row({"id": 2231, "question": "q", "final_answer": ["$\\frac{1}{2}$"]}, 0)
+    assert oly["answer"] == "\\frac{1}{2}" and oly["id"] == "olympiadbench-2231"
+    amc = B.REGISTRY["amc23"].to_row({"id": 3, "question": "q", "answer": 27.0}, 3)
+    assert amc == {"id": "amc23-3", "problem": "q", "answer": "27"}
+    m5 = B.REGISTRY["math500"].to_row({"unique_id": "test/x/1.json", "problem": "p", "answer": "5"}, 0)
+    assert m5["id"] == "test/x/1.json"
