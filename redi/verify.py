@@ -13,8 +13,9 @@ How an answer is read (both sides go through the same ``parse_answer`` so that
    anchor-free fallback, so a truncated trace whose last number happens to equal the gold is not
    counted as correct.
 2. An answer string is normalised (``4.5e33`` -> ``4.5\\times 10^{33}``, ``np.arcsin(x)`` ->
-   ``\\arcsin(x)``, plain ``-1./3`` read as an expression), then parsed as ``\\boxed{answer}`` with
-   ``LatexExtractionConfig`` and, failing that, with ``ExprExtractionConfig``. The raw string is
+   ``\\arcsin(x)``, a trailing ``$.`` dropped, plain ``-1./3`` read as an expression), then parsed as
+   ``$answer$`` with ``LatexExtractionConfig`` and, failing that, with ``ExprExtractionConfig``
+   (whole-string matches only). The raw string is
    kept as a last candidate, so two answers that neither parser understands match only when they are
    identical strings.
 3. Equivalence: ``math_verify.verify(gold_candidates, pred_candidates)`` (any pair matching).
@@ -74,7 +75,7 @@ def last_boxed(text: str) -> str | None:
 
 def normalise_answer(ans: str) -> str:
     """Rewrite answer forms Math-Verify's LaTeX reader gets wrong into LaTeX it reads right."""
-    ans = ans.strip().strip("$").strip()
+    ans = ans.strip().rstrip(".").strip().strip("$").strip()
     m = _E_NOTATION.match(ans)
     if m:
         return f"{m.group(1)}\\times 10^{{{int(m.group(2))}}}"
@@ -110,11 +111,19 @@ def _sympy_only(parsed: list) -> list:
     return [p for p in parsed if not isinstance(p, str)]
 
 
+def _whole_match(parsed: list, text: str) -> bool:
+    """Math-Verify returns [value, matched_text]: accept an expression only if it spans the whole answer."""
+    strs = [p for p in parsed if isinstance(p, str)]
+    return bool(strs) and re.sub(r"\s", "", strs[-1]) == re.sub(r"\s", "", text)
+
+
 @lru_cache(maxsize=4096)
 def parse_answer(ans: str) -> tuple:
     """Candidates for one answer string: parsed SymPy objects first, then the raw string (never raises).
 
-    Plain arithmetic (``-1./3``) is read as an expression first, because LaTeX reads ``1.`` as 1.
+    LaTeX first (the answer wrapped in ``$...$``); plain arithmetic (``-1./3``) is read as an
+    expression first, because LaTeX reads ``1.`` as 1. An expression parse counts only if it spans
+    the whole answer (otherwise ``\\hbar \\omega(v+1/2)`` would be read as ``2``).
     """
     mv = _mv()
     latex, expr, _ = _configs()
@@ -122,13 +131,15 @@ def parse_answer(ans: str) -> tuple:
     if not norm:
         return ()
     order = (expr, latex) if _PLAIN_EXPR.match(norm) else (latex, expr)
-    got: list = []
     for cfg in order:
-        text = f"\\boxed{{{norm}}}" if cfg is latex else norm
-        got = _sympy_only(mv.parse(text, cfg, parsing_timeout=None))
+        if cfg is latex:
+            got = _sympy_only(mv.parse(f"${norm}$", cfg, parsing_timeout=None))
+        else:
+            parsed = mv.parse(norm, cfg, parsing_timeout=None)
+            got = _sympy_only(parsed) if _whole_match(parsed, norm) else []
         if got:
-            break
-    return (*got, norm)
+            return (*got, norm)
+    return (norm,)
 
 
 def _parse_response(response: str) -> list:
