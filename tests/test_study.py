@@ -1,0 +1,181 @@
+"""The CPU study: plateau detection, selection on validation, seed statistics, the collapse check, the
+study config, the report; and a 2-method x 1-seed micro-study through the real stages."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from redi.config import RecipeError
+from redi.study import (
+    MethodSpec,
+    StudyConfig,
+    StudyResult,
+    collapse_check,
+    final_table,
+    load_study,
+    markdown_table,
+    plateau_decision,
+    read_signals,
+    seed_stats,
+    select_best,
+    standard_error,
+    write_report,
+)
+
+
+def _c(*ps, se=0.01):
+    return [{"pass@1": p, "se": se} for p in ps]
+
+
+# ---------------------------------------------------------------- plateau detection
+def test_plateau_keeps_going_while_gains_exceed_noise():
+    d = plateau_decision(_c(0.2, 0.5, 0.7), patience=1, z=1.0)
+    assert not d.stop and d.best_round == 3
+
+
+def test_plateau_stops_after_a_gain_within_noise():
+    # 0.71 vs 0.70: gain 0.01 < 1.0 * hypot(0.01, 0.01) = 0.014 -> no significant gain, patience 1 -> stop
+    d = plateau_decision(_c(0.5, 0.70, 0.71), patience=1, z=1.0)
+    assert d.stop and d.best_round == 3 and "since round 2" in d.reason
+
+
+def test_plateau_patience_counts_rounds_in_a_row():
+    assert not plateau_decision(_c(0.5, 0.7, 0.69), patience=2).stop
+    assert plateau_decision(_c(0.5, 0.7, 0.69, 0.70), patience=2).stop
+    # a significant gain resets the count
+    assert not plateau_decision(_c(0.5, 0.7, 0.69, 0.80), patience=2).stop
+
+
+def test_plateau_reference_is_the_last_significant_round_not_the_last_round():
+    # small steps 0.70 -> 0.71 -> 0.72 -> 0.73: each within noise of its predecessor, but 0.73 vs 0.70 is 0.03 > 0.014
+    d = plateau_decision(_c(0.70, 0.71, 0.72, 0.73), patience=3, z=1.0)
+    assert not d.stop  # round 3 (0.72) beat round 1 by 0.02 > 0.014: reference moved
+
+
+def test_plateau_min_delta_and_max_rounds():
+    assert plateau_decision(_c(0.5, 0.6), min_delta=0.2, z=0.0).stop
+    d = plateau_decision(_c(0.2, 0.5, 0.8), max_rounds=3)
+    assert d.stop and "max_rounds" in d.reason and d.best_round == 3
+    with pytest.raises(ValueError):
+        plateau_decision([])
+
+
+def test_plateau_best_round_is_argmax_earliest_on_ties():
+    assert plateau_decision(_c(0.5, 0.8, 0.8, 0.79), patience=2).best_round == 2
+
+
+def test_standard_error_is_the_larger_of_sem_and_binomial():
+    assert standard_error(0.5, 0.0, 400) == pytest.approx(0.025)
+    assert standard_error(0.5, 0.05, 400) == 0.05
+    assert standard_error(1.0, 0.0, 10) == 0.0
+
+
+# ---------------------------------------------------------------- selection, statistics
+def test_select_best_uses_validation_and_first_on_ties():
+    rows = [{"lr": 1e-5, "val_pass@1": 0.6}, {"lr": 1e-4, "val_pass@1": 0.7}, {"lr": 1e-3, "val_pass@1": 0.7}]
+    assert select_best(rows)["lr"] == 1e-4
+    with pytest.raises(ValueError):
+        select_best([])
+
+
+def test_seed_stats_mean_and_sem_ddof1():
+    mean, sem = seed_stats([0.7, 0.8, 0.9])
+    assert mean == pytest.approx(0.8)
+    assert sem == pytest.approx(0.1 / math.sqrt(3))  # std (ddof=1) = 0.1
+    assert seed_stats([0.5]) == (0.5, 0.0)
+
+
+def test_collapse_check_reports_the_first_step_below_threshold():
+    sig = [{"step": 1, "chosen_logp": -0.03}, {"step": 2, "chosen_logp": -0.08}, {"step": 3, "chosen_logp": -0.5},
+           {"step": 4, "chosen_logp": -7.9}]
+    c = collapse_check(sig, -0.1)
+    assert c == {"fired": True, "first_step": 3, "start": -0.03, "final": -7.9, "min": -7.9}
+    assert not collapse_check(sig[:2], -0.1)["fired"]
+    assert collapse_check([], -0.1)["fired"] is False
+
+
+def test_read_signals_maps_the_trainer_fields(tmp_path):
+    p = tmp_path / "signals.jsonl"
+    p.write_text(json.dumps({"step": 1, "chosen_logp": -0.1, "rejected_logp": -0.4, "update_norm": 0.02, "loss": 1.0}) + "\n"
+                 + json.dumps({"step": 2, "chosen_logp": -0.2, "rejected_logp": None, "update_norm": 0.03}) + "\n")
+    s = read_signals(p)
+    assert [r["chosen_logp"] for r in s] == [-0.1, -0.2] and s[0]["rejected_logp"] == -0.4 and s[1]["rejected_logp"] is None
+    assert read_signals(tmp_path / "missing.jsonl") == []
+
+
+# ---------------------------------------------------------------- config
+def test_method_grid_is_cartesian_with_fixed_fields():
+    m = MethodSpec(name="simpo", loss="simpo", fixed={"gamma": 1.0}, grid={"lr": [1e-5, 1e-4], "beta": [2.0, 10.0]})
+    assert m.points() == [{"gamma": 1.0, "lr": 1e-5, "beta": 2.0}, {"gamma": 1.0, "lr": 1e-5, "beta": 10.0},
+                          {"gamma": 1.0, "lr": 1e-4, "beta": 2.0}, {"gamma": 1.0, "lr": 1e-4, "beta": 10.0}]
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(loss="redi", grid={"lr": [1.0], "beta": [1.0]}), "not searchable"),
+    (dict(loss="sft", fixed={"alpha": 0.8}), "not searchable"),
+    (dict(loss="redi", fixed={"lr": 1.0}, grid={"lr": [1.0]}), "both fixed and searched"),
+    (dict(loss="dpo", grid={"lr": []}), "at least one value"),
+])
+def test_method_spec_rejects_fields_the_loss_ignores(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        MethodSpec(name="m", **kw)
+
+
+def test_study_config_rejects_duplicates_and_unknown_keys():
+    with pytest.raises(ValueError, match="duplicate"):
+        StudyConfig(methods=[MethodSpec(name="a", loss="redi"), MethodSpec(name="a", loss="dpo")])
+    with pytest.raises(ValueError):
+        StudyConfig.model_validate({"seedz": [0]})
+
+
+def test_load_study_splits_overrides(tmp_path):
+    (tmp_path / "recipe.yaml").write_text("run:\n  name: s\nredi:\n  lr: 1.0e-4\n")
+    (tmp_path / "study.yaml").write_text("seeds: [0, 1]\nmethods:\n  - {name: redi, loss: redi, fixed: {alpha: 0.8}, grid: {lr: [1.0e-4]}}\n")
+    r, s = load_study(tmp_path, ["study.seeds=[3]", "redi.alpha=1.0"])
+    assert r.run.name == "s" and r.redi.alpha == 1.0 and s.seeds == [3] and s.methods[0].points() == [{"alpha": 0.8, "lr": 1e-4}]
+    with pytest.raises(RecipeError, match="study.seedz"):
+        load_study(tmp_path, ["study.seedz=[3]"])
+
+
+def test_the_cpu_study_recipe_parses():
+    from pathlib import Path
+
+    r, s = load_study(Path(__file__).resolve().parents[1] / "deployments" / "study-cpu")
+    assert {m.name for m in s.methods if m.final} == {"none", "dpo", "simpo", "redi-sym", "redi"}
+    assert len(s.seeds) == 3 and s.test_n_samples == 16 and s.val_benchmark == "demo_val" and s.test_benchmark == "demo_test"
+    lrs = {m.name: m.grid.get("lr", []) for m in s.methods}
+    assert max(lrs["redi-sym"]) >= 10 * min(lrs["redi-sym"])  # the grid spans low and collapse-range lrs
+
+
+# ---------------------------------------------------------------- report
+def _row(method, seed, p1, collapse=False, **params):
+    return {"method": method, **params, "seed": seed, "test_pass@1": p1, "test_pass@16": min(1.0, p1 + 0.2),
+            "val_pass@1": p1, "no_answer": 0.0, "collapse": collapse, "collapse_step": 3 if collapse else None,
+            "chosen_logp_final": -2.0 if collapse else -0.05, "model_key": f"{method}{seed}"}
+
+
+def test_final_table_and_report(tmp_path):
+    final = {"redi": [_row("redi", s, p, lr=1e-4) for s, p in enumerate([0.7, 0.8, 0.9])],
+             "dpo": [_row("dpo", s, 0.5, collapse=s == 0, lr=1e-4) for s in range(3)]}
+    sft_test = {"pass1": 0.75, "sem": 0.01, "pass_n": 0.9, "no_answer": 0.0}
+    rows = final_table(final, sft_test, 16, {"redi": {"lr": 1e-4}, "dpo": {"lr": 1e-4}})
+    assert rows[1]["pass@1"] == pytest.approx(0.8) and rows[1]["sem"] == pytest.approx(0.1 / math.sqrt(3))
+    assert rows[2]["collapsed"] == "1/3" and rows[1]["setting"] == "lr=0.0001"
+    md = markdown_table(rows, ("pass@1", "sem"))
+    assert "| redi | lr=0.0001 | 3 | 80.0 | 5.8 |" in md
+    sig = [{"step": i, "chosen_logp": -0.05 * i, "rejected_logp": -0.3 * i, "update_norm": 0.01 * i, "loss": 1.0, "lr": 1e-4}
+           for i in range(1, 5)]
+    res = StudyResult(sft_curve=[{"round": 1, "pass@1": 0.7, "se": 0.02}, {"round": 2, "pass@1": 0.75, "se": 0.02}],
+                      sft_best_round=2, sft_reason="x", sft_plateaued=True, sft_key="k", sft_test=sft_test,
+                      search={"redi": [_row("redi", 0, 0.8, lr=1e-4), _row("redi", 0, 0.1, True, lr=1e-2)], "dpo": [_row("dpo", 0, 0.5, lr=1e-4)]},
+                      chosen={"redi": {"lr": 1e-4}, "dpo": {"lr": 1e-4}}, final=final,
+                      signals={"redi|lr=0.0001|0": sig, "redi|lr=0.01|0": sig, "redi|lr=0.0001|1": sig, "dpo|lr=0.0001|0": sig},
+                      timings={"total_compute": 1.0}, stage2_steps=4, collapse_threshold=-0.1, test_n_samples=16)
+    rep = write_report(res, tmp_path)
+    for f in ("results.md", "results.csv", "search.csv", "sft_curve.csv", "sft_curve.png", "signals_redi.png", "signals_dpo.png", "study.json"):
+        assert (tmp_path / f).stat().st_size > 0, f
+    text = (tmp_path / "results.md").read_text()
+    assert "redi lr=0.01 seed 0: step 3" in text and rep["collapses"] == 2
