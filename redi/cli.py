@@ -1,0 +1,289 @@
+"""The ``redi`` command: run the pipeline, one stage, any model's evaluation, status, deployments.
+
+    redi demo                                  the whole offline demo (deployments/demo/recipe.yaml)
+    redi run RECIPE.yaml [--set k=v ...]       the whole DAG of a recipe
+    redi stage STAGE RECIPE.yaml [--set ...]   one stage; upstream from cache (or computed)
+    redi eval --model PATH_OR_HUB_ID --benchmarks math500,aime24 --samples N [--set evaluate.x=y]
+    redi status RECIPE.yaml                    which stages are cached, their keys and folders
+    redi nightly [--artifact-root DIR]         evaluate every registered run's latest models now
+    redi serve                                 serve every deployment (incl. the nightly cron)
+
+By default the commands run the Prefect flows (so runs appear in the UI when PREFECT_API_URL points
+at a server; otherwise Prefect starts a temporary local server, with its database under
+``<artifact_root>/.prefect``). ``--no-prefect`` calls the library directly. A bad recipe fails before
+any work with exit code 2, naming the field. This module imports Prefect only inside the commands
+that run flows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import STAGES, Recipe, RecipeError, load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_RECIPE = REPO / "deployments" / "demo" / "recipe.yaml"
+EXIT_BAD_INPUT = 2
+
+
+# ------------------------------------------------------------------------------------------ parsing
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="redi", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sp: argparse.ArgumentParser, prefect: bool = True) -> None:
+        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="Override a recipe field, e.g. --set redi.alpha=1.0 (repeatable; YAML values).")
+        if prefect:
+            sp.add_argument("--refresh", action="append", default=[], choices=STAGES,
+                            help="Recompute this stage even if cached (repeatable).")
+            sp.add_argument("--no-prefect", action="store_true", help="Call the library directly, without Prefect.")
+
+    sp = sub.add_parser("demo", help="Run the whole offline demo recipe (deployments/demo/recipe.yaml).")
+    common(sp)
+    sp = sub.add_parser("run", help="Run the whole DAG of a recipe.")
+    sp.add_argument("recipe", help="Recipe YAML (or its folder).")
+    common(sp)
+    sp = sub.add_parser("stage", help="Run one stage; its upstream comes from cache or is computed.")
+    sp.add_argument("stage", choices=STAGES)
+    sp.add_argument("recipe", help="Recipe YAML (or its folder).")
+    sp.add_argument("--labels", default=None, help="stage=evaluate: models to evaluate, e.g. base,redi (default: the recipe's).")
+    common(sp)
+    sp = sub.add_parser("eval", help="Evaluate any model folder or Hub id; the result goes to the results store.")
+    sp.add_argument("--model", required=True, help="A model folder (e.g. an sft artifact's model/) or a Hub id.")
+    sp.add_argument("--benchmarks", default=None, help="Comma-separated benchmark names (default: the recipe's).")
+    sp.add_argument("--samples", type=int, default=None, help="Samples per problem (evaluate.n_samples).")
+    sp.add_argument("--recipe", default=None, help="Recipe whose evaluate/run sections to start from (default: built-in defaults).")
+    sp.add_argument("--name", default=None, help="Label of this model in the results store (default: the folder name).")
+    common(sp)
+    sp = sub.add_parser("status", help="Which stages of a recipe are cached, their keys and folders.")
+    sp.add_argument("recipe", help="Recipe YAML (or its folder).")
+    sp.add_argument("--json", action="store_true", help="Machine-readable output.")
+    common(sp, prefect=False)
+    sp = sub.add_parser("nightly", help="Evaluate the latest models of every registered run now (what the cron does).")
+    sp.add_argument("--artifact-root", default=os.environ.get("REDI_ARTIFACT_ROOT", "artifacts"))
+    sp.add_argument("--runs", default=None, help="Comma-separated run names (default: all registered).")
+    sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="evaluate.KEY=VALUE",
+                    help="Override the evaluation protocol, e.g. --set evaluate.n_samples=4.")
+    sp.add_argument("--no-prefect", action="store_true", help="Call the library directly, without Prefect.")
+    sp = sub.add_parser("serve", help="Serve every deployment (pipeline, stages, nightly cron) from this process.")
+    sp.add_argument("--limit", type=int, default=None, help="Most flow runs at once.")
+    return p
+
+
+def _csv(s: str | None) -> list[str] | None:
+    return [x.strip() for x in s.split(",") if x.strip()] if s else None
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def prefect_env(artifact_root: str | Path) -> None:
+    """Without a server (no PREFECT_API_URL), keep Prefect's database beside the artifacts."""
+    if not os.environ.get("PREFECT_API_URL") and not os.environ.get("PREFECT_HOME"):
+        os.environ["PREFECT_HOME"] = str(Path(artifact_root).expanduser().resolve() / ".prefect")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def recipe_for(args: argparse.Namespace, path: str | Path | None) -> Recipe:
+    r = load_recipe(path, list(args.overrides) or None)
+    if getattr(args, "refresh", None):
+        r.run.refresh = sorted(set(r.run.refresh) | set(args.refresh), key=STAGES.index)
+    return r
+
+
+def table(rows: list[dict[str, Any]], cols: list[str]) -> str:
+    cells = [[str(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
+    out = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
+    out += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(out)
+
+
+def _rows_from_artifacts(arts: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for name, a in arts.items():
+        d = a if isinstance(a, dict) else a.to_dict()
+        rows.append({"stage": name, "status": "cache hit" if d.get("cached") else "built",
+                     "seconds": 0.0 if d.get("cached") else d.get("manifest", {}).get("seconds", 0.0),
+                     "key": d["key"], "path": d["path"]})
+    return rows
+
+
+def print_run(result: dict[str, Any], root: str, seconds: float) -> None:
+    rows = result["dag"]
+    print(table([{**r, "seconds": f"{r['seconds']:.1f}"} for r in rows], ["stage", "status", "seconds", "key", "path"]))
+    hits = sum(r["status"] == "cache hit" for r in rows)
+    print(f"\n{hits}/{len(rows)} stages from cache; {seconds:.1f}s wall. Artifacts: {Path(root).resolve()}")
+    rep = result.get("report")
+    if rep:
+        print(f"\n{rep['table_markdown']}\n\nRun folder: {rep['run_dir']} (latest.json, results.md, results.png)")
+
+
+# ------------------------------------------------------------------------------------------ commands
+def _run_library(r: Recipe, until: str, labels: list[str] | None) -> dict[str, Any]:
+    from .pipeline import LABEL_STAGE, Pipeline
+
+    p = Pipeline(r)
+    arts: dict[str, Any] = {}
+    report = None
+    if until == "report":
+        out = p.run()
+        arts = {k: out[k] for k in ("download", "model", "verify", "sft", "redi")}
+        arts |= {f"grade[{lab}]": g for lab, g in out["grades"].items()}
+        report = out["report"]
+    elif until == "evaluate":
+        arts["download"] = p.download()
+        models = {lab: p.model_artifact(lab) for lab in labels or r.evaluate.models}
+        arts |= {LABEL_STAGE[lab]: m for lab, m in models.items()}
+        grades = {lab: p.evaluate(lab, m) for lab, m in models.items()}
+        arts |= {f"grade[{lab}]": g for lab, g in grades.items()}
+        report = p.report(models, grades)
+    else:
+        fn = {"download": p.download, "model": p.base_model, "verify": p.verify, "sft": p.sft, "redi": p.stage2}[until]
+        arts[until] = fn()
+    return {"dag": _rows_from_artifacts(arts), "report": report, "artifacts": {k: v.to_dict() for k, v in arts.items()}}
+
+
+def cmd_run(args: argparse.Namespace, r: Recipe, until: str, labels: list[str] | None = None) -> int:
+    t0 = time.time()
+    if args.no_prefect:
+        result = _run_library(r, until, labels)
+    else:
+        prefect_env(r.run.artifact_root)
+        rd = r.model_dump(mode="json", by_alias=True)
+        if until == "report":
+            from flows.pipeline import redi_pipeline
+
+            result = redi_pipeline(recipe=rd)
+        else:
+            from flows.pipeline import redi_stage
+
+            result = redi_stage(stage=until, recipe=rd, labels=labels)
+    print_run(result, r.run.artifact_root, time.time() - t0)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .pipeline import Pipeline
+
+    r = recipe_for(args, args.recipe)
+    plan = Pipeline(r).plan()
+    if args.json:
+        print(json.dumps([{"stage": n.name, "key": n.key, "cached": n.cached, "path": n.path, "upstream": n.upstream} for n in plan], indent=2))
+        return 0
+    rows = [{"stage": n.name, "cached": "yes" if n.cached else "no", "key": n.key, "path": n.path} for n in plan]
+    print(table(rows, ["stage", "cached", "key", "path"]))
+    print(f"\n{sum(n.cached for n in plan)}/{len(plan)} stages cached. Artifacts: {Path(r.run.artifact_root).resolve()}")
+    run_dir = Path(r.run.artifact_root).resolve() / "runs" / r.run.name
+    if (run_dir / "latest.json").exists():
+        print(f"Registered run: {run_dir} (latest.json, results.md)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    extra = []
+    if args.benchmarks:
+        extra.append(f"evaluate.benchmarks={json.dumps(_csv(args.benchmarks))}")
+    if args.samples is not None:
+        extra.append(f"evaluate.n_samples={args.samples}")
+    args.overrides = extra + list(args.overrides)
+    r = recipe_for(args, args.recipe)
+    t0 = time.time()
+    if args.no_prefect:
+        from . import registry
+
+        res = registry.evaluate_external(args.model, r, args.name)
+    else:
+        prefect_env(r.run.artifact_root)
+        from flows.nightly import redi_eval
+
+        ov = _overrides_dict(args.overrides) | ({"run.refresh": list(args.refresh)} if args.refresh else {})
+        res = redi_eval(model=args.model, recipe_path=args.recipe, overrides=ov, name=args.name)
+    rows = [{"benchmark": b, **{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in m.items() if not isinstance(v, (dict, list))}}
+            for b, m in res["metrics"].items() if isinstance(m, dict)]
+    cols = list(dict.fromkeys(c for row in rows for c in row))[:8]
+    print(table(rows, cols))
+    print(f"\n{'cache hit' if res['cached'] else 'evaluated'} in {time.time() - t0:.1f}s. "
+          f"Samples and metrics: {res['artifact']['path']}\nResults store: {res['results']}")
+    return 0
+
+
+def _overrides_dict(items: list[str]) -> dict[str, Any]:
+    from .config.recipe import _split
+
+    return dict(_split(o) for o in items)
+
+
+def cmd_nightly(args: argparse.Namespace) -> int:
+    ov = {}
+    for k, v in _overrides_dict(args.overrides).items():
+        if not k.startswith("evaluate."):
+            raise RecipeError(f"nightly: only evaluate.* fields can be set, got {k!r}")
+        ov[k.removeprefix("evaluate.")] = v
+    runs = _csv(args.runs)
+    if args.no_prefect:
+        from dataclasses import asdict
+
+        from . import registry
+
+        tonight = [asdict(x) for x in registry.evaluate_registered(args.artifact_root, None, ov, runs)]
+        hist = registry.nightly_history(args.artifact_root)
+    else:
+        prefect_env(args.artifact_root)
+        from flows.nightly import nightly_eval
+
+        out = nightly_eval(artifact_root=args.artifact_root, evaluate_overrides=ov, runs=runs)
+        tonight, hist = out["tonight"], out["history"]
+    print(table(tonight, ["run", "label", "status", "model_key", "path"]) if tonight else "no registered runs")
+    print(f"\n{hist['markdown']}\n\nResults store: {hist['results']}  History plot: {hist.get('plot')}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import runpy
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    mod = runpy.run_path(str(REPO / "deployments" / "serve.py"))
+    mod["main"](limit=args.limit)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
+    try:
+        if args.command == "demo":
+            return cmd_run(args, recipe_for(args, DEMO_RECIPE), "report")
+        if args.command == "run":
+            return cmd_run(args, recipe_for(args, args.recipe), "report")
+        if args.command == "stage":
+            return cmd_run(args, recipe_for(args, args.recipe), args.stage, _csv(args.labels))
+        if args.command == "eval":
+            return cmd_eval(args)
+        if args.command == "status":
+            return cmd_status(args)
+        if args.command == "nightly":
+            return cmd_nightly(args)
+        if args.command == "serve":
+            return cmd_serve(args)
+    except RecipeError as e:
+        print(f"redi: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("redi: interrupted", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

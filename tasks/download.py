@@ -1,0 +1,16 @@
+"""Task ``download``: the teacher traces (Hub, local files or the offline synthetic teacher)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NONE
+
+
+@task(name="download", cache_policy=NONE, retries=2, retry_delay_seconds=[10, 60])
+def download(recipe: dict[str, Any]) -> dict[str, Any]:
+    """Retried: a Hub download can fail transiently; a partial attempt leaves only a .tmp folder."""
+    from ._common import pipeline_for
+
+    return pipeline_for(recipe, "download").download().to_dict()

@@ -1,0 +1,16 @@
+"""Task ``model``: the base model (built locally for ``tiny``, else loaded from the Hub and saved)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NONE
+
+
+@task(name="model", cache_policy=NONE, retries=1, retry_delay_seconds=30)
+def base_model(recipe: dict[str, Any], data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Retried once: loading a Hub model may fail transiently."""
+    from ._common import art, pipeline_for
+
+    return pipeline_for(recipe, "model").base_model(art(data)).to_dict()

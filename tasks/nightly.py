@@ -1,0 +1,44 @@
+"""Tasks of the nightly evaluation: evaluate every registered run's latest models, publish the history."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NONE
+
+
+@task(name="evaluate-registered", cache_policy=NONE)
+def evaluate_registered(artifact_root: str, evaluate: dict[str, Any] | None, evaluate_overrides: dict[str, Any] | None,
+                        runs: list[str] | None, labels: list[str] | None, results_db: str | None) -> list[dict[str, Any]]:
+    from redi import registry
+    from redi.config import EvaluateConfig
+
+    cfg = EvaluateConfig.model_validate(evaluate) if evaluate is not None else None
+    res = registry.evaluate_registered(artifact_root, cfg, evaluate_overrides, runs, labels, results_db)
+    return [asdict(r) for r in res]
+
+
+@task(name="publish-history", cache_policy=NONE)
+def publish_history(artifact_root: str, results_db: str | None, tonight: list[dict[str, Any]]) -> dict[str, Any]:
+    """Table + markdown of tonight's results and of the whole nightly history, and the history plot."""
+    from redi import registry
+
+    hist = registry.nightly_history(artifact_root, results_db)
+    rows = [{k: r[k] for k in ("run", "label", "status", "model_key", "eval_key")} |
+            {"pass@1": (r.get("metrics") or {}).get("average", {}).get("pass@1")} for r in tonight]
+    create_table_artifact(rows or [{"run": "(no registered runs)"}], key="nightly-tonight",
+                          description="Tonight's evaluation of the latest model of each registered run")
+    create_table_artifact(hist["rows"] or [{"run": "(empty history)"}], key="nightly-history",
+                          description="Every nightly evaluation so far")
+    create_markdown_artifact(f"## Nightly evaluation history\n\n{hist['markdown']}\n\nResults store: `{hist['results']}`",
+                             key="nightly-history-md", description="Nightly history")
+    plot = Path(hist["plot"]) if hist.get("plot") else None
+    if plot and plot.is_file():
+        url = "data:image/png;base64," + base64.b64encode(plot.read_bytes()).decode()
+        create_image_artifact(url, key="nightly-history-plot", description=f"History plot ({plot})")
+    return hist

@@ -1,0 +1,15 @@
+"""Task ``redi``: stage 2 from the SFT model with the REDI objective (or the DPO / SimPO baselines)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NONE
+
+
+@task(name="redi", cache_policy=NONE)
+def stage2(recipe: dict[str, Any], verify: dict[str, Any], sft: dict[str, Any]) -> dict[str, Any]:
+    from ._common import art, pipeline_for
+
+    return pipeline_for(recipe, "redi").stage2(art(verify), art(sft)).to_dict()

@@ -1,0 +1,15 @@
+"""Task ``sft``: stage 1, SFT on the positive traces (resumes from its checkpoint after a kill)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NONE
+
+
+@task(name="sft", cache_policy=NONE)
+def sft(recipe: dict[str, Any], verify: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
+    from ._common import art, pipeline_for
+
+    return pipeline_for(recipe, "sft").sft(art(verify), art(model)).to_dict()

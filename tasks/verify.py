@@ -1,0 +1,15 @@
+"""Task ``verify``: label every trace, filter, decontaminate, split into positives and pairs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NONE
+
+
+@task(name="verify", cache_policy=NONE)
+def verify(recipe: dict[str, Any], data: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
+    from ._common import art, pipeline_for
+
+    return pipeline_for(recipe, "verify").verify(art(data), art(model)).to_dict()

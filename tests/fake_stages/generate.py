@@ -1,0 +1,1 @@
+"""Fake redi.generate (orchestration tests only)."""

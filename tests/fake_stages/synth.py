@@ -1,0 +1,1 @@
+"""Fake redi.synth (orchestration tests only)."""
