@@ -1,0 +1,407 @@
+"""Stage ``download``: any teacher-trace source -> ``traces.parquet`` (one row per (problem, generation)).
+
+Sources: the Hugging Face Hub (``open-r1/OpenR1-Math-220k`` configs default/extended/all, and
+``open-r1/OpenR1-Math-Raw``, the set the paper used) streamed with ``datasets.load_dataset(...,
+streaming=True)``; local parquet / jsonl files, folders of them, or a ``datasets`` save_to_disk
+folder; or the offline synthetic teacher (``redi.synth``), whose rows go through the same normaliser.
+
+Schemas (auto-detected per row from its columns; see docs/data.md for the column lists):
+
+- ``openr1-220k``: list columns ``generations, finish_reasons, is_reasoning_complete,
+  correctness_math_verify, correctness_llama`` aligned per generation.
+- ``openr1-raw``: ``generations`` plus ``correctness`` = struct ``{llama_verification,
+  math_verify_answer, math_verify_reparsed_answer}`` (current revision) or a flat
+  ``correctness_math_verify`` list (first revision); ``problem_is_valid``; no finish reasons.
+  Like the official REDI code, the Math-Verify label is ``math_verify_reparsed_answer``.
+- ``flat``: already one row per trace: ``problem, answer, trace`` (or ``generation``/``completion``/``response``).
+
+Rows are streamed and written in batches with a ``pyarrow.parquet.ParquetWriter``, so memory does
+not grow with the number of rows (only a problem-id -> generation-count map grows, with problems).
+Bad input never stops the stage while good rows remain: bad rows are counted by reason with
+their ids (capped) in the summary; the stage fails with one clear message only when nothing usable is left.
+
+Departure from the paper's pipeline: a problem text that appears in several source rows is one
+problem here (same ``problem_id``); its generations are numbered on across the rows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config.data import DataConfig
+from .schema import TRACE_COLUMNS, stable_id
+
+logger = logging.getLogger(__name__)
+
+TRACE_SCHEMA = pa.schema(
+    [
+        ("problem_id", pa.string()), ("row_id", pa.string()), ("gen_index", pa.int32()), ("problem", pa.string()),
+        ("answer", pa.string()), ("source", pa.string()), ("problem_is_valid", pa.string()), ("trace", pa.string()),
+        ("finish_reason", pa.string()), ("reasoning_complete", pa.bool_()), ("label_math_verify", pa.bool_()),
+        ("label_llama", pa.bool_()), ("source_uuid", pa.string()),
+    ]
+)
+assert TRACE_SCHEMA.names == list(TRACE_COLUMNS), "TRACE_SCHEMA must follow redi.schema.TRACE_COLUMNS"
+
+FLAT_TRACE_KEYS = ("trace", "generation", "completion", "response")
+MAX_BAD_IDS = 50
+BATCH_TRACES = 2048
+
+
+class DataError(ValueError):
+    """The download stage cannot produce any usable trace; the message says what to do."""
+
+
+class BadRow(ValueError):
+    """One source row that cannot be used; the message is the reason (counted in the summary)."""
+
+
+# ----------------------------------------------------------------------------- schema detection
+
+
+def detect_schema(row: dict) -> str | None:
+    """``openr1-220k`` / ``openr1-raw`` / ``flat`` from a row's columns, or None if unknown."""
+    keys = set(row)
+    if not {"problem", "answer"} <= keys:
+        return None
+    if "generations" in keys:
+        raw = "correctness" in keys or ("problem_is_valid" in keys and "finish_reasons" not in keys)
+        return "openr1-raw" if raw else "openr1-220k"
+    if any(k in keys for k in FLAT_TRACE_KEYS):
+        return "flat"
+    return None
+
+
+def _text(v: Any) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return str(v)
+    return v.strip() if isinstance(v, str) and v.strip() else None
+
+
+def _aligned(row: dict, key: str, n: int) -> list | None:
+    """A per-generation list column, None when absent/null; BadRow when its length differs from n."""
+    v = row.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, (list, tuple)):
+        raise BadRow(f"{key} is not a list")
+    if len(v) != n:
+        raise BadRow(f"unequal lengths: {key} has {len(v)}, generations has {n}")
+    return list(v)
+
+
+def _opt_bool(v: Any) -> bool | None:
+    return None if v is None else bool(v)
+
+
+def _raw_labels(row: dict, n: int) -> tuple[list | None, list | None]:
+    """(math_verify, llama) label lists of an OpenR1-Math-Raw row (either revision)."""
+    corr = row.get("correctness")
+    if isinstance(corr, dict):
+        mv = _aligned(corr, "math_verify_reparsed_answer", n) if corr.get("math_verify_reparsed_answer") is not None else _aligned(corr, "math_verify_answer", n)
+        return mv, _aligned(corr, "llama_verification", n)
+    return _aligned(row, "correctness_math_verify", n), _aligned(row, "correctness_llama", n)
+
+
+def normalise_row(row: dict, schema: str) -> tuple[dict, list[dict], int]:
+    """(problem fields, one dict per usable generation, number of non-string traces skipped).
+
+    Raises BadRow with the reason when the row as a whole cannot be used.
+    """
+    problem, answer = _text(row.get("problem")), _text(row.get("answer"))
+    if problem is None:
+        raise BadRow("missing or empty problem")
+    if answer is None:
+        raise BadRow("missing or empty answer")
+    head = {"problem": problem, "answer": answer, "source": _text(row.get("source")),
+            "problem_is_valid": _text(row.get("problem_is_valid")), "source_uuid": _text(row.get("uuid"))}
+    if schema == "flat":
+        key = next(k for k in FLAT_TRACE_KEYS if k in row)
+        gens: list = [row.get(key)]
+        finish = [row.get("finish_reason")]
+        complete = [row.get("reasoning_complete", row.get("is_reasoning_complete"))]
+        mv, llama = [row.get("label_math_verify")], [row.get("label_llama")]
+    else:
+        gens = row.get("generations")
+        if gens is None or isinstance(gens, (str, bytes)) or not isinstance(gens, (list, tuple)):
+            raise BadRow("generations is None or not a list")
+        if not gens:
+            raise BadRow("no generations")
+        n = len(gens)
+        finish, complete = _aligned(row, "finish_reasons", n), _aligned(row, "is_reasoning_complete", n)
+        mv, llama = _raw_labels(row, n) if schema == "openr1-raw" else (
+            _aligned(row, "correctness_math_verify", n), _aligned(row, "correctness_llama", n))
+    traces, skipped = [], 0
+    for i, g in enumerate(gens):
+        if not isinstance(g, str) or not g.strip():
+            skipped += 1
+            continue
+        traces.append({"gen": i, "trace": g, "finish_reason": _text(finish[i]) if finish else None,
+                       "reasoning_complete": _opt_bool(complete[i]) if complete else None,
+                       "label_math_verify": _opt_bool(mv[i]) if mv else None, "label_llama": _opt_bool(llama[i]) if llama else None})
+    if not traces:
+        raise BadRow("no string traces")
+    return head, traces, skipped
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict | None]]:
+    with path.open("rb") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                obj = None
+            yield f"{path.name}:{i + 1}", obj if isinstance(obj, dict) else None
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[str, dict]]:
+    i = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
+        for row in batch.to_pylist():
+            yield f"{path.name}:{i}", row
+            i += 1
+
+
+def _iter_saved_dataset(path: Path, split: str) -> Iterator[tuple[str, dict]]:
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{path} is a datasets folder without split {split!r} (has {sorted(ds)}); set data.hub_split")
+        ds = ds[split]
+    for i, row in enumerate(ds):  # memory-mapped Arrow: rows are read lazily
+        yield f"{path.name}[{i}]", row
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_dict.json").exists() or (path / "state.json").exists()
+
+
+def _data_files(path: Path) -> list[Path]:
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".parquet", ".jsonl") and p.is_file())
+    if not files:
+        raise DataError(f"no .parquet or .jsonl files under {path}: point data.local_path at a file, a folder of them or a datasets save_to_disk folder")
+    return files
+
+
+def iter_local(path: str | Path, split: str = "train") -> Iterator[tuple[str, dict | None]]:
+    """(row id, row) from a parquet/jsonl file, a folder of them, or a datasets save_to_disk folder."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"data.local_path {str(p)!r} does not exist: set data.local_path to a parquet/jsonl file or folder, or use data.source=synthetic (`redi demo`)")
+    if p.is_dir() and _is_saved_dataset(p):
+        yield from _iter_saved_dataset(p, split)
+        return
+    for f in ([p] if p.is_file() else _data_files(p)):
+        if f.suffix == ".parquet":
+            yield from _iter_parquet(f)
+        elif f.suffix in (".jsonl", ".json"):
+            yield from _iter_jsonl(f)
+        else:
+            raise DataError(f"unsupported file type {f.suffix!r} ({f}): use .parquet or .jsonl")
+
+
+def resolve_revision(hub_id: str, revision: str | None) -> str:
+    """The commit sha of `revision` (None = main) on the Hub, or ``"unresolved"`` when offline."""
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(hub_id, revision=revision, timeout=10).sha or "unresolved"
+    except Exception as e:  # offline, unreachable, unknown repo: the load itself reports the error
+        logger.info("could not resolve the revision of %s (%s)", hub_id, type(e).__name__)
+        return revision or "unresolved"
+
+
+def iter_hub(cfg: DataConfig, revision: str | None) -> Iterator[tuple[str, dict]]:
+    """(row id, row) streamed from the Hub; one clear DataError line when it cannot be reached."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(cfg.hub_id, cfg.hub_config, split=cfg.hub_split, revision=revision, streaming=True)
+        it = iter(ds)
+        first = next(it, None)
+    except Exception as e:
+        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise DataError(
+            f"cannot load {cfg.hub_id} ({cfg.hub_config}, {cfg.hub_split}) from the Hugging Face Hub: {msg}. "
+            "Offline? Use data.source=local with data.local_path=<parquet/jsonl/folder>, or `redi demo` (synthetic data)."
+        ) from None
+    if first is not None:
+        yield f"{cfg.hub_split}[0]", first
+    for i, row in enumerate(it, start=1):
+        yield f"{cfg.hub_split}[{i}]", row
+
+
+def iter_synthetic(rows: Iterable[dict]) -> Iterator[tuple[str, dict]]:
+    for i, row in enumerate(rows):
+        yield f"synthetic[{i}]", row
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+class TraceWriter:
+    """Appends trace rows to a parquet file in batches (flat memory), numbering generations per problem."""
+
+    def __init__(self, path: Path, batch: int = BATCH_TRACES):
+        self.path, self.batch = path, batch
+        self._writer: pq.ParquetWriter | None = None
+        self._buf: dict[str, list] = {k: [] for k in TRACE_SCHEMA.names}
+        self._next_gen: dict[str, int] = {}
+        self.n_traces = 0
+
+    def add(self, head: dict, traces: list[dict]) -> None:
+        pid = stable_id(head["problem"])
+        base = self._next_gen.get(pid, 0)
+        for t in traces:
+            gen = base + t["gen"]
+            row = {**head, **{k: v for k, v in t.items() if k != "gen"}, "problem_id": pid, "row_id": stable_id(pid, gen), "gen_index": gen}
+            for k in TRACE_SCHEMA.names:
+                self._buf[k].append(row[k])
+        self._next_gen[pid] = base + max(t["gen"] for t in traces) + 1
+        self.n_traces += len(traces)
+        if len(self._buf["row_id"]) >= self.batch:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buf["row_id"]:
+            return
+        table = pa.Table.from_pydict(self._buf, schema=TRACE_SCHEMA)
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self.path, TRACE_SCHEMA, compression="zstd")
+        self._writer.write_table(table)
+        self._buf = {k: [] for k in TRACE_SCHEMA.names}
+
+    def close(self) -> None:
+        self.flush()
+        if self._writer is not None:
+            self._writer.close()
+
+    @property
+    def n_problems(self) -> int:
+        return len(self._next_gen)
+
+
+class BadRows:
+    """Counts of unusable rows by reason, with the first row ids of each."""
+
+    def __init__(self) -> None:
+        self.reasons: Counter = Counter()
+        self.ids: list[dict] = []
+        self.traces_skipped = 0
+
+    def add(self, row_id: str, reason: str) -> None:
+        self.reasons[reason] += 1
+        if len(self.ids) < MAX_BAD_IDS:
+            self.ids.append({"row": row_id, "reason": reason})
+
+    def summary(self) -> dict:
+        return {"bad_rows": sum(self.reasons.values()), "bad_reasons": dict(self.reasons), "bad_row_ids": self.ids,
+                "non_string_traces_skipped": self.traces_skipped}
+
+
+def normalise_stream(rows: Iterable[tuple[str, dict | None]], schema: str, writer: TraceWriter, bad: BadRows,
+                     max_rows: int | None = None, progress: bool = True) -> tuple[int, Counter]:
+    """Normalise and write every row; returns (rows read, rows per detected schema)."""
+    from tqdm.auto import tqdm
+
+    n, schemas = 0, Counter()
+    for row_id, row in tqdm(rows, desc="download", unit="row", disable=not progress, mininterval=1.0):
+        if max_rows is not None and n >= max_rows:
+            break
+        n += 1
+        if not isinstance(row, dict):
+            bad.add(row_id, "not a JSON object")
+            continue
+        s = detect_schema(row) if schema == "auto" else schema
+        if s is None:
+            bad.add(row_id, f"unknown schema (columns {sorted(row)[:8]})")
+            continue
+        try:
+            head, traces, skipped = normalise_row(row, s)
+        except BadRow as e:
+            bad.add(row_id, str(e))
+            continue
+        except (KeyError, TypeError, IndexError) as e:  # a row of the right name but wrong shape
+            bad.add(row_id, f"malformed row for schema {s}: {type(e).__name__}")
+            continue
+        bad.traces_skipped += skipped
+        schemas[s] += 1
+        writer.add(head, traces)
+    return n, schemas
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def _write_benchmarks(out_dir: Path, val: list[dict], test: list[dict]) -> dict:
+    bdir = out_dir / "benchmarks"
+    bdir.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("demo_val", val), ("demo_test", test)):
+        with (bdir / f"{name}.jsonl").open("w") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return {"demo_val": len(val), "demo_test": len(test)}
+
+
+def _source_rows(cfg: DataConfig, out_dir: Path, info: dict) -> Iterator[tuple[str, dict | None]]:
+    if cfg.source == "synthetic":
+        from . import synth
+
+        train, val, test = synth.generate(cfg.synth)
+        info["benchmarks"] = _write_benchmarks(out_dir, val, test)
+        return iter_synthetic(train)
+    if cfg.source == "local":
+        info["local_path"] = str(Path(cfg.local_path).expanduser().resolve())
+        return iter_local(cfg.local_path, cfg.hub_split)
+    rev = resolve_revision(cfg.hub_id, cfg.revision)
+    info.update(hub_id=cfg.hub_id, hub_config=cfg.hub_config, hub_split=cfg.hub_split, revision=rev, revision_requested=cfg.revision)
+    return iter_hub(cfg, cfg.revision or (rev if rev != "unresolved" else None))
+
+
+def download(cfg: DataConfig, out_dir: Path, progress: bool = True) -> dict:
+    """Write ``out_dir/traces.parquet`` (TRACE_COLUMNS) from cfg's source; return the summary.
+
+    source=synthetic also writes ``out_dir/benchmarks/demo_val.jsonl`` and ``demo_test.jsonl``.
+    Raises DataError (one line saying what to do) when the source is missing/unreachable or no
+    usable row is left.
+    """
+    t0 = time.monotonic()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info: dict = {"source": cfg.source}
+    writer, bad = TraceWriter(out_dir / "traces.parquet"), BadRows()
+    try:
+        n_rows, schemas = normalise_stream(_source_rows(cfg, out_dir, info), cfg.schema_, writer, bad, cfg.max_rows, progress)
+    finally:
+        writer.close()
+    if writer.n_traces == 0:
+        (out_dir / "traces.parquet").unlink(missing_ok=True)
+        raise DataError(f"no usable trace in {n_rows} source rows ({dict(bad.reasons) or 'empty source'}); "
+                        "expected the OpenR1-Math-220k / OpenR1-Math-Raw columns (problem, answer, generations, ...) "
+                        "or flat rows (problem, answer, trace)")
+    if bad.reasons:
+        logger.warning("download: %d bad rows skipped: %s", sum(bad.reasons.values()), dict(bad.reasons))
+    summary = {**info, "rows_read": n_rows, "problems": writer.n_problems, "traces": writer.n_traces,
+               "schemas": dict(schemas), **bad.summary(), "seconds": round(time.monotonic() - t0, 2),
+               "file_bytes": os.path.getsize(out_dir / "traces.parquet")}
+    logger.info("download: %d traces of %d problems from %d rows (%s)", writer.n_traces, writer.n_problems, n_rows, cfg.source)
+    return summary
