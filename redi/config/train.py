@@ -30,11 +30,12 @@ class OptimConfig(StrictModel):
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="`auto`: bf16 on CUDA with bf16 support, else fp32.")
     save_steps: int = Field(200, ge=1, description="Checkpoint every N optimiser steps (a killed run resumes from the last one).")
     log_steps: int = Field(1, ge=1, description="Log training signals every N steps. Does not change results.")
+    trust_remote_code: bool = Field(False, description="Allow model code shipped with the checkpoint when loading it (set it together with model.trust_remote_code).")
 
     def hash_fields(self) -> dict:
         d = self.model_dump(mode="json")
-        d.pop("log_steps")
-        d.pop("save_steps")
+        for k in ("log_steps", "save_steps", "trust_remote_code"):
+            d.pop(k)
         return d
 
 

@@ -1,0 +1,539 @@
+"""The training stages: SFT on positive traces (stage 1), then REDI / DPO / SimPO on pairs (stage 2).
+
+A compact trainer of our own on torch + accelerate, one loop for SFT and all three stage-2 objectives.
+Why not TRL (1.16, see environment.md): its DPOTrainer has no padding-free mode ("temporarily
+unavailable"), builds or needs a reference model even for objectives that have none, and its
+SimPO lives in ``trl.experimental.cpo``, which materialises full (B, L, V) logits; we would need
+three trainers with three sets of pitfalls (bf16 and gradient checkpointing on by default, renamed
+fields). Here one ~400-line loop does SFT and all three losses (``redi.losses``), padding-free
+(``redi.packing``), REDI and SimPO never load a reference, and DPO precomputes the reference
+log-probs once. ``benchmarks/bench_train.py`` measures it against TRL's DPOTrainer.
+
+What the loop does (paper App. C unless stated):
+- data: prompts through ``redi.prompts.render_prompt`` (the same as evaluation); completion + EOS
+  (``<|im_end|>``); ``|y|`` counts completion tokens incl. EOS. SFT truncates the end of over-long
+  sequences; stage 2 truncates keep_end (the paper's setting) and drops pairs whose prompt exceeds
+  ``max_prompt_length`` and pairs whose chosen == rejected. All of it is counted in the summary.
+- order: step ``s`` uses examples ``s*G .. (s+1)*G`` of a stream made of one seeded permutation per
+  epoch, so the data position of a checkpoint is just its step (exact resume).
+- optimiser: AdamW (betas, eps, weight decay from the recipe; no decay on biases and norms, as the
+  HF Trainer the paper used), warm-up then linear / cosine / constant. Departure: the warm-up's first
+  step uses lr/warmup (the HF schedule starts at 0, wasting a step), decay ends at min_lr_ratio.
+- loss scaling: SFT is the mean NLL over all completion tokens of the optimiser step (across
+  micro-batches and processes); stage 2 is the mean per-pair loss over the global batch. Both are
+  exact under gradient accumulation and under several processes (a 2-process run matches 1 process).
+- device: ``auto`` = CUDA if available (bf16 autocast where supported, fp32 master weights), else
+  CPU in fp32. Threads from ``REDI_THREADS`` (else torch's default / ``OMP_NUM_THREADS``).
+- checkpoints: every ``save_steps`` into ``work_dir/checkpoint-<step>`` via ``accelerate.save_state``
+  (model, optimiser, scheduler, RNG) + ``trainer_state.json`` (step, signals, counts); a re-run with
+  the same work_dir resumes from the newest and ends with the same weights as an uninterrupted run.
+- a non-finite loss stops training before the optimiser step, keeps the last good checkpoint and
+  raises :class:`TrainingError` naming the step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config.train import OptimConfig, SFTConfig, Stage2Config
+from .losses import NEEDS_REFERENCE, get_loss
+from .packing import Example, collate, make_example, sequence_logps
+from .prompts import render_prompt
+from .signals import SignalLog
+from .tinymodel import MARKER, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+_KILL_AT_STEP: int | None = None
+"""Tests only: raise _SimulatedKill right after the checkpoint of this step (simulates a killed run)."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (non-finite loss, bad data); the message names the cause."""
+
+
+class _SimulatedKill(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def _check_template(tok, model_dir: Path) -> None:
+    if not getattr(tok, "chat_template", None):
+        raise ValueError(f"tokenizer in {model_dir} has no chat template: build the base model with "
+                         "model.chat_template set (redi.prompts.CHATML_TEMPLATE is the Qwen-style one)")
+
+
+def _encode(tok, texts: list[str]) -> list[list[int]]:
+    return tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+def load_sft_examples(cfg: SFTConfig, tok, positives_path: Path) -> tuple[list[Example], dict]:
+    """Positives -> (prompt, completion + EOS) examples, truncated (keep start) to cfg.max_length."""
+    import pandas as pd
+
+    df = pd.read_parquet(positives_path, columns=["problem", "completion"])
+    counts = {"rows": len(df)}
+    ok = df["completion"].notna() & (df["completion"].astype(str).str.strip() != "") & df["problem"].notna()
+    counts["dropped_empty"] = int((~ok).sum())
+    df = df[ok]
+    if df.empty:
+        raise ValueError(f"SFT: no training examples left in {positives_path} ({counts['rows']} rows, "
+                         f"{counts['dropped_empty']} with an empty completion or problem)")
+    prompts = _encode(tok, [render_prompt(tok, p) for p in df["problem"]])
+    comps = _encode(tok, list(df["completion"].astype(str)))
+    examples, truncated = [], 0
+    for p, c in zip(prompts, comps, strict=True):
+        ex, cut = make_example(p, c, tok.eos_token_id, cfg.max_length, keep="start")
+        examples.append(ex)
+        truncated += cut
+    counts.update(examples=len(examples), truncated=truncated)
+    return examples, counts
+
+
+def load_pair_examples(cfg: Stage2Config, tok, pairs_path: Path) -> tuple[list[tuple[Example, Example]], dict]:
+    """Pairs -> (chosen, rejected) examples; identical pairs and over-long prompts dropped; keep_end truncation."""
+    import pandas as pd
+
+    df = pd.read_parquet(pairs_path, columns=["problem", "chosen", "rejected"])
+    counts = {"rows": len(df)}
+    same = df["chosen"].astype(str) == df["rejected"].astype(str)
+    counts["dropped_identical"] = int(same.sum())
+    df = df[~same]
+    prompts = _encode(tok, [render_prompt(tok, p) for p in df["problem"]])
+    long_prompt = [len(p) > cfg.max_prompt_length for p in prompts]
+    counts["dropped_long_prompt"] = int(sum(long_prompt))
+    keep = [not x for x in long_prompt]
+    prompts = [p for p, k in zip(prompts, keep, strict=True) if k]
+    chosen = _encode(tok, [c for c, k in zip(df["chosen"].astype(str), keep, strict=True) if k])
+    rejected = _encode(tok, [r for r, k in zip(df["rejected"].astype(str), keep, strict=True) if k])
+    pairs, truncated = [], 0
+    for p, c, r in zip(prompts, chosen, rejected, strict=True):
+        ec, tc = make_example(p, c, tok.eos_token_id, cfg.max_length, keep="end")
+        er, tr = make_example(p, r, tok.eos_token_id, cfg.max_length, keep="end")
+        pairs.append((ec, er))
+        truncated += tc + tr
+    counts.update(examples=len(pairs), truncated_sequences=truncated)
+    if not pairs:
+        raise ValueError(f"stage 2: no pairs left in {pairs_path} ({counts['rows']} rows; "
+                         f"{counts['dropped_identical']} with chosen == rejected, "
+                         f"{counts['dropped_long_prompt']} with a prompt > {cfg.max_prompt_length} tokens)")
+    return pairs, counts
+
+
+def step_indices(n: int, global_batch: int, step: int, seed: int) -> list[int]:
+    """Indices of the examples of optimiser step ``step``: a stream of one seeded permutation per epoch."""
+    out, start = [], step * global_batch
+    for k in range(start, start + global_batch):
+        epoch, pos = divmod(k, n)
+        out.append(int(_permutation(n, seed, epoch)[pos]))
+    return out
+
+
+_PERM_CACHE: dict[tuple[int, int, int], np.ndarray] = {}
+
+
+def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    key = (n, seed, epoch)
+    if key not in _PERM_CACHE:
+        _PERM_CACHE.clear()
+        _PERM_CACHE[key] = np.random.default_rng([seed, epoch]).permutation(n)
+    return _PERM_CACHE[key]
+
+
+def total_steps(cfg: OptimConfig, n: int) -> int:
+    """max_steps, else floor(epochs * n / global_batch), at least 1."""
+    return cfg.max_steps or max(1, int(cfg.epochs * n // cfg.global_batch))
+
+
+def lr_factor(cfg: OptimConfig, total: int) -> Callable[[int], float]:
+    """LambdaLR factor: linear warm-up over ceil(warmup_ratio*total) steps, then the chosen decay."""
+    warm = math.ceil(cfg.warmup_ratio * total)
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        decay = 1.0 - progress if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
+
+    return f
+
+
+# ------------------------------------------------------------------------------------------ setup
+
+
+def resolve_device(device: str, dtype: str) -> tuple[str, str]:
+    """(device type, mixed precision) for ``device`` in {auto, cpu, cuda} and the recipe's dtype."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    cuda = torch.cuda.is_available()
+    if device == "cuda" and not cuda:
+        raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
+    dev = "cuda" if (device == "cuda" or (device == "auto" and cuda)) else "cpu"
+    if dtype == "auto":
+        mp = "bf16" if dev == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    else:
+        mp = "bf16" if dtype == "bfloat16" else "no"
+    return dev, mp
+
+
+def _set_threads() -> None:
+    n = os.environ.get("REDI_THREADS")
+    if n:
+        torch.set_num_threads(int(n))
+
+
+def _make_accelerator(dev: str, mixed_precision: str, grad_accum: int):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    # Several stages may run in one process (tests, the pipeline): start from a clean singleton.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    return Accelerator(cpu=dev == "cpu", mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum)
+
+
+def _load_model(model_dir: Path, cfg: OptimConfig):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=torch.float32, use_safetensors=True, trust_remote_code=cfg.trust_remote_code)
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _optimizer(model, cfg: OptimConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+
+
+# ------------------------------------------------------------------------------------------ job
+
+
+@dataclass
+class Job:
+    """Everything one training run needs; ``kind`` is "sft" or "stage2"."""
+
+    kind: str
+    cfg: OptimConfig
+    model_dir: Path
+    out_dir: Path
+    work_dir: Path
+    device: str
+    items: list
+    counts: dict
+    tok: object
+    ref_logps: torch.Tensor | None = None  # (n_pairs, 2) DPO reference, precomputed
+    extra: dict = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        blob = json.dumps({"kind": self.kind, "cfg": self.cfg.hash_fields(), "n": len(self.items)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _sequences(job: Job, idx: list[int]) -> list[Example]:
+    """SFT: the examples; stage 2: all chosen then all rejected of the pairs (packed together)."""
+    if job.kind == "sft":
+        return [job.items[i] for i in idx]
+    return [job.items[i][0] for i in idx] + [job.items[i][1] for i in idx]
+
+
+def _micro_loss(job: Job, model, idx: list[int], scale: float, loss_fn, ref_model) -> tuple[torch.Tensor, dict]:
+    """Loss of one micro-batch (already scaled for the global step) and its signal sums."""
+    dev = next(model.parameters()).device
+    batch = collate(_sequences(job, idx), packed=job.cfg.packing, pad_id=job.tok.pad_token_id).to(dev)
+    sums, lens = sequence_logps(model, batch)  # (S,), (S,)
+    per_tok = (sums / lens.clamp(min=1)).detach()
+    if job.kind == "sft":
+        loss = -sums.sum() * scale
+        stats = {"loss": -sums.sum().item(), "chosen": per_tok.sum().item(), "rejected": 0.0}
+        return loss, stats
+    b = len(idx)
+    parts = {"chosen_logps": sums[:b], "rejected_logps": sums[b:], "chosen_lengths": lens[:b],
+             "rejected_lengths": lens[b:]}
+    if NEEDS_REFERENCE[job.cfg.loss]:
+        parts["ref_chosen_logps"], parts["ref_rejected_logps"] = _reference(job, ref_model, batch, idx, dev)
+    losses = loss_fn(parts, job.cfg)  # (B,)
+    stats = {"loss": losses.sum().item(), "chosen": per_tok[:b].sum().item(), "rejected": per_tok[b:].sum().item()}
+    return losses.sum() * scale, stats
+
+
+def _reference(job: Job, ref_model, batch, idx: list[int], dev) -> tuple[torch.Tensor, torch.Tensor]:
+    if job.ref_logps is not None:
+        ref = job.ref_logps[idx].to(dev)
+        return ref[:, 0], ref[:, 1]
+    with torch.no_grad():
+        sums, _ = sequence_logps(ref_model, batch)
+    return sums[: len(idx)], sums[len(idx):]
+
+
+def precompute_reference(job: Job, model, acc) -> torch.Tensor:
+    """DPO: summed log-probs of every (chosen, rejected) under the starting (SFT) model, (n, 2).
+
+    Cached in work_dir so that a resumed run uses the reference of the ORIGINAL model.
+    """
+    path = job.work_dir / "ref_logps.pt"
+    if path.exists():
+        return torch.load(path)
+    out = torch.zeros(len(job.items), 2, dtype=torch.float64)
+    mb = job.cfg.micro_batch
+    model.eval()
+    with torch.no_grad(), acc.autocast():
+        for s in range(0, len(job.items), mb):
+            idx = list(range(s, min(s + mb, len(job.items))))
+            batch = collate(_sequences(job, idx), packed=job.cfg.packing, pad_id=job.tok.pad_token_id)
+            sums, _ = sequence_logps(model, batch.to(next(model.parameters()).device))
+            out[idx, 0], out[idx, 1] = sums[: len(idx)].double().cpu(), sums[len(idx):].double().cpu()
+    model.train()
+    if acc.is_main_process:
+        torch.save(out, path)
+    acc.wait_for_everyone()
+    return out
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def _latest_checkpoint(work_dir: Path) -> Path | None:
+    cks = [p for p in work_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists() and p.suffix != ".tmp"]
+    return max(cks, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def _save_checkpoint(acc, job: Job, step: int, signals: SignalLog) -> Path:
+    final = job.work_dir / f"checkpoint-{step}"
+    tmp = job.work_dir / f"checkpoint-{step}.tmp"
+    if acc.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    if acc.is_main_process:
+        state = {"step": step, "fingerprint": job.fingerprint(), "signals": signals.records, "counts": job.counts}
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in job.work_dir.glob("checkpoint-*"):
+            if old != final and old.suffix != ".tmp":
+                shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+    return final
+
+
+def _resume(acc, job: Job) -> tuple[int, list[dict]]:
+    ck = _latest_checkpoint(job.work_dir)
+    if ck is None:
+        return 0, []
+    state = json.loads((ck / "trainer_state.json").read_text())
+    if state["fingerprint"] != job.fingerprint():
+        raise TrainingError(f"{ck} was written by a different config or dataset (fingerprint {state['fingerprint']} "
+                            f"!= {job.fingerprint()}): use an empty work_dir")
+    acc.load_state(str(ck))
+    log.info("resuming from %s (step %d)", ck, state["step"])
+    return state["step"], state["signals"]
+
+
+# ------------------------------------------------------------------------------------------ loop
+
+
+def _params_snapshot(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+
+def _update_norm(model, before: list[torch.Tensor]) -> float:
+    sq = sum(((p.detach() - b).float() ** 2).sum() for p, b in zip(
+        [p for p in model.parameters() if p.requires_grad], before, strict=True))
+    return float(sq) ** 0.5
+
+
+def run(job: Job) -> dict:
+    """The training loop shared by both stages. Returns the summary dict."""
+    cfg = job.cfg
+    _set_threads()
+    torch.manual_seed(cfg.seed)
+    dev, mp = resolve_device(job.device, cfg.dtype)
+    from accelerate import PartialState
+
+    world = PartialState(cpu=dev == "cpu").num_processes
+    if cfg.global_batch % world:
+        raise ValueError(f"global_batch {cfg.global_batch} must be divisible by the number of processes {world}")
+    per_rank = cfg.global_batch // world
+    n_micro = math.ceil(per_rank / cfg.micro_batch)
+    acc = _make_accelerator(dev, mp, n_micro)
+    model = _load_model(job.model_dir, cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    optimizer = _optimizer(model, cfg)
+    total = total_steps(cfg, len(job.items))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, total))
+    ref_model = None
+    if job.kind == "stage2" and NEEDS_REFERENCE[cfg.loss]:
+        if cfg.precompute_ref:
+            job.ref_logps = precompute_reference(job, model.to(acc.device), acc)
+        else:
+            ref_model = _load_model(job.model_dir, cfg).to(acc.device).eval().requires_grad_(False)
+    model, optimizer = acc.prepare(model, optimizer)
+    acc.register_for_checkpointing(scheduler)  # not prepared: accelerate would step it once per process
+    job.work_dir.mkdir(parents=True, exist_ok=True)
+    start, records = _resume(acc, job)
+    collapse = getattr(cfg, "collapse_threshold", None) if job.kind == "stage2" else None
+    signals = SignalLog(records, collapse)
+    loss_fn = get_loss(cfg.loss) if job.kind == "stage2" else None
+    t_train = time.time()
+    _loop(job, acc, model, optimizer, scheduler, ref_model, loss_fn, signals, start, total, per_rank)
+    train_s = time.time() - t_train
+    _save_outputs(job, acc, model, signals)
+    return _summary(job, signals, start, total, train_s, dev, mp, world, n_params)
+
+
+def _loop(job, acc, model, optimizer, scheduler, ref_model, loss_fn, signals, start, total, per_rank) -> None:
+    from tqdm.auto import tqdm
+
+    cfg = job.cfg
+    bar = tqdm(total=total, initial=start, desc=job.kind, disable=not acc.is_local_main_process, unit="step")
+    model.train()
+    for step in range(start, total):
+        t0 = time.time()
+        idx = step_indices(len(job.items), cfg.global_batch, step, cfg.seed)
+        mine = idx[acc.process_index * per_rank:(acc.process_index + 1) * per_rank]
+        if job.kind == "sft":  # mean over all completion tokens of the global step
+            denom = sum(job.items[i].completion_len for i in idx)
+        else:  # mean over the pairs of the global step
+            denom = cfg.global_batch
+        scale = acc.num_processes / denom * math.ceil(per_rank / cfg.micro_batch)  # undo accelerate's 1/n_micro
+        sums = {"loss": 0.0, "chosen": 0.0, "rejected": 0.0}
+        finite = True
+        before = _params_snapshot(model)
+        for m in range(0, per_rank, cfg.micro_batch):
+            with acc.accumulate(model):
+                loss, st = _micro_loss(job, model, mine[m:m + cfg.micro_batch], scale, loss_fn, ref_model)
+                finite &= bool(torch.isfinite(loss))
+                acc.backward(loss)
+                for k in sums:
+                    sums[k] += st[k]
+                if acc.sync_gradients:
+                    _check_finite(acc, finite, step, job.work_dir)
+                    gn = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+                    lr = scheduler.get_last_lr()[0]
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+        rec = _record(job, acc, step, sums, idx, denom, gn, lr, _update_norm(model, before), time.time() - t0)
+        signals.add(rec)
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", chosen=f"{rec['chosen_logp']:.3f}")
+        if (step + 1) % cfg.log_steps == 0:
+            log.info("%s step %d/%d %s", job.kind, step + 1, total, _fmt(rec))
+        if (step + 1) % cfg.save_steps == 0 or step + 1 == total:
+            _save_checkpoint(acc, job, step + 1, signals)
+            if _KILL_AT_STEP is not None and step + 1 == _KILL_AT_STEP:
+                raise _SimulatedKill(f"simulated kill after step {step + 1}")
+    bar.close()
+
+
+def _check_finite(acc, finite: bool, step: int, work_dir: Path) -> None:
+    flag = acc.reduce(torch.tensor([0.0 if finite else 1.0], device=acc.device), reduction="sum")
+    if float(flag) > 0:
+        ck = _latest_checkpoint(work_dir)
+        raise TrainingError(f"non-finite (NaN/inf) loss at optimiser step {step + 1}: training stopped before the "
+                            f"update; last good checkpoint: {ck or 'none yet'} (lower the lr, check the data)")
+
+
+def _record(job, acc, step, sums, idx, denom, gn, lr, update_norm, dt) -> dict:
+    """Reduce the micro-batch sums over processes into one step record."""
+    t = acc.reduce(torch.tensor([sums["loss"], sums["chosen"], sums["rejected"]], dtype=torch.float64,
+                                device=acc.device), reduction="sum").tolist()
+    n_seq = len(idx)
+    tokens = sum(len(e.ids) for e in _sequences(job, idx))
+    rec = {"step": step + 1, "epoch": round((step + 1) * job.cfg.global_batch / len(job.items), 4),
+           "loss": t[0] / denom, "chosen_logp": t[1] / n_seq, "rejected_logp": None, "margin": None,
+           "grad_norm": None if gn is None else float(gn), "update_norm": update_norm, "lr": lr,
+           "tokens": tokens, "tokens_per_s": tokens / max(dt, 1e-9)}
+    if job.kind == "stage2":
+        rec["rejected_logp"] = t[2] / n_seq
+        rec["margin"] = rec["chosen_logp"] - rec["rejected_logp"]
+    return rec
+
+
+def _fmt(rec: dict) -> str:
+    keys = ("loss", "chosen_logp", "rejected_logp", "grad_norm", "update_norm", "lr", "tokens_per_s")
+    return " ".join(f"{k}={rec[k]:.4g}" for k in keys if rec.get(k) is not None)
+
+
+def _save_outputs(job: Job, acc, model, signals: SignalLog) -> None:
+    acc.wait_for_everyone()
+    state = acc.get_state_dict(model)
+    if acc.is_main_process:
+        out = job.out_dir / "model"
+        acc.unwrap_model(model).save_pretrained(out, state_dict=state, safe_serialization=True)
+        job.tok.save_pretrained(out)
+        if (job.model_dir / MARKER).exists():
+            shutil.copy(job.model_dir / MARKER, out / MARKER)
+        signals.write_jsonl(job.out_dir / "signals.jsonl")
+        title = f"{job.kind} ({getattr(job.cfg, 'loss', 'sft')}) lr={job.cfg.lr:g}"
+        signals.plot(job.out_dir / "signals.png", title)
+    acc.wait_for_everyone()
+
+
+def _summary(job, signals, start, total, train_s, dev, mp, world, n_params) -> dict:
+    recs = signals.records
+    new = recs[start:]
+    tok_s = sum(r["tokens"] for r in new) / max(sum(r["tokens"] / r["tokens_per_s"] for r in new), 1e-9) if new else None
+    return {
+        "stage": job.kind, "loss_type": getattr(job.cfg, "loss", "sft"), "counts": job.counts, "steps": total,
+        "resumed_from_step": start, "epochs": recs[-1]["epoch"] if recs else 0.0, "train_seconds": round(train_s, 2),
+        "tokens": sum(r["tokens"] for r in recs), "tokens_per_s": tok_s, "device": dev, "mixed_precision": mp,
+        "world_size": world, "params": n_params, "first": recs[0] if recs else None, "last": recs[-1] if recs else None,
+        "collapse_steps": signals.collapse_steps,
+    }
+
+
+# ------------------------------------------------------------------------------------------ entry points
+
+
+def _prepare(cfg: OptimConfig, model_dir: Path, out_dir: Path, work_dir: Path):
+    model_dir, out_dir, work_dir = Path(model_dir), Path(out_dir), Path(work_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    tok = load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code)
+    _check_template(tok, model_dir)
+    if tok.eos_token_id is None or tok.pad_token_id is None:
+        raise ValueError(f"tokenizer in {model_dir} needs an EOS and a pad token (eos={tok.eos_token!r}, pad={tok.pad_token!r})")
+    return model_dir, out_dir, work_dir, tok
+
+
+def train_sft(cfg: SFTConfig, model_dir: Path, positives_path: Path, out_dir: Path, work_dir: Path,
+              device: str) -> dict:
+    """Stage 1: SFT on positive traces (completion-only loss). Writes out_dir/{model, signals.jsonl, signals.png}."""
+    model_dir, out_dir, work_dir, tok = _prepare(cfg, model_dir, out_dir, work_dir)
+    items, counts = load_sft_examples(cfg, tok, Path(positives_path))
+    log.info("SFT: %s", counts)
+    return run(Job("sft", cfg, model_dir, out_dir, work_dir, device, items, counts, tok))
+
+
+def train_stage2(cfg: Stage2Config, sft_model_dir: Path, pairs_path: Path, out_dir: Path, work_dir: Path,
+                 device: str) -> dict:
+    """Stage 2 from the SFT checkpoint with cfg.loss in {redi, dpo, simpo}. Same outputs as train_sft."""
+    get_loss(cfg.loss)
+    model_dir, out_dir, work_dir, tok = _prepare(cfg, sft_model_dir, out_dir, work_dir)
+    items, counts = load_pair_examples(cfg, tok, Path(pairs_path))
+    log.info("stage 2 (%s): %s", cfg.loss, counts)
+    return run(Job("stage2", cfg, model_dir, out_dir, work_dir, device, items, counts, tok))
