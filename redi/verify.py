@@ -180,6 +180,7 @@ def _safe_grade(response: str, gold: str) -> Verdict:
 def _worker_main(conn) -> None:
     """Worker loop: receive (key, response, gold), send (key, verdict). Exits on None or EOF."""
     _configs()
+    conn.send(("ready", None))  # the parent starts an item's deadline only once its worker is ready
     while True:
         try:
             msg = conn.recv()
@@ -216,6 +217,7 @@ class _Slot:
     conn: Any
     key: int | None = None
     deadline: float = 0.0
+    ready: bool = False
 
 
 @dataclass
@@ -249,6 +251,7 @@ class GradingPool:
         self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
         self._closing = False
         self._woken = False
+        self._start_failures = 0
         self._slots = [self._start_worker() for _ in range(self.n)]
         self._thread = threading.Thread(target=self._run, name="grading-pool", daemon=True)
         self._thread.start()
@@ -337,7 +340,7 @@ class GradingPool:
     # -- scheduler thread
     def _dispatch(self) -> None:
         for slot in self._slots:
-            if slot.key is not None:
+            if slot.key is not None or not slot.ready:
                 continue
             try:
                 key, response, gold = self._pending.get_nowait()
@@ -349,19 +352,36 @@ class GradingPool:
     def _busy(self) -> bool:
         return any(s.key is not None for s in self._slots) or not self._pending.empty()
 
+    def _starting(self) -> list[_Slot]:
+        return [s for s in self._slots if not s.ready]
+
     def _run(self) -> None:
-        while True:
-            self._dispatch()
-            if self._closing and not self._busy():
-                return
-            self._wait_once()
+        try:
+            while True:
+                self._dispatch()
+                if self._closing and not self._busy():
+                    return
+                self._wait_once()
+        except Exception as e:  # the scheduler must never leave futures hanging
+            logger.error("grading pool failed: %s", e)
+            with self._lock:
+                self._closing = True
+                futs = list(self._futures.values())
+                self._futures.clear()
+            for fut, _ in futs:
+                if not fut.done():
+                    fut.set_exception(e)
 
     def _wait_once(self) -> None:
         busy = [s for s in self._slots if s.key is not None]
         now = time.monotonic()
         timeout = min((s.deadline - now for s in busy), default=None)
-        handles = [self._wake_r] + [s.conn for s in busy] + [s.proc.sentinel for s in busy]
+        starting = self._starting()
+        handles = [self._wake_r] + [s.conn for s in busy + starting] + [s.proc.sentinel for s in busy + starting]
         ready = set(mp_wait(handles, timeout=None if timeout is None else max(0.0, timeout)))
+        for i, s in enumerate(self._slots):
+            if not s.ready and (s.conn in ready or s.proc.sentinel in ready):
+                self._on_start(i)
         if self._wake_r in ready:
             with self._lock:
                 self._woken = False
@@ -376,6 +396,20 @@ class GradingPool:
                 self._replace(i, "crash")
             elif time.monotonic() >= s.deadline:
                 self._replace(i, "timeout")
+
+    def _on_start(self, i: int) -> None:
+        """A starting worker said ready (or died while starting: start another; its items are unaffected)."""
+        s = self._slots[i]
+        try:
+            s.conn.recv()
+            s.ready = True
+        except (EOFError, OSError):
+            self._start_failures += 1
+            if self._start_failures > 3 * self.n:
+                raise RuntimeError("grading workers keep dying while starting (is math_verify importable?)") from None
+            logger.warning("grading worker (pid %s) died while starting; starting another", s.proc.pid)
+            self._stop_worker(s, graceful=False)
+            self._slots[i] = self._start_worker()
 
     def _receive(self, i: int) -> None:
         s = self._slots[i]
