@@ -62,7 +62,7 @@ def rule_landmv(ours: pd.Series, df: pd.DataFrame) -> pd.Series:
     wrong, None when they disagree or either is unknown (such traces are neither positives nor negatives)."""
     _require(df, "label_llama", "landmv")
     _require(df, "label_math_verify", "landmv")
-    both = [(a if a == b else None) if a is not None and b is not None else None
+    both = [(bool(a) if a == b else None) if not _null(a) and not _null(b) else None
             for a, b in zip(df["label_llama"].tolist(), df["label_math_verify"].tolist(), strict=True)]
     return pd.Series(both, index=df.index, dtype=object)
 
@@ -156,10 +156,16 @@ def response_lengths(tokenizer, traces: list[str]) -> list[int]:
 # ----------------------------------------------------------------------------- filters
 
 
+def _null(v) -> bool:
+    """None, NaN or pandas NA (parquet nulls come back as any of these)."""
+    return v is None or bool(pd.isna(v))
+
+
 def _is_incomplete(row) -> bool:
-    if row.reasoning_complete is False:
+    """Known to be incomplete: reasoning_complete False, or a finish reason other than 'stop' (unknown = kept)."""
+    if not _null(row.reasoning_complete) and not bool(row.reasoning_complete):
         return True
-    return row.finish_reason is not None and row.finish_reason != "stop"
+    return not _null(row.finish_reason) and row.finish_reason != "stop"
 
 
 def filter_reasons(df: pd.DataFrame, cfg: VerifyConfig, problem_info: pd.DataFrame) -> pd.Series:
@@ -169,9 +175,9 @@ def filter_reasons(df: pd.DataFrame, cfg: VerifyConfig, problem_info: pd.DataFra
     reasons = []
     for row, inf in zip(df.itertuples(index=False), info.itertuples(index=False), strict=True):
         valid = row.problem_is_valid
-        if cfg.require_valid and valid is not None and str(valid).strip().lower() != "yes":
+        if cfg.require_valid and not _null(valid) and str(valid).strip().lower() != "yes":
             reasons.append("problem_invalid")
-        elif row.source is not None and str(row.source).lower() in excluded:
+        elif not _null(row.source) and str(row.source).lower() in excluded:
             reasons.append("excluded_source")
         elif inf.contaminated:
             reasons.append("contaminated")
@@ -181,7 +187,7 @@ def filter_reasons(df: pd.DataFrame, cfg: VerifyConfig, problem_info: pd.DataFra
             reasons.append("incomplete")
         elif cfg.max_response_tokens is not None and row.response_tokens > cfg.max_response_tokens:
             reasons.append("response_too_long")
-        elif row.label is None or pd.isna(row.label):
+        elif _null(row.label):
             reasons.append("unlabelled")
         else:
             reasons.append("")

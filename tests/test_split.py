@@ -1,0 +1,114 @@
+"""redi.split: labels, filters (funnel), decontamination, positives/pairs, agreement, Dask = processes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from redi.config.data import DataConfig, SynthConfig
+from redi.config.verify import VerifyConfig
+from redi.data import download
+from redi.schema import PAIR_COLUMNS, POSITIVE_COLUMNS, stable_id
+from redi.split import LabelRuleError, verify_and_split
+from redi.verify import grade
+
+SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
+
+
+@pytest.fixture(scope="module")
+def synth_traces(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dl")
+    download(DataConfig(synth=SynthConfig(n_train=80, n_val=2, n_test=2, traces_per_problem=4, seed=7, judge_noise=0.1)), out, progress=False)
+    return out / "traces.parquet"
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory, synth_traces) -> Path:
+    from redi.tinymodel import _training_texts, train_tokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    train_tokenizer(list(_training_texts(synth_traces, 400)), 300).save_pretrained(str(d))
+    return d
+
+
+def _run(cfg, traces, tok, out, decontam=None):
+    s = verify_and_split(cfg, traces, tok, out, decontam or {})
+    return s, pd.read_parquet(out / "labelled.parquet"), pd.read_parquet(out / "positives.parquet"), pd.read_parquet(out / "pairs.parquet")
+
+
+def test_synthetic_split(synth_traces, tok_dir, tmp_path):
+    s, lab, pos, pairs = _run(VerifyConfig(workers=2), synth_traces, tok_dir, tmp_path / "a")
+    assert list(pos.columns) == list(POSITIVE_COLUMNS) and list(pairs.columns) == list(PAIR_COLUMNS)
+    assert s["traces"] == 320 and s["positives"] == len(pos) and s["pairs"] == len(pairs)
+    assert pos["problem_id"].is_unique and len(pos) >= 70  # first correct trace per problem
+    assert all(grade(c, a) for c, a in zip(pos["completion"], pos["answer"]))
+    assert all(grade(c, a) and not grade(r, a) for c, r, a in zip(pairs["chosen"], pairs["rejected"], pairs["answer"]))
+    p0 = pairs.iloc[0]
+    assert p0["id"] == stable_id(p0["problem_id"], p0["chosen_index"], p0["rejected_index"])
+    # the first correct trace of each problem: no kept correct trace before it
+    kept = lab[(lab["filter_reason"] == "") & (lab["label"] == True)]  # noqa: E712
+    assert dict(zip(pos["problem_id"], pos["id"])) == {p: stable_id(p, g.min()) for p, g in kept.groupby("problem_id")["gen_index"]}
+    steps = [f["traces"] for f in s["funnel"]]
+    assert steps == sorted(steps, reverse=True) and steps[0] == 320
+    assert s["filter_counts"]["incomplete"] == int((lab["finish_reason"] == "length").sum()) > 0
+    assert s["agreement"]["agreement"] == 1.0 and (tmp_path / "a" / "agreement.md").exists()
+    s2, _, pos2, pairs2 = _run(VerifyConfig(workers=1), synth_traces, tok_dir, tmp_path / "b")
+    assert pos2.equals(pos) and pairs2.equals(pairs)  # deterministic, worker count does not matter
+
+
+def test_more_pairs_and_all_positives(synth_traces, tok_dir, tmp_path):
+    s1, *_ = _run(VerifyConfig(), synth_traces, tok_dir, tmp_path / "a")
+    s3, _, pos, pairs = _run(VerifyConfig(pairs_per_problem=3, positives="all"), synth_traces, tok_dir, tmp_path / "b")
+    assert s3["pairs"] > s1["pairs"] and s3["positives"] > s1["positives"]
+    assert not pairs.duplicated(["problem_id", "chosen_index"]).any() and not pairs.duplicated(["problem_id", "rejected_index"]).any()
+
+
+def test_label_rules(synth_traces, tok_dir, tmp_path):
+    _, lab_d = _run(VerifyConfig(label_rule="dataset"), synth_traces, tok_dir, tmp_path / "d")[:2]
+    assert (lab_d["label"].astype(bool) == lab_d["label_math_verify"]).all()
+    s, lab, *_ = _run(VerifyConfig(label_rule="landmv"), synth_traces, tok_dir, tmp_path / "l")
+    disagree = lab["label_llama"] != lab["label_math_verify"]
+    assert disagree.sum() > 5 and lab.loc[disagree, "label"].isna().all()  # official code: no label when they disagree
+    assert (lab.loc[~disagree, "label"] == lab.loc[~disagree, "label_math_verify"]).all()
+    assert s["filter_counts"]["unlabelled"] >= int((disagree & (lab["finish_reason"] == "stop")).sum())
+
+
+def test_landmv_refuses_without_llama_column(tok_dir, tmp_path):
+    f = tmp_path / "flat.jsonl"
+    f.write_text("\n".join(json.dumps({"problem": f"p{i}", "answer": "1", "trace": "\\boxed{1}", "label_math_verify": True}) for i in range(3)))
+    download(DataConfig(source="local", local_path=str(f)), tmp_path / "dl", progress=False)
+    with pytest.raises(LabelRuleError, match="label_llama"):
+        verify_and_split(VerifyConfig(label_rule="landmv"), tmp_path / "dl" / "traces.parquet", tok_dir, tmp_path / "o", {})
+
+
+def test_paper_filters_on_raw_sample(tok_dir, tmp_path):
+    download(DataConfig(source="local", local_path=str(SAMPLES / "openr1_math_raw.jsonl")), tmp_path / "dl", progress=False)
+    s, lab, pos, pairs = _run(VerifyConfig(label_rule="landmv", max_prompt_tokens=None), tmp_path / "dl" / "traces.parquet", tok_dir, tmp_path / "o")
+    assert s["filter_counts"]["problem_invalid"] == 1 and s["filter_counts"]["excluded_source"] == 2
+    assert set(pos["problem"]) == {"Compute $3^4 - 4^3$.", "What is $7 \\times 8$?"}
+    assert len(pairs) == 2 and pairs.set_index("problem")["rejected_index"].to_dict()["What is $7 \\times 8$?"] == 0
+
+
+def test_length_filters_and_decontamination(synth_traces, tok_dir, tmp_path):
+    s, lab, *_ = _run(VerifyConfig(max_prompt_tokens=5), synth_traces, tok_dir, tmp_path / "p")
+    assert s["positives"] == 0 and s["filter_counts"]["prompt_too_long"] == 320
+    s, lab, *_ = _run(VerifyConfig(max_response_tokens=40, max_prompt_tokens=None), synth_traces, tok_dir, tmp_path / "r")
+    assert 0 < s["filter_counts"]["response_too_long"] < 320
+    assert (lab.loc[lab["filter_reason"] == "response_too_long", "response_tokens"] > 40).all()
+    problems = pd.read_parquet(synth_traces)["problem"].drop_duplicates().tolist()
+    bench = {"benchA": [problems[0].upper() + " (reworded)"], "benchB": [problems[1], "short text"]}
+    s, lab, pos, _ = _run(VerifyConfig(), synth_traces, tok_dir, tmp_path / "c", bench)
+    assert s["decontamination"]["problems_removed"] >= 2
+    assert s["decontamination"]["per_benchmark"]["benchA"] >= 1 and s["decontamination"]["per_benchmark"]["benchB"] >= 1
+    assert not set(problems[:2]) & set(pos["problem"])
+
+
+def test_dask_labels_equal_processes(synth_traces, tok_dir, tmp_path):
+    pytest.importorskip("dask.distributed")
+    s_p, lab_p, *_ = _run(VerifyConfig(workers=2), synth_traces, tok_dir, tmp_path / "p")
+    s_d, lab_d, pos_d, _ = _run(VerifyConfig(executor="dask", shard_size=64), synth_traces, tok_dir, tmp_path / "d")
+    assert lab_d["label_ours"].tolist() == lab_p["label_ours"].tolist()
+    assert s_d["grading"]["executor"] == "dask" and s_d["grading"]["done"] == 320
