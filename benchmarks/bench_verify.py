@@ -1,0 +1,101 @@
+"""Grading throughput: traces/s with 1 worker vs all cores, and peak memory, on demo data (+ 100k with --large).
+
+Runs are interleaved in one process (1 worker, N workers, 1 worker, N workers, ...) so machine load
+hits both alike; prints a table with the speed-up ratio and writes docs/benchmarks/verify.md.
+Usage: python benchmarks/bench_verify.py [--large] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from redi.config.data import DataConfig, SynthConfig
+from redi.data import download
+from redi.verify import default_workers, grade_many
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "verify.md"
+
+
+def _items(n_train: int, tpp: int, tmp: Path) -> list[tuple[str, str]]:
+    import pyarrow.parquet as pq
+
+    download(DataConfig(synth=SynthConfig(n_train=n_train, n_val=0, n_test=0, traces_per_problem=tpp)), tmp, progress=False)
+    t = pq.read_table(tmp / "traces.parquet", columns=["trace", "answer"])
+    return list(zip(t["trace"].to_pylist(), t["answer"].to_pylist(), strict=True))
+
+
+def _tree_rss() -> int:
+    me = psutil.Process()
+    total = me.memory_info().rss
+    for c in me.children(recursive=True):
+        try:
+            total += c.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def _run(items, workers: int) -> tuple[float, float]:
+    """(traces/s, peak RSS GB of parent + workers sampled every 0.2 s)."""
+    import threading
+
+    peak, stop = [0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _tree_rss())
+            stop.wait(0.2)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    t0 = time.monotonic()
+    out = grade_many(items, workers=workers, progress=False)
+    dt = time.monotonic() - t0
+    stop.set()
+    th.join()
+    assert len(out) == len(items)
+    return len(items) / dt, peak[0] / 1e9
+
+
+def bench(name: str, items, rounds: int) -> list[str]:
+    n = default_workers()
+    r1, rn, m1, mn = [], [], [], []
+    for _ in range(rounds):
+        a, ma = _run(items, 1)
+        b, mb = _run(items, n)
+        r1.append(a), rn.append(b), m1.append(ma), mn.append(mb)
+    best1, bestn = max(r1), max(rn)
+    row = f"| {name} | {len(items):,} | {best1:,.0f} | {n} | {bestn:,.0f} | {bestn / best1:.2f}x | {max(m1):.2f} | {max(mn):.2f} |"
+    logging.info(row)
+    return [row]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--large", action="store_true", help="also a generated 100k-trace file")
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        rows += bench("demo (4000 x 4)", _items(4000, 4, Path(tmp) / "demo"), args.rounds)
+        if args.large:
+            rows += bench("large (25000 x 4)", _items(25000, 4, Path(tmp) / "large"), 1)
+    head = ["| data | traces | 1 worker traces/s | N | N workers traces/s | speed-up | peak RSS GB (1) | peak RSS GB (N) |",
+            "|---|---|---|---|---|---|---|---|"]
+    table = "\n".join(head + rows)
+    print(table)
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text("# Grading throughput (redi.verify.grade_many)\n\n"
+                   "`python benchmarks/bench_verify.py --large`: 1 worker and all cores interleaved in one process, "
+                   "best of the rounds; peak RSS = parent + worker processes.\n\n" + table + "\n")
+
+
+if __name__ == "__main__":
+    main()
