@@ -47,8 +47,9 @@ def redi_eval(model: str, recipe_path: str | None = None, overrides: dict[str, A
 
     r = resolve_recipe(recipe_path, None, overrides)
     res = _evaluate_model(model, r.model_dump(mode="json", by_alias=True), name)
-    rows = [{"benchmark": b, **{k: v for k, v in m.items() if not isinstance(v, (dict, list))}}
-            for b, m in res["metrics"].items() if isinstance(m, dict)]
+    from redi.registry import metrics_rows
+
+    rows = metrics_rows(res["metrics"])
     key = artifact_key(name or r.run.name, "eval")
     create_table_artifact(rows, key=key, description=f"Evaluation of {model}")
     create_markdown_artifact(f"## Evaluation of `{model}`\n\nFolder: `{res['artifact']['path']}`\n\nResults store: `{res['results']}`",

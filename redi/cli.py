@@ -207,9 +207,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         ov = _overrides_dict(args.overrides) | ({"run.refresh": list(args.refresh)} if args.refresh else {})
         res = redi_eval(model=args.model, recipe_path=args.recipe, overrides=ov, name=args.name)
-    rows = [{"benchmark": b, **{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in m.items() if not isinstance(v, (dict, list))}}
-            for b, m in res["metrics"].items() if isinstance(m, dict)]
-    cols = list(dict.fromkeys(c for row in rows for c in row))[:8]
+    from .registry import metrics_rows
+
+    rows = [{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()} for row in metrics_rows(res["metrics"])]
+    cols = list(dict.fromkeys(c for row in rows for c in row))
     print(table(rows, cols))
     print(f"\n{'cache hit' if res['cached'] else 'evaluated'} in {time.time() - t0:.1f}s. "
           f"Samples and metrics: {res['artifact']['path']}\nResults store: {res['results']}")

@@ -255,3 +255,13 @@ def nightly_history(artifact_root: str | Path, results_db: str | None = None, ki
         plt.close(fig)
         out["plot"] = str(plot)
     return out
+
+
+def metrics_rows(metrics: dict[str, Any], cols: tuple[str, ...] = ("pass@1", "pass@1_sem", "maj@1", "no_answer_share",
+                                                                  "truncated_share", "n_problems", "n_samples")) -> list[dict[str, Any]]:
+    """metrics.json of an evaluation as one row per benchmark plus the macro average (scalars only)."""
+    per = metrics.get("benchmarks", {k: v for k, v in metrics.items() if isinstance(v, dict) and k != "average"})
+    rows = [{"benchmark": b, **{c: m.get(c) for c in cols if c in m}} for b, m in per.items()]
+    if isinstance(metrics.get("average"), dict):
+        rows.append({"benchmark": "average", **{c: metrics["average"].get(c) for c in cols if c in metrics["average"]}})
+    return rows
