@@ -18,7 +18,7 @@ def _train(cfg, model_dir, out_dir, work_dir, what):
         for step in range(1, steps + 1):
             f.write(json.dumps({"step": step, "loss": 1.0 / step}) + "\n")
     (out_dir / "signals.png").write_bytes(b"\x89PNG fake")
-    return {"steps": steps, "resumed_from": done, "stage": what}
+    return {"steps": steps, "resumed_from_step": done, "stage": what}
 
 
 def train_sft(cfg, model_dir, positives_path, out_dir, work_dir, device):

@@ -1,0 +1,103 @@
+"""Faults: SIGKILL mid-stage then rerun, two runs of one recipe at once, a corrupt artifact.
+
+The kill and concurrency tests run the real `redi` CLI (``--no-prefect``) in subprocesses on the
+tiny recipe, so they are marked slow (about a minute each on 2 busy cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest_orchestration import redi_argv, subprocess_env, use_fake_stages, write_recipe
+
+use_fake_stages()
+
+from redi.artifacts import validate  # noqa: E402
+from redi.cli import main  # noqa: E402
+
+
+def _status(recipe: Path) -> dict[str, dict]:
+    p = subprocess.run(redi_argv("status", str(recipe), "--json"), capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return {n["stage"]: n for n in json.loads(p.stdout)}
+
+
+def _wait_for(pred, proc: subprocess.Popen, timeout: float) -> None:
+    t0 = time.time()
+    while not pred():
+        assert proc.poll() is None, f"process ended (rc {proc.returncode}) before the stage started"
+        assert time.time() - t0 < timeout, "timed out waiting for the stage"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigkill_during_training_then_rerun_resumes(tmp_path):
+    recipe = write_recipe(tmp_path, {"sft.max_steps": 12, "sft.save_steps": 1})
+    root = tmp_path / "artifacts"
+    env = subprocess_env(REDI_FAKE_STAGE_SLEEP="0.5")
+    proc = subprocess.Popen(redi_argv("run", str(recipe), "--no-prefect"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        # kill -9 once SFT has written its first checkpoint (mid-stage)
+        _wait_for(lambda: any((root / "sft").glob(".work-*/checkpoint-*")), proc, timeout=300)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    before = _status(recipe)
+    assert all(before[s]["cached"] for s in ("download", "model", "verify"))
+    assert not before["sft"]["cached"] and not Path(before["sft"]["path"]).exists()  # nothing half-written in place
+    assert any((root / "sft").glob(".tmp-*"))  # the killed attempt's temp folder
+
+    p = subprocess.run(redi_argv("run", str(recipe), "--no-prefect"), capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = {line.split()[0]: line.split()[1:3] for line in p.stdout.splitlines() if line.split() and line.split()[0] in before}
+    assert rows["download"][0] == rows["model"][0] == rows["verify"][0] == "cache"  # "cache hit"
+    assert rows["sft"][0] == "built"
+    after = _status(recipe)
+    assert all(n["cached"] for n in after.values())
+    manifest = validate(Path(after["sft"]["path"]))
+    assert manifest["summary"].get("resumed_from_step", 0) >= 1  # resumed from its checkpoint, not from scratch
+    assert not list((root / "sft").glob(".tmp-*")) and not list((root / "sft").glob(".work-*"))
+
+
+@pytest.mark.slow
+def test_two_runs_of_one_recipe_at_once_share_one_artifact(tmp_path):
+    recipe = write_recipe(tmp_path)
+    env = subprocess_env()
+    procs = [subprocess.Popen(redi_argv("stage", "verify", str(recipe), "--no-prefect"), env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    statuses = sorted(next(line.split()[1] for line in out.splitlines() if line.startswith("verify ")) for out, _ in outs)
+    assert statuses == ["built", "cache"]  # one built it, the other waited on the lock and took it from cache
+    plan = _status(recipe)
+    for s in ("download", "model", "verify"):
+        assert plan[s]["cached"]
+        validate(Path(plan[s]["path"]))
+        assert not list(Path(plan[s]["path"]).parent.glob(".tmp-*"))
+
+
+def test_corrupt_artifact_is_rebuilt(tmp_path, capsys):
+    recipe = write_recipe(tmp_path)
+    assert main(["stage", "download", str(recipe), "--no-prefect"]) == 0
+    capsys.readouterr()
+    folder = next(p for p in (tmp_path / "artifacts" / "download").iterdir() if not p.name.startswith("."))
+    traces = folder / "traces.parquet"
+    good = traces.read_bytes()
+    traces.write_bytes(good[:-10] + b"0123456789")  # same size, different content
+    assert main(["status", str(recipe), "--json"]) == 0
+    assert not {n["stage"]: n for n in json.loads(capsys.readouterr().out)}["download"]["cached"]
+    assert main(["stage", "download", str(recipe), "--no-prefect"]) == 0
+    out = capsys.readouterr().out
+    assert "download  built" in out
+    validate(folder)
+    assert traces.read_bytes() == good  # deterministic rebuild
