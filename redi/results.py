@@ -1,0 +1,236 @@
+"""The results store every evaluation appends to, and the views made from it (table, bar chart, history).
+
+Store: a folder of Parquet part files (a Parquet dataset), local by default. ``append_metrics`` writes one
+new part file atomically (temp file + ``os.replace``), so concurrent writers never corrupt each other and
+a killed writer leaves no half row; ``load`` concatenates the parts. One row per (evaluation, benchmark),
+plus a row ``benchmark == "average"`` with the macro average. Rates are fractions (0-1); views show %.
+
+Row columns: :data:`COLUMNS` (+ ``metrics_json``, the benchmark's full metrics, every pass@k / maj@k).
+
+Views (no Prefect import here; the Prefect layer turns ``Table.rows`` into a table artifact):
+- :func:`comparison_table`: models x benchmarks, pass@1 ± SEM in %, like the paper's Table 1
+  (markdown, a numeric frame for CSV, and rows as a list of dicts);
+- :func:`bar_chart`: grouped bars models x benchmarks with SEM error bars (PNG);
+- :func:`history_plot`: a metric over time per model, one panel per benchmark (nightly runs, PNG).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+AVERAGE = "average"
+COLUMNS: dict[str, str] = {
+    "time": "evaluation time, seconds since the epoch (UTC)",
+    "run": "run name (recipe run.name)",
+    "label": "model label within the run (base / sft / redi / any name)",
+    "model_key": "content hash of the evaluated model artifact",
+    "recipe_hash": "hash of the full resolved recipe",
+    "eval_key": "key of the evaluation artifact the metrics come from",
+    "kind": "pipeline / nightly / eval (who appended the row)",
+    "benchmark": "benchmark name, or 'average' (macro average over the evaluation's benchmarks)",
+    "pass@1": "mean correctness over n samples",
+    "pass@1_sem": "std of the n per-sample-index scores / sqrt(n) (ddof 0, as the paper's code)",
+    "pass@n": "unbiased pass@k at k = n (any sample correct)",
+    "maj@n": "majority vote over the n samples",
+    "no_answer_share": "samples without an extractable answer",
+    "truncated_share": "samples that hit the token limit",
+    "ungraded_share": "samples the grader could not judge (timeouts; counted wrong)",
+    "n_problems": "problems evaluated",
+    "n_samples": "samples per problem (n)",
+    "temperature": "sampling temperature",
+    "top_p": "nucleus sampling",
+    "max_new_tokens": "generated-token limit",
+}
+_BENCH_ORDER = ["math500", "aime24", "aime25", "amc23", "minerva_math", "olympiadbench", "gsm8k", "demo_test", "demo_val"]
+
+
+@dataclass
+class Table:
+    """A comparison table: ``frame`` (numeric, % and SEM columns, for CSV), ``markdown``, ``rows`` (list of dicts)."""
+
+    frame: pd.DataFrame
+    markdown: str
+    rows: list[dict]
+
+
+def rows_from_metrics(metrics: dict, *, run: str, label: str, model_key: str = "", recipe_hash: str = "", eval_key: str = "",
+                      protocol: dict | None = None, kind: str = "eval", when: float | None = None) -> list[dict]:
+    """Store rows for one evaluation's metrics.json (per benchmark + average)."""
+    proto = {**(metrics.get("protocol") or {}), **(protocol or {})}
+    when = time.time() if when is None else when
+    per = dict(metrics.get("benchmarks", {}))
+    if metrics.get("average"):
+        per[AVERAGE] = metrics["average"]
+    rows = []
+    for bench, m in per.items():
+        n = m.get("n_samples") or proto.get("n_samples")
+        rows.append({
+            "time": when, "run": run, "label": label, "model_key": model_key, "recipe_hash": recipe_hash, "eval_key": eval_key,
+            "kind": kind, "benchmark": bench, "pass@1": m.get("pass@1"), "pass@1_sem": m.get("pass@1_sem"),
+            "pass@n": m.get(f"pass@{n}") if n else None, "maj@n": m.get(f"maj@{n}") if n else None,
+            "no_answer_share": m.get("no_answer_share"), "truncated_share": m.get("truncated_share"),
+            "ungraded_share": m.get("ungraded_share"), "n_problems": m.get("n_problems"), "n_samples": n,
+            "temperature": proto.get("temperature"), "top_p": proto.get("top_p"), "max_new_tokens": proto.get("max_new_tokens"),
+            "metrics_json": json.dumps({k: v for k, v in m.items() if not k.endswith("_per_index")}, default=str),
+        })
+    return rows
+
+
+class ResultsStore:
+    """A Parquet dataset folder of evaluation results (append = one new part file, read = concat)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+
+    def append_rows(self, rows: list[dict]) -> Path | None:
+        """Write rows as one new part file, atomically."""
+        if not rows:
+            return None
+        self.path.mkdir(parents=True, exist_ok=True)
+        name = f"part-{time.time_ns()}-{os.getpid()}.parquet"
+        tmp = self.path / f".tmp-{name}"
+        pd.DataFrame(rows).to_parquet(tmp, index=False)
+        os.replace(tmp, self.path / name)
+        log.info("results: %d rows appended to %s", len(rows), self.path / name)
+        return self.path / name
+
+    def append_metrics(self, *, run: str, label: str, model_key: str, recipe_hash: str, eval_key: str, metrics: dict,
+                       protocol: dict | None = None, kind: str = "eval", when: float | None = None) -> Path | None:
+        """Append one evaluation (its metrics.json dict): a row per benchmark and one for the average."""
+        return self.append_rows(rows_from_metrics(metrics, run=run, label=label, model_key=model_key, recipe_hash=recipe_hash,
+                                                  eval_key=eval_key, protocol=protocol, kind=kind, when=when))
+
+    def load(self, run: str | None = None, latest_only: bool = False, kind: str | None = None, label: str | None = None) -> pd.DataFrame:
+        """Every row (sorted by time), optionally filtered; ``latest_only`` keeps each (run, label)'s latest evaluation."""
+        parts = sorted(self.path.glob("part-*.parquet")) if self.path.exists() else []
+        if not parts:
+            return pd.DataFrame(columns=[*COLUMNS, "metrics_json"])
+        df = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True).sort_values("time", kind="stable")
+        for col, val in (("run", run), ("kind", kind), ("label", label)):
+            if val is not None:
+                df = df[df[col] == val]
+        if latest_only and not df.empty:
+            last = df.groupby(["run", "label"])["time"].transform("max")
+            df = df[df["time"] == last]
+        return df.reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- views
+
+
+def _latest_cells(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, benchmark): the latest; `model` = label, or run/label when several runs are shown."""
+    df = df.sort_values("time", kind="stable").groupby(["run", "label", "benchmark"], as_index=False).last()
+    many = df["run"].nunique() > 1
+    return df.assign(model=[f"{r}/{lab}" if many else lab for r, lab in zip(df["run"], df["label"], strict=True)])
+
+
+def _bench_cols(benchmarks: list[str]) -> list[str]:
+    known = [b for b in _BENCH_ORDER if b in benchmarks]
+    return known + sorted(b for b in benchmarks if b not in known and b != AVERAGE) + ([AVERAGE] if AVERAGE in benchmarks else [])
+
+
+def _fmt(v: Any, sem: Any) -> str:
+    if v is None or pd.isna(v):
+        return "–"
+    return f"{100 * v:.1f} ± {100 * sem:.1f}" if sem is not None and not pd.isna(sem) else f"{100 * v:.1f}"
+
+
+def comparison_table(df: pd.DataFrame, metric: str = "pass@1") -> Table:
+    """Models x benchmarks (latest evaluation of each), `metric` in % with its SEM for pass@1 (paper Table 1)."""
+    if df.empty:
+        return Table(pd.DataFrame(), "(no results)", [])
+    cells = _latest_cells(df)
+    models = list(dict.fromkeys(cells["model"]))
+    benches = _bench_cols(list(dict.fromkeys(cells["benchmark"])))
+    val = cells.pivot(index="model", columns="benchmark", values=metric).reindex(index=models, columns=benches)
+    sem = cells.pivot(index="model", columns="benchmark", values="pass@1_sem").reindex(index=models, columns=benches) if metric == "pass@1" else None
+    frame = (100 * val.astype(float)).round(2)
+    if sem is not None:
+        frame = pd.concat([frame, (100 * sem.astype(float)).round(2).add_suffix(" sem")], axis=1)
+    who = cells.drop_duplicates("model").set_index("model")[["run", "label"]]
+    rows, lines = [], []
+    names = [("Avg" if b == AVERAGE else b) for b in benches]
+    lines.append(f"| Model ({metric}, %) | " + " | ".join(names) + " |")
+    lines.append("|---|" + "---|" * len(benches))
+    for m in models:
+        txt = [_fmt(val.at[m, b], sem.at[m, b] if sem is not None else None) for b in benches]
+        lines.append(f"| {m} | " + " | ".join(txt) + " |")
+        rows.append({"model": m, "run": who.at[m, "run"], "label": who.at[m, "label"], **dict(zip(names, txt, strict=True))})
+    n = cells["n_samples"].dropna()
+    note = f"\n\n{metric} over {int(n.iloc[0])} samples per problem; ± = SEM over sample indices." if len(n) and n.nunique() == 1 else ""
+    return Table(frame, "\n".join(lines) + note, rows)
+
+
+def table_rows(df: pd.DataFrame, metric: str = "pass@1") -> list[dict]:
+    """The comparison table as a list of dicts (for a Prefect table artifact)."""
+    return comparison_table(df, metric).rows
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def bar_chart(df: pd.DataFrame, path: str | Path, metric: str = "pass@1") -> Path:
+    """Grouped bars: benchmarks on the x axis, one bar per model, SEM error bars for pass@1 (PNG)."""
+    plt = _plt()
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * max(1, df["benchmark"].nunique()) + 2), 3.6))
+    if not df.empty:
+        cells = _latest_cells(df)
+        models = list(dict.fromkeys(cells["model"]))
+        benches = _bench_cols(list(dict.fromkeys(cells["benchmark"])))
+        width = 0.8 / len(models)
+        for i, m in enumerate(models):
+            c = cells[cells["model"] == m].set_index("benchmark").reindex(benches)
+            err = 100 * c["pass@1_sem"].astype(float) if metric == "pass@1" else None
+            xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(benches))]
+            ax.bar(xs, 100 * c[metric].astype(float), width, yerr=err, capsize=2, label=m)
+        ax.set_xticks(range(len(benches)), ["Avg" if b == AVERAGE else b for b in benches], rotation=20, fontsize=8)
+        ax.legend(fontsize=7)
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_title(f"{metric} by benchmark (latest evaluation per model)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def history_plot(df: pd.DataFrame, path: str | Path, metric: str = "pass@1", benchmarks: list[str] | None = None) -> Path:
+    """`metric` (%) over time, one line per run/model, one panel per benchmark (nightly runs; PNG)."""
+    plt = _plt()
+    path = Path(path)
+    benches = _bench_cols(list(dict.fromkeys(df["benchmark"]))) if not df.empty else []
+    benches = [b for b in benches if benchmarks is None or b in benchmarks] or [AVERAGE]
+    fig, axes = plt.subplots(1, len(benches), figsize=(3.2 * len(benches) + 1, 3.2), squeeze=False)
+    for ax, b in zip(axes[0], benches, strict=True):
+        sub = df[df["benchmark"] == b]
+        for (run, label), g in sub.groupby(["run", "label"]):
+            t = pd.to_datetime(g["time"], unit="s")
+            ax.plot(t, 100 * g[metric].astype(float), marker="o", label=f"{run}/{label}")
+        ax.set_title("Avg" if b == AVERAGE else b, fontsize=9)
+        ax.set_ylabel(f"{metric} (%)")
+        ax.tick_params(axis="x", labelsize=7, rotation=30)
+    if len(df):
+        axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

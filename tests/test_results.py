@@ -1,0 +1,87 @@
+"""redi.results: append/load round trip, latest-only, table values, plots."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from redi import results as R
+
+
+def _metrics(p_math: float, p_aime: float, n: int = 4) -> dict:
+    def bench(p: float) -> dict:
+        return {"pass@1": p, "pass@1_sem": 0.01, f"pass@{n}": min(1.0, p + 0.2), f"maj@{n}": p, "no_answer_share": 0.1,
+                "truncated_share": 0.05, "ungraded_share": 0.0, "n_problems": 10, "n_samples": n, "pass@1_per_index": [p] * n}
+
+    per = {"math500": bench(p_math), "aime24": bench(p_aime)}
+    return {"benchmarks": per, "average": {"pass@1": (p_math + p_aime) / 2, "pass@1_sem": 0.02, "n_benchmarks": 2},
+            "protocol": {"n_samples": n, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 512}}
+
+
+def _store(tmp_path) -> R.ResultsStore:
+    s = R.ResultsStore(tmp_path / "results")
+    s.append_metrics(run="r1", label="sft", model_key="m1", recipe_hash="h", eval_key="e1", metrics=_metrics(0.5, 0.1), when=1000.0)
+    s.append_metrics(run="r1", label="redi", model_key="m2", recipe_hash="h", eval_key="e2", metrics=_metrics(0.6, 0.2), when=1001.0)
+    s.append_metrics(run="r1", label="redi", model_key="m2", recipe_hash="h", eval_key="e3", metrics=_metrics(0.65, 0.25), when=2000.0, kind="nightly")
+    return s
+
+
+def test_append_load_round_trip(tmp_path):
+    s = _store(tmp_path)
+    df = s.load()
+    assert len(df) == 3 * 3  # 2 benchmarks + average per evaluation
+    assert len(list((tmp_path / "results").glob("part-*.parquet"))) == 3
+    assert not list((tmp_path / "results").glob(".tmp-*"))
+    assert set(R.COLUMNS) <= set(df.columns)
+    row = df[(df.eval_key == "e1") & (df.benchmark == "math500")].iloc[0]
+    assert row["pass@1"] == 0.5 and row["pass@n"] == pytest.approx(0.7) and row["temperature"] == 0.6 and row["n_samples"] == 4
+    assert "pass@1_per_index" not in row["metrics_json"]
+    assert len(s.load(kind="nightly")) == 3 and len(s.load(run="nope")) == 0
+
+
+def test_latest_only_and_table(tmp_path):
+    s = _store(tmp_path)
+    latest = s.load(run="r1", latest_only=True)
+    assert set(latest.eval_key) == {"e1", "e3"}
+    t = R.comparison_table(latest)
+    assert t.markdown.splitlines()[0] == "| Model (pass@1, %) | math500 | aime24 | Avg |"
+    assert "| redi | 65.0 ± 1.0 | 25.0 ± 1.0 | 45.0 ± 2.0 |" in t.markdown
+    assert t.frame.loc["sft", "math500"] == 50.0 and t.frame.loc["sft", "math500 sem"] == 1.0
+    assert {r["label"] for r in t.rows} == {"sft", "redi"} and t.rows[0]["run"] == "r1"
+    assert R.table_rows(latest) == t.rows
+    csv = tmp_path / "t.csv"
+    t.frame.to_csv(csv)
+    assert "math500 sem" in csv.read_text()
+
+
+def test_table_of_several_runs_names_models_by_run(tmp_path):
+    s = _store(tmp_path)
+    s.append_metrics(run="r2", label="sft", model_key="m9", recipe_hash="h2", eval_key="e9", metrics=_metrics(0.4, 0.0))
+    t = R.comparison_table(s.load(latest_only=True))
+    assert {r["model"] for r in t.rows} == {"r1/sft", "r1/redi", "r2/sft"}
+
+
+def test_empty_store(tmp_path):
+    s = R.ResultsStore(tmp_path / "none")
+    assert s.load().empty
+    assert R.comparison_table(s.load()).rows == []
+    assert R.bar_chart(s.load(), tmp_path / "e.png").exists()
+
+
+def test_plots_are_pngs(tmp_path):
+    df = _store(tmp_path).load()
+    for p in (R.bar_chart(df, tmp_path / "bar.png"), R.history_plot(df, tmp_path / "hist.png")):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+    assert R.history_plot(df, tmp_path / "avg.png", benchmarks=["average"]).exists()
+
+
+def test_real_summary_shape(tmp_path):
+    """The rows accept evaluate_model's summary as written to metrics.json."""
+    from redi.metrics import benchmark_metrics, macro_average
+
+    b = benchmark_metrics([[True, False]], [["1", "2"]], [["stop", "length"]])
+    summary = {"benchmarks": {"toy": b}, "average": macro_average({"toy": b}), "protocol": {"n_samples": 2, "temperature": 0.6}}
+    rows = R.rows_from_metrics(summary, run="r", label="base")
+    assert [r["benchmark"] for r in rows] == ["toy", "average"]
+    assert rows[0]["pass@n"] == 1.0 and rows[0]["truncated_share"] == 0.5
+    assert isinstance(pd.DataFrame(rows), pd.DataFrame)
