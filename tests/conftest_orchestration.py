@@ -89,3 +89,14 @@ def subprocess_env(**extra: str) -> dict[str, str]:
                 "PYTHONUNBUFFERED": "1"})
     env.update(extra)
     return env
+
+
+def fake_stages_pythonpath(folder: Path) -> dict[str, str]:
+    """Env for processes we do not launch ourselves (flow runs started by `serve`): a sitecustomize
+    that puts the stage stand-ins on redi's path. Empty when every stage module exists."""
+    if not missing_stage_modules():
+        return {}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(
+        f"try:\n    import redi\n    redi.__path__.append({str(FAKE_STAGES)!r})\nexcept Exception:\n    pass\n")
+    return {"PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
