@@ -216,16 +216,20 @@ def seed_stats(values: list[float]) -> tuple[float, float]:
 
 
 def collapse_check(signals: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
-    """Where the paper's collapse signal fires: the per-token chosen log-prob below ``threshold``.
+    """Where the paper's collapse signal fires: the per-token chosen log-prob falls below ``threshold``.
 
-    Returns the first step it fired (None if never), the start / final / minimum chosen log-prob.
+    It fires only when the run starts above the threshold (a start already below it, e.g. an SFT model
+    far from its plateau, is reported as ``start_below`` instead: the signal means nothing there).
+    Returns the first step below the threshold, the start / final / minimum chosen log-prob.
     """
     pts = [(s.get("step"), s["chosen_logp"]) for s in signals if s.get("chosen_logp") is not None]
     if not pts:
-        return {"fired": False, "first_step": None, "start": None, "final": None, "min": None}
-    first = next((st for st, v in pts if v < threshold), None)
+        return {"fired": False, "first_step": None, "start_below": False, "start": None, "final": None, "min": None}
     vals = [v for _, v in pts]
-    return {"fired": first is not None, "first_step": first, "start": vals[0], "final": vals[-1], "min": min(vals)}
+    start_below = vals[0] < threshold
+    first = None if start_below else next((st for st, v in pts if v < threshold), None)
+    return {"fired": first is not None, "first_step": first, "start_below": start_below, "start": vals[0],
+            "final": vals[-1], "min": min(vals)}
 
 
 _SIGNAL_KEYS = {
@@ -320,6 +324,10 @@ class Study:
         self.store = self.pipe.store
         self.device = resolve_device(recipe.run.device)
         self.timings: dict[str, float] = {}
+        # Code versions are read once: a source file edited mid-study must not split one method's models
+        # over two keys (the Pipeline caches them the same way).
+        self.codes = {s: code_version(STAGE_MODULES[s]) for s in ("sft", "redi")}
+        self.codes["evaluate"] = code_version(STAGE_MODULES["evaluate"] + STAGE_MODULES["grade"])
 
     # -------------------------------------------------------------- shared upstream
     def base(self) -> dict[str, Artifact]:
@@ -327,9 +335,6 @@ class Study:
         model = self.pipe.base_model(data)
         verify = self.pipe.verify(data, model)
         return {"download": data, "model": model, "verify": verify}
-
-    def _code(self, stage: str) -> str:
-        return code_version(STAGE_MODULES[stage])
 
     def _extra(self, data: Artifact) -> dict[str, Path]:
         return {b: data.dir / "benchmarks" / f"{b}.jsonl" for b in (self.cfg.val_benchmark, self.cfg.test_benchmark)}
@@ -352,8 +357,7 @@ class Study:
         fps = {b: benchmarks.fingerprint(b, cfg, extra) for b in cfg.benchmarks}
         model_dir = model.dir if model.stage == "model" else model.file("model")
         model_ref = f"{model.stage}:{model.key}"
-        code = code_version(STAGE_MODULES["evaluate"] + STAGE_MODULES["grade"])
-        key = stage_key("evaluate", cfg.hash_fields(), {"model": model_ref, "benchmarks": fps}, code)
+        key = stage_key("evaluate", cfg.hash_fields(), {"model": model_ref, "benchmarks": fps}, self.codes["evaluate"])
         art = self.store.build("evaluate", key, lambda out, work: ev.evaluate_model(cfg, model_dir, out, extra, label),
                                config=cfg.hash_fields(), inputs={"model": model_ref, "model_dir": str(model_dir), "benchmarks": fps},
                                refresh="evaluate" in self.recipe.run.refresh)
@@ -375,7 +379,7 @@ class Study:
             upstream = {"verify": verify.key, "sft": start.key}
         else:
             upstream = {"verify": verify.key, "model": start.key if start.stage == "model" else f"{start.stage}:{start.key}"}
-        key = stage_key(stage, cfg.hash_fields(), upstream, self._code(stage))
+        key = stage_key(stage, cfg.hash_fields(), upstream, self.codes[stage])
         if stage == "sft":
             def fn(out: Path, work: Path) -> dict:
                 return train.train_sft(cfg, start_dir, verify.file("positives.parquet"), out, work, self.device)

@@ -92,8 +92,10 @@ def test_collapse_check_reports_the_first_step_below_threshold():
     sig = [{"step": 1, "chosen_logp": -0.03}, {"step": 2, "chosen_logp": -0.08}, {"step": 3, "chosen_logp": -0.5},
            {"step": 4, "chosen_logp": -7.9}]
     c = collapse_check(sig, -0.1)
-    assert c == {"fired": True, "first_step": 3, "start": -0.03, "final": -7.9, "min": -7.9}
+    assert c == {"fired": True, "first_step": 3, "start_below": False, "start": -0.03, "final": -7.9, "min": -7.9}
     assert not collapse_check(sig[:2], -0.1)["fired"]
+    below = collapse_check(sig[2:], -0.1)  # a start already below the threshold is not a collapse
+    assert not below["fired"] and below["start_below"]
     assert collapse_check([], -0.1)["fired"] is False
 
 
@@ -179,3 +181,54 @@ def test_final_table_and_report(tmp_path):
         assert (tmp_path / f).stat().st_size > 0, f
     text = (tmp_path / "results.md").read_text()
     assert "redi lr=0.01 seed 0: step 3" in text and rep["collapses"] == 2
+
+
+# ---------------------------------------------------------------- micro-study through the real stages
+MICRO = [
+    "data.synth.n_train=60", "data.synth.n_val=6", "data.synth.n_test=6", "data.synth.traces_per_problem=2",
+    "model.tiny.tokenizer_samples=200", "verify.decontaminate=false", "verify.workers=1", "verify.positives=all",
+    "sft.global_batch=16", "sft.micro_batch=16", "sft.packing=false", "sft.lr=3e-3", "sft.max_length=256",
+    "redi.global_batch=8", "redi.micro_batch=8", "redi.packing=false", "redi.max_length=256", "redi.max_prompt_length=200",
+    "evaluate.backend=hf", "evaluate.max_new_tokens=48", "evaluate.grade_workers=1", "evaluate.benchmarks=[demo_test]",
+]
+MICRO_STUDY = """
+seeds: [0]
+sft_round_epochs: 1
+sft_max_rounds: 2
+val_n_samples: 2
+test_n_samples: 2
+stage2_steps: 2
+methods:
+  - {name: none, loss: sft, grid: {lr: [1.0e-3]}}
+  - {name: redi, loss: redi, fixed: {alpha: 0.8}, grid: {lr: [1.0e-4, 1.0e-1]}}
+"""
+
+
+@pytest.mark.slow
+def test_micro_study_end_to_end_and_cached_rerun(tmp_path):
+    """2 methods x 1 seed on a 60-problem source: rounds, search, final, report; a rerun is all cache hits,
+    and changing one method's grid retrains only that method."""
+    from redi.study import Study
+
+    (tmp_path / "recipe.yaml").write_text(f"run:\n  name: micro\n  artifact_root: {tmp_path / 'art'}\n  device: cpu\n")
+    (tmp_path / "study.yaml").write_text(MICRO_STUDY)
+    recipe, cfg = load_study(tmp_path, MICRO)
+    rep = Study(recipe, cfg).run(tmp_path / "out")
+    res = json.loads((tmp_path / "out" / "study.json").read_text())
+    assert 1 <= len(res["sft_curve"]) <= 2 and set(res["final"]) == {"none", "redi"}
+    assert len(res["search"]["redi"]) == 2 and res["chosen"]["redi"]["alpha"] == 0.8
+    assert (tmp_path / "out" / "signals_redi.png").exists() and "| redi |" in rep["table_markdown"]
+    # the final seed-0 model at the chosen setting is the search's own model (one artifact)
+    chosen_lr = res["chosen"]["redi"]["lr"]
+    assert res["final"]["redi"][0]["model_key"] == next(r["model_key"] for r in res["search"]["redi"] if r["lr"] == chosen_lr)
+    # rerun: nothing trains or evaluates again
+    trained = {p.name for p in (tmp_path / "art" / "redi").iterdir() if not p.name.startswith(".")}
+    Study(recipe, cfg).run(tmp_path / "out2")
+    assert {p.name for p in (tmp_path / "art" / "redi").iterdir() if not p.name.startswith(".")} == trained
+    # a new lr for redi only: one new redi artifact, no new sft artifact
+    sft_before = {p.name for p in (tmp_path / "art" / "sft").iterdir()}
+    (tmp_path / "study.yaml").write_text(MICRO_STUDY.replace("1.0e-1]", "1.0e-1, 3.0e-2]"))
+    recipe, cfg = load_study(tmp_path, MICRO)
+    Study(recipe, cfg).run(tmp_path / "out3")
+    assert len({p.name for p in (tmp_path / "art" / "redi").iterdir() if not p.name.startswith(".")} - trained) == 1
+    assert {p.name for p in (tmp_path / "art" / "sft").iterdir()} == sft_before
