@@ -205,56 +205,35 @@ def evaluate_external(model: str, recipe: Recipe, name: str | None = None, kind:
 
 
 # ---------------------------------------------------------------------------------------- history
-def _first(cols: list[str], *names: str) -> str | None:
-    for n in names:
-        if n in cols:
-            return n
-    return None
-
-
 def nightly_history(artifact_root: str | Path, results_db: str | None = None, kind: str = "nightly") -> dict[str, Any]:
-    """The nightly rows of the results store as table rows + markdown, and a plot of pass@1 over time
-    (one line per run/model) written to ``<results>/nightly_history.png``."""
+    """The ``kind`` rows of the results store: the macro-average row of every evaluation as table rows
+    and markdown (latest 50), and ``results.history_plot`` (pass@1 over time per run/model, one panel
+    per benchmark) written to ``<results>/nightly_history.png``."""
     from . import results
 
     path = Path(results_db) if results_db else Path(artifact_root).expanduser().resolve() / "results"
     out: dict[str, Any] = {"results": str(path), "rows": [], "markdown": "(no nightly results yet)", "plot": None}
-    if not path.exists():
-        return out
-    df = results.ResultsStore(path).load()
-    if "kind" in df.columns:
-        df = df[df["kind"] == kind]
+    df = results.ResultsStore(path).load(kind=kind)
     if df.empty:
         return out
-    cols = list(df.columns)
-    tcol = _first(cols, "time", "timestamp", "created", "evaluated_at", "date")
-    mcol = _first(cols, "pass@1", "avg_pass@1", "average_pass@1", "average.pass@1") or next((c for c in cols if "pass@1" in c and "sem" not in c), None)
-    keep = [c for c in (tcol, "run", "label", mcol, "model_key", "eval_key") if c and c in cols]
-    view = df[keep].sort_values(tcol) if tcol else df[keep]
-    out["rows"] = json.loads(view.tail(200).to_json(orient="records", date_format="iso"))
-    head = "| " + " | ".join(keep) + " |\n|" + "---|" * len(keep)
-    out["markdown"] = head + "\n" + "\n".join("| " + " | ".join(str(r.get(c, "")) for c in keep) + " |" for r in out["rows"][-50:])
-    if tcol and mcol:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import pandas as pd
-
-        t = pd.to_datetime(view[tcol], unit="s") if pd.api.types.is_numeric_dtype(view[tcol]) else pd.to_datetime(view[tcol])
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        for (run, label), g in view.assign(_t=t).groupby(["run", "label"]):
-            ax.plot(g["_t"], g[mcol].astype(float), marker="o", label=f"{run}/{label}")
-        ax.set_ylabel(mcol)
-        ax.set_title("Nightly evaluation history")
-        ax.legend(fontsize=7)
-        fig.autofmt_xdate()
-        fig.tight_layout()
-        plot = path / "nightly_history.png"
-        fig.savefig(plot, dpi=100)
-        plt.close(fig)
-        out["plot"] = str(plot)
+    avg = df[df["benchmark"] == results.AVERAGE]
+    cols = ["time", "run", "label", "pass@1", "pass@1_sem", "n_samples", "model_key", "eval_key"]
+    view = avg[[c for c in cols if c in avg.columns]].copy()
+    view["time"] = pd_utc(view["time"])
+    out["rows"] = json.loads(view.to_json(orient="records"))
+    lines = ["| time (UTC) | run | model | pass@1 % | ± | n | model key |", "|---|---|---|---:|---:|---:|---|"]
+    for r in out["rows"][-50:]:
+        lines.append(f"| {r['time']} | {r['run']} | {r['label']} | {100 * (r.get('pass@1') or 0):.1f} | "
+                     f"{100 * (r.get('pass@1_sem') or 0):.1f} | {r.get('n_samples')} | `{r.get('model_key')}` |")
+    out["markdown"] = "\n".join(lines)
+    out["plot"] = str(results.history_plot(df, path / "nightly_history.png"))
     return out
+
+
+def pd_utc(seconds: Any) -> Any:
+    import pandas as pd
+
+    return pd.to_datetime(seconds, unit="s").dt.strftime("%Y-%m-%d %H:%M:%S")
 
 
 def metrics_rows(metrics: dict[str, Any], cols: tuple[str, ...] = ("pass@1", "pass@1_sem", "maj@1", "no_answer_share",
