@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -89,7 +90,7 @@ def main() -> None:
             rows += bench("large (25000 x 4)", _items(25000, 4, Path(tmp) / "large"), 1)
     head = ["| data | traces | 1 worker traces/s | N | N workers traces/s | speed-up | peak RSS GB (1) | peak RSS GB (N) |",
             "|---|---|---|---|---|---|---|---|"]
-    table = "\n".join(head + rows)
+    table = "\n".join(head + rows) + f"\n\nLoad average during the run (2-core machine): {os.getloadavg()[0]:.1f}"
     print(table)
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text("# Grading throughput (redi.verify.grade_many)\n\n"

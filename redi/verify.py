@@ -37,6 +37,7 @@ import re
 import threading
 import time
 from collections.abc import Sequence
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -50,6 +51,9 @@ Verdict = bool | None
 _E_NOTATION = re.compile(r"^\s*([+-]?\d+(?:\.\d*)?|[+-]?\.\d+)\s*[eE]\s*([+-]?\d+)\s*$")
 _PLAIN_EXPR = re.compile(r"^[\d\s.+\-*/()]+$")  # "-1./3", "10/13": python arithmetic, not LaTeX
 _NP_FUNC = re.compile(r"\b(?:np|numpy|math)\.(arcsin|arccos|arctan|sin|cos|tan|log|exp|sqrt|pi)\b")
+CHUNK = 16
+"""Items sent to a worker at once (refilled at half), so workers never wait for the parent; each item still
+has its own deadline (the clock restarts at every result)."""
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
 
@@ -178,7 +182,10 @@ def _safe_grade(response: str, gold: str) -> Verdict:
 
 
 def _worker_main(conn) -> None:
-    """Worker loop: receive (key, response, gold), send (key, verdict). Exits on None or EOF."""
+    """Worker loop: receive a chunk [(key, response, gold), ...], send (key, verdict) per item as it is done.
+
+    Exits on None or EOF. Results go back one by one so the parent can time each item.
+    """
     _configs()
     conn.send(("ready", None))  # the parent starts an item's deadline only once its worker is ready
     while True:
@@ -188,8 +195,8 @@ def _worker_main(conn) -> None:
             return
         if msg is None:
             return
-        key, response, gold = msg
-        conn.send((key, _safe_grade(response, gold)))
+        for key, response, gold in msg:
+            conn.send((key, _safe_grade(response, gold)))
 
 
 def _context() -> mp.context.BaseContext:
@@ -215,7 +222,7 @@ class _Slot:
 
     proc: Any
     conn: Any
-    key: int | None = None
+    inflight: deque = field(default_factory=deque)  # keys sent, in order; the first is being graded
     deadline: float = 0.0
     ready: bool = False
 
@@ -245,6 +252,8 @@ class GradingPool:
         self.stats = PoolStats()
         self._ctx = _context()
         self._pending: queue.SimpleQueue = queue.SimpleQueue()
+        self._retry: deque = deque()  # keys of a killed worker's chunk that were never started
+        self._items: dict[int, tuple] = {}
         self._futures: dict[int, tuple[Future, str]] = {}
         self._next = 0
         self._lock = threading.Lock()
@@ -266,7 +275,8 @@ class GradingPool:
             key = self._next
             self._next += 1
             self._futures[key] = (fut, response[:200] if isinstance(response, str) else "")
-        self._pending.put((key, response, gold))
+            self._items[key] = (response, gold)
+        self._pending.put(key)
         self._wake()
         return fut
 
@@ -320,12 +330,14 @@ class GradingPool:
     def _resolve(self, key: int, verdict: Verdict) -> None:
         with self._lock:
             fut, _ = self._futures.pop(key)
+            self._items.pop(key, None)
         self.stats.done += 1
         fut.set_result(verdict)
 
     def _replace(self, i: int, reason: str) -> None:
         slot = self._slots[i]
-        key = slot.key
+        key = slot.inflight.popleft()
+        self._retry.extend(slot.inflight)  # the rest of its chunk never ran: grade them elsewhere
         if reason == "timeout":
             self.stats.timeouts += 1
             if len(self.stats.timeout_examples) < 5:
@@ -340,17 +352,31 @@ class GradingPool:
     # -- scheduler thread
     def _dispatch(self) -> None:
         for slot in self._slots:
-            if slot.key is not None or not slot.ready:
+            if not slot.ready or len(slot.inflight) >= CHUNK // 2:
                 continue
-            try:
-                key, response, gold = self._pending.get_nowait()
-            except queue.Empty:
+            keys = self._take(CHUNK - len(slot.inflight))
+            if not keys:
                 return
-            slot.key, slot.deadline = key, time.monotonic() + self.timeout_s
-            slot.conn.send((key, response, gold))
+            if not slot.inflight:
+                slot.deadline = time.monotonic() + self.timeout_s
+            slot.inflight.extend(keys)
+            with self._lock:
+                chunk = [(k, *self._items[k]) for k in keys]
+            slot.conn.send(chunk)
+
+    def _take(self, n: int) -> list[int]:
+        keys = []
+        while len(keys) < n and self._retry:
+            keys.append(self._retry.popleft())
+        while len(keys) < n:
+            try:
+                keys.append(self._pending.get_nowait())
+            except queue.Empty:
+                break
+        return keys
 
     def _busy(self) -> bool:
-        return any(s.key is not None for s in self._slots) or not self._pending.empty()
+        return any(s.inflight for s in self._slots) or bool(self._retry) or not self._pending.empty()
 
     def _starting(self) -> list[_Slot]:
         return [s for s in self._slots if not s.ready]
@@ -373,7 +399,7 @@ class GradingPool:
                     fut.set_exception(e)
 
     def _wait_once(self) -> None:
-        busy = [s for s in self._slots if s.key is not None]
+        busy = [s for s in self._slots if s.inflight]
         now = time.monotonic()
         timeout = min((s.deadline - now for s in busy), default=None)
         starting = self._starting()
@@ -388,7 +414,7 @@ class GradingPool:
             while self._wake_r.poll():
                 self._wake_r.recv_bytes()
         for i, s in enumerate(self._slots):
-            if s.key is None:
+            if not s.inflight:
                 continue
             if s.conn in ready or s.conn.poll():
                 self._receive(i)
@@ -414,12 +440,13 @@ class GradingPool:
     def _receive(self, i: int) -> None:
         s = self._slots[i]
         try:
-            key, verdict = s.conn.recv()
+            while s.inflight and s.conn.poll():
+                key, verdict = s.conn.recv()
+                s.inflight.popleft()
+                s.deadline = time.monotonic() + self.timeout_s  # the next item's clock starts now
+                self._resolve(key, verdict)
         except (EOFError, OSError):
             self._replace(i, "crash")
-            return
-        s.key = None
-        self._resolve(key, verdict)
 
 
 def grade_many(

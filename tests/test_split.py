@@ -44,13 +44,13 @@ def test_synthetic_split(synth_traces, tok_dir, tmp_path):
     assert list(pos.columns) == list(POSITIVE_COLUMNS) and list(pairs.columns) == list(PAIR_COLUMNS)
     assert s["traces"] == 320 and s["positives"] == len(pos) and s["pairs"] == len(pairs)
     assert pos["problem_id"].is_unique and len(pos) >= 70  # first correct trace per problem
-    assert all(grade(c, a) for c, a in zip(pos["completion"], pos["answer"]))
-    assert all(grade(c, a) and not grade(r, a) for c, r, a in zip(pairs["chosen"], pairs["rejected"], pairs["answer"]))
+    assert all(grade(c, a) for c, a in zip(pos["completion"], pos["answer"], strict=True))
+    assert all(grade(c, a) and not grade(r, a) for c, r, a in zip(pairs["chosen"], pairs["rejected"], pairs["answer"], strict=True))
     p0 = pairs.iloc[0]
     assert p0["id"] == stable_id(p0["problem_id"], p0["chosen_index"], p0["rejected_index"])
     # the first correct trace of each problem: no kept correct trace before it
     kept = lab[(lab["filter_reason"] == "") & (lab["label"] == True)]  # noqa: E712
-    assert dict(zip(pos["problem_id"], pos["id"])) == {p: stable_id(p, g.min()) for p, g in kept.groupby("problem_id")["gen_index"]}
+    assert dict(zip(pos["problem_id"], pos["id"], strict=True)) == {p: stable_id(p, g.min()) for p, g in kept.groupby("problem_id")["gen_index"]}
     steps = [f["traces"] for f in s["funnel"]]
     assert steps == sorted(steps, reverse=True) and steps[0] == 320
     assert s["filter_counts"]["incomplete"] == int((lab["finish_reason"] == "length").sum()) > 0

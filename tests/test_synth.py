@@ -80,7 +80,7 @@ def test_answers_are_exact_and_values_bounded(small):
         else:
             x = _word_answer(r["problem"])
         assert x.denominator == 1 and str(x.numerator) == r["answer"]
-        ok = next(g for g, c in zip(r["generations"], r["correctness_math_verify"]) if c) if any(r["correctness_math_verify"]) else None
+        ok = next(g for g, c in zip(r["generations"], r["correctness_math_verify"], strict=True) if c) if any(r["correctness_math_verify"]) else None
         if ok and r["problem_type"] != "Algebra":
             vals = [int(v) for v in re.findall(r"= (-?\d+)\n", ok)]
             assert all(1 <= v <= SMALL.max_value for v in vals) and 2 <= len(vals) <= 4
@@ -107,7 +107,7 @@ def test_error_distribution_matches_config():
     assert abs(wrong - cfg.error_rate) < 0.04  # cancelling slips are labelled correct, so slightly below
     cut = sum(f == "length" for r in train for f in r["finish_reasons"]) / len(flags)
     assert abs(cut - cfg.error_rate * synth.ERROR_WEIGHTS["truncated"] / sum(synth.ERROR_WEIGHTS.values())) < 0.02
-    judge = sum(a != b for r in train for a, b in zip(r["correctness_math_verify"], r["correctness_llama"])) / len(flags)
+    judge = sum(a != b for r in train for a, b in zip(r["correctness_math_verify"], r["correctness_llama"], strict=True)) / len(flags)
     assert 0.01 < judge < 0.06
 
 
@@ -122,7 +122,7 @@ def test_equivalent_forms_need_the_grader():
 def test_grader_agrees_with_synthetic_truth(small):
     items, truth = [], []
     for r in small[0][:150]:
-        for g, c in zip(r["generations"], r["correctness_math_verify"]):
+        for g, c in zip(r["generations"], r["correctness_math_verify"], strict=True):
             items.append((g, r["answer"]))
             truth.append(c)
     assert grade_many(items, workers=2, progress=False) == truth

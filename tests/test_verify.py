@@ -210,4 +210,4 @@ def test_minerva_odd_golds():
     rows = [r for r in _rows("minerva_math") if re.search(r"e[-+]?\d|np\.|\./", r["answer"])]
     assert len(rows) >= 20
     out = grade_many([(boxed(r["answer"]), r["answer"]) for r in rows], workers=2, progress=False)
-    assert all(o is True for o in out), [(r["id"], r["answer"]) for r, o in zip(rows, out) if o is not True]
+    assert all(o is True for o in out), [(r["id"], r["answer"]) for r, o in zip(rows, out, strict=True) if o is not True]
