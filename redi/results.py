@@ -51,6 +51,7 @@ COLUMNS: dict[str, str] = {
     "top_p": "nucleus sampling",
     "max_new_tokens": "generated-token limit",
 }
+_LABEL_ORDER = ["base", "sft", "redi"]  # the paper's row order; other labels follow by first evaluation time
 _BENCH_ORDER = ["math500", "aime24", "aime25", "amc23", "minerva_math", "olympiadbench", "gsm8k", "demo_test", "demo_val"]
 
 
@@ -130,7 +131,10 @@ class ResultsStore:
 
 def _latest_cells(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (model, benchmark): the latest; `model` = label, or run/label when several runs are shown."""
-    df = df.sort_values("time", kind="stable").groupby(["run", "label", "benchmark"], as_index=False).last()
+    first = df.groupby(["run", "label"])["time"].transform("min")
+    rank = df["label"].map({lab: i for i, lab in enumerate(_LABEL_ORDER)}).fillna(len(_LABEL_ORDER))
+    df = df.assign(_rank=rank, _first=first).sort_values(["_rank", "_first", "run", "time"], kind="stable")
+    df = df.groupby(["run", "label", "benchmark"], as_index=False, sort=False).last().drop(columns=["_rank", "_first"])
     many = df["run"].nunique() > 1
     return df.assign(model=[f"{r}/{lab}" if many else lab for r, lab in zip(df["run"], df["label"], strict=True)])
 
