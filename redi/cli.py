@@ -7,6 +7,7 @@
     redi status RECIPE.yaml                    which stages are cached, their keys and folders
     redi nightly [--artifact-root DIR]         evaluate every registered run's latest models now
     redi serve                                 serve every deployment (incl. the nightly cron)
+    redi study deployments/study-cpu [--set ...]  the CPU-scale study (redi.study; docs/study.md)
 
 By default the commands run the Prefect flows (so runs appear in the UI when PREFECT_API_URL points
 at a server; otherwise Prefect starts a temporary local server, with its database under
@@ -77,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-prefect", action="store_true", help="Call the library directly, without Prefect.")
     sp = sub.add_parser("serve", help="Serve every deployment (pipeline, stages, nightly cron) from this process.")
     sp.add_argument("--limit", type=int, default=None, help="Most flow runs at once.")
+    sp = sub.add_parser("study", help="The CPU-scale study: SFT to its val plateau, val search, final seeds on test (redi.study).")
+    sp.add_argument("recipe", help="Folder with recipe.yaml + study.yaml, e.g. deployments/study-cpu.")
+    sp.add_argument("--out", default=None, help="Report folder (default <artifact_root>/runs/<run.name>/study).")
+    common(sp, prefect=False)
+    sp.add_argument("--no-prefect", action="store_true", help="Call the library directly, without Prefect.")
     return p
 
 
@@ -257,6 +263,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    """`redi study RECIPE`: the `redi-study` flow (or redi.study directly with --no-prefect)."""
+    from .study import load_study, run_study
+
+    recipe, _ = load_study(args.recipe, list(args.overrides))  # a bad recipe fails here, before any work
+    if args.no_prefect:
+        rep = run_study(args.recipe, list(args.overrides), args.out)
+    else:
+        prefect_env(recipe.run.artifact_root)
+        from flows.study import redi_study
+
+        rep = redi_study(str(args.recipe), list(args.overrides), args.out)
+    print(f"{rep['table_markdown']}\nReport: {rep['out_dir']}/results.md")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -277,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_nightly(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "study":
+            return cmd_study(args)
     except RecipeError as e:
         print(f"redi: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
