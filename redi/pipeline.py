@@ -27,15 +27,20 @@ from .config import Recipe, recipe_to_yaml
 
 log = logging.getLogger(__name__)
 
-# The source modules whose code determines each stage's output (hashed into the stage key).
+# Entry modules of each stage. A stage's code version hashes these and every `redi` module they import,
+# transitively (redi.artifacts.module_closure); configs are hashed by value, so redi.config is left out.
+# Evaluation leaves out the grader: a grader change re-grades saved samples (`grade`) instead of regenerating.
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
-    "download": ("redi.data", "redi.synth", "redi.schema"),
-    "model": ("redi.tinymodel", "redi.prompts"),
-    "verify": ("redi.verify", "redi.split", "redi.schema", "redi.prompts", "redi.tinymodel"),
-    "sft": ("redi.train", "redi.losses", "redi.prompts", "redi.tinymodel"),
-    "redi": ("redi.train", "redi.losses", "redi.prompts", "redi.tinymodel"),
-    "evaluate": ("redi.evaluate", "redi.generate", "redi.benchmarks", "redi.prompts"),
+    "download": ("redi.data",),
+    "model": ("redi.tinymodel",),
+    "verify": ("redi.split",),
+    "sft": ("redi.train",),
+    "redi": ("redi.train",),
+    "evaluate": ("redi.evaluate",),
     "grade": ("redi.verify", "redi.metrics"),
+}
+STAGE_EXCLUDE: dict[str, tuple[str, ...]] = {
+    "evaluate": ("redi.config", "redi.verify", "redi.metrics", "redi.results"),
 }
 MODEL_LABELS = ("base", "sft", "redi")
 LABEL_STAGE = {"base": "model", "sft": "sft", "redi": "redi"}  # which stage produces each evaluated model
@@ -81,7 +86,7 @@ class Pipeline:
     # ------------------------------------------------------------------ keys (no work done)
     @cached_property
     def _code(self) -> dict[str, str]:
-        return {s: code_version(mods) for s, mods in STAGE_MODULES.items()}
+        return {s: code_version(mods, STAGE_EXCLUDE.get(s, ("redi.config",))) for s, mods in STAGE_MODULES.items()}
 
     def _refresh(self, stage: str) -> bool:
         return stage in self.recipe.run.refresh or (stage == "grade" and "evaluate" in self.recipe.run.refresh)

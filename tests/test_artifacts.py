@@ -167,3 +167,13 @@ def test_code_version_tracks_source():
     assert a != code_version(["redi.artifacts", "redi.schema"])
     with pytest.raises(ValueError, match="not found"):
         code_version(["redi.no_such_module"])
+
+
+def test_code_version_follows_package_imports_transitively():
+    from redi.artifacts import module_closure
+
+    train = module_closure(["redi.train"], ["redi.config"])
+    assert {"redi.train", "redi.losses", "redi.packing", "redi.prompts"} <= set(train)
+    assert not any(m.startswith("redi.config") for m in train)
+    ev = module_closure(["redi.evaluate"], ["redi.config", "redi.verify", "redi.metrics"])
+    assert "redi.generate" in ev and "redi.verify" not in ev  # the grader is keyed by the grade step
