@@ -96,6 +96,8 @@ def prefect_env(artifact_root: str | Path) -> None:
     if not os.environ.get("PREFECT_API_URL") and not os.environ.get("PREFECT_HOME"):
         os.environ["PREFECT_HOME"] = str(Path(artifact_root).expanduser().resolve() / ".prefect")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect's default 20 s wait for its temporary server is too short on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def recipe_for(args: argparse.Namespace, path: str | Path | None) -> Recipe:
