@@ -8,7 +8,7 @@
 #      (PREFECT_SERVER_UI_API_URL set, or the UI on a non-4200 port cannot reach its API);
 #   2. runs a small flow through that server: `redi stage evaluate` of a tiny recipe, base model only
 #      (synthetic data, 2-layer model, HF generate backend; about a minute on 2 CPU cores);
-#   3. opens the flow-run page (task graph + artifacts) and the run's report artifact in headless
+#   3. opens the flow-run page (task graph + artifacts) and the run's metrics table artifact in headless
 #      Chromium and saves both screenshots (OUT and OUT-artifact.png).
 # Needs Debian's chromium (`apt-get install -y chromium`; installed here if missing and running as root).
 set -euo pipefail
@@ -65,9 +65,16 @@ mkdir -p "$(dirname "$OUT")"
   --disable-sync --no-first-run --user-data-dir="$WORK/chrome" --virtual-time-budget=15000 \
   --screenshot="$OUT" --window-size=1400,900 "$URL" 2>/dev/null
 echo "screenshot of $URL -> $OUT"
-# and the run's metrics report artifact (markdown table) -> <OUT without .png>-artifact.png
+# and the run's metrics table artifact -> <OUT without .png>-artifact.png
+ART_ID=$("$PY" - <<'PY'
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+with get_client(sync_client=True) as c:
+    print(c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ui-demo-metrics"])))[0].id)
+PY
+)
 ART_OUT="${OUT%.png}-artifact.png"
 "$CHROME" --headless --no-sandbox --disable-gpu --disable-background-networking --disable-component-update \
   --disable-sync --no-first-run --user-data-dir="$WORK/chrome" --virtual-time-budget=15000 \
-  --screenshot="$ART_OUT" --window-size=1400,900 "http://127.0.0.1:$PORT/artifacts/key/ui-demo-report" 2>/dev/null
-echo "screenshot of the ui-demo-report artifact -> $ART_OUT"
+  --screenshot="$ART_OUT" --window-size=1400,900 "http://127.0.0.1:$PORT/artifacts/artifact/$ART_ID" 2>/dev/null
+echo "screenshot of the ui-demo-metrics table artifact -> $ART_OUT"
