@@ -66,7 +66,7 @@ def run_dag(r: Recipe, until: str = "report", labels: list[str] | None = None) -
     labels = list(labels or r.evaluate.models)
     if until in ("evaluate", "report"):
         need = {"model"} | {LABEL_NEEDS[lab] for lab in labels}
-        last = max((ORDER.index(s) for s in need))
+        last = max(ORDER.index(s) for s in need)
     else:
         last = ORDER.index(until)
     arts: dict[str, dict[str, Any]] = {}

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifacts import MANIFEST, Artifact, ArtifactStore, code_version, hash_obj, stage_key
+from .artifacts import MANIFEST, Artifact, code_version, hash_obj, stage_key
 from .config import EvaluateConfig, Recipe, RecipeError, apply_overrides, load_recipe
 from .pipeline import LABEL_STAGE, MODEL_LABELS, STAGE_MODULES, Pipeline
 

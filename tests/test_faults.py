@@ -75,7 +75,7 @@ def test_two_runs_of_one_recipe_at_once_share_one_artifact(tmp_path):
     procs = [subprocess.Popen(redi_argv("stage", "verify", str(recipe), "--no-prefect"), env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
     statuses = sorted(next(line.split()[1] for line in out.splitlines() if line.startswith("verify ")) for out, _ in outs)
     assert statuses == ["built", "cache"]  # one built it, the other waited on the lock and took it from cache
