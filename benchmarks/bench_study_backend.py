@@ -51,6 +51,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "study_backend.md"))
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    import torch
+
+    torch.set_num_threads(1)  # as the study (run.threads: 1): 2 threads on a shared 2-core machine were slower
     rows = []
     for _ in range(a.rounds):
         for n in a.n:

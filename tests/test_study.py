@@ -232,3 +232,15 @@ def test_micro_study_end_to_end_and_cached_rerun(tmp_path):
     Study(recipe, cfg).run(tmp_path / "out3")
     assert len({p.name for p in (tmp_path / "art" / "redi").iterdir() if not p.name.startswith(".")} - trained) == 1
     assert {p.name for p in (tmp_path / "art" / "sft").iterdir()} == sft_before
+
+
+@pytest.mark.slow
+def test_micro_study_as_prefect_flow(tmp_path, prefect_harness):
+    """The `redi-study` flow on the micro study: same report as the library run, one task per point."""
+    from flows.study import redi_study
+
+    (tmp_path / "recipe.yaml").write_text(f"run:\n  name: micro\n  artifact_root: {tmp_path / 'art'}\n  device: cpu\n")
+    (tmp_path / "study.yaml").write_text(MICRO_STUDY)
+    rep = redi_study(str(tmp_path), MICRO, str(tmp_path / "out"))
+    res = json.loads((tmp_path / "out" / "study.json").read_text())
+    assert set(res["final"]) == {"none", "redi"} and "| redi |" in rep["table_markdown"]
