@@ -124,7 +124,7 @@ def test_nightly_eval_appends_history_and_publishes(first_run):
 
     recipe, first, _ = first_run
     root = str(Path(first["report"]["run_dir"]).parents[1])
-    res, run_id = _run(nightly_eval, artifact_root=root, evaluate_overrides={"n_samples": 1})
+    res, run_id = _run(nightly_eval, artifact_root=root, evaluate_overrides={"n_samples": 1}, runs=["tiny"])
     statuses = {(t["run"], t["label"]): t["status"] for t in res["tonight"]}
     assert set(statuses) == {("tiny", "base"), ("tiny", "sft"), ("tiny", "redi")}
     assert all(s in ("evaluated", "cached") for s in statuses.values()), statuses
@@ -132,7 +132,7 @@ def test_nightly_eval_appends_history_and_publishes(first_run):
     keys = _artifact_keys(run_id)
     assert {"nightly-tonight", "nightly-history", "nightly-history-md"} <= set(keys)
     # a second night: nothing recomputed (same model, same protocol), one more history point per model
-    res2, _ = _run(nightly_eval, artifact_root=root, evaluate_overrides={"n_samples": 1})
+    res2, _ = _run(nightly_eval, artifact_root=root, evaluate_overrides={"n_samples": 1}, runs=["tiny"])
     assert {t["status"] for t in res2["tonight"]} == {"cached"}
     assert len(res2["history"]["rows"]) == len(res["history"]["rows"]) + 3
 
