@@ -191,8 +191,24 @@ def _file_table(folder: Path) -> dict[str, dict[str, Any]]:
     return table
 
 
+_VALIDATED: dict[str, tuple] = {}
+"""folder -> stat stamp of its files when their checksums were last verified in this process."""
+
+
+def _stamp(folder: Path, files: dict[str, Any]) -> tuple:
+    out = [(folder / MANIFEST).stat().st_mtime_ns]
+    for rel in sorted(files):
+        st = (folder / rel).stat()
+        out.append((rel, st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(out)
+
+
 def validate(folder: Path) -> dict[str, Any]:
-    """Return the manifest of a complete artifact folder, or raise CorruptArtifact saying why."""
+    """Return the manifest of a complete artifact folder, or raise CorruptArtifact saying why.
+
+    Every checksum is recomputed the first time a process sees a folder; later lookups in the same process
+    re-hash only if a file's size, mtime or inode changed since (a multi-GB model is hashed once per run,
+    not once per task)."""
     mpath = folder / MANIFEST
     if not mpath.is_file():
         raise CorruptArtifact(f"{folder}: no {MANIFEST}")
@@ -209,8 +225,17 @@ def validate(folder: Path) -> dict[str, Any]:
             raise CorruptArtifact(f"{folder}: missing file {rel}")
         if p.stat().st_size != meta["size"]:
             raise CorruptArtifact(f"{folder}: {rel} has size {p.stat().st_size}, manifest says {meta['size']}")
-        if sha256_file(p) != meta["sha256"]:
+    try:
+        stamp = _stamp(folder, files)
+    except OSError as e:
+        raise CorruptArtifact(f"{folder}: {e}") from e
+    if _VALIDATED.get(str(folder)) == stamp:
+        return manifest
+    for rel, meta in files.items():
+        if sha256_file(folder / rel) != meta["sha256"]:
+            _VALIDATED.pop(str(folder), None)
             raise CorruptArtifact(f"{folder}: {rel} checksum mismatch")
+    _VALIDATED[str(folder)] = stamp
     return manifest
 
 

@@ -306,12 +306,16 @@ class Pipeline:
         rdir = self.run_dir()
         rdir.mkdir(parents=True, exist_ok=True)
         (rdir / "recipe.yaml").write_text(recipe_to_yaml(self.recipe))
+        # Merge with what the run registered before: evaluating one label must not unregister the others.
+        prev = _read_json(rdir / "latest.json") if (rdir / "latest.json").exists() else {}
+        same_recipe = prev.get("recipe_hash") == self.recipe_hash()
         latest = {
             "run": self.recipe.run.name,
             "recipe_hash": self.recipe_hash(),
             "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "models": {lab: {"key": art.key, "stage": art.stage, "dir": str(self.model_dir(lab, art))} for lab, art in models.items()},
-            "grades": {lab: g.key for lab, g in grades.items()},
+            "models": {**(prev.get("models", {}) if same_recipe else {}),
+                       **{lab: {"key": art.key, "stage": art.stage, "dir": str(self.model_dir(lab, art))} for lab, art in models.items()}},
+            "grades": {**(prev.get("grades", {}) if same_recipe else {}), **{lab: g.key for lab, g in grades.items()}},
         }
         _atomic_write(rdir / "latest.json", json.dumps(latest, indent=2))
         store = results.ResultsStore(self.results_path())
@@ -327,6 +331,14 @@ class Pipeline:
         table.frame.to_csv(rdir / "results.csv")
         results.bar_chart(df, rdir / "results.png")
         return {"run_dir": str(rdir), "table_markdown": table.markdown, "table_rows": table.rows, "plot": str(rdir / "results.png")}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        log.warning("unreadable %s: starting it afresh", path)
+        return {}
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -12,7 +12,6 @@ import yaml
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
-FAKE_STAGES = TESTS / "fake_stages"
 
 TINY = {
     "run": {"name": "tiny", "device": "cpu", "threads": 1},
@@ -27,21 +26,6 @@ TINY = {
 }
 """A recipe that runs every stage in seconds on one CPU core (synthetic data, 2-layer width-32 model)."""
 
-LAUNCHER = (
-    "import sys, redi; redi.__path__.append({fake!r}); from redi.cli import main; sys.exit(main(sys.argv[1:]))"
-)
-
-
-def use_fake_stages() -> None:
-    """Let `import redi.<stage>` fall back to tests/fake_stages for modules not written yet."""
-    import redi
-
-    if str(FAKE_STAGES) not in redi.__path__:
-        redi.__path__.append(str(FAKE_STAGES))
-
-
-def missing_stage_modules() -> list[str]:
-    return sorted(p.stem for p in FAKE_STAGES.glob("*.py") if not (REPO / "redi" / p.name).exists())
 
 
 def write_recipe(folder: Path, overrides: dict | None = None, name: str = "recipe.yaml") -> Path:
@@ -64,14 +48,12 @@ def write_recipe(folder: Path, overrides: dict | None = None, name: str = "recip
 @pytest.fixture
 def tiny_recipe(tmp_path) -> Path:
     """Path of a tiny recipe YAML whose artifact_root is inside tmp_path."""
-    use_fake_stages()
     return write_recipe(tmp_path)
 
 
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One temporary Prefect API (SQLite in a temp folder) for the whole session (~7 s once)."""
-    use_fake_stages()
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
@@ -79,8 +61,8 @@ def prefect_harness():
 
 
 def redi_argv(*args: str) -> list[str]:
-    """argv that runs `redi ARGS` in a subprocess, with the stage stand-ins on redi's path."""
-    return [sys.executable, "-c", LAUNCHER.format(fake=str(FAKE_STAGES)), *args]
+    """argv that runs `redi ARGS` in a subprocess with this interpreter."""
+    return [sys.executable, "-m", "redi.cli", *args]
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
@@ -90,13 +72,3 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env.update(extra)
     return env
 
-
-def fake_stages_pythonpath(folder: Path) -> dict[str, str]:
-    """Env for processes we do not launch ourselves (flow runs started by `serve`): a sitecustomize
-    that puts the stage stand-ins on redi's path. Empty when every stage module exists."""
-    if not missing_stage_modules():
-        return {}
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "sitecustomize.py").write_text(
-        f"try:\n    import redi\n    redi.__path__.append({str(FAKE_STAGES)!r})\nexcept Exception:\n    pass\n")
-    return {"PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}

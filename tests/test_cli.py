@@ -7,9 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest_orchestration import REPO, redi_argv, subprocess_env, use_fake_stages, write_recipe
-
-use_fake_stages()
+from conftest_orchestration import REPO, redi_argv, subprocess_env, write_recipe
 
 from redi.cli import build_parser, main, prefect_env  # noqa: E402
 

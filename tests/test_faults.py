@@ -14,9 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest_orchestration import redi_argv, subprocess_env, use_fake_stages, write_recipe
-
-use_fake_stages()
+from conftest_orchestration import redi_argv, subprocess_env, write_recipe
 
 from redi.artifacts import validate  # noqa: E402
 from redi.cli import main  # noqa: E402

@@ -1,6 +1,6 @@
 """The flows end to end on a tiny recipe through a real (temporary) Prefect API.
 
-Stage modules that are not written yet fall back to tests/fake_stages (real ones always win); the
+Every stage is the real one (synthetic data, a width-32 model, the hf generation backend). The
 assertions are about orchestration: every stage artifact exists and validates, the UI artifacts
 exist, a rerun is all cache hits, a changed parameter reruns exactly the stages it determines.
 """
@@ -10,9 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest_orchestration import use_fake_stages, write_recipe
-
-use_fake_stages()
+from conftest_orchestration import write_recipe
 
 from redi.artifacts import validate  # noqa: E402
 

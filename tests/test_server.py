@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest_orchestration import REPO, fake_stages_pythonpath, subprocess_env, write_recipe
+from conftest_orchestration import REPO, subprocess_env, write_recipe
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -66,8 +66,7 @@ def server(tmp_path):
 
 
 def test_served_deployment_runs_through_the_api(server, tmp_path):
-    env = subprocess_env(PREFECT_API_URL=server, REDI_ARTIFACT_ROOT=str(tmp_path / "artifacts"),
-                         **fake_stages_pythonpath(tmp_path / "site"))
+    env = subprocess_env(PREFECT_API_URL=server, REDI_ARTIFACT_ROOT=str(tmp_path / "artifacts"))
     log = open(tmp_path / "serve.log", "w")
     serve = subprocess.Popen([sys.executable, "deployments/serve.py"], cwd=REPO, env=env, stdout=log,
                              stderr=subprocess.STDOUT, start_new_session=True)

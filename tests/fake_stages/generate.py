@@ -1,1 +1,0 @@
-"""Fake redi.generate (orchestration tests only)."""

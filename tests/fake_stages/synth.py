@@ -1,1 +1,0 @@
-"""Fake redi.synth (orchestration tests only)."""
