@@ -3,17 +3,22 @@
 An :class:`Example` is one (prompt, completion) token sequence; the completion ends with the EOS
 (``<|im_end|>``), and ``|y|`` = its number of completion tokens including that EOS.
 
-Packing (``packed=True``): a micro-batch of sequences is concatenated into ONE row of shape (1, T),
+Packing (``packed=True``): a micro-batch of sequences is concatenated into rows of at most
+``row_tokens`` tokens (first-fit; a longer sequence gets a row of its own), shape (R, C);
 ``position_ids`` restart at 0 for each sequence and no attention mask is passed, with
 ``use_cache=False``. transformers 5.x then detects the packed format from the position ids
 (``masking_utils.find_packed_sequence_indices``) and builds a block-diagonal causal mask, so a
 sequence never attends to another one (tested: packed log-probs equal unpacked ones). With a KV cache
 the detection is skipped and sequences leak into each other, hence ``use_cache=False`` always.
+Why rows and not one long row: with SDPA/eager attention the block-diagonal mask does not save
+compute, so a row of T tokens costs O(T^2) attention; rows of a few times the typical sequence length
+keep that near the per-sequence cost (measured: 32 demo sequences in one 3.8k-token row ran several
+times slower than in rows of 512). With flash-attention (varlen via position ids) one row is ideal.
 The padded alternative (``packed=False``, right padding + attention mask) is kept for the benchmark
 and for models whose attention ignores position-id packing.
 
-Only the completion positions reach the LM head: ``logits_to_keep`` is given the indices of the
-positions that predict completion tokens, so the (N, V) logits never cover prompts or padding.
+Only the columns that predict completion tokens reach the LM head (``logits_to_keep`` as an index
+tensor), so with one row the logits are exactly (N, V) and never cover prompts or padding.
 (The paper used Liger kernels to avoid materialising logits at all; we do not.)
 """
 
@@ -23,7 +28,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -61,12 +65,12 @@ def make_example(prompt_ids: Sequence[int], completion_ids: Sequence[int], eos_i
 class Batch:
     """Model inputs for a micro-batch plus where its completion tokens are.
 
-    ``keep``: (N,) flat positions whose logits predict the N completion tokens ``targets`` (N,);
+    ``keep``: (N,) flat positions (row * C + column) whose logits predict the N completion tokens ``targets`` (N,);
     ``seg``: (N,) index of the sequence each of them belongs to.
     """
 
-    input_ids: torch.Tensor  # (1, T) packed, or (B, L) padded
-    position_ids: torch.Tensor | None  # (1, T) packed; None when padded
+    input_ids: torch.Tensor  # (R, C) packed rows, or (B, L) padded
+    position_ids: torch.Tensor | None  # (R, C) packed; None when padded
     attention_mask: torch.Tensor | None  # (B, L) padded; None when packed
     keep: torch.Tensor  # (N,)
     targets: torch.Tensor  # (N,)
@@ -89,50 +93,68 @@ def _completion_positions(ex: Example, offset: int) -> tuple[list[int], list[int
     return pos, list(ex.ids[start:])
 
 
-def collate(examples: Sequence[Example], packed: bool = True, pad_id: int = 0) -> Batch:
-    """Pack (one row, position ids reset per sequence) or right-pad a list of examples."""
+def _pack_rows(examples: Sequence[Example], row_tokens: int | None) -> list[list[int]]:
+    """First-fit (in order) assignment of example indices to rows of at most ``row_tokens`` tokens."""
+    cap = max([row_tokens or 0] + [len(ex.ids) for ex in examples]) if row_tokens else None
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i, ex in enumerate(examples):
+        n = len(ex.ids)
+        for r, u in enumerate(used):
+            if cap is None or u + n <= cap:
+                rows[r].append(i)
+                used[r] += n
+                break
+        else:
+            rows.append([i])
+            used.append(n)
+    return rows
+
+
+def collate(examples: Sequence[Example], packed: bool = True, pad_id: int = 0, row_tokens: int | None = None) -> Batch:
+    """Pack examples padding-free into rows of <= ``row_tokens`` tokens (None: one row), or right-pad them.
+
+    Packed rows restart ``position_ids`` at 0 for every sequence; rows shorter than the longest are
+    filled with pad tokens that form their own (never predicted) segment.
+    """
+    groups = _pack_rows(examples, row_tokens) if packed else [[i] for i in range(len(examples))]
+    width = max(sum(len(examples[i].ids) for i in g) for g in groups)
+    input_ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(groups), width), dtype=torch.long)
+    mask = torch.zeros((len(groups), width), dtype=torch.long)
     keep, targets, seg = [], [], []
-    if packed:
-        ids, pos_ids = [], []
-        for i, ex in enumerate(examples):
-            p, t = _completion_positions(ex, len(ids))
+    for r, g in enumerate(groups):
+        off = 0
+        for i in g:
+            ex = examples[i]
+            n = len(ex.ids)
+            input_ids[r, off:off + n] = torch.tensor(ex.ids)
+            position_ids[r, off:off + n] = torch.arange(n)
+            mask[r, off:off + n] = 1
+            p, t = _completion_positions(ex, r * width + off)
             keep += p
             targets += t
             seg += [i] * len(t)
-            ids += ex.ids
-            pos_ids += range(len(ex.ids))
-        input_ids, position_ids, mask = torch.tensor([ids]), torch.tensor([pos_ids]), None
-    else:
-        width = max(len(ex.ids) for ex in examples)
-        input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(examples), width), dtype=torch.long)
-        for i, ex in enumerate(examples):
-            input_ids[i, : len(ex.ids)] = torch.tensor(ex.ids)
-            mask[i, : len(ex.ids)] = 1
-            p, t = _completion_positions(ex, i * width)
-            keep += p
-            targets += t
-            seg += [i] * len(t)
-        position_ids = None
+            off += n
+        position_ids[r, off:] = torch.arange(width - off)  # padding: its own segment
     n_tok = sum(len(ex.ids) for ex in examples)
-    return Batch(input_ids, position_ids, mask, torch.tensor(keep, dtype=torch.long), torch.tensor(targets),
-                 torch.tensor(seg), len(examples), n_tok)
+    return Batch(input_ids, position_ids if packed else None, None if packed else mask,
+                 torch.tensor(keep, dtype=torch.long), torch.tensor(targets, dtype=torch.long),
+                 torch.tensor(seg, dtype=torch.long), len(examples), n_tok)
 
 
 def token_logps(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Log-probs of the completion tokens, shape (N,), through the model's own forward.
 
-    Packed: ``logits_to_keep`` selects only the N completion positions, so logits are (1, N, V).
-    Padded: full (B, L, V) logits, then the same positions are gathered from the flattened view.
+    Packed: ``logits_to_keep`` selects only the columns that predict completion tokens, so logits are
+    (R, n_cols, V) instead of (R, C, V). Padded: the same, with the attention mask.
     """
-    if batch.position_ids is not None:
-        out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
-                    logits_to_keep=batch.keep)
-        logits = out.logits[0]  # (N, V)
-    else:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        logits = out.logits.flatten(0, 1)[batch.keep]  # (N, V)
-    logits = logits.float()
+    rows, width = batch.input_ids.shape
+    row, col = batch.keep // width, batch.keep % width  # (N,), (N,)
+    cols = torch.unique(col)  # sorted columns any row needs
+    kw = {"position_ids": batch.position_ids} if batch.position_ids is not None else {"attention_mask": batch.attention_mask}
+    out = model(input_ids=batch.input_ids, use_cache=False, logits_to_keep=cols, **kw)
+    logits = out.logits[row, torch.searchsorted(cols, col)].float()  # (N, V)
     return logits.gather(-1, batch.targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (N,)
 
 

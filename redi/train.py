@@ -40,19 +40,20 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .config.train import OptimConfig, SFTConfig, Stage2Config
 from .losses import NEEDS_REFERENCE, get_loss
-from .packing import Example, collate, make_example, sequence_logps
-from .prompts import render_prompt
+from .packing import Example, collate, sequence_logps
 from .signals import SignalLog
 from .tinymodel import MARKER, load_tokenizer
+from .train_data import load_pair_examples, load_sft_examples, lr_factor, step_indices, total_steps
+
+__all__ = ["train_sft", "train_stage2", "TrainingError", "load_sft_examples", "load_pair_examples", "lr_factor",
+           "step_indices", "total_steps", "resolve_device", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -68,114 +69,13 @@ class _SimulatedKill(RuntimeError):
     pass
 
 
-# ------------------------------------------------------------------------------------------ data
+# ------------------------------------------------------------------------------------------ setup
 
 
 def _check_template(tok, model_dir: Path) -> None:
     if not getattr(tok, "chat_template", None):
         raise ValueError(f"tokenizer in {model_dir} has no chat template: build the base model with "
                          "model.chat_template set (redi.prompts.CHATML_TEMPLATE is the Qwen-style one)")
-
-
-def _encode(tok, texts: list[str]) -> list[list[int]]:
-    return tok(texts, add_special_tokens=False)["input_ids"] if texts else []
-
-
-def load_sft_examples(cfg: SFTConfig, tok, positives_path: Path) -> tuple[list[Example], dict]:
-    """Positives -> (prompt, completion + EOS) examples, truncated (keep start) to cfg.max_length."""
-    import pandas as pd
-
-    df = pd.read_parquet(positives_path, columns=["problem", "completion"])
-    counts = {"rows": len(df)}
-    ok = df["completion"].notna() & (df["completion"].astype(str).str.strip() != "") & df["problem"].notna()
-    counts["dropped_empty"] = int((~ok).sum())
-    df = df[ok]
-    if df.empty:
-        raise ValueError(f"SFT: no training examples left in {positives_path} ({counts['rows']} rows, "
-                         f"{counts['dropped_empty']} with an empty completion or problem)")
-    prompts = _encode(tok, [render_prompt(tok, p) for p in df["problem"]])
-    comps = _encode(tok, list(df["completion"].astype(str)))
-    examples, truncated = [], 0
-    for p, c in zip(prompts, comps, strict=True):
-        ex, cut = make_example(p, c, tok.eos_token_id, cfg.max_length, keep="start")
-        examples.append(ex)
-        truncated += cut
-    counts.update(examples=len(examples), truncated=truncated)
-    return examples, counts
-
-
-def load_pair_examples(cfg: Stage2Config, tok, pairs_path: Path) -> tuple[list[tuple[Example, Example]], dict]:
-    """Pairs -> (chosen, rejected) examples; identical pairs and over-long prompts dropped; keep_end truncation."""
-    import pandas as pd
-
-    df = pd.read_parquet(pairs_path, columns=["problem", "chosen", "rejected"])
-    counts = {"rows": len(df)}
-    same = df["chosen"].astype(str) == df["rejected"].astype(str)
-    counts["dropped_identical"] = int(same.sum())
-    df = df[~same]
-    prompts = _encode(tok, [render_prompt(tok, p) for p in df["problem"]])
-    long_prompt = [len(p) > cfg.max_prompt_length for p in prompts]
-    counts["dropped_long_prompt"] = int(sum(long_prompt))
-    keep = [not x for x in long_prompt]
-    prompts = [p for p, k in zip(prompts, keep, strict=True) if k]
-    chosen = _encode(tok, [c for c, k in zip(df["chosen"].astype(str), keep, strict=True) if k])
-    rejected = _encode(tok, [r for r, k in zip(df["rejected"].astype(str), keep, strict=True) if k])
-    pairs, truncated = [], 0
-    for p, c, r in zip(prompts, chosen, rejected, strict=True):
-        ec, tc = make_example(p, c, tok.eos_token_id, cfg.max_length, keep="end")
-        er, tr = make_example(p, r, tok.eos_token_id, cfg.max_length, keep="end")
-        pairs.append((ec, er))
-        truncated += tc + tr
-    counts.update(examples=len(pairs), truncated_sequences=truncated)
-    if not pairs:
-        raise ValueError(f"stage 2: no pairs left in {pairs_path} ({counts['rows']} rows; "
-                         f"{counts['dropped_identical']} with chosen == rejected, "
-                         f"{counts['dropped_long_prompt']} with a prompt > {cfg.max_prompt_length} tokens)")
-    return pairs, counts
-
-
-def step_indices(n: int, global_batch: int, step: int, seed: int) -> list[int]:
-    """Indices of the examples of optimiser step ``step``: a stream of one seeded permutation per epoch."""
-    out, start = [], step * global_batch
-    for k in range(start, start + global_batch):
-        epoch, pos = divmod(k, n)
-        out.append(int(_permutation(n, seed, epoch)[pos]))
-    return out
-
-
-_PERM_CACHE: dict[tuple[int, int, int], np.ndarray] = {}
-
-
-def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    key = (n, seed, epoch)
-    if key not in _PERM_CACHE:
-        _PERM_CACHE.clear()
-        _PERM_CACHE[key] = np.random.default_rng([seed, epoch]).permutation(n)
-    return _PERM_CACHE[key]
-
-
-def total_steps(cfg: OptimConfig, n: int) -> int:
-    """max_steps, else floor(epochs * n / global_batch), at least 1."""
-    return cfg.max_steps or max(1, int(cfg.epochs * n // cfg.global_batch))
-
-
-def lr_factor(cfg: OptimConfig, total: int) -> Callable[[int], float]:
-    """LambdaLR factor: linear warm-up over ceil(warmup_ratio*total) steps, then the chosen decay."""
-    warm = math.ceil(cfg.warmup_ratio * total)
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if cfg.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warm) / max(1, total - warm))
-        decay = 1.0 - progress if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
-
-    return f
-
-
-# ------------------------------------------------------------------------------------------ setup
 
 
 def resolve_device(device: str, dtype: str) -> tuple[str, str]:
@@ -213,7 +113,8 @@ def _load_model(model_dir: Path, cfg: OptimConfig):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir), dtype=torch.float32, use_safetensors=True, trust_remote_code=cfg.trust_remote_code)
+        str(model_dir), dtype=torch.float32, use_safetensors=True, trust_remote_code=cfg.trust_remote_code,
+        attn_implementation=cfg.attn_implementation)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -261,7 +162,7 @@ def _sequences(job: Job, idx: list[int]) -> list[Example]:
 def _micro_loss(job: Job, model, idx: list[int], scale: float, loss_fn, ref_model) -> tuple[torch.Tensor, dict]:
     """Loss of one micro-batch (already scaled for the global step) and its signal sums."""
     dev = next(model.parameters()).device
-    batch = collate(_sequences(job, idx), packed=job.cfg.packing, pad_id=job.tok.pad_token_id).to(dev)
+    batch = collate(_sequences(job, idx), job.cfg.packing, job.tok.pad_token_id, job.cfg.pack_tokens).to(dev)
     sums, lens = sequence_logps(model, batch)  # (S,), (S,)
     per_tok = (sums / lens.clamp(min=1)).detach()
     if job.kind == "sft":
@@ -301,7 +202,7 @@ def precompute_reference(job: Job, model, acc) -> torch.Tensor:
     with torch.no_grad(), acc.autocast():
         for s in range(0, len(job.items), mb):
             idx = list(range(s, min(s + mb, len(job.items))))
-            batch = collate(_sequences(job, idx), packed=job.cfg.packing, pad_id=job.tok.pad_token_id)
+            batch = collate(_sequences(job, idx), job.cfg.packing, job.tok.pad_token_id, job.cfg.pack_tokens)
             sums, _ = sequence_logps(model, batch.to(next(model.parameters()).device))
             out[idx, 0], out[idx, 1] = sums[: len(idx)].double().cpu(), sums[len(idx):].double().cpu()
     model.train()
@@ -537,3 +438,37 @@ def train_stage2(cfg: Stage2Config, sft_model_dir: Path, pairs_path: Path, out_d
     items, counts = load_pair_examples(cfg, tok, Path(pairs_path))
     log.info("stage 2 (%s): %s", cfg.loss, counts)
     return run(Job("stage2", cfg, model_dir, out_dir, work_dir, device, items, counts, tok))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Direct entry for multi-process runs, without the pipeline's artifact store:
+
+    ``accelerate launch --config_file deployments/accelerate/zero2.yaml -m redi.train sft --recipe R
+    --model-dir M --data positives.parquet --out OUT --work WORK [--set sft.lr=1e-5 ...]``
+    (``stage2`` takes pairs.parquet and the SFT model folder). Every process runs this; only the main
+    one writes ``OUT`` (model, signals, ``summary.json``).
+    """
+    import argparse
+
+    from .config import load_recipe
+
+    ap = argparse.ArgumentParser(prog="python -m redi.train", description=main.__doc__.splitlines()[0])
+    ap.add_argument("stage", choices=["sft", "stage2"])
+    ap.add_argument("--recipe", default=None, help="Recipe YAML (its sft / redi section is used).")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--model-dir", required=True, type=Path, help="Base model (sft) or SFT model (stage2) folder.")
+    ap.add_argument("--data", required=True, type=Path, help="positives.parquet (sft) or pairs.parquet (stage2).")
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--work", required=True, type=Path, help="Checkpoints; re-run with the same folder to resume.")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    recipe = load_recipe(args.recipe, args.overrides)
+    fn, cfg = (train_sft, recipe.sft) if args.stage == "sft" else (train_stage2, recipe.redi)
+    summary = fn(cfg, args.model_dir, args.data, args.out, args.work, args.device)
+    if int(os.environ.get("RANK", "0")) == 0:
+        (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -5,8 +5,8 @@ import os
 
 import pytest
 import torch
-
 from _train_data import write_fixture
+
 from redi.config import ModelConfig
 from redi.config.model import TinyModelConfig
 from redi.prompts import render_prompt

@@ -10,8 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-
 from _train_data import write_fixture
+
 from redi import train as T
 from redi.config import ModelConfig, SFTConfig, Stage2Config
 from redi.config.model import TinyModelConfig

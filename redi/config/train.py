@@ -30,11 +30,18 @@ class OptimConfig(StrictModel):
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="`auto`: bf16 on CUDA with bf16 support, else fp32.")
     save_steps: int = Field(200, ge=1, description="Checkpoint every N optimiser steps (a killed run resumes from the last one).")
     log_steps: int = Field(1, ge=1, description="Log training signals every N steps. Does not change results.")
+    pack_tokens: int | None = Field(
+        512, ge=16, description="Packing: token budget of one packed row (sequences packed first-fit; a longer one gets its own row). "
+        "SDPA attention costs O(row^2), so a few times the typical sequence length is fastest; None = one row per micro-batch (best with flash-attention). Does not change results.",
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="transformers attention kernel; `flash_attention_2` (CUDA, flash-attn installed) makes packed rows varlen (set pack_tokens null with it). Does not change results beyond float rounding.",
+    )
     trust_remote_code: bool = Field(False, description="Allow model code shipped with the checkpoint when loading it (set it together with model.trust_remote_code).")
 
     def hash_fields(self) -> dict:
         d = self.model_dump(mode="json")
-        for k in ("log_steps", "save_steps", "trust_remote_code"):
+        for k in ("log_steps", "save_steps", "trust_remote_code", "pack_tokens", "attn_implementation"):
             d.pop(k)
         return d
 
