@@ -227,23 +227,40 @@ class Pipeline:
 
         return self._build("verify", fn)
 
-    def sft(self, verify: Artifact | None = None, model: Artifact | None = None) -> Artifact:
+    def _train(self, which: str, model_dir: Path, data: Path, out: Path, work: Path) -> dict:
+        """Run a training stage in this process, or under `accelerate launch` (run.launcher)."""
         from . import train
 
+        run = self.recipe.run
+        device = resolve_device(run.device)
+        if run.launcher == "inprocess":
+            fn = train.train_sft if which == "sft" else train.train_stage2
+            return fn(self.recipe.sft if which == "sft" else self.recipe.redi, model_dir, data, out, work, device)
+        import subprocess
+        import sys
+
+        recipe_file = work / "recipe.yaml"
+        recipe_file.write_text(recipe_to_yaml(self.recipe))
+        cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+        if run.accelerate_config:
+            cmd += ["--config_file", run.accelerate_config]
+        if run.num_processes:
+            cmd += ["--num_processes", str(run.num_processes)]
+        cmd += ["-m", "redi.train", which, "--recipe", str(recipe_file), "--model-dir", str(model_dir),
+                "--data", str(data), "--out", str(out), "--work", str(work), "--device", device]
+        log.info("launching: %s", " ".join(cmd))
+        subprocess.run(cmd, check=True)
+        return json.loads((out / "summary.json").read_text())
+
+    def sft(self, verify: Artifact | None = None, model: Artifact | None = None) -> Artifact:
         model = model or self.base_model()
         verify = verify or self.verify(model=model)
-        device = resolve_device(self.recipe.run.device)
-        return self._build("sft", lambda out, work: train.train_sft(
-            self.recipe.sft, model.dir, verify.file("positives.parquet"), out, work, device))
+        return self._build("sft", lambda out, work: self._train("sft", model.dir, verify.file("positives.parquet"), out, work))
 
     def stage2(self, verify: Artifact | None = None, sft: Artifact | None = None) -> Artifact:
-        from . import train
-
         verify = verify or self.verify()
         sft = sft or self.sft(verify=verify)
-        device = resolve_device(self.recipe.run.device)
-        return self._build("redi", lambda out, work: train.train_stage2(
-            self.recipe.redi, sft.file("model"), verify.file("pairs.parquet"), out, work, device))
+        return self._build("redi", lambda out, work: self._train("stage2", sft.file("model"), verify.file("pairs.parquet"), out, work))
 
     def model_dir(self, label: str, art: Artifact) -> Path:
         return art.dir if label == "base" else art.file("model")

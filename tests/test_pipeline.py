@@ -52,3 +52,22 @@ def test_refresh_is_per_stage(tmp_path, stage):
     p = Pipeline(load_recipe(None, [*BASE, f"run.refresh=[{stage}]"]), ArtifactStore(tmp_path))
     assert p._refresh(stage)
     assert not any(p._refresh(s) for s in ("download", "verify", "sft", "redi", "evaluate") if s != stage)
+
+
+@pytest.mark.slow
+def test_accelerate_launcher_builds_the_same_cached_sft_stage(tmp_path):
+    """run.launcher=accelerate runs `accelerate launch -m redi.train` (2 gloo processes here) inside the store."""
+    import copy
+
+    from conftest_orchestration import TINY
+
+    from redi.config import Recipe
+
+    tree = copy.deepcopy(TINY)
+    tree["run"].update(artifact_root=str(tmp_path), launcher="accelerate", num_processes=2)
+    tree["sft"].update(global_batch=4, micro_batch=2)
+    p = Pipeline(Recipe.model_validate(tree))
+    art = p.sft()
+    assert not art.cached and art.summary["steps"] == 3
+    assert (art.dir / "model" / "model.safetensors").exists()
+    assert p.store.lookup("sft", art.key) is not None

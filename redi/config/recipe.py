@@ -42,6 +42,15 @@ class RunConfig(StrictModel):
         default_factory=list, description="Stages to recompute even when a valid cached artifact exists."
     )
     threads: int | None = Field(None, ge=1, description="torch threads on CPU; None = torch's default.")
+    launcher: Literal["inprocess", "accelerate"] = Field(
+        "inprocess",
+        description="How training stages run: in this process, or as `accelerate launch -m redi.train` (multi-GPU / multi-node; "
+        "the artifact is still built and cached by this process).",
+    )
+    accelerate_config: str | None = Field(
+        None, description="`accelerate launch --config_file` for launcher=accelerate (deployments/accelerate/{ddp,fsdp,zero2,zero3}.yaml)."
+    )
+    num_processes: int | None = Field(None, ge=1, description="`accelerate launch --num_processes` (launcher=accelerate); None = the config's.")
 
 
 class Recipe(StrictModel):
