@@ -652,6 +652,29 @@ def _plot_curve(result: StudyResult, path: Path) -> None:
     plt.close(fig)
 
 
+def _hp(r: dict[str, Any]) -> str:
+    return _pstr({k: r[k] for k in ("lr", "alpha", "beta", "gamma") if k in r and r[k] is not None and r[k] == r[k]})
+
+
+def collapse_notes(rows: list[dict[str, Any]], threshold: float, fall: float = 2.0) -> list[str]:
+    """When runs start below the absolute threshold, the paper's signal cannot fire: list relative falls instead
+    (final chosen log-prob/token at least ``fall`` x its start) with the share of samples without an answer."""
+    below = [r for r in rows if r.get("chosen_logp_start") is not None and r["chosen_logp_start"] < threshold]
+    if not below:
+        return []
+    seen, out = set(), []
+    for r in below:
+        k = (r["method"], _hp(r), r["seed"])
+        if k not in seen and r.get("chosen_logp_final") is not None and r["chosen_logp_final"] <= fall * r["chosen_logp_start"]:
+            seen.add(k)
+            out.append(f"  - {r['method']} {_hp(r)} seed {r['seed']}: {r['chosen_logp_start']:.3g} -> {r['chosen_logp_final']:.3g}, "
+                       f"no answer in {100 * r['no_answer']:.1f}% of samples")
+    head = (f"- {len(below)}/{len(rows)} runs start already below {threshold} (chosen log-prob/token of the stage-2 start "
+            f"{below[0]['chosen_logp_start']:.3g}): the absolute signal cannot fire there. Runs whose chosen log-prob fell "
+            f"to >= {fall:g}x its start:")
+    return [head, *(out or ["  - none"])]
+
+
 def write_report(result: StudyResult, out: Path) -> dict[str, Any]:
     """results.md/.csv (Table 2), search.md/.csv, sft_curve.csv/.png, signals_<method>.png, study.json."""
     import pandas as pd
@@ -663,7 +686,8 @@ def write_report(result: StudyResult, out: Path) -> dict[str, Any]:
     pd.DataFrame(table).to_csv(out / "results.csv", index=False)
     pd.DataFrame(search_rows).to_csv(out / "search.csv", index=False)
     pd.DataFrame(result.sft_curve).to_csv(out / "sft_curve.csv", index=False)
-    pct = ("pass@1", "sem", f"pass@{n}", "no_answer", "val_pass@1", "val_se", "pass@1_", "se")
+    pct = ("pass@1", "sem", f"pass@{n}", "no_answer", "val_pass@1", "val_se",
+           *{k for r in search_rows for k in r if k.startswith(("val_pass@", "test_pass@"))})
     collapses = [r for r in search_rows + [r for v in result.final.values() for r in v] if r["collapse"]]
     md = ["# CPU study results", "",
           f"Test split, {n} samples per problem; mean over seeds, SEM = std/sqrt(seeds). Stage 2: {result.stage2_steps} steps.", "",
@@ -673,8 +697,9 @@ def write_report(result: StudyResult, out: Path) -> dict[str, Any]:
           "## Validation search", "", markdown_table(search_rows, pct),
           "## Chosen settings", "", *[f"- {m}: {_pstr(p)}" for m, p in result.chosen.items()], "",
           f"## Collapse signal (chosen log-prob/token < {result.collapse_threshold})", ""]
-    md += [f"- {r['method']} {_pstr({k: r[k] for k in ('lr', 'alpha', 'beta', 'gamma') if k in r})} seed {r['seed']}: "
-           f"step {r['collapse_step']}, final {r['chosen_logp_final']:.3g}" for r in collapses] or ["- never fired"]
+    md += [f"- {r['method']} {_hp(r)} seed {r['seed']}: step {r['collapse_step']}, final {r['chosen_logp_final']:.3g}"
+           for r in collapses] or ["- never fired from a start above the threshold"]
+    md += collapse_notes(search_rows + [r for v in result.final.values() for r in v], result.collapse_threshold)
     md += ["", "## Timings (s)", "", *[f"- {k}: {v}" for k, v in result.timings.items()], ""]
     (out / "results.md").write_text("\n".join(md))
     (out / "study.json").write_text(json.dumps(asdict(result), indent=1, default=str))
