@@ -154,17 +154,36 @@ def _rss_gb() -> float:
 
 
 def memory_child(method: str, model_dir: Path, pairs: Path, batch: int, steps: int) -> dict:
-    """Run only one method (in a subprocess): peak RSS and its growth over the RSS before step 1."""
+    """Run only one method (in a subprocess); a sampling thread records the RSS during its steps.
+
+    Returns the peak RSS during the steps and its growth over the RSS right before step 1 (which
+    already holds the model(s), e.g. TRL's reference copy: reported as ``setup_gb`` over a bare import).
+    """
+    import threading
+
     import psutil
 
+    proc = psutil.Process()
+    bare = proc.memory_info().rss / 1024**3
     with tempfile.TemporaryDirectory() as work:
         m = {"redi_packed": lambda: Ours(model_dir, pairs, batch, True),
              "redi_padded": lambda: Ours(model_dir, pairs, batch, False),
              "trl_dpo": lambda: TRLDPO(model_dir, pairs, batch, Path(work))}[method]()
-        before = psutil.Process().memory_info().rss / 1024**3
+        before = proc.memory_info().rss / 1024**3
+        peak, done = [before], threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], proc.memory_info().rss / 1024**3)
+                time.sleep(0.005)
+
+        t = threading.Thread(target=sample, daemon=True)
+        t.start()
         for _ in range(steps):
             m.step()
-        return {"peak_rss_gb": _rss_gb(), "growth_gb": _rss_gb() - before}
+        done.set()
+        t.join()
+        return {"peak_rss_gb": peak[0], "growth_gb": peak[0] - before, "setup_gb": before - bare}
 
 
 def skewed_examples(n: int, vocab: int, seed: int = 0) -> list[Example]:
@@ -262,15 +281,16 @@ def render(s2: dict, mem: dict, pk: dict, args, threads: int, n_params: int) -> 
         "",
         "## Stage 2: our REDI step vs TRL 1.16 DPOTrainer (same model, same pairs)",
         "",
-        "| method | tokens/s (median) | vs TRL DPO | tokens/step | peak RSS GB | RSS growth GB |",
-        "|---|---|---|---|---|---|",
+        "| method | tokens/s (median) | vs TRL DPO | tokens/step | peak RSS GB (steps) | RSS growth in steps GB | setup RSS GB |",
+        "|---|---|---|---|---|---|---|",
     ]
     names = {"redi_packed": "ours: REDI, padding-free rows (no reference)",
              "redi_padded": "ours: REDI, padded batch (no reference)",
              "trl_dpo": "TRL DPOTrainer (sigmoid, reference copy, padded)"}
     for k, r in s2.items():
         lines.append(f"| {names[k]} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base:.2f}x | "
-                     f"{r['tokens_per_step']:,.0f} | {mem[k]['peak_rss_gb']:.2f} | {mem[k]['growth_gb']:.2f} |")
+                     f"{r['tokens_per_step']:,.0f} | {mem[k]['peak_rss_gb']:.2f} | {mem[k]['growth_gb']:.3f} | "
+                     f"{mem[k]['setup_gb']:.3f} |")
     lines += [
         "",
         "Tokens/step differ a little: TRL truncates/pads its own way and its sampler shuffles; rates are per real token.",
