@@ -9,6 +9,7 @@ Deployments (flow/deployment):
   redi-stage/{download,model,verify,sft,redi,evaluate}         one stage of the demo recipe
   nightly-eval/nightly                                         cron 03:00 UTC over registered runs
   redi-eval/adhoc                                              any model folder or Hub id
+  redi-study/study-cpu                                         the CPU-scale study (issue 6)
 
 The run form of the pipeline deployments is pre-filled with the recipe's resolved fields (edit any
 of them, e.g. redi.alpha, before a run). Serving makes no network listener of its own; flow runs
@@ -45,6 +46,7 @@ def build_deployments(artifact_root: str | None = None) -> list:
 
     from flows.nightly import nightly_eval, redi_eval
     from flows.pipeline import redi_pipeline, redi_stage
+    from flows.study import redi_study
 
     root = str(Path(artifact_root or os.environ.get("REDI_ARTIFACT_ROOT", "artifacts")).resolve())
     out = []
@@ -60,6 +62,8 @@ def build_deployments(artifact_root: str | None = None) -> list:
     out.append(nightly_eval.to_deployment("nightly", schedules=[Cron(NIGHTLY_CRON, timezone="UTC")],
                                           parameters={"artifact_root": root}, tags=["redi", "nightly"]))
     out.append(redi_eval.to_deployment("adhoc", parameters={"recipe_path": str(RECIPES["demo"])}, tags=["redi", "eval"]))
+    out.append(redi_study.to_deployment("study-cpu", parameters={"recipe_path": str(REPO / "deployments" / "study-cpu")},
+                                        tags=["redi", "study"]))
     return out
 
 

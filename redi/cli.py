@@ -95,6 +95,8 @@ def prefect_env(artifact_root: str | Path) -> None:
     """Without a server (no PREFECT_API_URL), keep Prefect's database beside the artifacts."""
     if not os.environ.get("PREFECT_API_URL") and not os.environ.get("PREFECT_HOME"):
         os.environ["PREFECT_HOME"] = str(Path(artifact_root).expanduser().resolve() / ".prefect")
+    if os.environ.get("PREFECT_HOME"):  # Prefect's SQLite cannot create a database in a missing folder
+        Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Prefect's default 20 s wait for its temporary server is too short on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
