@@ -51,6 +51,8 @@ Verdict = bool | None
 _E_NOTATION = re.compile(r"^\s*([+-]?\d+(?:\.\d*)?|[+-]?\.\d+)\s*[eE]\s*([+-]?\d+)\s*$")
 _PLAIN_EXPR = re.compile(r"^[\d\s.+\-*/()]+$")  # "-1./3", "10/13": python arithmetic, not LaTeX
 _NP_FUNC = re.compile(r"\b(?:np|numpy|math)\.(arcsin|arccos|arctan|sin|cos|tan|log|exp|sqrt|pi)\b")
+START_TIMEOUT_S = 300.0
+"""A worker that has not said ready by then means a blocked start (see _wait_once): fail, never hang."""
 CHUNK = 16
 """Items sent to a worker at once (refilled at half), so workers never wait for the parent; each item still
 has its own deadline (the clock restarts at every result)."""
@@ -187,7 +189,10 @@ def _worker_main(conn) -> None:
     Exits on None or EOF. Results go back one by one so the parent can time each item.
     """
     _configs()
-    conn.send(("ready", None))  # the parent starts an item's deadline only once its worker is ready
+    try:
+        conn.send(("ready", None))  # the parent starts an item's deadline only once its worker is ready
+    except (BrokenPipeError, OSError):
+        return  # the pool gave up on this worker before it was ready
     while True:
         try:
             msg = conn.recv()
@@ -225,6 +230,7 @@ class _Slot:
     inflight: deque = field(default_factory=deque)  # keys sent, in order; the first is being graded
     deadline: float = 0.0
     ready: bool = False
+    started_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -261,6 +267,7 @@ class GradingPool:
         self._closing = False
         self._woken = False
         self._start_failures = 0
+        self._error: Exception | None = None  # why the scheduler stopped, if it failed
         self._slots = [self._start_worker() for _ in range(self.n)]
         self._thread = threading.Thread(target=self._run, name="grading-pool", daemon=True)
         self._thread.start()
@@ -270,6 +277,8 @@ class GradingPool:
         """Queue one item; the Future resolves to its verdict (None on timeout/crash)."""
         fut: Future = Future()
         with self._lock:
+            if self._error is not None:
+                raise RuntimeError(f"GradingPool failed: {self._error}") from self._error
             if self._closing:
                 raise RuntimeError("GradingPool is closed")
             key = self._next
@@ -391,6 +400,7 @@ class GradingPool:
         except Exception as e:  # the scheduler must never leave futures hanging
             logger.error("grading pool failed: %s", e)
             with self._lock:
+                self._error = e
                 self._closing = True
                 futs = list(self._futures.values())
                 self._futures.clear()
@@ -401,8 +411,16 @@ class GradingPool:
     def _wait_once(self) -> None:
         busy = [s for s in self._slots if s.inflight]
         now = time.monotonic()
-        timeout = min((s.deadline - now for s in busy), default=None)
         starting = self._starting()
+        late = [s for s in starting if now - s.started_at > START_TIMEOUT_S]
+        if late:
+            raise RuntimeError(
+                f"grading workers did not start within {START_TIMEOUT_S:.0f} s. Workers re-import the main module: "
+                "a script that grades (directly or through a pipeline stage) must guard its entry point with "
+                "`if __name__ == '__main__':`; otherwise the machine is overloaded."
+            )
+        timeout = min([s.deadline - now for s in busy] + [s.started_at + START_TIMEOUT_S - now for s in starting],
+                      default=None)
         handles = [self._wake_r] + [s.conn for s in busy + starting] + [s.proc.sentinel for s in busy + starting]
         ready = set(mp_wait(handles, timeout=None if timeout is None else max(0.0, timeout)))
         for i, s in enumerate(self._slots):

@@ -211,3 +211,12 @@ def test_minerva_odd_golds():
     assert len(rows) >= 20
     out = grade_many([(boxed(r["answer"]), r["answer"]) for r in rows], workers=2, progress=False)
     assert all(o is True for o in out), [(r["id"], r["answer"]) for r, o in zip(rows, out, strict=True) if o is not True]
+
+
+def test_workers_that_never_start_fail_with_a_clear_message(monkeypatch):
+    """A blocked worker start (e.g. an unguarded script re-run by the forkserver) raises instead of hanging."""
+    import redi.verify as V
+
+    monkeypatch.setattr(V, "START_TIMEOUT_S", 0.0)
+    with pytest.raises(RuntimeError, match="__main__"):
+        V.grade_many([("\\boxed{1}", "1")], workers=1, progress=False)
