@@ -47,6 +47,25 @@ LABEL_STAGE = {"base": "model", "sft": "sft", "redi": "redi"}  # which stage pro
 DEMO_BENCHMARKS = ("demo_test", "demo_val")
 
 
+def go_offline() -> None:
+    """Make every Hugging Face call of this process fail at once instead of retrying the network."""
+    import sys
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    # Both libraries read these at import time: tell the already-imported ones too.
+    if "huggingface_hub" in sys.modules:
+        import huggingface_hub.constants as hc
+
+        hc.HF_HUB_OFFLINE = True
+    if "datasets" in sys.modules:
+        import datasets.config as dc
+
+        dc.HF_HUB_OFFLINE = True
+        if hasattr(dc, "HF_DATASETS_OFFLINE"):
+            dc.HF_DATASETS_OFFLINE = True
+
+
 def resolve_device(device: str) -> str:
     if device != "auto":
         return device
@@ -78,6 +97,8 @@ class Pipeline:
         self.recipe = recipe
         self.store = store or ArtifactStore(recipe.run.artifact_root)
         self.timings: dict[str, float] = {}
+        if recipe.run.offline:
+            go_offline()
         if recipe.run.threads:
             import torch
 

@@ -71,3 +71,24 @@ def test_accelerate_launcher_builds_the_same_cached_sft_stage(tmp_path):
     assert not art.cached and art.summary["steps"] == 3
     assert (art.dir / "model" / "model.safetensors").exists()
     assert p.store.lookup("sft", art.key) is not None
+
+
+def test_offline_recipe_never_waits_on_the_network(tmp_path):
+    """run.offline: a Hub source fails at once (here: decontamination benchmarks) even without HF_*_OFFLINE set."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import datasets, huggingface_hub\n"  # imported before the pipeline switches them offline
+        "from redi.config import load_recipe\nfrom redi.pipeline import Pipeline\n"
+        f"p = Pipeline(load_recipe(None, ['run.offline=true', 'run.artifact_root={tmp_path}']))\n"
+        "print(len(p.decontam_problems()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "REDI_BENCHMARK_DIR")}
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "0" and "OfflineModeIsEnabled" in out.stderr
+    assert time.time() - t0 < 60

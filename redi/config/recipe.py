@@ -42,6 +42,10 @@ class RunConfig(StrictModel):
         default_factory=list, description="Stages to recompute even when a valid cached artifact exists."
     )
     threads: int | None = Field(None, ge=1, description="torch threads on CPU; None = torch's default.")
+    offline: bool = Field(
+        False, description="Never touch the network: sets HF_HUB_OFFLINE / HF_DATASETS_OFFLINE, so a Hub source fails at once "
+        "(with a message naming the local alternative) instead of retrying. The demo sets it."
+    )
     launcher: Literal["inprocess", "accelerate"] = Field(
         "inprocess",
         description="How training stages run: in this process, or as `accelerate launch -m redi.train` (multi-GPU / multi-node; "
