@@ -4,8 +4,6 @@ VENV ?= .venv
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
-# Real benchmark copies, when this checkout sits beside them (MATH-500 in the demo's table); optional.
-export REDI_BENCHMARK_DIR ?= $(abspath $(wildcard ../shared/data))
 
 .PHONY: install demo test test-slow test-all lint bench
 

@@ -65,8 +65,10 @@ class EvaluateConfig(StrictModel):
         return v
 
     def hash_fields(self) -> dict:
+        """Where benchmarks are read from is left out: the pipeline keys evaluation by the benchmark files'
+        content (redi.benchmarks.fingerprint), so moving a copy keeps the cache and editing one does not."""
         d = self.model_dump(mode="json")
         for k in ("grade_workers", "models", "skip_missing", "gpu_memory_utilization", "enforce_eager", "tensor_parallel_size",
-                  "data_parallel_size", "kv_cache_gb"):
+                  "data_parallel_size", "kv_cache_gb", "benchmark_dir", "benchmark_paths"):
             d.pop(k)
         return d

@@ -29,7 +29,7 @@ class OptimConfig(StrictModel):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (saves memory).")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="`auto`: bf16 on CUDA with bf16 support, else fp32.")
     save_steps: int = Field(200, ge=1, description="Checkpoint every N optimiser steps (a killed run resumes from the last one).")
-    log_steps: int = Field(1, ge=1, description="Log training signals every N steps. Does not change results.")
+    log_steps: int = Field(50, ge=1, description="Write a log line every N steps (signals.jsonl and the progress bar get every step). Does not change results.")
     pack_tokens: int | None = Field(
         512, ge=16, description="Packing: token budget of one packed row (sequences packed first-fit; a longer one gets its own row). "
         "SDPA attention costs O(row^2), so a few times the typical sequence length is fastest; None = one row per micro-batch (best with flash-attention). Does not change results.",
