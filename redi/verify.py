@@ -53,6 +53,8 @@ _PLAIN_EXPR = re.compile(r"^[\d\s.+\-*/()]+$")  # "-1./3", "10/13": python arith
 _NP_FUNC = re.compile(r"\b(?:np|numpy|math)\.(arcsin|arccos|arctan|sin|cos|tan|log|exp|sqrt|pi)\b")
 START_TIMEOUT_S = 300.0
 """A worker that has not said ready by then means a blocked start (see _wait_once): fail, never hang."""
+IDLE_POLL_S = 1.0
+"""The scheduler re-checks its queue at least this often."""
 CHUNK = 16
 """Items sent to a worker at once (refilled at half), so workers never wait for the parent; each item still
 has its own deadline (the clock restarts at every result)."""
@@ -422,15 +424,18 @@ class GradingPool:
         timeout = min([s.deadline - now for s in busy] + [s.started_at + START_TIMEOUT_S - now for s in starting],
                       default=None)
         handles = [self._wake_r] + [s.conn for s in busy + starting] + [s.proc.sentinel for s in busy + starting]
-        ready = set(mp_wait(handles, timeout=None if timeout is None else max(0.0, timeout)))
+        # Never sleep unboundedly: even a missed wake-up costs at most IDLE_POLL_S, never a hang.
+        ready = set(mp_wait(handles, timeout=IDLE_POLL_S if timeout is None else max(0.0, min(timeout, IDLE_POLL_S))))
         for i, s in enumerate(self._slots):
             if not s.ready and (s.conn in ready or s.proc.sentinel in ready):
                 self._on_start(i)
         if self._wake_r in ready:
-            with self._lock:
-                self._woken = False
+            # Drain first, then re-arm: re-arming before the drain could swallow the byte of a submit that
+            # came in between and leave `_woken` set forever, so later submits would never wake an idle pool.
             while self._wake_r.poll():
                 self._wake_r.recv_bytes()
+            with self._lock:
+                self._woken = False
         for i, s in enumerate(self._slots):
             if not s.inflight:
                 continue

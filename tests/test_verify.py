@@ -220,3 +220,12 @@ def test_workers_that_never_start_fail_with_a_clear_message(monkeypatch):
     monkeypatch.setattr(V, "START_TIMEOUT_S", 0.0)
     with pytest.raises(RuntimeError, match="__main__"):
         V.grade_many([("\\boxed{1}", "1")], workers=1, progress=False)
+
+
+def test_pool_serves_bursts_after_idle_periods():
+    """Regression: a lost wake-up left an idle pool asleep while new items waited (the demo's evaluate hung)."""
+    with GradingPool(2, 5.0) as pool:
+        for burst in range(4):
+            futs = [pool.submit(f"\\boxed{{{i}}}", str(i)) for i in range(50)]
+            assert [f.result(timeout=60) for f in futs] == [True] * 50, f"burst {burst}"
+            time.sleep(0.3)  # the pool goes idle between bursts
