@@ -327,10 +327,11 @@ def push(local: Path, url: str) -> None:
     import fsspec
 
     fs, base = fsspec.core.url_to_fs(url)
-    for p in sorted(local.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            fs.put_file(str(p), f"{base}/{p.relative_to(local).as_posix()}")
-    fs.put_file(str(local / MANIFEST), f"{base}/{MANIFEST}")
+    files = [p for p in sorted(local.rglob("*")) if p.is_file() and p.name != MANIFEST] + [local / MANIFEST]
+    for p in files:
+        dest = f"{base}/{p.relative_to(local).as_posix()}"
+        fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)  # a no-op on object stores
+        fs.put_file(str(p), dest)
 
 
 def pull(url: str, local: Path) -> dict[str, Any]:
