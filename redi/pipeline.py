@@ -42,6 +42,16 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
 STAGE_EXCLUDE: dict[str, tuple[str, ...]] = {
     "evaluate": ("redi.config", "redi.verify", "redi.metrics", "redi.results"),
 }
+DEFAULT_EXCLUDE = ("redi.config",)
+
+
+def stage_code(*stages: str) -> str:
+    """The code version that keys `stages` (one stage, or several built as one artifact, e.g. evaluate + grade).
+
+    The one definition every key in the project uses (Pipeline, study, registry)."""
+    mods = tuple(m for s in stages for m in STAGE_MODULES[s])
+    exclude = STAGE_EXCLUDE.get(stages[0], DEFAULT_EXCLUDE) if len(stages) == 1 else DEFAULT_EXCLUDE
+    return code_version(mods, exclude)
 MODEL_LABELS = ("base", "sft", "redi")
 LABEL_STAGE = {"base": "model", "sft": "sft", "redi": "redi"}  # which stage produces each evaluated model
 DEMO_BENCHMARKS = ("demo_test", "demo_val")
@@ -107,7 +117,7 @@ class Pipeline:
     # ------------------------------------------------------------------ keys (no work done)
     @cached_property
     def _code(self) -> dict[str, str]:
-        return {s: code_version(mods, STAGE_EXCLUDE.get(s, ("redi.config",))) for s, mods in STAGE_MODULES.items()}
+        return {s: stage_code(s) for s in STAGE_MODULES}
 
     def _refresh(self, stage: str) -> bool:
         return stage in self.recipe.run.refresh or (stage == "grade" and "evaluate" in self.recipe.run.refresh)

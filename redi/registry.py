@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifacts import MANIFEST, Artifact, code_version, hash_obj, stage_key
+from .artifacts import MANIFEST, Artifact, hash_obj, stage_key
 from .config import EvaluateConfig, Recipe, RecipeError, apply_overrides, load_recipe
-from .pipeline import LABEL_STAGE, MODEL_LABELS, STAGE_MODULES, Pipeline
+from .pipeline import LABEL_STAGE, MODEL_LABELS, Pipeline, stage_code
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def evaluate_external(model: str, recipe: Recipe, name: str | None = None, kind:
             fps[b] = f"unavailable:{type(e).__name__}"
     model_fp = model_fingerprint(model)
     model_arg = Path(model).expanduser().resolve() if Path(model).expanduser().exists() else Path(model)
-    code = code_version(STAGE_MODULES["evaluate"] + STAGE_MODULES["grade"])
+    code = stage_code("evaluate", "grade")
     key = stage_key("evaluate", cfg.hash_fields(), {"model": model_fp, "benchmarks": fps}, code)
     label = name or Path(model).name or model
     t0 = time.time()

@@ -49,7 +49,7 @@ from pydantic import Field, ValidationError, model_validator
 from .artifacts import Artifact, code_version, hash_obj, stage_key
 from .config import EvaluateConfig, Recipe, RecipeError, SFTConfig, Stage2Config, apply_overrides, load_recipe
 from .config.base import StrictModel
-from .pipeline import STAGE_MODULES, Pipeline, resolve_device
+from .pipeline import Pipeline, resolve_device, stage_code
 
 log = logging.getLogger(__name__)
 
@@ -326,8 +326,8 @@ class Study:
         self.timings: dict[str, float] = {}
         # Code versions are read once: a source file edited mid-study must not split one method's models
         # over two keys (the Pipeline caches them the same way).
-        self.codes = {s: code_version(STAGE_MODULES[s]) for s in ("sft", "redi")}
-        self.codes["evaluate"] = code_version(STAGE_MODULES["evaluate"] + STAGE_MODULES["grade"])
+        self.codes = {s: stage_code(s) for s in ("sft", "redi")}
+        self.codes["evaluate"] = stage_code("evaluate", "grade")
 
     # -------------------------------------------------------------- shared upstream
     def base(self) -> dict[str, Artifact]:
