@@ -2,11 +2,11 @@
 
 Compared, on the same model, prompts (MATH-500 problems, Open-R1 prompt, chat template), n and token limit:
 
-- ``stage``: our evaluation path (vLLM engine process, chunks graded by redi.verify.GradingPool while the
+- ``stage``: our evaluation path (vLLM engine process, chunks graded by redi.gradepool.GradingPool while the
   next chunk is generated) -- ``redi.evaluate._generate_and_grade``;
 - ``raw_vllm``: the same engine generating only (no grading): the ceiling for ``stage``;
 - ``hf_loop``: a plain loop of transformers ``generate`` (batched, left padding) and then
-  ``redi.verify.grade_many`` over all samples.
+  ``redi.gradepool.grade_many`` over all samples.
 
 Engine start-up is excluded from every rate and reported separately. Because a random model's text almost
 never contains ``\\boxed{}``, grading random text is cheap; the script also measures grading throughput on
@@ -61,7 +61,7 @@ def hf_loop(model_dir: Path, rows: list[dict], cfg) -> tuple[int, float]:
 
     from redi.prompts import render_prompt
     from redi.tinymodel import load_tokenizer
-    from redi.verify import grade_many
+    from redi.gradepool import grade_many
 
     tok = load_tokenizer(model_dir)
     tok.padding_side = "left"
@@ -82,8 +82,8 @@ def hf_loop(model_dir: Path, rows: list[dict], cfg) -> tuple[int, float]:
 
 
 def real_grading_rate(cfg) -> float | None:
-    """Samples/s of redi.verify.grade_many on the 800 labelled Qwen2.5-Math CoT samples."""
-    from redi.verify import grade_many
+    """Samples/s of redi.gradepool.grade_many on the 800 labelled Qwen2.5-Math CoT samples."""
+    from redi.gradepool import grade_many
 
     p = SHARED / "qwen25math_cot_samples" / "test.jsonl"
     if not p.exists():
@@ -97,7 +97,7 @@ def real_grading_rate(cfg) -> float | None:
 def bench_model(model_dir: Path, rows: list[dict], cfg, rounds: int) -> dict:
     from redi import evaluate as E
     from redi import generate as G
-    from redi.verify import GradingPool
+    from redi.gradepool import GradingPool
 
     tok = G.load_eval_tokenizer(model_dir)
     reqs = {"math500": G.build_requests(tok, "math500", rows, cfg)}
@@ -154,7 +154,7 @@ def report(results: list[dict], grading: float | None, args, cfg) -> str:
                      + f"; raw vLLM {r['vllm_tokens_per_s']:.0f} generated tokens/s")
     if grading:
         gen_rate = max(r["median"]["raw_vllm"] for r in results)
-        lines += ["", f"Grading alone on the 800 real Qwen2.5-Math CoT samples (redi.verify.grade_many): **{grading:.0f} samples/s** "
+        lines += ["", f"Grading alone on the 800 real Qwen2.5-Math CoT samples (redi.gradepool.grade_many): **{grading:.0f} samples/s** "
                   f"({grading / gen_rate:.1f}x the fastest raw generation rate above). Random-model text has no `\\boxed{{}}`, so in the "
                   "rounds above grading is cheaper than for real models; with real models (hundreds to thousands of tokens per "
                   "sample) generation is slower still, so grading, overlapped chunk by chunk, is not the bottleneck."]

@@ -1,8 +1,9 @@
-"""Grading throughput: traces/s with 1 worker vs all cores, and peak memory, on demo data (+ 100k with --large).
+"""Grading throughput: traces/s with 1 worker vs all cores, and peak memory, on demo data (+ 100k with --large;
+the whole verify stage on 16k / 100k / 400k traces with --stage).
 
 Runs are interleaved in one process (1 worker, N workers, 1 worker, N workers, ...) so machine load
 hits both alike; prints a table with the speed-up ratio and writes docs/benchmarks/verify.md.
-Usage: python benchmarks/bench_verify.py [--large] [--rounds 2]
+Usage: python benchmarks/bench_verify.py [--large] [--stage] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import psutil
 
 from redi.config.data import DataConfig, SynthConfig
 from redi.data import download
-from redi.verify import default_workers, grade_many
+from redi.gradepool import default_workers, grade_many
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "verify.md"
 
@@ -44,6 +45,13 @@ def _tree_rss() -> int:
 
 def _run(items, workers: int) -> tuple[float, float]:
     """(traces/s, peak RSS GB of parent + workers sampled every 0.2 s)."""
+    dt, peak, out = _measure(lambda: grade_many(items, workers=workers, progress=False))
+    assert len(out) == len(items)
+    return len(items) / dt, peak
+
+
+def _measure(fn) -> tuple[float, float, object]:
+    """(seconds, peak RSS GB of this process tree sampled every 0.2 s, result) of fn()."""
     import threading
 
     peak, stop = [0], threading.Event()
@@ -56,12 +64,29 @@ def _run(items, workers: int) -> tuple[float, float]:
     th = threading.Thread(target=sample, daemon=True)
     th.start()
     t0 = time.monotonic()
-    out = grade_many(items, workers=workers, progress=False)
+    out = fn()
     dt = time.monotonic() - t0
     stop.set()
     th.join()
-    assert len(out) == len(items)
-    return len(items) / dt, peak[0] / 1e9
+    return dt, peak[0] / 1e9, out
+
+
+def bench_stage(n_train: int, tmp: Path) -> str:
+    """The whole verify stage (redi.split.verify_and_split: read, grade, tokenise, filter, write) on all cores."""
+    from redi.config.verify import VerifyConfig
+    from redi.split import verify_and_split
+    from redi.tinymodel import _training_texts, train_tokenizer
+
+    download(DataConfig(synth=SynthConfig(n_train=n_train, n_val=0, n_test=0, traces_per_problem=4)), tmp, progress=False)
+    tok = tmp / "tok"
+    if not tok.exists():
+        train_tokenizer(list(_training_texts(tmp / "traces.parquet", 2000)), 512).save_pretrained(str(tok))
+    cfg = VerifyConfig(max_prompt_tokens=256, max_response_tokens=256, positives="all")
+    dt, peak, s = _measure(lambda: verify_and_split(cfg, tmp / "traces.parquet", tok, tmp / "out", {}))
+    row = (f"| {s['traces']:,} | {dt:.1f} | {s['traces'] / dt:,.0f} | {s['grading']['traces_per_s']:,.0f} | "
+           f"{s['positives']:,} / {s['pairs']:,} | {peak:.2f} |")
+    logging.info(row)
+    return row
 
 
 def bench(name: str, items, rounds: int) -> list[str]:
@@ -81,19 +106,28 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--large", action="store_true", help="also a generated 100k-trace file")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--stage", action="store_true", help="also the whole verify stage on 16k, 100k and 400k traces (memory stays flat)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         rows += bench("demo (4000 x 4)", _items(4000, 4, Path(tmp) / "demo"), args.rounds)
         if args.large:
-            rows += bench("large (25000 x 4)", _items(25000, 4, Path(tmp) / "large"), 1)
+            rows += bench("large (25000 x 4)", _items(25000, 4, Path(tmp) / "large"), args.rounds)
+        stage = []
+        if args.stage:
+            for n in (4000, 25000, 100000):
+                stage.append(bench_stage(n, Path(tmp) / f"stage{n}"))
     head = ["| data | traces | 1 worker traces/s | N | N workers traces/s | speed-up | peak RSS GB (1) | peak RSS GB (N) |",
             "|---|---|---|---|---|---|---|---|"]
     table = "\n".join(head + rows) + f"\n\nLoad average during the run (2-core machine): {os.getloadavg()[0]:.1f}"
+    if stage:
+        table += ("\n\nThe whole verify stage (`--stage`: read, grade, tokenise, filter, split, write; all cores):\n\n"
+                  "| traces | seconds | traces/s (stage) | traces/s (grading) | positives / pairs | peak RSS GB |\n"
+                  "|---|---|---|---|---|---|\n" + "\n".join(stage))
     print(table)
     DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text("# Grading throughput (redi.verify.grade_many)\n\n"
+    DOC.write_text("# Grading throughput (redi.gradepool.grade_many)\n\n"
                    "`python benchmarks/bench_verify.py --large`: 1 worker and all cores interleaved in one process, "
                    "best of the rounds; peak RSS = parent + worker processes.\n\n" + table + "\n")
 

@@ -10,7 +10,7 @@
 Order of work: the model folder and its tokenizer/chat template are checked first (no engine is started
 for a bad path), then every benchmark is loaded (a benchmark that cannot be loaded is skipped and reported
 when ``cfg.skip_missing``), then ONE generator (vLLM or transformers) runs all benchmarks. Grading overlaps
-generation: each finished chunk of samples is submitted to a ``redi.verify.GradingPool`` (worker processes,
+generation: each finished chunk of samples is submitted to a ``redi.gradepool.GradingPool`` (worker processes,
 hard per-sample deadline) while the engine process generates the next chunk.
 
 Nothing leaves the denominator: a grader timeout or crash gives verdict None (counted as wrong and
@@ -111,8 +111,8 @@ def _extract(text: str) -> str | None:
 
 
 def grade_table(samples: pd.DataFrame, cfg: EvaluateConfig, progress: bool = True) -> tuple[pd.DataFrame, dict]:
-    """Grade every row of a samples table (text, gold) with redi.verify.grade_many; returns (table, pool stats)."""
-    from .verify import grade_many
+    """Grade every row of a samples table (text, gold) with redi.gradepool.grade_many; returns (table, pool stats)."""
+    from .gradepool import grade_many
 
     stats: dict = {}
     verdicts = grade_many(list(zip(samples["text"], samples["gold"], strict=True)), workers=cfg.grade_workers,
@@ -191,7 +191,7 @@ def evaluate_model(cfg: EvaluateConfig, model_dir: Path, out_dir: Path, extra_pa
     loaded, skipped = load_benchmarks(cfg, extra_paths)
     requests = {name: G.build_requests(tokenizer, name, rows, cfg) for name, rows in loaded.items()}
     golds = {(name, r["id"]): r["answer"] for name, rows in loaded.items() for r in rows}
-    from .verify import GradingPool
+    from .gradepool import GradingPool
 
     t_start = time.time()
     # The grading workers start (and import Math-Verify) while the engine starts: both are ready together.

@@ -37,10 +37,10 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "sft": ("redi.train",),
     "redi": ("redi.train",),
     "evaluate": ("redi.evaluate",),
-    "grade": ("redi.verify", "redi.metrics"),
+    "grade": ("redi.verify", "redi.gradepool", "redi.metrics"),
 }
 STAGE_EXCLUDE: dict[str, tuple[str, ...]] = {
-    "evaluate": ("redi.config", "redi.verify", "redi.metrics", "redi.results"),
+    "evaluate": ("redi.config", "redi.verify", "redi.gradepool", "redi.metrics", "redi.results"),
 }
 DEFAULT_EXCLUDE = ("redi.config",)
 

@@ -21,22 +21,32 @@ PLOTTED = ("loss", "chosen_logp", "rejected_logp", "margin", "grad_norm", "updat
 class SignalLog:
     """In-memory list of step records (restored from a checkpoint on resume) with the collapse check."""
 
-    def __init__(self, records: list[dict] | None = None, collapse_threshold: float | None = None):
+    def __init__(self, records: list[dict] | None = None, collapse_threshold: float | None = None,
+                 collapse_drop: float | None = None):
         self.records: list[dict] = list(records or [])
         self.collapse_threshold = collapse_threshold
+        self.collapse_drop = collapse_drop
         self.collapse_steps = sum(1 for r in self.records if r.get("collapsed"))
 
     def add(self, record: dict) -> None:
-        """Append one step's record; warn when the chosen per-token log-prob falls below the threshold."""
-        th, chosen = self.collapse_threshold, record.get("chosen_logp")
-        record["collapsed"] = bool(th is not None and chosen is not None and chosen < th)
+        """Append one step's record; warn when the chosen per-token log-prob collapses: below the absolute
+        threshold (only if the run started above it: from a start below, it would fire from step 1 and mean
+        nothing), or more than ``collapse_drop`` below its first-step value."""
+        chosen = record.get("chosen_logp")
+        start = next((r["chosen_logp"] for r in self.records if r.get("chosen_logp") is not None), chosen)
+        th, drop = self.collapse_threshold, self.collapse_drop
+        why = None
+        if chosen is not None and th is not None and start >= th and chosen < th:
+            why = f"< {th:.3f} (collapse_threshold)"
+        elif chosen is not None and drop is not None and chosen < start - drop:
+            why = f"< {start - drop:.3f} = start {start:.3f} - collapse_drop {drop:g}"
+        record["collapsed"] = why is not None
         was = bool(self.records and self.records[-1].get("collapsed"))
         if record["collapsed"]:
             self.collapse_steps += 1
         if record["collapsed"] and not was:  # warn when it crosses, not on every step below
-            log.warning(
-                "step %d: mean chosen log-prob per token %.4f < %.3f (collapse_threshold): the paper's collapse "
-                "signal; lower the lr or alpha", record["step"], chosen, th)
+            log.warning("step %d: mean chosen log-prob per token %.4f %s: the paper's collapse signal; lower the lr or alpha",
+                        record["step"], chosen, why)
         self.records.append(record)
 
     def write_jsonl(self, path: Path) -> None:

@@ -12,7 +12,7 @@ Departures from the paper / official code, on purpose:
   a trace on which the two disagree gets no label (the paper's text says "otherwise negative").
 - Traces whose completeness is unknown (OpenR1-Math-Raw has no finish reasons) are kept.
 
-Labels are computed by :func:`redi.verify.grade_many` (worker processes, hard per-trace deadline),
+Labels are computed by :func:`redi.gradepool.grade_many` (worker processes, hard per-trace deadline),
 locally or fanned out in shards over a Dask cluster (``executor="dask"``); both give the same labels.
 """
 
@@ -83,7 +83,7 @@ def _require(df: pd.DataFrame, col: str, rule: str) -> None:
 
 def _grade_shard(items: list[tuple[str, str]], timeout_s: float) -> tuple[list, dict]:
     """One shard on one machine: a 1-process GradingPool (hard deadlines) -> (verdicts, pool stats)."""
-    from .verify import grade_many
+    from .gradepool import grade_many
 
     stats: dict = {}
     return grade_many(items, workers=1, timeout_s=timeout_s, progress=False, stats=stats), stats
@@ -101,34 +101,64 @@ def _dask_client(address: str | None):
     return Client(cluster), cluster
 
 
-def grade_dask(items: Sequence[tuple[str, str]], cfg: VerifyConfig) -> tuple[list, dict]:
-    """Fan shards of `items` out over a Dask cluster (cfg.dask_address or a local 2-worker one); order kept."""
-    from tqdm.auto import tqdm
+class Grader:
+    """Labels (trace, gold) items batch by batch with redi.verify, in a local process pool or sharded over a
+    Dask cluster (same labels). ``submit`` queues a batch and returns at once, so the next batch is read
+    and tokenised while this one is graded; ``result`` waits for it. Use as a context manager."""
 
-    shards = [list(items[i : i + cfg.shard_size]) for i in range(0, len(items), cfg.shard_size)]
-    client, cluster = _dask_client(cfg.dask_address)
-    try:
-        futs = client.map(_grade_shard, shards, timeout_s=cfg.timeout_s, pure=False)
-        results = [f.result() for f in tqdm(futs, desc="grading (dask)", unit="shard")]
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
-    stats: Counter = Counter()
-    for _, s in results:
-        stats.update({k: v for k, v in s.items() if isinstance(v, int)})
-    return [v for verdicts, _ in results for v in verdicts], dict(stats)
+    def __init__(self, cfg: VerifyConfig):
+        self.cfg = cfg
+        self.stats: Counter = Counter()
+        self._pool = self._client = self._cluster = None
+        if cfg.executor == "dask":
+            self._client, self._cluster = _dask_client(cfg.dask_address)
+        else:
+            from .gradepool import GradingPool
+
+            self._pool = GradingPool(cfg.workers, cfg.timeout_s)
+
+    def submit(self, items: list[tuple[str, str]]):
+        if self._pool is not None:
+            return self._pool.map_async(items)
+        shards = [items[i : i + self.cfg.shard_size] for i in range(0, len(items), self.cfg.shard_size)]
+        return self._client.map(_grade_shard, shards, timeout_s=self.cfg.timeout_s, pure=False)
+
+    def done(self, handle) -> int:
+        """Items of `handle` graded so far (for the progress bar)."""
+        if self._pool is not None:
+            return handle.done
+        return sum(self.cfg.shard_size for f in handle if f.done())
+
+    def result(self, handle) -> list:
+        if self._pool is not None:
+            return handle.result()
+        out = []
+        for verdicts, st in (f.result() for f in handle):
+            out += verdicts
+            self.stats.update({k: v for k, v in st.items() if isinstance(v, int)})
+        return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self.stats.update({k: v for k, v in vars(self._pool.stats).items() if isinstance(v, int)})
+        if self._client is not None:
+            self._client.close()
+        if self._cluster is not None:
+            self._cluster.close()
+
+    def __enter__(self) -> Grader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def grade_traces(items: Sequence[tuple[str, str]], cfg: VerifyConfig) -> tuple[list, dict]:
     """Labels of (trace, gold) items with redi.verify, in processes or over Dask (same labels)."""
-    if cfg.executor == "dask":
-        return grade_dask(items, cfg)
-    from .verify import grade_many
-
-    stats: dict = {}
-    out = grade_many(items, workers=cfg.workers, timeout_s=cfg.timeout_s, desc="grading traces", stats=stats)
-    return out, {k: v for k, v in stats.items() if isinstance(v, int)}
+    with Grader(cfg) as g:
+        out = g.result(g.submit(list(items)))
+    return out, dict(g.stats)
 
 
 # ----------------------------------------------------------------------------- token lengths
@@ -210,39 +240,61 @@ def funnel(df: pd.DataFrame) -> list[dict]:
 
 
 def select(df: pd.DataFrame, cfg: VerifyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(positives, pairs) from the kept traces, as DataFrames with POSITIVE_COLUMNS / PAIR_COLUMNS.
+    """Which traces become positives and pairs, from the kept rows of the light table (no texts needed).
 
-    Positives: the first correct trace of each problem (paper) or all. Pairs: the k-th correct with
-    the k-th incorrect trace, k < pairs_per_problem (k = 0 is the paper's first-correct/first-incorrect).
+    Positives: the first correct trace of each problem (paper) or all. Pairs: the k-th correct with the
+    k-th incorrect trace, k < pairs_per_problem (k = 0 is the paper's first-correct/first-incorrect).
+    Returns (positives: problem_id, gen_index, answer, _pos), (pairs: ..., gen_index_r, _pos_r); ``_pos``
+    is the trace's row in traces.parquet.
     """
     kept = df[df["filter_reason"] == ""].sort_values(["problem_id", "gen_index"], kind="stable")
-    good = kept[kept["label"] == True].copy()  # noqa: E712 - object column (True/False/None)
-    bad = kept[kept["label"] == False].copy()  # noqa: E712
+    cols = ["problem_id", "gen_index", "answer", "_pos"]
+    good = kept.loc[kept["label"] == True, cols].copy()  # noqa: E712 - object column (True/False/None)
+    bad = kept.loc[kept["label"] == False, cols].copy()  # noqa: E712
     good["k"] = good.groupby("problem_id").cumcount()
     bad["k"] = bad.groupby("problem_id").cumcount()
     pos = good if cfg.positives == "all" else good[good["k"] == 0]
+    pairs = good[good["k"] < cfg.pairs_per_problem].merge(bad[["problem_id", "k", "gen_index", "_pos"]], on=["problem_id", "k"],
+                                                          suffixes=("", "_r"))
+    return pos.reset_index(drop=True), pairs.reset_index(drop=True)
+
+
+def assemble(pos: pd.DataFrame, pairs: pd.DataFrame, texts: dict[int, tuple[str, str]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The positives and pairs tables (POSITIVE_COLUMNS / PAIR_COLUMNS) from :func:`select`'s rows and
+    ``texts`` = {row in traces.parquet: (problem, trace)}."""
     positives = pd.DataFrame({
         "id": [stable_id(p, int(i)) for p, i in zip(pos["problem_id"], pos["gen_index"], strict=True)],
-        "problem_id": pos["problem_id"].to_numpy(), "problem": pos["problem"].to_numpy(),
-        "completion": pos["trace"].to_numpy(), "answer": pos["answer"].to_numpy()})
-    m = good[good["k"] < cfg.pairs_per_problem].merge(bad[["problem_id", "k", "gen_index", "trace"]], on=["problem_id", "k"], suffixes=("", "_r"))
-    pairs = pd.DataFrame({
+        "problem_id": pos["problem_id"].to_numpy(), "problem": [texts[int(i)][0] for i in pos["_pos"]],
+        "completion": [texts[int(i)][1] for i in pos["_pos"]], "answer": pos["answer"].to_numpy()})
+    m = pairs
+    out = pd.DataFrame({
         "id": [stable_id(p, int(c), int(r)) for p, c, r in zip(m["problem_id"], m["gen_index"], m["gen_index_r"], strict=True)],
-        "problem_id": m["problem_id"].to_numpy(), "problem": m["problem"].to_numpy(), "chosen": m["trace"].to_numpy(),
-        "rejected": m["trace_r"].to_numpy(), "answer": m["answer"].to_numpy(),
+        "problem_id": m["problem_id"].to_numpy(), "problem": [texts[int(i)][0] for i in m["_pos"]],
+        "chosen": [texts[int(i)][1] for i in m["_pos"]], "rejected": [texts[int(i)][1] for i in m["_pos_r"]],
+        "answer": m["answer"].to_numpy(),
         "chosen_index": m["gen_index"].astype("int64").to_numpy(), "rejected_index": m["gen_index_r"].astype("int64").to_numpy()})
-    assert list(positives.columns) == list(POSITIVE_COLUMNS) and list(pairs.columns) == list(PAIR_COLUMNS)
-    return positives, pairs
+    assert list(positives.columns) == list(POSITIVE_COLUMNS) and list(out.columns) == list(PAIR_COLUMNS)
+    return positives, out
 
 
 # ----------------------------------------------------------------------------- agreement
 
 
-def agreement(ours: pd.Series, theirs: pd.Series, df: pd.DataFrame, n_examples: int = 8) -> tuple[dict, str]:
-    """Confusion matrix of our labels vs the dataset's Math-Verify labels, and a markdown report."""
-    def key(v):
-        return "None" if v is None or pd.isna(v) else str(bool(v))
+def _verdict_key(v) -> str:
+    return "None" if v is None or pd.isna(v) else str(bool(v))
 
+
+def disagreements(ours: pd.Series, theirs: pd.Series) -> pd.Series:
+    """Mask of rows where our label and the dataset's known label differ."""
+    return pd.Series([(_verdict_key(a) != _verdict_key(b)) and _verdict_key(b) != "None"
+                      for a, b in zip(ours.tolist(), theirs.tolist(), strict=True)], index=ours.index)
+
+
+def agreement(ours: pd.Series, theirs: pd.Series, examples: pd.DataFrame) -> tuple[dict, str]:
+    """Confusion matrix of our labels vs the dataset's Math-Verify labels, and a markdown report.
+
+    ``examples``: disagreeing rows to show (row_id, answer, label_ours, label_math_verify, trace)."""
+    key = _verdict_key
     cm = Counter((key(a), key(b)) for a, b in zip(ours.tolist(), theirs.tolist(), strict=True))
     both = sum(n for (a, b), n in cm.items() if a != "None" and b != "None")
     same = cm[("True", "True")] + cm[("False", "False")]
@@ -253,11 +305,9 @@ def agreement(ours: pd.Series, theirs: pd.Series, df: pd.DataFrame, n_examples: 
              "| ours \\ dataset | True | False | None |", "|---|---|---|---|"]
     for a in ("True", "False", "None"):
         lines.append(f"| {a} | " + " | ".join(str(cm[(a, b)]) for b in ("True", "False", "None")) + " |")
-    mask = [(key(a) != key(b)) and key(b) != "None" for a, b in zip(ours.tolist(), theirs.tolist(), strict=True)]
-    ex = df.loc[mask].head(n_examples)
-    if len(ex):
+    if len(examples):
         lines += ["", "## Examples of disagreements", "", "| row_id | gold | ours | dataset | end of trace |", "|---|---|---|---|---|"]
-        for _, r in ex.iterrows():
+        for _, r in examples.iterrows():
             tail = str(r["trace"])[-120:].replace("|", "\\|").replace("\n", " ")
             lines.append(f"| {r['row_id']} | {r['answer']} | {key(r['label_ours'])} | {key(r['label_math_verify'])} | {tail} |")
     return summary, "\n".join(lines) + "\n"
@@ -266,8 +316,8 @@ def agreement(ours: pd.Series, theirs: pd.Series, df: pd.DataFrame, n_examples: 
 # ----------------------------------------------------------------------------- entry point
 
 
-def _problem_info(df: pd.DataFrame, tokenizer, cfg: VerifyConfig, decontam_problems: dict[str, list[str]]) -> tuple[pd.DataFrame, dict]:
-    probs = df.drop_duplicates("problem_id")[["problem_id", "problem"]]
+def _problem_info(probs: pd.DataFrame, tokenizer, cfg: VerifyConfig, decontam_problems: dict[str, list[str]]) -> tuple[pd.DataFrame, dict]:
+    """Per problem (``probs``: problem_id, problem; one row each): contaminated?, prompt tokens."""
     dec = Decontaminator(decontam_problems if cfg.decontaminate else {}, cfg.decontam_ngram)
     hits = [dec.hits(p) for p in probs["problem"]] if dec.index else [[] for _ in range(len(probs))]
     per_bench = Counter(b for h in hits for b in h)
@@ -278,48 +328,156 @@ def _problem_info(df: pd.DataFrame, tokenizer, cfg: VerifyConfig, decontam_probl
     return info, dsum
 
 
+READ_ROWS = 16384
+"""Traces read, graded and written per batch: memory holds two such batches of texts, never the file."""
+ADDED = {"label_ours": pa.bool_(), "label": pa.bool_(), "response_tokens": pa.int64(), "prompt_tokens": pa.int64(),
+         "filter_reason": pa.string()}
+"""Columns verify adds to each trace in labelled.parquet, with their types."""
+
+
+def _batches(path: Path, columns: list[str] | None = None):
+    """(first row, pyarrow RecordBatch) of traces.parquet, READ_ROWS at a time."""
+    pos = 0
+    for rb in pq.ParquetFile(path).iter_batches(batch_size=READ_ROWS, columns=columns):
+        yield pos, rb
+        pos += rb.num_rows
+
+
+def _light(rb: pa.RecordBatch, pos: int) -> pd.DataFrame:
+    """The small columns of a batch (everything but texts) with each row's position in the file."""
+    names = [c for c in LIGHT_COLUMNS if c in rb.schema.names]
+    df = rb.select(names).to_pandas()
+    for c in LIGHT_COLUMNS:
+        if c not in df:
+            df[c] = None
+    df["_pos"] = range(pos, pos + rb.num_rows)
+    return df
+
+
+def _check_rule(cfg: VerifyConfig, traces_path: Path) -> None:
+    """Refuse a label rule whose columns are missing or empty, before any grading."""
+    if cfg.label_rule == "math_verify":
+        return
+    names = pq.ParquetFile(traces_path).schema_arrow.names
+    needed = [c for c in ("label_llama", "label_math_verify") if c in names]
+    sample = pq.read_table(traces_path, columns=needed).to_pandas() if needed else pd.DataFrame()
+    LABEL_RULES[cfg.label_rule](pd.Series([None] * len(sample), dtype=object), sample)
+
+
 def verify_and_split(cfg: VerifyConfig, traces_path: Path, tokenizer_dir: Path, out_dir: Path,
                      decontam_problems: dict[str, list[str]]) -> dict:
     """Label, filter and split ``traces_path``; write labelled/positives/pairs parquet and agreement.md.
 
+    Streams: pass 1 reads the traces in batches of READ_ROWS, grades each while the next is read and
+    tokenised, and keeps only the small columns; pass 2 reads them again to write labelled.parquet batch
+    by batch and to pick the texts of the selected positives and pairs. Memory holds the small columns of
+    every trace, the problem texts and two batches of traces, never the whole file.
+
     Returns the summary: counts at every filter step (``funnel``), label counts, grading stats,
     decontamination per benchmark, agreement with the dataset's labels, timings.
     """
+    from tqdm.auto import tqdm
+
     from .tinymodel import load_tokenizer
 
     t0 = time.monotonic()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    df = pq.read_table(traces_path).to_pandas()
-    if df.empty:
+    n_rows = pq.ParquetFile(traces_path).metadata.num_rows
+    if n_rows == 0:
         raise ValueError(f"{traces_path} holds no traces")
-    if cfg.label_rule != "math_verify":
-        LABEL_RULES[cfg.label_rule](pd.Series([None] * len(df), dtype=object), df)  # refuse before grading
-    with ThreadPoolExecutor(1) as ex:  # importing transformers (~5-15 s) overlaps with grading in other processes
-        tok_future = ex.submit(load_tokenizer, tokenizer_dir)
-        t_grade = time.monotonic()
-        ours, gstats = grade_traces(list(zip(df["trace"].tolist(), df["answer"].tolist(), strict=True)), cfg)
-        t_grade = time.monotonic() - t_grade
-        tok = tok_future.result()
-    df["label_ours"] = pd.Series(ours, dtype=object)
+    _check_rule(cfg, traces_path)
+
+    # pass 1: grade (workers) while reading and tokenising the next batch (here)
+    lights, problems = [], {}
+    t_grade = time.monotonic()
+    with ThreadPoolExecutor(1) as ex, Grader(cfg) as grader, tqdm(total=n_rows, desc="grading traces", unit="trace",
+                                                                  mininterval=1.0) as bar:
+        tok_future = ex.submit(load_tokenizer, tokenizer_dir)  # importing transformers (~5-15 s) overlaps with grading
+        prev = None
+        names = pq.ParquetFile(traces_path).schema_arrow.names
+        for pos, rb in _batches(traces_path, [c for c in names if c in {"problem", "trace", *LIGHT_COLUMNS}]):
+            cols = rb.schema.names
+            traces, answers = rb.column(cols.index("trace")).to_pylist(), rb.column(cols.index("answer")).to_pylist()
+            handle = grader.submit(list(zip(traces, answers, strict=True)))
+            light = _light(rb, pos)
+            tok = tok_future.result()
+            light["response_tokens"] = response_lengths(tok, traces) if cfg.max_response_tokens is not None else 0
+            pb = rb.select(["problem_id", "problem"]).to_pandas().drop_duplicates("problem_id")
+            for pid, text in zip(pb["problem_id"], pb["problem"], strict=True):
+                problems.setdefault(pid, text)
+            if prev is not None:
+                _finish(grader, *prev, bar)
+            prev = (light, handle)
+            lights.append(light)
+            del traces, answers, rb
+        _finish(grader, *prev, bar)
+    t_grade = time.monotonic() - t_grade
+    df = pd.concat(lights, ignore_index=True)
     df["label"] = LABEL_RULES[cfg.label_rule](df["label_ours"], df)
-    df["response_tokens"] = response_lengths(tok, df["trace"].tolist()) if cfg.max_response_tokens is not None else 0
-    info, dsum = _problem_info(df, tok, cfg, decontam_problems)
+    probs = pd.DataFrame({"problem_id": list(problems), "problem": list(problems.values())})
+    info, dsum = _problem_info(probs, tok, cfg, decontam_problems)
     df["prompt_tokens"] = info.loc[df["problem_id"], "prompt_tokens"].to_numpy()
     df["filter_reason"] = filter_reasons(df, cfg, info)
-    pos, pairs = select(df, cfg)
-    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), out_dir / "labelled.parquet", compression="zstd")
+    pos_rows, pair_rows = select(df, cfg)
+    dis = df.loc[disagreements(df["label_ours"], df["label_math_verify"])].head(8)
+
+    # pass 2: labelled.parquet, and the texts of what was selected
+    needed = set(pos_rows["_pos"]) | set(pair_rows["_pos"]) | set(pair_rows["_pos_r"]) | set(dis["_pos"])
+    texts = _write_labelled(traces_path, df, out_dir / "labelled.parquet", needed)
+    pos, pairs = assemble(pos_rows, pair_rows, texts)
     pos.to_parquet(out_dir / "positives.parquet", index=False)
     pairs.to_parquet(out_dir / "pairs.parquet", index=False)
-    agree, md = agreement(df["label_ours"], df["label_math_verify"], df)
+    examples = dis.assign(trace=[texts[int(i)][1] for i in dis["_pos"]])
+    agree, md = agreement(df["label_ours"], df["label_math_verify"], examples)
     (out_dir / "agreement.md").write_text(md)
     summary = {
         "label_rule": cfg.label_rule, "traces": len(df), "problems": int(df["problem_id"].nunique()),
         "funnel": funnel(df), "filter_counts": {k: int(v) for k, v in Counter(df["filter_reason"]).items() if k},
         "labels": {str(k): int(v) for k, v in Counter(map(str, df["label"].tolist())).items()},
-        "grading": {**gstats, "seconds": round(t_grade, 2), "traces_per_s": round(len(df) / max(t_grade, 1e-9), 1), "executor": cfg.executor},
+        "grading": {**dict(grader.stats), "seconds": round(t_grade, 2), "traces_per_s": round(len(df) / max(t_grade, 1e-9), 1),
+                    "executor": cfg.executor},
         "decontamination": dsum, "positives": len(pos), "pairs": len(pairs),
         "agreement": agree, "seconds": round(time.monotonic() - t0, 2),
     }
     logger.info("verify: %d traces -> %d positives, %d pairs (%s)", len(df), len(pos), len(pairs), cfg.label_rule)
     return summary
+
+
+def _finish(grader: Grader, light: pd.DataFrame, handle, bar) -> None:
+    """Wait for a batch's labels (advancing the progress bar) and store them in its light table."""
+    base = bar.n
+    if isinstance(handle, list):  # dask futures
+        verdicts = grader.result(handle)
+    else:
+        while not handle.wait(0.5):
+            bar.update(base + grader.done(handle) - bar.n)
+        verdicts = grader.result(handle)
+    light["label_ours"] = pd.Series(verdicts, index=light.index, dtype=object)
+    bar.update(base + len(light) - bar.n)
+
+
+def _write_labelled(traces_path: Path, df: pd.DataFrame, out: Path, needed: set[int]) -> dict[int, tuple[str, str]]:
+    """Every trace with verify's columns (ADDED) to ``out``, batch by batch; returns {row: (problem, trace)} of `needed`."""
+    texts: dict[int, tuple[str, str]] = {}
+    writer = None
+    try:
+        for pos, rb in _batches(traces_path):
+            part = df.iloc[pos : pos + rb.num_rows]
+            table = pa.Table.from_batches([rb])
+            for name, typ in ADDED.items():
+                vals = [None if _null(v) else v for v in part[name].tolist()]
+                table = table.append_column(pa.field(name, typ), pa.array(vals, type=typ))
+            if writer is None:
+                writer = pq.ParquetWriter(out, table.schema, compression="zstd")
+            writer.write_table(table)
+            want = [p for p in range(pos, pos + rb.num_rows) if p in needed]
+            if want:
+                cols = rb.schema.names
+                problem, trace = rb.column(cols.index("problem")), rb.column(cols.index("trace"))
+                for p in want:
+                    texts[p] = (problem[p - pos].as_py(), trace[p - pos].as_py())
+    finally:
+        if writer is not None:
+            writer.close()
+    return texts

@@ -111,6 +111,8 @@ class StudyConfig(StrictModel):
     plateau_patience: int = Field(1, ge=1, description="Rounds in a row without a significant gain before SFT stops.")
     plateau_z: float = Field(1.0, ge=0, description="A gain is significant when it exceeds z x the combined standard error of the two rounds.")
     plateau_min_delta: float = Field(0.0, ge=0, description="...and exceeds this absolute pass@1 gain.")
+    plateau_floor: float = Field(0.0, ge=0, le=1, description="Rounds count towards the plateau only once val pass@1 has reached this: "
+                                 "a curve flat at the floor is a model that has not started to solve problems, not a plateau.")
     val_benchmark: str = Field("demo_val", description="Validation split (plateau detection and the search).")
     test_benchmark: str = Field("demo_test", description="Held-out test split (final table only).")
     val_n_samples: int = Field(4, ge=1, description="Samples per validation problem.")
@@ -170,18 +172,22 @@ class PlateauDecision:
 
 
 def plateau_decision(curve: list[dict[str, float]], patience: int = 1, z: float = 1.0, min_delta: float = 0.0,
-                     max_rounds: int | None = None) -> PlateauDecision:
+                     max_rounds: int | None = None, floor: float = 0.0) -> PlateauDecision:
     """Should SFT stop after the rounds in ``curve`` (each ``{"pass@1": p, "se": s}``, round 1 first)?
 
     The reference is the last round that beat the previous reference by more than noise
     (``max(min_delta, z * sqrt(se_ref^2 + se_new^2))``). Stop once ``patience`` rounds in a row fail to
-    do so, or at ``max_rounds``. The returned best round is the argmax of pass@1 (earliest on ties):
+    do so, or at ``max_rounds``. Rounds before the first one at or above ``floor`` never count (the
+    reference moves to the first round that reaches it). The returned best round is the argmax of pass@1 (earliest on ties):
     the checkpoint stage 2 starts from.
     """
     if not curve:
         raise ValueError("plateau_decision needs at least one evaluated round")
     ref, since = 0, 0
     for i in range(1, len(curve)):
+        if curve[ref]["pass@1"] < floor:  # still at the floor: nothing is a plateau yet
+            ref, since = i, 0
+            continue
         gain = curve[i]["pass@1"] - curve[ref]["pass@1"]
         noise = max(min_delta, z * math.hypot(curve[ref]["se"], curve[i]["se"]))
         if gain > noise:
@@ -189,6 +195,10 @@ def plateau_decision(curve: list[dict[str, float]], patience: int = 1, z: float 
         else:
             since += 1
     best = max(range(len(curve)), key=lambda i: (curve[i]["pass@1"], -i)) + 1
+    if curve[ref]["pass@1"] < floor:
+        if max_rounds is not None and len(curve) >= max_rounds:
+            return PlateauDecision(True, best, f"max_rounds={max_rounds} reached below the floor {floor:g} (no plateau)")
+        return PlateauDecision(False, best, f"val pass@1 below the floor {floor:g}; continuing")
     if since >= patience:
         return PlateauDecision(True, best, f"{since} round(s) without a gain above noise since round {ref + 1}")
     if max_rounds is not None and len(curve) >= max_rounds:
@@ -216,18 +226,20 @@ def seed_stats(values: list[float]) -> tuple[float, float]:
 
 
 def collapse_check(signals: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
-    """Where the paper's collapse signal fires: the per-token chosen log-prob falls below ``threshold``.
-
-    It fires only when the run starts above the threshold (a start already below it, e.g. an SFT model
-    far from its plateau, is reported as ``start_below`` instead: the signal means nothing there).
-    Returns the first step below the threshold, the start / final / minimum chosen log-prob.
+    """Where the trainer's collapse warning fired (``collapsed`` in its signals: the chosen per-token log-prob
+    below ``collapse_threshold`` from a start above it, or ``collapse_drop`` below its own start; see
+    ``redi.signals``). Signals without the flag fall back to the absolute threshold from a start above it.
+    Returns the first flagged step and the start / final / minimum chosen log-prob.
     """
-    pts = [(s.get("step"), s["chosen_logp"]) for s in signals if s.get("chosen_logp") is not None]
+    pts = [(s.get("step"), s["chosen_logp"], s.get("collapsed")) for s in signals if s.get("chosen_logp") is not None]
     if not pts:
         return {"fired": False, "first_step": None, "start_below": False, "start": None, "final": None, "min": None}
-    vals = [v for _, v in pts]
+    vals = [v for _, v, _ in pts]
     start_below = vals[0] < threshold
-    first = None if start_below else next((st for st, v in pts if v < threshold), None)
+    if any(f is not None for _, _, f in pts):
+        first = next((st for st, _, f in pts if f), None)
+    else:
+        first = None if start_below else next((st for st, v, _ in pts if v < threshold), None)
     return {"fired": first is not None, "first_step": first, "start_below": start_below, "start": vals[0],
             "final": vals[-1], "min": min(vals)}
 
@@ -238,6 +250,7 @@ _SIGNAL_KEYS = {
     "update_norm": ("update_norm", "param_update_norm", "delta_norm"),
     "loss": ("loss",),
     "lr": ("lr", "learning_rate"),
+    "collapsed": ("collapsed",),
 }
 
 
@@ -409,7 +422,7 @@ class Study:
 
     def decide(self, curve: list[dict[str, Any]]) -> PlateauDecision:
         c = self.cfg
-        return plateau_decision(curve, c.plateau_patience, c.plateau_z, c.plateau_min_delta, c.sft_max_rounds)
+        return plateau_decision(curve, c.plateau_patience, c.plateau_z, c.plateau_min_delta, c.sft_max_rounds, c.plateau_floor)
 
     def sft_to_plateau(self, base: dict[str, Artifact]) -> dict[str, Any]:
         """Rounds of SFT, each evaluated on validation, until the plateau. Returns the curve and the start."""
@@ -458,8 +471,8 @@ class Study:
         label = f"{method.name}[{','.join(f'{k}={v:g}' for k, v in params.items())}]-s{seed}"
         ev = self.evaluate(art, split, base["download"], label)
         if collapse["fired"]:
-            log.warning("collapse signal: %s chosen log-prob/token fell below %g at step %s (final %.3f)", label,
-                        self.recipe.redi.collapse_threshold, collapse["first_step"], collapse["final"])
+            log.warning("collapse warning: %s chosen log-prob/token %.3f -> %.3f, flagged from step %s", label,
+                        collapse["start"], collapse["final"], collapse["first_step"])
         return PointResult(method.name, method.loss, params, seed, art.key, stage, art.path, art.cached, train_s,
                            collapse, ev, {k: v for k, v in art.summary.items() if not isinstance(v, (list, dict))})
 
@@ -499,6 +512,7 @@ class Study:
             final={k: [p.row() for p in v] for k, v in final.items()}, signals=signals,
             timings={"wall_this_invocation": round(wall_s, 1), **{k: round(v, 1) for k, v in build_s.items()}},
             stage2_steps=self.stage2_steps(base["verify"]), collapse_threshold=self.recipe.redi.collapse_threshold,
+            collapse_drop=self.recipe.redi.collapse_drop,
             test_n_samples=self.cfg.test_n_samples, search_seed=self.cfg.search_seed)
 
     def report(self, result: StudyResult, out_dir: Path | None = None) -> dict[str, Any]:
@@ -562,6 +576,7 @@ class StudyResult:
     collapse_threshold: float
     test_n_samples: int
     search_seed: int = 0
+    collapse_drop: float | None = None
 
 
 # ---------------------------------------------------------------------------------------- tables and plots
@@ -696,9 +711,10 @@ def write_report(result: StudyResult, out: Path) -> dict[str, Any]:
           markdown_table(result.sft_curve, ("pass@1", "se", "no_answer")),
           "## Validation search", "", markdown_table(search_rows, pct),
           "## Chosen settings", "", *[f"- {m}: {_pstr(p)}" for m, p in result.chosen.items()], "",
-          f"## Collapse signal (chosen log-prob/token < {result.collapse_threshold})", ""]
+          f"## Collapse warning (the trainer's: chosen log-prob/token < {result.collapse_threshold} from a start above it, "
+          f"or {result.collapse_drop} below the run's start)", ""]
     md += [f"- {r['method']} {_hp(r)} seed {r['seed']}: step {r['collapse_step']}, final {r['chosen_logp_final']:.3g}"
-           for r in collapses] or ["- never fired from a start above the threshold"]
+           for r in collapses] or ["- never fired"]
     md += collapse_notes(search_rows + [r for v in result.final.values() for r in v], result.collapse_threshold)
     md += ["", "## Timings (s)", "", *[f"- {k}: {v}" for k, v in result.timings.items()], ""]
     (out / "results.md").write_text("\n".join(md))

@@ -295,8 +295,9 @@ def run(job: Job) -> dict:
     acc.register_for_checkpointing(scheduler)  # not prepared: accelerate would step it once per process
     job.work_dir.mkdir(parents=True, exist_ok=True)
     start, records = _resume(acc, job)
-    collapse = getattr(cfg, "collapse_threshold", None) if job.kind == "stage2" else None
-    signals = SignalLog(records, collapse)
+    stage2 = job.kind == "stage2"
+    signals = SignalLog(records, getattr(cfg, "collapse_threshold", None) if stage2 else None,
+                        getattr(cfg, "collapse_drop", None) if stage2 else None)
     loss_fn = get_loss(cfg.loss) if job.kind == "stage2" else None
     t_train = time.time()
     _loop(job, acc, model, optimizer, scheduler, ref_model, loss_fn, signals, start, total, per_rank)

@@ -55,6 +55,20 @@ def test_plateau_reference_is_the_last_significant_round_not_the_last_round():
     assert not d.stop  # round 3 (0.72) beat round 1 by 0.02 > 0.014: reference moved
 
 
+def test_plateau_ignores_rounds_at_the_floor():
+    """A validation curve flat at the floor (the last study's 4.0 / 1.2 / 3.8 %) is no plateau."""
+    floor = _c(0.04, 0.012, 0.038, se=0.01)
+    assert plateau_decision(floor, patience=2).stop  # without a floor: "plateau" at ~4 %
+    d = plateau_decision(floor, patience=2, floor=0.1)
+    assert not d.stop and "floor" in d.reason
+    climbing = _c(0.04, 0.012, 0.038, 0.30, 0.45, 0.44, se=0.02)
+    assert not plateau_decision(climbing, patience=2, floor=0.1).stop
+    d = plateau_decision(climbing + _c(0.46, se=0.02), patience=2, floor=0.1)
+    assert d.stop and d.best_round == 7 and "since round 5" in d.reason
+    d = plateau_decision(floor, patience=2, floor=0.1, max_rounds=3)
+    assert d.stop and "below the floor" in d.reason
+
+
 def test_plateau_min_delta_and_max_rounds():
     assert plateau_decision(_c(0.5, 0.6), min_delta=0.2, z=0.0).stop
     d = plateau_decision(_c(0.2, 0.5, 0.8), max_rounds=3)

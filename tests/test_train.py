@@ -260,6 +260,22 @@ def test_collapse_warning(caplog):
     assert s.collapse_steps == 2 and sum("collapse" in r.message for r in caplog.records) == 1
 
 
+def test_collapse_warning_relative_to_the_start(caplog):
+    """From a start already below the absolute threshold only the fall relative to the start counts."""
+    from redi.signals import SignalLog
+
+    s = SignalLog(collapse_threshold=-0.1, collapse_drop=0.3)
+    with caplog.at_level("WARNING"):
+        for i, c in enumerate([-0.62, -0.65, -0.80, -1.5, -2.8]):
+            s.add({"step": i + 1, "chosen_logp": c})
+    assert [r["collapsed"] for r in s.records] == [False, False, False, True, True]
+    assert sum("collapse_drop" in r.message for r in caplog.records) == 1
+    quiet = SignalLog(collapse_threshold=-0.1)  # absolute only, start below it: never fires
+    for i, c in enumerate([-0.62, -2.8]):
+        quiet.add({"step": i + 1, "chosen_logp": c})
+    assert quiet.collapse_steps == 0
+
+
 # ------------------------------------------------------------------ multi-process
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import sympy
 
-from redi.verify import GradingPool, grade, grade_many, last_boxed, normalise_answer, parse_answer
+from redi.gradepool import GradingPool, grade_many
+from redi.verify import grade, last_boxed, normalise_answer, parse_answer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 if not SHARED.exists():
@@ -215,7 +216,7 @@ def test_minerva_odd_golds():
 
 def test_workers_that_never_start_fail_with_a_clear_message(monkeypatch):
     """A blocked worker start (e.g. an unguarded script re-run by the forkserver) raises instead of hanging."""
-    import redi.verify as V
+    import redi.gradepool as V
 
     monkeypatch.setattr(V, "START_TIMEOUT_S", 0.0)
     with pytest.raises(RuntimeError, match="__main__"):
@@ -229,3 +230,35 @@ def test_pool_serves_bursts_after_idle_periods():
             futs = [pool.submit(f"\\boxed{{{i}}}", str(i)) for i in range(50)]
             assert [f.result(timeout=60) for f in futs] == [True] * 50, f"burst {burst}"
             time.sleep(0.3)  # the pool goes idle between bursts
+
+
+def test_map_blames_exactly_the_slow_item_and_keeps_order():
+    """A deadline kill resolves only the item that overran; the rest of the killed worker's chunk is re-graded."""
+    items = [(f"so \\boxed{{{i % 7}}}", str(i % 5)) for i in range(300)]
+    items[137] = PATHOLOGICAL[0]
+    with GradingPool(workers=2, timeout_s=1.5) as pool:
+        out = pool.map(items)
+    expected = [grade(r, g) for r, g in items[:137]] + [None] + [grade(r, g) for r, g in items[138:]]
+    assert out == expected
+    assert pool.stats.timeouts == 1 and pool.stats.done == 300
+
+
+def test_large_inputs_never_block_the_deadline():
+    """Chunks far larger than a pipe buffer (64 kB) go through feeder threads: a worker stuck on a pathological
+    item is still killed on time while megabytes of other items wait for it."""
+    filler = "x" * 200_000
+    items = [(filler + f"\\boxed{{{i}}}", str(i)) for i in range(40)]
+    items.insert(3, PATHOLOGICAL[0])
+    t0 = time.monotonic()
+    out = grade_many(items, workers=1, timeout_s=1.5, progress=False)
+    assert out[3] is None and all(out[:3]) and all(out[4:])
+    assert time.monotonic() - t0 < 30
+
+
+def test_map_and_submit_share_a_pool():
+    with GradingPool(workers=2, timeout_s=5) as pool:
+        fut = pool.submit("\\boxed{3}", "3")
+        batch = pool.map_async([(f"\\boxed{{{i}}}", str(i if i % 2 else i + 1)) for i in range(64)])
+        assert fut.result(timeout=60) is True
+        assert batch.result() == [bool(i % 2) for i in range(64)]
+        assert pool.map([]) == []

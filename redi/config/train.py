@@ -71,7 +71,10 @@ class Stage2Config(OptimConfig):
     max_prompt_length: int = Field(800, ge=1, description="Pairs with a longer prompt are dropped (paper: 800).")
     max_length: int = Field(19800, ge=16, description="Longest prompt+completion; longer ones are truncated keeping the end (paper: 19800, keep_end).")
     packing: bool = Field(True, description="Padding-free packing of chosen and rejected sequences.")
-    collapse_threshold: float = Field(-0.1, lt=0, description="Warn when the mean per-token chosen log-prob falls below this (the paper's collapse signal).")
+    collapse_threshold: float = Field(-0.1, lt=0, description="Warn when the mean per-token chosen log-prob falls below this (the paper's collapse signal); "
+                                      "counts only when the run starts above it.")
+    collapse_drop: float | None = Field(None, gt=0, description="Also warn when it falls more than this (nats/token) below its value at the first step: "
+                                        "the signal relative to the run's own start, for SFT starts that sit below the absolute threshold.")
 
     @model_validator(mode="after")
     def _loss_fields(self) -> Stage2Config:
@@ -82,6 +85,7 @@ class Stage2Config(OptimConfig):
     def hash_fields(self) -> dict:
         d = super().hash_fields()
         d.pop("collapse_threshold")
+        d.pop("collapse_drop")
         # Fields that the chosen objective ignores do not change the artifact.
         if self.loss != "redi":
             d.pop("alpha")

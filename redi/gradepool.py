@@ -1,0 +1,572 @@
+"""Worker processes that run :func:`redi.verify.grade` under a hard per-item deadline enforced from outside.
+
+Math-Verify's own timeouts use ``signal.alarm`` (main thread only), so the grader runs with them off
+and this pool enforces the deadline instead: each worker publishes in shared memory which item it is
+grading and since when (a "heartbeat", two doubles written per item, no message); the parent's
+scheduler thread kills a worker whose current item is past ``timeout_s``, resolves exactly that
+item to ``None`` and re-queues the rest of the worker's items to its replacement.
+
+Throughput: the parent's per-item cost must stay far below one grading (~0.2 ms for a short integer
+answer) or the parent, not the workers, sets the pace on a 2-core machine. So items travel in chunks
+(slices of a batch, up to ``CHUNK_MAX`` per message, two queued per worker so a worker never waits
+for the parent), results come back as one list per chunk (or every ``FLUSH_S`` on a slow chunk),
+messages are sent by a feeder thread per worker (a full pipe never blocks the scheduler, which must
+stay free to enforce deadlines), and the parent touches chunks, never single items, except to put
+verdicts back in input order. Workers fork warm from a forkserver (``redi._gradewarm``).
+``benchmarks/bench_verify.py`` measures the result (docs/benchmarks/verify.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait as mp_wait
+from typing import Any
+
+from .verify import Verdict, _safe_grade
+
+logger = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 300.0
+"""A worker that has not said ready by then means a blocked start (see _wait_once): fail, never hang."""
+IDLE_POLL_S = 1.0
+"""The scheduler re-checks its queue and its workers at least this often."""
+CHUNK_MIN, CHUNK_MAX = 8, 512
+"""Items per message to a worker: a quarter of the queue per worker within these bounds (big chunks when
+much is queued: fewer messages; small ones on a short queue: every worker gets some). Two are queued
+per worker."""
+FLUSH_S = 0.05
+"""A worker sends the results it holds at the end of each chunk, or once this long has passed."""
+_STOP = object()
+
+
+# ----------------------------------------------------------------------------- worker side
+
+_WARM_ITEMS = [("\\boxed{12}", "12"), ("\\boxed{\\frac{1}{2}}", "0.5"), ("\\boxed{x^2+1}", "x^2+1"),
+               ("\\boxed{\\sqrt{2}\\pi}", "\\pi\\sqrt{2}"), ("\\boxed{(1, 2]}", "(1,2]"), ("the final answer is 5", "5")]
+
+
+def warm() -> None:
+    """Pay Math-Verify's and SymPy's first-use costs (~0.1-0.2 s per kind of answer) once.
+
+    Called in the forkserver (``redi._gradewarm`` is preloaded there), so every worker, replacements
+    included, is forked warm; and in each worker, where it is free once warm.
+    """
+    for response, gold in _WARM_ITEMS:
+        _safe_grade(response, gold)
+
+
+def _worker_main(conn, beat) -> None:
+    """Worker loop: receive chunks ``(first_key, [(response, gold), ...])`` (item j has key first_key + j),
+    send ``(first_key, [verdict, ...])`` for consecutive runs of them.
+
+    ``beat[0]`` = key of the item being graded, ``beat[1]`` = when it started (``time.monotonic``,
+    system-wide on Linux) or 0.0 between items. Exits on None or EOF.
+    """
+    warm()
+    try:
+        conn.send(("ready", None))  # the parent times a worker's items only once it is ready
+    except (BrokenPipeError, OSError):
+        return
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        k0, items = msg
+        out, first, last = [], k0, time.monotonic()
+        for j, (response, gold) in enumerate(items):
+            beat[0] = k0 + j
+            beat[1] = time.monotonic()
+            out.append(_safe_grade(response, gold))
+            beat[1] = 0.0
+            now = time.monotonic()
+            if now - last >= FLUSH_S:
+                conn.send((first, out))
+                out, first, last = [], k0 + j + 1, now
+        if out:
+            conn.send((first, out))
+
+
+def _feeder(conn, q: deque, ready: threading.Event) -> None:
+    """Send a worker's queued messages, in order, so that the scheduler never blocks on a full pipe."""
+    while True:
+        ready.wait()
+        ready.clear()
+        while q:
+            msg = q.popleft()
+            if msg is _STOP:
+                return
+            try:
+                conn.send(msg)
+            except (OSError, ValueError):  # worker gone: the scheduler notices through its sentinel
+                return
+
+
+def _context() -> mp.context.BaseContext:
+    """forkserver with math_verify imported and warmed (cheap worker starts, safe in threaded parents); spawn elsewhere.
+
+    CPython 3.11's forkserver never receives the main script's path (it asks for ``main_path``, the
+    preparation data calls it ``init_main_from_path``), so its ``__main__`` preload is a no-op and every
+    worker re-imports the main script after the fork (0.5 s for a script that imports pandas). The path
+    goes through ``REDI_FORKSERVER_MAIN`` instead and ``redi._gradewarm`` imports it in the forkserver.
+    """
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if path and not path.endswith("__main__.py"):
+        os.environ["REDI_FORKSERVER_MAIN"] = os.path.abspath(path)
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["redi._gradewarm"])
+    return ctx
+
+
+def default_workers() -> int:
+    """All cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - macOS
+        return max(1, os.cpu_count() or 1)
+
+
+# ----------------------------------------------------------------------------- parent side
+
+
+def _answer_keys(items: list[tuple]) -> list[str]:
+    """Sort keys that group items by final answer: the text from the last "boxed" on (a cheap stand-in for
+    ``redi.verify.last_boxed``: C-level string operations, no call per item), then the gold."""
+    return [r[r.rfind("boxed") :][:40] + "\0" + g if type(r) is str and type(g) is str else "" for r, g in items]
+
+
+class Batch:
+    """Items queued together (:meth:`GradingPool.map_async`, or one :meth:`~GradingPool.submit`): verdicts in
+    input order, filled as chunks come back. Items own the keys ``k0 .. k0 + n - 1`` in dispatch order."""
+
+    def __init__(self, items: list[tuple], order: list[int] | None = None, future: Future | None = None):
+        self.items = items if order is None else [items[i] for i in order]  # dispatch order
+        self.order = order  # dispatch position -> input index (None: the same)
+        self.out: list[Verdict] = [None] * len(items)
+        self.left = len(items)
+        self.k0 = -1
+        self.future = future
+        self.event = threading.Event()
+        self.error: BaseException | None = None
+        if not items:
+            self.event.set()
+
+    @property
+    def done(self) -> int:
+        return len(self.out) - self.left
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.event.wait(timeout)
+
+    def result(self) -> list[Verdict]:
+        self.event.wait()
+        if self.error is not None:
+            raise RuntimeError(f"GradingPool failed: {self.error}") from self.error
+        return self.out
+
+    def _put(self, pos: int, verdicts: list[Verdict]) -> None:
+        """Verdicts of dispatch positions pos, pos+1, ... (scheduler thread only)."""
+        if self.order is None:
+            self.out[pos : pos + len(verdicts)] = verdicts
+        else:
+            order, out = self.order, self.out
+            for j, v in enumerate(verdicts, pos):
+                out[order[j]] = v
+        self.left -= len(verdicts)
+        if self.left == 0:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self.future is not None:
+            if self.error is not None:
+                self.future.set_exception(self.error)
+            else:
+                self.future.set_result(self.out[0])
+        self.event.set()
+
+
+@dataclass
+class _Seg:
+    """Consecutive dispatch positions [a, b) of one batch."""
+
+    batch: Batch
+    a: int
+    b: int
+
+
+@dataclass
+class _Slot:
+    """One worker process: its pipe, heartbeat, feeder thread and the segments sent to it (in order)."""
+
+    proc: Any
+    conn: Any
+    beat: Any
+    outq: deque = field(default_factory=deque)
+    kick: threading.Event = field(default_factory=threading.Event)
+    feeder: threading.Thread | None = None
+    inflight: deque = field(default_factory=deque)  # _Seg per chunk sent, shrinking from the front as results come
+    ready: bool = False
+    started_at: float = field(default_factory=time.monotonic)
+
+    def send(self, msg) -> None:
+        self.outq.append(msg)
+        self.kick.set()
+
+    def current(self) -> tuple[int, float] | None:
+        """(key, started) of the item being graded, or None between items (consistent read of the heartbeat)."""
+        t = self.beat[1]
+        if t == 0.0:
+            return None
+        key = int(self.beat[0])
+        return (key, t) if self.beat[1] == t else None
+
+
+@dataclass
+class PoolStats:
+    """Counters of a pool's life: graded items, deadline kills, worker crashes, workers started."""
+
+    done: int = 0
+    timeouts: int = 0
+    crashes: int = 0
+    started: int = 0
+    timeout_examples: list = field(default_factory=list)
+
+
+class GradingPool:
+    """Worker processes grading (response, gold) items, each under a hard deadline enforced here.
+
+    ``submit`` returns a Future resolved with True/False/None; ``map`` / ``map_async`` grade a batch
+    (cheaper per item: the parent handles chunks, never single items). A worker whose current item
+    overruns ``timeout_s`` is killed and replaced; that item resolves to None (``stats.timeouts``), the
+    worker's other items are graded again by its replacement. A worker that dies on an item resolves
+    that item to None (``stats.crashes``). Thread-safe; use as a context manager (``close`` waits for
+    every queued item).
+    """
+
+    def __init__(self, workers: int = 0, timeout_s: float = 5.0):
+        self.n = workers or default_workers()
+        self.timeout_s = float(timeout_s)
+        self.stats = PoolStats()
+        self._ctx = _context()
+        self._pending: deque = deque()  # _Seg not yet sent
+        self._retry: deque = deque()  # _Seg of a killed worker, sent first
+        self._queued = 0  # items in _pending + _retry
+        self._next = 0
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
+        self._closing = False
+        self._woken = False
+        self._start_failures = 0
+        self._unblamed = 0
+        self._error: Exception | None = None  # why the scheduler stopped, if it failed
+        self._batches: dict[int, Batch] = {}  # unfinished batches by k0
+        self._slots = [self._start_worker() for _ in range(self.n)]
+        self._thread = threading.Thread(target=self._run, name="grading-pool", daemon=True)
+        self._thread.start()
+
+    # -- public
+    def submit(self, response: str, gold: str) -> Future:
+        """Queue one item; the Future resolves to its verdict (None on timeout/crash)."""
+        fut: Future = Future()
+        self._enqueue(Batch([(response, gold)], future=fut))
+        return fut
+
+    def map_async(self, items: Iterable[tuple[str, str]]) -> Batch:
+        """Queue a batch of (response, gold) items; the returned :class:`Batch` fills in input order.
+
+        Items are dispatched grouped by final answer: parsing an answer string costs ~1 ms and each
+        worker caches what it parsed and graded (``redi.verify``), so equal answers graded by one worker
+        are parsed once instead of once per worker (the demo's 100,000 traces box ~1,000 distinct answers:
+        without grouping both workers parsed nearly all of them, 1.6x the CPU of one worker).
+        """
+        items = list(items)
+        keys = _answer_keys(items)
+        batch = Batch(items, sorted(range(len(items)), key=keys.__getitem__))
+        if items:
+            self._enqueue(batch)
+        return batch
+
+    def map(self, items: Iterable[tuple[str, str]], progress: bool = False, desc: str = "grading") -> list[Verdict]:
+        """Grade a batch and wait for it (with a progress bar: rate and ETA)."""
+        batch = self.map_async(items)
+        if progress and batch.left:
+            from tqdm.auto import tqdm
+
+            with tqdm(total=len(batch.out), desc=desc, unit="item", mininterval=1.0) as bar:
+                while not batch.wait(0.5):
+                    bar.update(batch.done - bar.n)
+                bar.update(batch.done - bar.n)
+        return batch.result()
+
+    def _enqueue(self, batch: Batch) -> None:
+        with self._lock:
+            if self._error is not None:
+                raise RuntimeError(f"GradingPool failed: {self._error}") from self._error
+            if self._closing:
+                raise RuntimeError("GradingPool is closed")
+            batch.k0 = self._next
+            self._next += len(batch.items)
+            self._batches[batch.k0] = batch
+            self._pending.append(_Seg(batch, 0, len(batch.items)))
+            self._queued += len(batch.items)
+        self._wake()
+
+    def _wake(self) -> None:
+        with self._lock:
+            if self._woken:
+                return
+            self._woken = True
+        self._wake_w.send_bytes(b"x")
+
+    def close(self) -> None:
+        """Finish every queued item, then stop the workers."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            self._woken = True
+        self._wake_w.send_bytes(b"x")
+        self._thread.join()
+        for s in self._slots:
+            self._stop_worker(s, graceful=True)
+
+    def __enter__(self) -> GradingPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- workers
+    def _start_worker(self) -> _Slot:
+        parent, child = self._ctx.Pipe(duplex=True)
+        beat = self._ctx.RawArray("d", 2)
+        proc = self._ctx.Process(target=_worker_main, args=(child, beat), daemon=True, name="redi-grader")
+        proc.start()
+        child.close()
+        self.stats.started += 1
+        slot = _Slot(proc, parent, beat)
+        slot.feeder = threading.Thread(target=_feeder, args=(parent, slot.outq, slot.kick), daemon=True, name="grading-feeder")
+        slot.feeder.start()
+        return slot
+
+    @staticmethod
+    def _stop_worker(slot: _Slot, graceful: bool) -> None:
+        if graceful:
+            slot.send(None)
+            slot.proc.join(timeout=5)
+        if slot.proc.is_alive():
+            slot.proc.kill()
+            slot.proc.join()
+        slot.outq.clear()
+        slot.send(_STOP)
+        slot.feeder.join(timeout=10)  # a send to a dead worker fails at once (EPIPE)
+        slot.conn.close()
+
+    def _put(self, seg: _Seg, verdicts: list[Verdict]) -> None:
+        """Verdicts for the first len(verdicts) positions of seg (which is advanced past them)."""
+        batch = seg.batch
+        batch._put(seg.a, verdicts)
+        seg.a += len(verdicts)
+        self.stats.done += len(verdicts)
+        if batch.left == 0:
+            with self._lock:
+                self._batches.pop(batch.k0, None)
+
+    def _replace(self, i: int, reason: str) -> None:
+        """Kill worker i. Its current item resolves to None (on a timeout only if it is really past its
+        deadline: the heartbeat is read after the kill, when it can no longer move); its other items are
+        graded again by the replacement, first in line."""
+        slot = self._slots[i]
+        self._stop_worker(slot, graceful=False)
+        cur = slot.current()
+        front = slot.inflight[0] if slot.inflight else None
+        blamed = None
+        if cur is not None and front is not None and front.batch.k0 + front.a <= cur[0] < front.batch.k0 + front.b:
+            if reason != "timeout" or time.monotonic() - cur[1] >= self.timeout_s:
+                blamed = cur[0] - front.batch.k0  # dispatch position in front.batch
+        segs = list(slot.inflight)
+        if blamed is not None:  # [a, blamed) was graded but its results died with the worker: grade again
+            segs[0:1] = [s for s in (_Seg(front.batch, front.a, blamed), _Seg(front.batch, blamed + 1, front.b)) if s.b > s.a]
+        with self._lock:
+            self._retry.extendleft(reversed(segs))
+            self._queued += sum(s.b - s.a for s in segs)
+        if blamed is None:
+            self._unblamed += 1
+            if self._unblamed > 10 * self.n:
+                raise RuntimeError(f"grading workers keep dying outside any item ({reason})")
+        elif reason == "timeout":
+            self.stats.timeouts += 1
+            if len(self.stats.timeout_examples) < 5:
+                resp = front.batch.items[blamed][0]
+                self.stats.timeout_examples.append(resp[:200] if isinstance(resp, str) else repr(resp)[:200])
+        else:
+            self.stats.crashes += 1
+        logger.warning("grading worker %s (pid %s) on item %s: killed and replaced", reason, slot.proc.pid,
+                       None if blamed is None else front.batch.k0 + blamed)
+        self._slots[i] = self._start_worker()
+        if blamed is not None:
+            self._put(_Seg(front.batch, blamed, blamed + 1), [None])
+
+    # -- scheduler thread
+    def _dispatch(self) -> None:
+        for slot in self._slots:
+            while slot.ready and len(slot.inflight) < 2:
+                seg = self._take(min(CHUNK_MAX, max(CHUNK_MIN, -(-self._queued // (4 * len(self._slots))))))
+                if seg is None:
+                    return
+                slot.inflight.append(seg)
+                slot.send((seg.batch.k0 + seg.a, seg.batch.items[seg.a : seg.b]))
+
+    def _take(self, n: int) -> _Seg | None:
+        """Up to n consecutive items of the first queued segment (retries first)."""
+        with self._lock:
+            q = self._retry if self._retry else self._pending
+            if not q:
+                return None
+            seg = q[0]
+            if seg.b - seg.a <= n:
+                q.popleft()
+                out = seg
+            else:
+                out = _Seg(seg.batch, seg.a, seg.a + n)
+                seg.a += n
+            self._queued -= out.b - out.a
+            return _Seg(out.batch, out.a, out.b)
+
+    def _busy(self) -> bool:
+        return any(s.inflight for s in self._slots) or self._queued > 0
+
+    def _run(self) -> None:
+        try:
+            while True:
+                self._dispatch()
+                if self._closing and not self._busy():
+                    return
+                self._wait_once()
+        except Exception as e:  # the scheduler must never leave callers waiting forever
+            logger.error("grading pool failed: %s", e)
+            with self._lock:
+                self._error = e
+                self._closing = True
+                batches = list(self._batches.values())
+                self._batches.clear()
+            for b in batches:
+                if not b.event.is_set():
+                    b.error = e
+                    b._finish()
+
+    def _timeout(self, busy: list[_Slot], starting: list[_Slot], now: float) -> float:
+        """How long the scheduler may sleep: until the nearest deadline, at most IDLE_POLL_S."""
+        t = IDLE_POLL_S
+        for s in busy:
+            cur = s.current()
+            # between items: the next one starts now at the earliest, so re-check within half a deadline
+            t = min(t, cur[1] + self.timeout_s - now if cur is not None else self.timeout_s / 2)
+        for s in starting:
+            t = min(t, s.started_at + START_TIMEOUT_S - now)
+        return max(0.0, t)
+
+    def _wait_once(self) -> None:
+        busy = [s for s in self._slots if s.inflight]
+        starting = [s for s in self._slots if not s.ready]
+        now = time.monotonic()
+        if any(now - s.started_at > START_TIMEOUT_S for s in starting):
+            raise RuntimeError(
+                f"grading workers did not start within {START_TIMEOUT_S:.0f} s. Workers re-import the main module: "
+                "a script that grades (directly or through a pipeline stage) must guard its entry point with "
+                "`if __name__ == '__main__':`; otherwise the machine is overloaded."
+            )
+        handles = [self._wake_r] + [s.conn for s in busy + starting] + [s.proc.sentinel for s in busy + starting]
+        ready = set(mp_wait(handles, timeout=self._timeout(busy, starting, now)))
+        for i, s in enumerate(self._slots):
+            if not s.ready and (s.conn in ready or s.proc.sentinel in ready):
+                self._on_start(i)
+        if self._wake_r in ready:
+            # Drain first, then re-arm: re-arming before the drain could swallow the byte of a submit that
+            # came in between and leave `_woken` set forever, so later submits would never wake an idle pool.
+            while self._wake_r.poll():
+                self._wake_r.recv_bytes()
+            with self._lock:
+                self._woken = False
+        now = time.monotonic()
+        for i, s in enumerate(self._slots):
+            if not s.inflight:
+                continue
+            if s.conn in ready or s.conn.poll():
+                self._receive(i)
+            elif s.proc.sentinel in ready or not s.proc.is_alive():
+                self._replace(i, "crash")
+            else:
+                cur = s.current()
+                if cur is not None and now - cur[1] >= self.timeout_s:
+                    self._replace(i, "timeout")
+
+    def _on_start(self, i: int) -> None:
+        """A starting worker said ready (or died while starting: start another; no item was sent to it)."""
+        s = self._slots[i]
+        try:
+            s.conn.recv()
+            s.ready = True
+        except (EOFError, OSError):
+            self._start_failures += 1
+            if self._start_failures > 3 * self.n:
+                raise RuntimeError("grading workers keep dying while starting (is math_verify importable?)") from None
+            logger.warning("grading worker (pid %s) died while starting; starting another", s.proc.pid)
+            self._stop_worker(s, graceful=False)
+            self._slots[i] = self._start_worker()
+
+    def _receive(self, i: int) -> None:
+        s = self._slots[i]
+        try:
+            while s.inflight and s.conn.poll():
+                k, verdicts = s.conn.recv()
+                while verdicts:
+                    seg = s.inflight[0]
+                    if seg.batch.k0 + seg.a != k:
+                        raise RuntimeError(f"grading worker answered out of order (key {k})")
+                    part, verdicts = verdicts[: seg.b - seg.a], verdicts[seg.b - seg.a :]
+                    self._put(seg, part)
+                    k += len(part)
+                    if seg.a == seg.b:
+                        s.inflight.popleft()
+        except (EOFError, OSError):
+            self._replace(i, "crash")
+
+
+def grade_many(
+    items: Sequence[tuple[str, str]],
+    workers: int = 0,
+    timeout_s: float = 5.0,
+    progress: bool = True,
+    desc: str = "grading",
+    stats: dict | None = None,
+) -> list[Verdict]:
+    """Grade (response, gold) pairs in worker processes, order preserved; None = unjudgeable or timed out.
+
+    `stats`, if given, is filled with the pool's counters (done, timeouts, crashes, workers started).
+    """
+    items = list(items)
+    if not items:
+        return []
+    n = min(workers or default_workers(), len(items))
+    with GradingPool(n, timeout_s) as pool:
+        out = pool.map(items, progress=progress, desc=desc)
+    if stats is not None:
+        stats.update(vars(pool.stats))
+    if pool.stats.timeouts or pool.stats.crashes:
+        logger.warning("%s: %d timeouts, %d worker crashes out of %d items", desc, pool.stats.timeouts, pool.stats.crashes, len(items))
+    return out
