@@ -59,9 +59,9 @@ def hf_loop(model_dir: Path, rows: list[dict], cfg) -> tuple[int, float]:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from redi.gradepool import grade_many
     from redi.prompts import render_prompt
     from redi.tinymodel import load_tokenizer
-    from redi.gradepool import grade_many
 
     tok = load_tokenizer(model_dir)
     tok.padding_side = "left"
