@@ -1,4 +1,5 @@
-"""Grading throughput: traces/s with 1 worker vs all cores, and peak memory, on demo data (+ 100k with --large;
+"""Grading throughput: traces/s with 1 worker vs all cores, and peak memory, on demo data (+ 100k and 20k items
+with distinct LaTeX answers with --large;
 the whole verify stage on 16k / 100k / 400k traces with --stage).
 
 Runs are interleaved in one process (1 worker, N workers, 1 worker, N workers, ...) so machine load
@@ -21,7 +22,18 @@ from redi.config.data import DataConfig, SynthConfig
 from redi.data import download
 from redi.gradepool import default_workers, grade_many
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "verify.md"
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "benchmarks" / "verify.md"
+NOTES = "<!-- notes: kept when the benchmark rewrites this page -->"
+COT = ROOT.parent / "shared" / "data" / "qwen25math_cot_samples" / "test.jsonl"
+
+
+def _cot_items() -> list[tuple[str, str]]:
+    """The 800 real Qwen2.5-Math CoT samples (LaTeX answers), if ../shared/data is beside the checkout."""
+    import json
+
+    rows = [json.loads(line) for line in COT.read_text().splitlines() if line.strip()]
+    return [(g, r["answer"]) for r in rows for g in r["generations"]]
 
 
 def _items(n_train: int, tpp: int, tmp: Path) -> list[tuple[str, str]]:
@@ -30,6 +42,34 @@ def _items(n_train: int, tpp: int, tmp: Path) -> list[tuple[str, str]]:
     download(DataConfig(synth=SynthConfig(n_train=n_train, n_val=0, n_test=0, traces_per_problem=tpp)), tmp, progress=False)
     t = pq.read_table(tmp / "traces.parquet", columns=["trace", "answer"])
     return list(zip(t["trace"].to_pylist(), t["answer"].to_pylist(), strict=True))
+
+
+def _latex_items(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """n (response, gold) items whose answers are distinct LaTeX expressions (fractions, radicals, intervals,
+    polynomials, decimals), half of them boxed in an equivalent but different form, half wrong: every item
+    costs real parsing, as the answers of real R1 traces do (the demo's integers are mostly cache hits)."""
+    import random
+
+    rng = random.Random(seed)
+    filler = ("<think>\nLet me set up the problem carefully. We need to combine the terms, simplify, and check "
+              "the result against the constraints given in the statement. ") * 4
+    out = []
+    for i in range(n):
+        a, b, c, k = rng.randint(2, 999), rng.randint(2, 999), rng.randint(2, 99), rng.randint(2, 9)
+        ok = i % 2 == 0
+        form = i % 5
+        if form == 0:
+            gold, good, bad = f"\\frac{{{a}}}{{{b}}}", f"\\frac{{{k * a}}}{{{k * b}}}", f"\\frac{{{a + 1}}}{{{b}}}"
+        elif form == 1:
+            gold, good, bad = f"{c}\\sqrt{{{b}}}", f"\\sqrt{{{c * c * b}}}", f"{c + 1}\\sqrt{{{b}}}"
+        elif form == 2:
+            gold, good, bad = f"\\left({a}, {a + b}\\right]", f"({a},{a + b}]", f"[{a}, {a + b}]"
+        elif form == 3:
+            gold, good, bad = f"x^2 + {a + c}x + {a * c}", f"(x+{a})(x+{c})", f"(x+{a})(x-{c})"
+        else:
+            gold, good, bad = f"{a}.{c:02d}", f"\\frac{{{a * 100 + c}}}{{100}}", f"{a}.{c + 1:02d}"
+        out.append((f"{filler}{i}\n</think>\nSo the answer is $\\boxed{{{good if ok else bad}}}$.", gold))
+    return out
 
 
 def _tree_rss() -> int:
@@ -114,6 +154,9 @@ def main() -> None:
         rows += bench("demo (4000 x 4)", _items(4000, 4, Path(tmp) / "demo"), args.rounds)
         if args.large:
             rows += bench("large (25000 x 4)", _items(25000, 4, Path(tmp) / "large"), args.rounds)
+            rows += bench("distinct LaTeX answers (generated)", _latex_items(2000), args.rounds)
+        if COT.exists():
+            rows += bench("real CoT samples (LaTeX answers)", _cot_items(), 2 * args.rounds)
         stage = []
         if args.stage:
             for n in (4000, 25000, 100000):
@@ -127,9 +170,10 @@ def main() -> None:
                   "|---|---|---|---|---|---|\n" + "\n".join(stage))
     print(table)
     DOC.parent.mkdir(parents=True, exist_ok=True)
+    notes = DOC.read_text().split(NOTES, 1)[1] if DOC.exists() and NOTES in DOC.read_text() else ""
     DOC.write_text("# Grading throughput (redi.gradepool.grade_many)\n\n"
                    "`python benchmarks/bench_verify.py --large`: 1 worker and all cores interleaved in one process, "
-                   "best of the rounds; peak RSS = parent + worker processes.\n\n" + table + "\n")
+                   "best of the rounds; peak RSS = parent + worker processes.\n\n" + table + "\n\n" + NOTES + notes)
 
 
 if __name__ == "__main__":

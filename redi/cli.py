@@ -22,7 +22,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -283,11 +285,21 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt("SIGTERM")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
+    for name in ("accelerate.accelerator", "accelerate.checkpointing"):  # 5 lines per checkpoint otherwise
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # SIGTERM (kill, a scheduler's timeout) unwinds like Ctrl-C: Prefect's temporary server, vLLM engines and
+    # grading workers are shut down by their context managers instead of being orphaned.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm)
     try:
         if args.command == "demo":
             return cmd_run(args, recipe_for(args, DEMO_RECIPE), "report")
@@ -308,9 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as e:
         print(f"redi: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("redi: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"redi: interrupted{' (SIGTERM)' if 'SIGTERM' in str(e) else ''}", file=sys.stderr)
+        return 143 if "SIGTERM" in str(e) else 130
     return 1
 
 

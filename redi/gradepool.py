@@ -125,8 +125,8 @@ def _context() -> mp.context.BaseContext:
         return mp.get_context("spawn")
     main = sys.modules.get("__main__")
     path = getattr(main, "__file__", None)
-    if path and not path.endswith("__main__.py"):
-        os.environ["REDI_FORKSERVER_MAIN"] = os.path.abspath(path)
+    if path and getattr(main.__spec__, "name", None) is None:  # the path multiprocessing's children will import
+        os.environ["REDI_FORKSERVER_MAIN"] = os.path.normpath(os.path.join(mp.process.ORIGINAL_DIR or "", path))
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["redi._gradewarm"])
     return ctx

@@ -619,14 +619,16 @@ def _plot_signals(result: StudyResult, method: str, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5), sharex=True)
     panels = [("chosen_logp", "chosen log-prob / token"), ("rejected_logp", "rejected log-prob / token"), ("update_norm", "update norm")]
     chosen = _pstr(result.chosen.get(method, {}))
     settings = {_pstr({k: r[k] for k in result.chosen.get(method, {})}) for r in result.search.get(method, [])}
     keys = [k.split("|") for k in result.signals if k.split("|")[0] == method]
+    final = method in result.final
     groups = [(0, f"validation search (seed {result.search_seed})", [k for k in keys if k[1] in settings and int(k[2]) == result.search_seed]),
-              (1, f"final runs ({chosen})", [k for k in keys if k[1] == chosen])]
+              (1, f"final runs ({chosen})" if final else "no final runs (validation-only probe)", [k for k in keys if final and k[1] == chosen])]
     for row, title, keys in groups:
         for col, (sig, ylabel) in enumerate(panels):
             ax = axes[row, col]
@@ -637,9 +639,12 @@ def _plot_signals(result: StudyResult, method: str, path: Path) -> None:
             if sig == "chosen_logp":
                 ax.axhline(result.collapse_threshold, color="red", ls="--", lw=0.8)
             ax.set_title(f"{ylabel} - {title}", fontsize=8)
-            if sig != "update_norm":
-                ax.set_yscale("symlog", linthresh=0.1)
-            if col == 0 and ax.lines:
+            if sig != "update_norm":  # log-probs span -0.03 (confident) to -3 (collapsed): log scale, plain labels
+                ax.set_yscale("symlog", linthresh=0.01)
+                ax.set_yticks([-3, -1, -0.3, -0.1, -0.03, -0.01])
+                ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+                ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            if col == 0 and ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=6)
     for ax in axes[1]:
         ax.set_xlabel("step")

@@ -99,3 +99,28 @@ def test_corrupt_artifact_is_rebuilt(tmp_path, capsys):
     assert "download  built" in out
     validate(folder)
     assert traces.read_bytes() == good  # deterministic rebuild
+
+
+@pytest.mark.slow
+def test_sigterm_shuts_down_prefect_server_and_workers(tmp_path):
+    """`kill <pid>` (SIGTERM) on a Prefect run unwinds like Ctrl-C: exit 143 and no orphaned temporary
+    Prefect server or grading worker (before, the server outlived a killed run)."""
+    import psutil
+
+    recipe = write_recipe(tmp_path, {"sft.max_steps": 40, "sft.save_steps": 1})
+    root = tmp_path / "artifacts"
+    proc = subprocess.Popen(redi_argv("run", str(recipe)), env=subprocess_env(REDI_FAKE_STAGE_SLEEP="0.5"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for(lambda: any((root / "sft").glob(".work-*/checkpoint-*")), proc, timeout=300)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err[-2000:]
+    assert "interrupted (SIGTERM)" in err
+    psutil.wait_procs(children, timeout=30)
+    alive = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [" ".join(c.cmdline()[:4]) for c in alive]

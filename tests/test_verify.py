@@ -262,3 +262,15 @@ def test_map_and_submit_share_a_pool():
         assert fut.result(timeout=60) is True
         assert batch.result() == [bool(i % 2) for i in range(64)]
         assert pool.map([]) == []
+
+
+def test_pool_from_a_stdin_script():
+    """`python - < script`: multiprocessing's workers would try to re-import '<stdin>' and die; the forkserver's
+    stand-in main (redi._gradewarm) lets the pool work there too."""
+    import subprocess
+    import sys
+
+    code = "from redi.gradepool import grade_many\nprint(grade_many([('\\\\boxed{2}', '2'), ('\\\\boxed{3}', '2')], workers=2, progress=False))\n"
+    p = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip() == "[True, False]"
