@@ -524,7 +524,8 @@ class GradingPool:
         except (EOFError, OSError):
             self._start_failures += 1
             if self._start_failures > 3 * self.n:
-                raise RuntimeError("grading workers keep dying while starting (is math_verify importable?)") from None
+                raise RuntimeError("grading workers keep dying while starting: is math_verify importable, and does the main "
+                                   "script guard its entry point with `if __name__ == '__main__':`?") from None
             logger.warning("grading worker (pid %s) died while starting; starting another", s.proc.pid)
             self._stop_worker(s, graceful=False)
             self._slots[i] = self._start_worker()
