@@ -6,8 +6,9 @@ grading and since when (a "heartbeat", two doubles written per item, no message)
 scheduler thread kills a worker whose current item is past ``timeout_s``, resolves exactly that
 item to ``None`` and re-queues the rest of the worker's items to its replacement.
 
-Throughput: the parent's per-item cost must stay far below one grading (~0.2 ms for a short integer
-answer) or the parent, not the workers, sets the pace on a 2-core machine. So items travel in chunks
+Throughput: the parent's per-item cost must stay far below one grading (~20-50 us for a short integer
+answer once parsed, ~1-15 ms for a new LaTeX answer) or the parent, not the workers, sets the pace on a
+2-core machine. So items travel in chunks
 (slices of a batch, up to ``CHUNK_MAX`` per message, two queued per worker so a worker never waits
 for the parent), results come back as one list per chunk (or every ``FLUSH_S`` on a slow chunk),
 messages are sent by a feeder thread per worker (a full pipe never blocks the scheduler, which must
