@@ -394,14 +394,15 @@ class GradingPool:
         slot = self._slots[i]
         self._stop_worker(slot, graceful=False)
         cur = slot.current()
-        front = slot.inflight[0] if slot.inflight else None
-        blamed = None
-        if cur is not None and front is not None and front.batch.k0 + front.a <= cur[0] < front.batch.k0 + front.b:
-            if reason != "timeout" or time.monotonic() - cur[1] >= self.timeout_s:
-                blamed = cur[0] - front.batch.k0  # dispatch position in front.batch
         segs = list(slot.inflight)
-        if blamed is not None:  # [a, blamed) was graded but its results died with the worker: grade again
-            segs[0:1] = [s for s in (_Seg(front.batch, front.a, blamed), _Seg(front.batch, blamed + 1, front.b)) if s.b > s.a]
+        # the chunk holding the current item: usually the first, or the second when the first's results were
+        # sent but not yet read
+        j = next((j for j, s in enumerate(segs) if cur and s.batch.k0 + s.a <= cur[0] < s.batch.k0 + s.b), None)
+        if j is not None and reason == "timeout" and time.monotonic() - cur[1] < self.timeout_s:
+            j = None  # it had just moved on to a fresh item (a lost race): nobody to blame
+        blamed, hit = (None, None) if j is None else (cur[0] - segs[j].batch.k0, segs[j])  # dispatch position in hit.batch
+        if hit is not None:  # everything else the worker held is graded again (results it had not sent died with it)
+            segs[j : j + 1] = [s for s in (_Seg(hit.batch, hit.a, blamed), _Seg(hit.batch, blamed + 1, hit.b)) if s.b > s.a]
         with self._lock:
             self._retry.extendleft(reversed(segs))
             self._queued += sum(s.b - s.a for s in segs)
@@ -412,15 +413,15 @@ class GradingPool:
         elif reason == "timeout":
             self.stats.timeouts += 1
             if len(self.stats.timeout_examples) < 5:
-                resp = front.batch.items[blamed][0]
+                resp = hit.batch.items[blamed][0]
                 self.stats.timeout_examples.append(resp[:200] if isinstance(resp, str) else repr(resp)[:200])
         else:
             self.stats.crashes += 1
         logger.warning("grading worker %s (pid %s) on item %s: killed and replaced", reason, slot.proc.pid,
-                       None if blamed is None else front.batch.k0 + blamed)
+                       None if blamed is None else hit.batch.k0 + blamed)
         self._slots[i] = self._start_worker()
         if blamed is not None:
-            self._put(_Seg(front.batch, blamed, blamed + 1), [None])
+            self._put(_Seg(hit.batch, blamed, blamed + 1), [None])
 
     # -- scheduler thread
     def _dispatch(self) -> None:
@@ -440,13 +441,12 @@ class GradingPool:
                 return None
             seg = q[0]
             if seg.b - seg.a <= n:
-                q.popleft()
-                out = seg
+                out = q.popleft()  # off the queue: safe to hand out as it is
             else:
                 out = _Seg(seg.batch, seg.a, seg.a + n)
                 seg.a += n
             self._queued -= out.b - out.a
-            return _Seg(out.batch, out.a, out.b)
+            return out
 
     def _busy(self) -> bool:
         return any(s.inflight for s in self._slots) or self._queued > 0

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -123,12 +123,6 @@ class Grader:
         shards = [items[i : i + self.cfg.shard_size] for i in range(0, len(items), self.cfg.shard_size)]
         return self._client.map(_grade_shard, shards, timeout_s=self.cfg.timeout_s, pure=False)
 
-    def done(self, handle) -> int:
-        """Items of `handle` graded so far (for the progress bar)."""
-        if self._pool is not None:
-            return handle.done
-        return sum(self.cfg.shard_size for f in handle if f.done())
-
     def result(self, handle) -> list:
         if self._pool is not None:
             return handle.result()
@@ -152,13 +146,6 @@ class Grader:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def grade_traces(items: Sequence[tuple[str, str]], cfg: VerifyConfig) -> tuple[list, dict]:
-    """Labels of (trace, gold) items with redi.verify, in processes or over Dask (same labels)."""
-    with Grader(cfg) as g:
-        out = g.result(g.submit(list(items)))
-    return out, dict(g.stats)
 
 
 # ----------------------------------------------------------------------------- token lengths
@@ -383,7 +370,8 @@ def verify_and_split(cfg: VerifyConfig, traces_path: Path, tokenizer_dir: Path, 
     t0 = time.monotonic()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    n_rows = pq.ParquetFile(traces_path).metadata.num_rows
+    meta = pq.ParquetFile(traces_path)
+    n_rows, names = meta.metadata.num_rows, meta.schema_arrow.names
     if n_rows == 0:
         raise ValueError(f"{traces_path} holds no traces")
     _check_rule(cfg, traces_path)
@@ -395,7 +383,6 @@ def verify_and_split(cfg: VerifyConfig, traces_path: Path, tokenizer_dir: Path, 
                                                                   mininterval=1.0) as bar:
         tok_future = ex.submit(load_tokenizer, tokenizer_dir)  # importing transformers (~5-15 s) overlaps with grading
         prev = None
-        names = pq.ParquetFile(traces_path).schema_arrow.names
         for pos, rb in _batches(traces_path, [c for c in names if c in {"problem", "trace", *LIGHT_COLUMNS}]):
             cols = rb.schema.names
             traces, answers = rb.column(cols.index("trace")).to_pylist(), rb.column(cols.index("answer")).to_pylist()
@@ -447,12 +434,10 @@ def verify_and_split(cfg: VerifyConfig, traces_path: Path, tokenizer_dir: Path, 
 def _finish(grader: Grader, light: pd.DataFrame, handle, bar) -> None:
     """Wait for a batch's labels (advancing the progress bar) and store them in its light table."""
     base = bar.n
-    if isinstance(handle, list):  # dask futures
-        verdicts = grader.result(handle)
-    else:
+    if not isinstance(handle, list):  # a local pool's Batch counts its items as they come back (dask: per batch)
         while not handle.wait(0.5):
-            bar.update(base + grader.done(handle) - bar.n)
-        verdicts = grader.result(handle)
+            bar.update(base + handle.done - bar.n)
+    verdicts = grader.result(handle)
     light["label_ours"] = pd.Series(verdicts, index=light.index, dtype=object)
     bar.update(base + len(light) - bar.n)
 

@@ -676,25 +676,6 @@ def _hp(r: dict[str, Any]) -> str:
     return _pstr({k: r[k] for k in ("lr", "alpha", "beta", "gamma") if k in r and r[k] is not None and r[k] == r[k]})
 
 
-def collapse_notes(rows: list[dict[str, Any]], threshold: float, fall: float = 2.0) -> list[str]:
-    """When runs start below the absolute threshold, the paper's signal cannot fire: list relative falls instead
-    (final chosen log-prob/token at least ``fall`` x its start) with the share of samples without an answer."""
-    below = [r for r in rows if r.get("chosen_logp_start") is not None and r["chosen_logp_start"] < threshold]
-    if not below:
-        return []
-    seen, out = set(), []
-    for r in below:
-        k = (r["method"], _hp(r), r["seed"])
-        if k not in seen and r.get("chosen_logp_final") is not None and r["chosen_logp_final"] <= fall * r["chosen_logp_start"]:
-            seen.add(k)
-            out.append(f"  - {r['method']} {_hp(r)} seed {r['seed']}: {r['chosen_logp_start']:.3g} -> {r['chosen_logp_final']:.3g}, "
-                       f"no answer in {100 * r['no_answer']:.1f}% of samples")
-    head = (f"- {len(below)}/{len(rows)} runs start already below {threshold} (chosen log-prob/token of the stage-2 start "
-            f"{below[0]['chosen_logp_start']:.3g}): the absolute signal cannot fire there. Runs whose chosen log-prob fell "
-            f"to >= {fall:g}x its start:")
-    return [head, *(out or ["  - none"])]
-
-
 def write_report(result: StudyResult, out: Path) -> dict[str, Any]:
     """results.md/.csv (Table 2), search.md/.csv, sft_curve.csv/.png, signals_<method>.png, study.json."""
     import pandas as pd
@@ -720,7 +701,6 @@ def write_report(result: StudyResult, out: Path) -> dict[str, Any]:
           f"or {result.collapse_drop} below the run's start)", ""]
     md += [f"- {r['method']} {_hp(r)} seed {r['seed']}: step {r['collapse_step']}, final {r['chosen_logp_final']:.3g}"
            for r in collapses] or ["- never fired"]
-    md += collapse_notes(search_rows + [r for v in result.final.values() for r in v], result.collapse_threshold)
     md += ["", "## Timings (s)", "", *[f"- {k}: {v}" for k, v in result.timings.items()], ""]
     (out / "results.md").write_text("\n".join(md))
     (out / "study.json").write_text(json.dumps(asdict(result), indent=1, default=str))
