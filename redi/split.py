@@ -411,7 +411,7 @@ def verify_and_split(cfg: VerifyConfig, traces_path: Path, tokenizer_dir: Path, 
 
     # pass 2: labelled.parquet, and the texts of what was selected
     needed = set(pos_rows["_pos"]) | set(pair_rows["_pos"]) | set(pair_rows["_pos_r"]) | set(dis["_pos"])
-    texts = _write_labelled(traces_path, df, out_dir / "labelled.parquet", needed)
+    texts = _write_labelled(traces_path, df, out_dir / "labelled.parquet", needed, n_rows)
     pos, pairs = assemble(pos_rows, pair_rows, texts)
     pos.to_parquet(out_dir / "positives.parquet", index=False)
     pairs.to_parquet(out_dir / "pairs.parquet", index=False)
@@ -442,12 +442,15 @@ def _finish(grader: Grader, light: pd.DataFrame, handle, bar) -> None:
     bar.update(base + len(light) - bar.n)
 
 
-def _write_labelled(traces_path: Path, df: pd.DataFrame, out: Path, needed: set[int]) -> dict[int, tuple[str, str]]:
+def _write_labelled(traces_path: Path, df: pd.DataFrame, out: Path, needed: set[int], n_rows: int) -> dict[int, tuple[str, str]]:
     """Every trace with verify's columns (ADDED) to ``out``, batch by batch; returns {row: (problem, trace)} of `needed`."""
+    from tqdm.auto import tqdm
+
     texts: dict[int, tuple[str, str]] = {}
     writer = None
     try:
-        for pos, rb in _batches(traces_path):
+        for pos, rb in tqdm(_batches(traces_path), desc="writing labelled traces", unit="batch",
+                            total=-(-n_rows // READ_ROWS), mininterval=1.0):
             part = df.iloc[pos : pos + rb.num_rows]
             table = pa.Table.from_batches([rb])
             for name, typ in ADDED.items():
