@@ -30,8 +30,10 @@ it directly only on trusted input, use ``redi.gradepool.grade_many`` / ``Grading
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 from functools import lru_cache
+from itertools import islice
 
 logger = logging.getLogger(__name__)
 
@@ -107,14 +109,7 @@ def _whole_match(parsed: list, text: str) -> bool:
     return bool(strs) and re.sub(r"\s", "", strs[-1]) == re.sub(r"\s", "", text)
 
 
-@lru_cache(maxsize=4096)
-def parse_answer(ans: str) -> tuple:
-    """Candidates for one answer string: parsed SymPy objects first, then the raw string (never raises).
-
-    LaTeX first (the answer wrapped in ``$...$``); plain arithmetic (``-1./3``) is read as an
-    expression first, because LaTeX reads ``1.`` as 1. An expression parse counts only if it spans
-    the whole answer (otherwise ``\\hbar \\omega(v+1/2)`` would be read as ``2``).
-    """
+def _parse_answer(ans: str) -> tuple:
     mv = _mv()
     latex, expr, _ = _configs()
     norm = normalise_answer(ans)
@@ -132,22 +127,124 @@ def parse_answer(ans: str) -> tuple:
     return (norm,)
 
 
+def parse_answer(ans: str) -> tuple:
+    """Candidates for one answer string: parsed SymPy objects first, then the raw string (never raises).
+
+    LaTeX first (the answer wrapped in ``$...$``); plain arithmetic (``-1./3``) is read as an
+    expression first, because LaTeX reads ``1.`` as 1. An expression parse counts only if it spans
+    the whole answer (otherwise ``\\hbar \\omega(v+1/2)`` would be read as ``2``). Cached (see "Caches").
+    """
+    got = _parsed.get(ans)
+    if got is not None:
+        return got
+    blob = _imported.pop(ans, None)
+    got = pickle.loads(blob) if blob is not None else _parse_answer(ans)
+    if len(ans) <= CACHE_KEY_MAX:
+        _remember(_parsed, ans, got, PARSE_CACHE_MAX)
+        if blob is None and _fresh is not None:
+            blob = _portable(got)
+            if blob is not None:
+                _fresh.append((0, ans, blob))
+    return got
+
+
 def _verify(gold_c: tuple, pred_c: list) -> bool:
     return bool(_mv().verify(list(gold_c), pred_c, timeout_seconds=None))
 
 
-@lru_cache(maxsize=65536)
 def _grade_boxed(box: str, gold: str) -> Verdict:
-    """Verdict for a boxed answer string; cached, because several traces of one problem mostly box the
-    same answer and Math-Verify's ``verify`` costs ~40 us even on parsed integers (a pure function of the
-    two strings, so the cache changes no verdict)."""
+    """Verdict for a boxed answer string; cached (see "Caches"), because several traces of one problem
+    mostly box the same answer and Math-Verify's ``verify`` costs ~40-150 us even on parsed integers."""
+    key = (box, gold)
+    v = _verdicts.get(key, _MISS)
+    if v is not _MISS:
+        return v
     gold_c = parse_answer(gold)
     if not gold_c:
+        v = None
+    else:
+        pred_c = list(parse_answer(box))
+        v = _verify(gold_c, pred_c) if pred_c else False
+    if len(box) + len(gold) <= CACHE_KEY_MAX:
+        _remember(_verdicts, key, v, VERDICT_CACHE_MAX)
+        if _fresh is not None:
+            _fresh.append((1, key, v))
+    return v
+
+
+# ----------------------------------------------------------------------------- caches
+# Caches. Parsing an answer string costs ~1 ms (SymPy) and a verdict ~40-150 us, while the traces of a
+# dataset box few distinct answers (the demo's 16,000 traces: ~600 strings, ~2,500 (answer, gold)
+# pairs), so both are memoised per process: ``parse_answer`` by string, ``_grade_boxed`` by (box, gold).
+# Both are pure functions of their strings, so a cache changes no verdict. Strings longer than
+# CACHE_KEY_MAX are not cached (a 100 kB box is not worth keeping; nothing unbounded is kept).
+#
+# Grading workers (redi.gradepool) also *share* what they computed: each worker exports its new
+# entries (``share_take``) with its results, the pool forwards them to the other workers
+# (``share_put``) with their next chunk, so a string parsed by one worker is not parsed again by the
+# others (without this, two workers on the demo traces spent 1.25-1.45x the CPU of one: both parsed
+# nearly every answer). A parse result travels pickled and only if unpickling gives back an object
+# structurally equal (SymPy ``==``: same classes, same argument order, same symbol assumptions) to the
+# one this worker parsed (``_portable``): SymPy re-sorts the arguments of an unevaluated ``Add`` or
+# ``Mul`` on unpickling, so such results are not shared and every worker parses them itself. A verdict
+# therefore never depends on which worker parsed a string.
+
+CACHE_KEY_MAX = 2000
+PARSE_CACHE_MAX = 16384
+VERDICT_CACHE_MAX = 131072
+_MISS = object()
+_parsed: dict[str, tuple] = {}
+_verdicts: dict[tuple[str, str], Verdict] = {}
+_imported: dict[str, bytes] = {}  # parse results pickled by other workers, unpickled on first use
+_fresh: list | None = None  # entries computed here since the last share_take (None: not sharing)
+
+
+def _remember(cache: dict, key, value, cap: int) -> None:
+    """Insert, evicting the oldest quarter when full (dicts keep insertion order)."""
+    if len(cache) >= cap:
+        for old in list(islice(cache, cap // 4)):
+            del cache[old]
+    cache[key] = value
+
+
+def _portable(cands: tuple) -> bytes | None:
+    """Pickled candidates if they unpickle structurally equal (see "Caches"), else None (not shared)."""
+    try:
+        blob = pickle.dumps(cands, protocol=pickle.HIGHEST_PROTOCOL)
+        return blob if pickle.loads(blob) == cands else None
+    except Exception:  # noqa: BLE001 - an unpicklable result is simply not shared
         return None
-    pred_c = list(parse_answer(box))
-    if not pred_c:
-        return False
-    return _verify(gold_c, pred_c)
+
+
+def share_start() -> None:
+    """Record new cache entries from now on, for :func:`share_take` (grading workers only)."""
+    global _fresh
+    _fresh = []
+
+
+def share_pending() -> bool:
+    """Are there entries for :func:`share_take`?"""
+    return bool(_fresh)
+
+
+def share_take() -> list:
+    """Cache entries computed here since the last call: ``(0, answer, pickled candidates)`` and
+    ``(1, (box, gold), verdict)``."""
+    if not _fresh:
+        return []
+    out = _fresh[:]
+    _fresh.clear()
+    return out
+
+
+def share_put(entries: list) -> None:
+    """Adopt cache entries another worker computed (parse results are unpickled on first use)."""
+    for kind, key, value in entries:
+        if kind == 0:
+            if key not in _parsed:
+                _remember(_imported, key, value, PARSE_CACHE_MAX)
+        elif key not in _verdicts:
+            _remember(_verdicts, key, value, VERDICT_CACHE_MAX)
 
 
 def grade(response: str, gold: str) -> Verdict:

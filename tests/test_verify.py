@@ -274,3 +274,60 @@ def test_pool_from_a_stdin_script():
     p = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.strip() == "[True, False]"
+
+
+# ----------------------------------------------------------------------------- caches shared between workers
+
+SHARE_ANSWERS = ["42", "033", "\\frac{84}{2}", "42.0", "x = 42", "-1./3", "4.5e33", "\\dfrac{1}{2}", "0.5", "(3, \\frac{\\pi}{2})",
+                 "x^2+3x+2", "\\sqrt{2}\\pi", "\\left(3, 5\\right]", "\\{1,2\\}", "\\text{Monday}", "np.arcsin(10/13)",
+                 "2\\sqrt{3}", "\\infty", "[1, 2)", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "10\\%", "\\$5", "a+b", ""]
+
+
+def _share_answers(limit: int | None) -> list[str]:
+    out = list(SHARE_ANSWERS)
+    if SHARED.exists():
+        out += [r["answer"] for name in BENCHMARKS for r in _rows(name)[:limit]]
+        cot = _rows("qwen25math_cot_samples")[: None if limit is None else limit // 3]
+        out += [b for r in cot for g in r["generations"] if (b := last_boxed(g))]
+    return list(dict.fromkeys(out))
+
+
+@pytest.mark.parametrize("limit, n_gold, n_box", [(30, 25, 8), pytest.param(None, 150, 20, marks=pytest.mark.slow)])
+def test_shared_parse_results_give_the_same_verdicts(monkeypatch, limit, n_gold, n_box):
+    """A worker grades with parse results another worker exported exactly as with its own (redi.verify "Caches"):
+    the answers of the literal cases, the benchmark golds and boxed answers of the real CoT samples, each
+    graded against itself and crossed with others."""
+    from redi import verify as V
+
+    answers = _share_answers(limit)
+    own = {a: V._parse_answer(a) for a in answers}
+    golds = answers[:: max(1, len(answers) // n_gold)]
+    pairs = [(b, g) for g in golds for b in answers[:: max(1, len(answers) // n_box)]] + [(a, a) for a in answers]
+    want = {}
+    for b, g in pairs:
+        gc, bc = own[g], list(own[b])
+        want[(b, g)] = None if not gc else (V._verify(gc, bc) if bc else False)
+    monkeypatch.setattr(V, "_parsed", {})
+    monkeypatch.setattr(V, "_verdicts", {})
+    monkeypatch.setattr(V, "_imported", {})
+    monkeypatch.setattr(V, "_fresh", [])
+    blobs = {a: V._portable(c) for a, c in own.items()}
+    V.share_put([(0, a, b) for a, b in blobs.items() if b is not None])
+    assert sum(b is not None for b in blobs.values()) >= 0.8 * len(blobs)  # most results do travel
+    for a, b in blobs.items():
+        if b is not None:
+            assert V.parse_answer(a) == own[a]  # structurally equal, as exported
+    got = {(b, g): V._grade_boxed(b, g) for b, g in pairs}
+    assert got == want
+    kinds = {k for k, _, _ in V.share_take()}
+    assert kinds == {1}  # every new verdict; imported parse results are not exported again, nor non-portable ones
+    assert V.share_take() == []
+
+
+def test_workers_share_what_they_parse():
+    """Two workers on traces with few distinct answers forward cache entries; verdicts equal in-process grading."""
+    items = [(f"<think>step {i}</think> so \\boxed{{{(i * 7) % 30}}}", str((i * 11) % 30)) for i in range(600)]
+    stats: dict = {}
+    out = grade_many(items, workers=2, progress=False, stats=stats)
+    assert out == [grade(r, g) for r, g in items]
+    assert stats["shared"] > 0
