@@ -76,9 +76,23 @@ def warm() -> None:
         _safe_grade(response, gold)
 
 
-def _worker_main(conn, beat) -> None:
+def _token_counter(tokenizer_json: str | None):
+    """``text -> number of tokens`` with a ``tokenizers`` tokenizer (no special tokens, no truncation), or None."""
+    if tokenizer_json is None:
+        return None
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the workers are the parallelism
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(tokenizer_json)
+    tok.no_truncation()
+    tok.no_padding()
+    return lambda text: len(tok.encode(text, add_special_tokens=False).ids) if isinstance(text, str) else 0
+
+
+def _worker_main(conn, beat, tokenizer_json: str | None = None) -> None:
     """Worker loop: receive chunks ``(first_key, [(response, gold), ...])`` (item j has key first_key + j),
-    send ``(first_key, [verdict, ...], fresh)`` for consecutive runs of them, where ``fresh`` holds the cache
+    send ``(first_key, [verdict, ...], fresh)`` for consecutive runs of them (with a tokenizer: ``[(verdict,
+    tokens of the response), ...]``), where ``fresh`` holds the cache
     entries this worker computed meanwhile (``redi.verify.share_take``). Messages ``(None, entries)`` carry
     the other workers' entries (``redi.verify.share_put``); they are read between items (every POLL_S), so
     that a string parsed by one worker reaches the others within ~SHARE_S + POLL_S.
@@ -87,6 +101,7 @@ def _worker_main(conn, beat) -> None:
     system-wide on Linux) or 0.0 between items. Exits on None or EOF.
     """
     warm()
+    count = _token_counter(tokenizer_json)
     verify.share_start()
     try:
         conn.send(("ready", None))  # the parent times a worker's items only once it is ready
@@ -112,7 +127,7 @@ def _worker_main(conn, beat) -> None:
         for j, (response, gold) in enumerate(items):
             beat[0] = k0 + j
             beat[1] = time.monotonic()
-            out.append(_safe_grade(response, gold))
+            out.append(_safe_grade(response, gold) if count is None else (_safe_grade(response, gold), count(response)))
             beat[1] = 0.0
             now = time.monotonic()
             if now - last >= FLUSH_S or (now - last >= SHARE_S and verify.share_pending()):
@@ -279,11 +294,17 @@ class GradingPool:
     worker's other items are graded again by its replacement. A worker that dies on an item resolves
     that item to None (``stats.crashes``). Thread-safe; use as a context manager (``close`` waits for
     every queued item).
+
+    ``tokenizer_json`` (a ``tokenizers`` tokenizer serialised as JSON): the workers also count each
+    response's tokens (no special tokens, no truncation), and every result is ``(verdict, tokens)``;
+    ``(None, None)`` for an item killed at its deadline. This is the verify stage's other per-trace work,
+    done here so that it scales with the workers (and runs on the Dask cluster when verify fans out).
     """
 
-    def __init__(self, workers: int = 0, timeout_s: float = 5.0):
+    def __init__(self, workers: int = 0, timeout_s: float = 5.0, tokenizer_json: str | None = None):
         self.n = workers or default_workers()
         self.timeout_s = float(timeout_s)
+        self.tokenizer_json = tokenizer_json
         self.stats = PoolStats()
         self._ctx = _context()
         self._pending: deque = deque()  # _Seg not yet sent
@@ -376,7 +397,7 @@ class GradingPool:
     def _start_worker(self) -> _Slot:
         parent, child = self._ctx.Pipe(duplex=True)
         beat = self._ctx.RawArray("d", 2)
-        proc = self._ctx.Process(target=_worker_main, args=(child, beat), daemon=True, name="redi-grader")
+        proc = self._ctx.Process(target=_worker_main, args=(child, beat, self.tokenizer_json), daemon=True, name="redi-grader")
         proc.start()
         child.close()
         self.stats.started += 1
@@ -442,7 +463,7 @@ class GradingPool:
                        None if blamed is None else hit.batch.k0 + blamed)
         self._slots[i] = self._start_worker()
         if blamed is not None:
-            self._put(_Seg(hit.batch, blamed, blamed + 1), [None])
+            self._put(_Seg(hit.batch, blamed, blamed + 1), [None if self.tokenizer_json is None else (None, None)])
 
     # -- scheduler thread
     def _dispatch(self) -> None:
@@ -582,16 +603,18 @@ def grade_many(
     progress: bool = True,
     desc: str = "grading",
     stats: dict | None = None,
-) -> list[Verdict]:
+    tokenizer_json: str | None = None,
+) -> list:
     """Grade (response, gold) pairs in worker processes, order preserved; None = unjudgeable or timed out.
 
     `stats`, if given, is filled with the pool's counters (done, timeouts, crashes, workers started).
+    `tokenizer_json`: results are ``(verdict, response tokens)`` (see :class:`GradingPool`).
     """
     items = list(items)
     if not items:
         return []
     n = min(workers or default_workers(), len(items))
-    with GradingPool(n, timeout_s) as pool:
+    with GradingPool(n, timeout_s, tokenizer_json) as pool:
         out = pool.map(items, progress=progress, desc=desc)
     if stats is not None:
         stats.update(vars(pool.stats))

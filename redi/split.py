@@ -19,12 +19,14 @@ locally or fanned out in shards over a Dask cluster (``executor="dask"``); both 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -81,12 +83,12 @@ def _require(df: pd.DataFrame, col: str, rule: str) -> None:
 # ----------------------------------------------------------------------------- grading
 
 
-def _grade_shard(items: list[tuple[str, str]], timeout_s: float) -> tuple[list, dict]:
-    """One shard on one machine: a 1-process GradingPool (hard deadlines) -> (verdicts, pool stats)."""
+def _grade_shard(items: list[tuple[str, str]], timeout_s: float, tokenizer_json: str | None = None) -> tuple[list, dict]:
+    """One shard on one machine: a 1-process GradingPool (hard deadlines) -> (results, pool stats)."""
     from .gradepool import grade_many
 
     stats: dict = {}
-    return grade_many(items, workers=1, timeout_s=timeout_s, progress=False, stats=stats), stats
+    return grade_many(items, workers=1, timeout_s=timeout_s, progress=False, stats=stats, tokenizer_json=tokenizer_json), stats
 
 
 def _dask_client(address: str | None):
@@ -104,24 +106,28 @@ def _dask_client(address: str | None):
 class Grader:
     """Labels (trace, gold) items batch by batch with redi.verify, in a local process pool or sharded over a
     Dask cluster (same labels). ``submit`` queues a batch and returns at once, so the next batch is read
-    and tokenised while this one is graded; ``result`` waits for it. Use as a context manager."""
+    while this one is graded; ``result`` waits for it. With ``tokenizer_json`` the same workers also count
+    each trace's tokens and results are ``(verdict, tokens)``. Use as a context manager."""
 
-    def __init__(self, cfg: VerifyConfig):
+    def __init__(self, cfg: VerifyConfig, tokenizer_json: str | None = None):
         self.cfg = cfg
         self.stats: Counter = Counter()
         self._pool = self._client = self._cluster = None
+        self._tok = tokenizer_json
         if cfg.executor == "dask":
             self._client, self._cluster = _dask_client(cfg.dask_address)
+            if tokenizer_json is not None:  # sent to every Dask worker once, not with every shard
+                self._tok = self._client.scatter(tokenizer_json, broadcast=True)
         else:
             from .gradepool import GradingPool
 
-            self._pool = GradingPool(cfg.workers, cfg.timeout_s)
+            self._pool = GradingPool(cfg.workers, cfg.timeout_s, tokenizer_json)
 
     def submit(self, items: list[tuple[str, str]]):
         if self._pool is not None:
             return self._pool.map_async(items)
         shards = [items[i : i + self.cfg.shard_size] for i in range(0, len(items), self.cfg.shard_size)]
-        return self._client.map(_grade_shard, shards, timeout_s=self.cfg.timeout_s, pure=False)
+        return self._client.map(_grade_shard, shards, timeout_s=self.cfg.timeout_s, tokenizer_json=self._tok, pure=False)
 
     def result(self, handle) -> list:
         if self._pool is not None:
@@ -178,37 +184,31 @@ def _null(v) -> bool:
     return v is None or bool(pd.isna(v))
 
 
-def _is_incomplete(row) -> bool:
-    """Known to be incomplete: reasoning_complete False, or a finish reason other than 'stop' (unknown = kept)."""
-    if not _null(row.reasoning_complete) and not bool(row.reasoning_complete):
-        return True
-    return not _null(row.finish_reason) and row.finish_reason != "stop"
-
-
 def filter_reasons(df: pd.DataFrame, cfg: VerifyConfig, problem_info: pd.DataFrame) -> pd.Series:
-    """The first filter each trace fails ('' = kept), in the order of the module docstring."""
+    """The first filter each trace fails ('' = kept), in the order of the module docstring (vectorised)."""
     info = problem_info.loc[df["problem_id"]].reset_index(drop=True)
+    idx = df.index
+
+    def col(name: str) -> pd.Series:
+        return df[name] if name in df else pd.Series([None] * len(df), index=idx, dtype=object)
+
     excluded = {s.lower() for s in cfg.exclude_sources}
-    reasons = []
-    for row, inf in zip(df.itertuples(index=False), info.itertuples(index=False), strict=True):
-        valid = row.problem_is_valid
-        if cfg.require_valid and not _null(valid) and str(valid).strip().lower() != "yes":
-            reasons.append("problem_invalid")
-        elif not _null(row.source) and str(row.source).lower() in excluded:
-            reasons.append("excluded_source")
-        elif inf.contaminated:
-            reasons.append("contaminated")
-        elif cfg.max_prompt_tokens is not None and inf.prompt_tokens > cfg.max_prompt_tokens:
-            reasons.append("prompt_too_long")
-        elif cfg.require_complete and _is_incomplete(row):
-            reasons.append("incomplete")
-        elif cfg.max_response_tokens is not None and row.response_tokens > cfg.max_response_tokens:
-            reasons.append("response_too_long")
-        elif _null(row.label):
-            reasons.append("unlabelled")
-        else:
-            reasons.append("")
-    return pd.Series(reasons, index=df.index)
+    valid, source = col("problem_is_valid"), col("source")
+    complete, finish = col("reasoning_complete"), col("finish_reason")
+    known = lambda s: s.notna().to_numpy()  # noqa: E731 - None, NaN and pd.NA are all unknown
+    text = lambda s: s.astype(str).str.strip().str.lower().to_numpy()  # noqa: E731
+    false = lambda s: s.map(lambda v: not _null(v) and not bool(v)).to_numpy(dtype=bool)  # noqa: E731
+    conds = [
+        cfg.require_valid & known(valid) & (text(valid) != "yes"),
+        known(source) & np.isin(text(source), list(excluded)),
+        info["contaminated"].to_numpy(dtype=bool),
+        np.zeros(len(df), bool) if cfg.max_prompt_tokens is None else (info["prompt_tokens"].to_numpy() > cfg.max_prompt_tokens),
+        cfg.require_complete & ((known(complete) & false(complete)) | (known(finish) & (finish.astype(str).to_numpy() != "stop"))),
+        np.zeros(len(df), bool) if cfg.max_response_tokens is None
+        else (df["response_tokens"].to_numpy(dtype=np.int64) > cfg.max_response_tokens),
+        ~known(df["label"]),
+    ]
+    return pd.Series(np.select(conds, FILTER_ORDER, default=""), index=idx, dtype=object)
 
 
 FILTER_ORDER = ["problem_invalid", "excluded_source", "contaminated", "prompt_too_long", "incomplete", "response_too_long", "unlabelled"]
@@ -376,30 +376,43 @@ def verify_and_split(cfg: VerifyConfig, traces_path: Path, tokenizer_dir: Path, 
         raise ValueError(f"{traces_path} holds no traces")
     _check_rule(cfg, traces_path)
 
-    # pass 1: grade (workers) while reading and tokenising the next batch (here)
-    lights, problems = [], {}
+    # pass 1: grade and count tokens (workers) while reading the next batch (here)
+    tok_json = _tokenizer_json(tokenizer_dir) if cfg.max_response_tokens is not None else None
+    lights, problems, sample = [], {}, []
     t_grade = time.monotonic()
-    with ThreadPoolExecutor(1) as ex, Grader(cfg) as grader, tqdm(total=n_rows, desc="grading traces", unit="trace",
-                                                                  mininterval=1.0) as bar:
-        tok_future = ex.submit(load_tokenizer, tokenizer_dir)  # importing transformers (~5-15 s) overlaps with grading
+    with ThreadPoolExecutor(1) as ex, Grader(cfg, tok_json) as grader, tqdm(total=n_rows, desc="grading traces", unit="trace",
+                                                                            mininterval=1.0) as bar:
+        # Loading the transformers tokenizer overlaps with grading when transformers is imported already (as in a
+        # pipeline run); otherwise the import (~7 s of CPU, holding the GIL) would starve the pool's scheduler
+        # threads (a 100k-trace pass 1 took 13-14 s instead of ~2 s), so it waits for the end of pass 1 unless
+        # the tokens must be counted here.
+        early = "transformers" in sys.modules or (tok_json is None and cfg.max_response_tokens is not None)
+        tok_future = ex.submit(load_tokenizer, tokenizer_dir) if early else Future()
         prev = None
         for pos, rb in _batches(traces_path, [c for c in names if c in {"problem", "trace", *LIGHT_COLUMNS}]):
             cols = rb.schema.names
             traces, answers = rb.column(cols.index("trace")).to_pylist(), rb.column(cols.index("answer")).to_pylist()
             handle = grader.submit(list(zip(traces, answers, strict=True)))
             light = _light(rb, pos)
-            tok = tok_future.result()
-            light["response_tokens"] = response_lengths(tok, traces) if cfg.max_response_tokens is not None else 0
+            if cfg.max_response_tokens is None:
+                light["response_tokens"] = 0
+            elif tok_json is None:  # no tokenizer.json to hand to the workers: count here
+                light["response_tokens"] = response_lengths(tok_future.result(), traces)
+            if not sample:
+                sample = traces[:SAMPLE_CHECK]
             pb = rb.select(["problem_id", "problem"]).to_pandas().drop_duplicates("problem_id")
             for pid, text in zip(pb["problem_id"], pb["problem"], strict=True):
                 problems.setdefault(pid, text)
             if prev is not None:
-                _finish(grader, *prev, bar)
-            prev = (light, handle)
+                _finish(grader, *prev, bar, tok_future, tokenizer_dir)
+            prev = (light, handle, traces if tok_json is not None else None)
             lights.append(light)
             del traces, answers, rb
-        _finish(grader, *prev, bar)
+        _finish(grader, *prev, bar, tok_future, tokenizer_dir)
     t_grade = time.monotonic() - t_grade
+    tok = tok_future.result() if tok_future.done() or early else load_tokenizer(tokenizer_dir)
+    if tok_json is not None:
+        _check_counts(tok, sample, lights[0]["response_tokens"].tolist()[: len(sample)], traces_path, lights)
     df = pd.concat(lights, ignore_index=True)
     df["label"] = LABEL_RULES[cfg.label_rule](df["label_ours"], df)
     probs = pd.DataFrame({"problem_id": list(problems), "problem": list(problems.values())})
@@ -431,15 +444,52 @@ def verify_and_split(cfg: VerifyConfig, traces_path: Path, tokenizer_dir: Path, 
     return summary
 
 
-def _finish(grader: Grader, light: pd.DataFrame, handle, bar) -> None:
-    """Wait for a batch's labels (advancing the progress bar) and store them in its light table."""
+def _finish(grader: Grader, light: pd.DataFrame, handle, traces: list | None, bar, tok_future: Future, tokenizer_dir) -> None:
+    """Wait for a batch's results (advancing the progress bar); store its labels (and token counts, when the
+    workers counted them: ``traces`` given) in its light table."""
     base = bar.n
     if not isinstance(handle, list):  # a local pool's Batch counts its items as they come back (dask: per batch)
         while not handle.wait(0.5):
             bar.update(base + handle.done - bar.n)
-    verdicts = grader.result(handle)
+    results = grader.result(handle)
+    if traces is None:
+        verdicts = results
+    else:
+        verdicts = [r[0] for r in results]
+        counts = [r[1] for r in results]
+        missing = [i for i, c in enumerate(counts) if c is None]  # killed at the deadline: count them here
+        if missing:
+            if not tok_future.done() and not tok_future.running():
+                from .tinymodel import load_tokenizer
+
+                tok_future.set_result(load_tokenizer(tokenizer_dir))
+            for i, n in zip(missing, response_lengths(tok_future.result(), [traces[i] for i in missing]), strict=True):
+                counts[i] = n - 1
+        light["response_tokens"] = [c + 1 for c in counts]  # + EOS, as response_lengths
     light["label_ours"] = pd.Series(verdicts, index=light.index, dtype=object)
     bar.update(base + len(light) - bar.n)
+
+
+SAMPLE_CHECK = 256
+"""Traces whose worker token counts are checked against the transformers tokenizer's own."""
+
+
+def _tokenizer_json(tokenizer_dir) -> str | None:
+    """The folder's ``tokenizer.json`` (a fast tokenizer the workers can load without transformers), or None."""
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    return path.read_text() if path.is_file() else None
+
+
+def _check_counts(tok, sample: list, counted: list[int], traces_path: Path, lights: list[pd.DataFrame]) -> None:
+    """The workers count tokens with the bare ``tokenizer.json``; if transformers' tokenizer (the one training
+    uses) counts a sample differently (say, special tokens known only to tokenizer_config.json), recount every
+    trace with it here, with a warning: slower, never wrong."""
+    if response_lengths(tok, sample) == counted:
+        return
+    logger.warning("verify: tokenizer.json and the transformers tokenizer count tokens differently; recounting every "
+                   "trace with the transformers tokenizer in this process")
+    for light, (_, rb) in zip(lights, _batches(traces_path, ["trace"]), strict=True):
+        light["response_tokens"] = response_lengths(tok, rb.column(0).to_pylist())
 
 
 def _write_labelled(traces_path: Path, df: pd.DataFrame, out: Path, needed: set[int], n_rows: int) -> dict[int, tuple[str, str]]:
@@ -454,8 +504,7 @@ def _write_labelled(traces_path: Path, df: pd.DataFrame, out: Path, needed: set[
             part = df.iloc[pos : pos + rb.num_rows]
             table = pa.Table.from_batches([rb])
             for name, typ in ADDED.items():
-                vals = [None if _null(v) else v for v in part[name].tolist()]
-                table = table.append_column(pa.field(name, typ), pa.array(vals, type=typ))
+                table = table.append_column(pa.field(name, typ), pa.Array.from_pandas(part[name], type=typ))
             if writer is None:
                 writer = pq.ParquetWriter(out, table.schema, compression="zstd")
             writer.write_table(table)

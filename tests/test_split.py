@@ -112,3 +112,75 @@ def test_dask_labels_equal_processes(synth_traces, tok_dir, tmp_path):
     s_d, lab_d, pos_d, _ = _run(VerifyConfig(executor="dask", shard_size=64), synth_traces, tok_dir, tmp_path / "d")
     assert lab_d["label_ours"].tolist() == lab_p["label_ours"].tolist()
     assert s_d["grading"]["executor"] == "dask" and s_d["grading"]["done"] == 320
+    assert lab_d["response_tokens"].tolist() == lab_p["response_tokens"].tolist()  # counted on the Dask workers too
+
+
+def test_workers_count_tokens_as_transformers_does(synth_traces, tok_dir, tmp_path):
+    """The grading workers count each trace's tokens with tokenizer.json; the counts equal transformers' own."""
+    from redi.split import response_lengths
+    from redi.tinymodel import load_tokenizer
+
+    _, lab, *_ = _run(VerifyConfig(workers=2, max_response_tokens=10_000), synth_traces, tok_dir, tmp_path / "w")
+    want = response_lengths(load_tokenizer(tok_dir), pd.read_parquet(synth_traces)["trace"].tolist())
+    assert lab["response_tokens"].tolist() == want and "<think>" in lab["trace"].iloc[0]
+
+
+def test_token_counts_that_disagree_are_recounted(synth_traces, tok_dir, tmp_path, monkeypatch, caplog):
+    """If tokenizer.json counts differently from the transformers tokenizer, every trace is recounted with the latter."""
+    from redi import split
+    from redi.tinymodel import _training_texts, load_tokenizer, train_tokenizer
+
+    other = tmp_path / "other"
+    train_tokenizer(list(_training_texts(synth_traces, 50)), 120).save_pretrained(str(other))
+    monkeypatch.setattr(split, "_tokenizer_json", lambda _: (other / "tokenizer.json").read_text())
+    _, lab, *_ = _run(VerifyConfig(workers=1, max_response_tokens=10_000), synth_traces, tok_dir, tmp_path / "m")
+    assert "count tokens differently" in caplog.text
+    assert lab["response_tokens"].tolist() == split.response_lengths(load_tokenizer(tok_dir), lab["trace"].tolist())
+
+
+def _reference_reason(row, cfg, contaminated, prompt_tokens) -> str:
+    """filter_reasons' rules, one row at a time (the specification the vectorised version must match)."""
+    def null(v):
+        return v is None or bool(pd.isna(v))
+
+    if cfg.require_valid and not null(row["problem_is_valid"]) and str(row["problem_is_valid"]).strip().lower() != "yes":
+        return "problem_invalid"
+    if not null(row["source"]) and str(row["source"]).lower() in {s.lower() for s in cfg.exclude_sources}:
+        return "excluded_source"
+    if contaminated:
+        return "contaminated"
+    if cfg.max_prompt_tokens is not None and prompt_tokens > cfg.max_prompt_tokens:
+        return "prompt_too_long"
+    incomplete = (not null(row["reasoning_complete"]) and not bool(row["reasoning_complete"])) or (
+        not null(row["finish_reason"]) and row["finish_reason"] != "stop")
+    if cfg.require_complete and incomplete:
+        return "incomplete"
+    if cfg.max_response_tokens is not None and row["response_tokens"] > cfg.max_response_tokens:
+        return "response_too_long"
+    return "unlabelled" if null(row["label"]) else ""
+
+
+def test_filter_reasons_match_the_row_by_row_rules():
+    import itertools
+
+    import numpy as np
+
+    from redi.split import filter_reasons
+
+    values = {"problem_is_valid": ["Yes", " yes ", "No", None, np.nan, pd.NA, True],
+              "source": ["amc", "CN_K12", None, np.nan],
+              "reasoning_complete": [True, False, None, np.nan, pd.NA],
+              "finish_reason": ["stop", "length", None, np.nan],
+              "label": [True, False, None, np.nan]}
+    rows = [dict(zip(values, combo, strict=True)) for combo in itertools.product(*values.values())]
+    df = pd.DataFrame(rows, dtype=object)
+    df["problem_id"] = [f"p{i % 7}" for i in range(len(df))]
+    df["response_tokens"] = [i % 50 for i in range(len(df))]
+    info = pd.DataFrame({"contaminated": [i == 3 for i in range(7)], "prompt_tokens": [10 * i for i in range(7)]},
+                        index=[f"p{i}" for i in range(7)])
+    for cfg in (VerifyConfig(max_prompt_tokens=45, max_response_tokens=30),
+                VerifyConfig(require_valid=False, require_complete=False, max_prompt_tokens=None, max_response_tokens=None)):
+        got = filter_reasons(df, cfg, info).tolist()
+        want = [_reference_reason(r, cfg, info.loc[r["problem_id"], "contaminated"], info.loc[r["problem_id"], "prompt_tokens"])
+                for r in df.to_dict("records")]
+        assert got == want
