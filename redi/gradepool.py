@@ -89,7 +89,7 @@ def _token_counter(tokenizer_json: str | None):
     return lambda text: len(tok.encode(text, add_special_tokens=False).ids) if isinstance(text, str) else 0
 
 
-def _worker_main(conn, beat, tokenizer_json: str | None = None) -> None:
+def _worker_main(conn, beat, tokenizer_json: str | None = None, share: bool = True) -> None:
     """Worker loop: receive chunks ``(first_key, [(response, gold), ...])`` (item j has key first_key + j),
     send ``(first_key, [verdict, ...], fresh)`` for consecutive runs of them (with a tokenizer: ``[(verdict,
     tokens of the response), ...]``), where ``fresh`` holds the cache
@@ -102,7 +102,8 @@ def _worker_main(conn, beat, tokenizer_json: str | None = None) -> None:
     """
     warm()
     count = _token_counter(tokenizer_json)
-    verify.share_start()
+    if share:  # a lone worker has nobody to share with (exporting costs ~0.1 ms per new answer string)
+        verify.share_start()
     try:
         conn.send(("ready", None))  # the parent times a worker's items only once it is ready
     except (BrokenPipeError, OSError):
@@ -397,7 +398,7 @@ class GradingPool:
     def _start_worker(self) -> _Slot:
         parent, child = self._ctx.Pipe(duplex=True)
         beat = self._ctx.RawArray("d", 2)
-        proc = self._ctx.Process(target=_worker_main, args=(child, beat, self.tokenizer_json), daemon=True, name="redi-grader")
+        proc = self._ctx.Process(target=_worker_main, args=(child, beat, self.tokenizer_json, self.n > 1), daemon=True, name="redi-grader")
         proc.start()
         child.close()
         self.stats.started += 1

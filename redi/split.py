@@ -12,8 +12,11 @@ Departures from the paper / official code, on purpose:
   a trace on which the two disagree gets no label (the paper's text says "otherwise negative").
 - Traces whose completeness is unknown (OpenR1-Math-Raw has no finish reasons) are kept.
 
-Labels are computed by :func:`redi.gradepool.grade_many` (worker processes, hard per-trace deadline),
+Labels are computed by :class:`redi.gradepool.GradingPool` (worker processes, hard per-trace deadline),
 locally or fanned out in shards over a Dask cluster (``executor="dask"``); both give the same labels.
+The same workers count each trace's tokens (the other per-trace work of this stage, ~75 us per short
+synthetic trace, more than grading it) with the tokenizer's ``tokenizer.json``; the counts are checked
+against the transformers tokenizer on a sample and recounted with it on any difference.
 """
 
 from __future__ import annotations
@@ -114,6 +117,7 @@ class Grader:
         self.stats: Counter = Counter()
         self._pool = self._client = self._cluster = None
         self._tok = tokenizer_json
+        self._extra = 0  # items of count(): not traces
         if cfg.executor == "dask":
             self._client, self._cluster = _dask_client(cfg.dask_address)
             if tokenizer_json is not None:  # sent to every Dask worker once, not with every shard
@@ -129,6 +133,17 @@ class Grader:
         shards = [items[i : i + self.cfg.shard_size] for i in range(0, len(items), self.cfg.shard_size)]
         return self._client.map(_grade_shard, shards, timeout_s=self.cfg.timeout_s, tokenizer_json=self._tok, pure=False)
 
+    def count(self, texts: list[str]) -> list[int]:
+        """Tokens of each text, counted by the workers (needs ``tokenizer_json``); not counted in ``stats``."""
+        if self._pool is not None:
+            self._extra += len(texts)
+            got = self._pool.map([(t, None) for t in texts])  # no gold: nothing to grade, only to count
+        else:
+            shards = [[(t, None) for t in texts[i : i + self.cfg.shard_size]] for i in range(0, len(texts), self.cfg.shard_size)]
+            got = [r for f in self._client.map(_grade_shard, shards, timeout_s=self.cfg.timeout_s, tokenizer_json=self._tok,
+                                                pure=False) for r in f.result()[0]]
+        return [n for _, n in got]
+
     def result(self, handle) -> list:
         if self._pool is not None:
             return handle.result()
@@ -142,6 +157,7 @@ class Grader:
         if self._pool is not None:
             self._pool.close()
             self.stats.update({k: v for k, v in vars(self._pool.stats).items() if isinstance(v, int)})
+            self.stats["done"] -= self._extra
         if self._client is not None:
             self._client.close()
         if self._cluster is not None:
@@ -164,11 +180,39 @@ def _token_lengths(tokenizer, texts: list[str], batch: int = 512) -> list[int]:
     return out
 
 
-def prompt_lengths(tokenizer, problems: list[str]) -> list[int]:
-    """Tokens of the full prompt (chat template + Open-R1 suffix + generation prompt), as training sees it."""
+def render_prompts(tokenizer, problems: list[str]) -> list[str]:
+    """``redi.prompts.render_prompt`` of every problem, rendering the chat template once when it inserts the
+    problem verbatim (checked with two probes that start with whitespace, so a template that trims is caught,
+    and on the first 32 problems); otherwise once per problem (jinja, ~50 us each)."""
     from .prompts import render_prompt
 
-    return _token_lengths(tokenizer, [render_prompt(tokenizer, p) for p in problems])
+    a, b = " \n\x00probe\x00", "\t\x00other probe\x00 "
+    ra, rb = render_prompt(tokenizer, a), render_prompt(tokenizer, b)
+    if ra.count(a) == 1 and rb == ra.replace(a, b):
+        pre, post = ra.split(a)
+        out = [pre + p + post for p in problems]
+        if all(out[i] == render_prompt(tokenizer, p) for i, p in enumerate(problems[:32])):
+            return out
+    return [render_prompt(tokenizer, p) for p in problems]
+
+
+def prompt_lengths(tokenizer, problems: list[str], count: Callable[[list[str]], list[int]] | None = None) -> list[int]:
+    """Tokens of the full prompt (chat template + Open-R1 suffix + generation prompt), as training sees it.
+
+    ``count``: counts tokens elsewhere (the grading workers, :meth:`Grader.count`); its counts of the first
+    SAMPLE_CHECK prompts are checked against ``tokenizer``'s, and on any difference all are counted here."""
+    texts = render_prompts(tokenizer, problems)
+    if count is None:
+        return _token_lengths(tokenizer, texts)
+    got = count(texts)
+    missing = [i for i, n in enumerate(got) if n is None]  # killed at the deadline: count them here
+    for i, n in zip(missing, _token_lengths(tokenizer, [texts[i] for i in missing]), strict=True):
+        got[i] = n
+    if got[:SAMPLE_CHECK] == _token_lengths(tokenizer, texts[:SAMPLE_CHECK]):
+        return got
+    logger.warning("verify: tokenizer.json and the transformers tokenizer count prompt tokens differently; counting "
+                   "them with the transformers tokenizer in this process")
+    return _token_lengths(tokenizer, texts)
 
 
 def response_lengths(tokenizer, traces: list[str]) -> list[int]:
@@ -271,10 +315,18 @@ def _verdict_key(v) -> str:
     return "None" if v is None or pd.isna(v) else str(bool(v))
 
 
+def _verdict_keys(s: pd.Series) -> np.ndarray:
+    """``_verdict_key`` of every value, vectorised: "True" / "False" / "None" (None, NaN, NA)."""
+    known = s.notna().to_numpy()
+    out = np.full(len(s), "None", dtype=object)
+    out[known] = np.where(s[known].astype(bool).to_numpy(), "True", "False")
+    return out
+
+
 def disagreements(ours: pd.Series, theirs: pd.Series) -> pd.Series:
     """Mask of rows where our label and the dataset's known label differ."""
-    return pd.Series([(_verdict_key(a) != _verdict_key(b)) and _verdict_key(b) != "None"
-                      for a, b in zip(ours.tolist(), theirs.tolist(), strict=True)], index=ours.index)
+    a, b = _verdict_keys(ours), _verdict_keys(theirs)
+    return pd.Series((a != b) & (b != "None"), index=ours.index)
 
 
 def agreement(ours: pd.Series, theirs: pd.Series, examples: pd.DataFrame) -> tuple[dict, str]:
@@ -282,7 +334,7 @@ def agreement(ours: pd.Series, theirs: pd.Series, examples: pd.DataFrame) -> tup
 
     ``examples``: disagreeing rows to show (row_id, answer, label_ours, label_math_verify, trace)."""
     key = _verdict_key
-    cm = Counter((key(a), key(b)) for a, b in zip(ours.tolist(), theirs.tolist(), strict=True))
+    cm = Counter(zip(_verdict_keys(ours).tolist(), _verdict_keys(theirs).tolist(), strict=True))
     both = sum(n for (a, b), n in cm.items() if a != "None" and b != "None")
     same = cm[("True", "True")] + cm[("False", "False")]
     summary = {"confusion": {f"ours={a},dataset={b}": n for (a, b), n in sorted(cm.items())},
@@ -303,12 +355,14 @@ def agreement(ours: pd.Series, theirs: pd.Series, examples: pd.DataFrame) -> tup
 # ----------------------------------------------------------------------------- entry point
 
 
-def _problem_info(probs: pd.DataFrame, tokenizer, cfg: VerifyConfig, decontam_problems: dict[str, list[str]]) -> tuple[pd.DataFrame, dict]:
-    """Per problem (``probs``: problem_id, problem; one row each): contaminated?, prompt tokens."""
+def _problem_info(probs: pd.DataFrame, tokenizer, cfg: VerifyConfig, decontam_problems: dict[str, list[str]],
+                  count: Callable[[list[str]], list[int]] | None = None) -> tuple[pd.DataFrame, dict]:
+    """Per problem (``probs``: problem_id, problem; one row each): contaminated?, prompt tokens (``count``: see
+    :func:`prompt_lengths`)."""
     dec = Decontaminator(decontam_problems if cfg.decontaminate else {}, cfg.decontam_ngram)
     hits = [dec.hits(p) for p in probs["problem"]] if dec.index else [[] for _ in range(len(probs))]
     per_bench = Counter(b for h in hits for b in h)
-    plen = prompt_lengths(tokenizer, probs["problem"].tolist()) if cfg.max_prompt_tokens is not None else [0] * len(probs)
+    plen = prompt_lengths(tokenizer, probs["problem"].tolist(), count) if cfg.max_prompt_tokens is not None else [0] * len(probs)
     info = pd.DataFrame({"contaminated": [bool(h) for h in hits], "prompt_tokens": plen}, index=probs["problem_id"].values)
     dsum = {"checked_benchmarks": sorted(decontam_problems) if cfg.decontaminate else [], "problems_removed": int(sum(bool(h) for h in hits)),
             "per_benchmark": dict(per_bench)}
@@ -377,7 +431,8 @@ def verify_and_split(cfg: VerifyConfig, traces_path: Path, tokenizer_dir: Path, 
     _check_rule(cfg, traces_path)
 
     # pass 1: grade and count tokens (workers) while reading the next batch (here)
-    tok_json = _tokenizer_json(tokenizer_dir) if cfg.max_response_tokens is not None else None
+    counting = cfg.max_response_tokens is not None or cfg.max_prompt_tokens is not None
+    tok_json = _tokenizer_json(tokenizer_dir) if counting else None
     lights, problems, sample = [], {}, []
     t_grade = time.monotonic()
     with ThreadPoolExecutor(1) as ex, Grader(cfg, tok_json) as grader, tqdm(total=n_rows, desc="grading traces", unit="trace",
@@ -409,14 +464,14 @@ def verify_and_split(cfg: VerifyConfig, traces_path: Path, tokenizer_dir: Path, 
             lights.append(light)
             del traces, answers, rb
         _finish(grader, *prev, bar, tok_future, tokenizer_dir)
-    t_grade = time.monotonic() - t_grade
-    tok = tok_future.result() if tok_future.done() or early else load_tokenizer(tokenizer_dir)
-    if tok_json is not None:
-        _check_counts(tok, sample, lights[0]["response_tokens"].tolist()[: len(sample)], traces_path, lights)
+        t_grade = time.monotonic() - t_grade
+        tok = tok_future.result() if tok_future.done() or early else load_tokenizer(tokenizer_dir)
+        if tok_json is not None:
+            _check_counts(tok, sample, lights[0]["response_tokens"].tolist()[: len(sample)], traces_path, lights)
+        probs = pd.DataFrame({"problem_id": list(problems), "problem": list(problems.values())})
+        info, dsum = _problem_info(probs, tok, cfg, decontam_problems, grader.count if tok_json is not None else None)
     df = pd.concat(lights, ignore_index=True)
     df["label"] = LABEL_RULES[cfg.label_rule](df["label_ours"], df)
-    probs = pd.DataFrame({"problem_id": list(problems), "problem": list(problems.values())})
-    info, dsum = _problem_info(probs, tok, cfg, decontam_problems)
     df["prompt_tokens"] = info.loc[df["problem_id"], "prompt_tokens"].to_numpy()
     df["filter_reason"] = filter_reasons(df, cfg, info)
     pos_rows, pair_rows = select(df, cfg)

@@ -117,12 +117,15 @@ def test_dask_labels_equal_processes(synth_traces, tok_dir, tmp_path):
 
 def test_workers_count_tokens_as_transformers_does(synth_traces, tok_dir, tmp_path):
     """The grading workers count each trace's tokens with tokenizer.json; the counts equal transformers' own."""
-    from redi.split import response_lengths
+    from redi.split import prompt_lengths, response_lengths
     from redi.tinymodel import load_tokenizer
 
-    _, lab, *_ = _run(VerifyConfig(workers=2, max_response_tokens=10_000), synth_traces, tok_dir, tmp_path / "w")
-    want = response_lengths(load_tokenizer(tok_dir), pd.read_parquet(synth_traces)["trace"].tolist())
+    _, lab, *_ = _run(VerifyConfig(workers=2, max_response_tokens=10_000, max_prompt_tokens=10_000), synth_traces, tok_dir,
+                      tmp_path / "w")
+    tok = load_tokenizer(tok_dir)
+    want = response_lengths(tok, pd.read_parquet(synth_traces)["trace"].tolist())
     assert lab["response_tokens"].tolist() == want and "<think>" in lab["trace"].iloc[0]
+    assert lab["prompt_tokens"].tolist() == prompt_lengths(tok, lab["problem"].tolist())  # in this process, per problem
 
 
 def test_token_counts_that_disagree_are_recounted(synth_traces, tok_dir, tmp_path, monkeypatch, caplog):
@@ -133,9 +136,25 @@ def test_token_counts_that_disagree_are_recounted(synth_traces, tok_dir, tmp_pat
     other = tmp_path / "other"
     train_tokenizer(list(_training_texts(synth_traces, 50)), 120).save_pretrained(str(other))
     monkeypatch.setattr(split, "_tokenizer_json", lambda _: (other / "tokenizer.json").read_text())
-    _, lab, *_ = _run(VerifyConfig(workers=1, max_response_tokens=10_000), synth_traces, tok_dir, tmp_path / "m")
-    assert "count tokens differently" in caplog.text
-    assert lab["response_tokens"].tolist() == split.response_lengths(load_tokenizer(tok_dir), lab["trace"].tolist())
+    _, lab, *_ = _run(VerifyConfig(workers=1, max_response_tokens=10_000, max_prompt_tokens=10_000), synth_traces, tok_dir,
+                      tmp_path / "m")
+    assert "count tokens differently" in caplog.text and "count prompt tokens differently" in caplog.text
+    tok = load_tokenizer(tok_dir)
+    assert lab["response_tokens"].tolist() == split.response_lengths(tok, lab["trace"].tolist())
+    assert lab["prompt_tokens"].tolist() == split.prompt_lengths(tok, lab["problem"].tolist())
+
+
+def test_render_prompts_renders_the_template_once_only_when_that_is_exact(tok_dir):
+    from redi.prompts import render_prompt
+    from redi.split import render_prompts
+    from redi.tinymodel import load_tokenizer
+
+    tok = load_tokenizer(tok_dir)
+    problems = ["What is 2+2?", "  leading spaces\n", "{{ not jinja }}", "\\boxed{x} <|im_end|>"]
+    assert render_prompts(tok, problems) == [render_prompt(tok, p) for p in problems]
+    tok.chat_template = tok.chat_template.replace("message['content']", "(message['content'] | trim)")
+    assert render_prompts(tok, problems) == [render_prompt(tok, p) for p in problems]  # trims: rendered per problem
+    assert render_prompts(tok, problems)[1] != render_prompt(tok, "x").replace("x", problems[1], 1)
 
 
 def _reference_reason(row, cfg, contaminated, prompt_tokens) -> str:
@@ -184,3 +203,13 @@ def test_filter_reasons_match_the_row_by_row_rules():
         want = [_reference_reason(r, cfg, info.loc[r["problem_id"], "contaminated"], info.loc[r["problem_id"], "prompt_tokens"])
                 for r in df.to_dict("records")]
         assert got == want
+
+
+def test_verdict_keys_vectorised_like_one_by_one():
+    import numpy as np
+
+    from redi.split import _verdict_key, _verdict_keys
+
+    s = pd.Series([True, False, None, np.nan, pd.NA, 1, 0, 1.0, 0.0], dtype=object)
+    assert _verdict_keys(s).tolist() == [_verdict_key(v) for v in s.tolist()]
+    assert _verdict_keys(pd.Series([True, False, None], dtype="boolean")).tolist() == ["True", "False", "None"]
