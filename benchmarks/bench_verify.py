@@ -110,23 +110,15 @@ def _spin(_=None) -> float:
     return time.perf_counter() - t0
 
 
-def ceiling(rounds: int) -> tuple[float, float]:
-    """What this machine gives at best: throughput of N processes doing independent pure-Python work vs one
-    (best and median of `rounds`). No grading pool can scale better than this on the same machine."""
-    import multiprocessing as mp
-
+def ceiling_round(pool) -> float:
+    """One measurement of what this machine gives at best: throughput of N processes doing independent
+    pure-Python work vs one. No grading pool can scale better than this on the same machine at that moment
+    (on this VM it moves between ~1.6x and ~1.9x for 2 processes from one minute to the next)."""
     n = default_workers()
-    one, many = [], []
-    with mp.get_context("fork").Pool(n) as pool:
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            _spin()
-            one.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            pool.map(_spin, range(n), chunksize=1)
-            many.append(time.perf_counter() - t0)
-    ratios = sorted(n * a / b for a, b in zip(one, many, strict=True))
-    return n * min(one) / min(many), ratios[len(ratios) // 2]
+    one = _spin()
+    t0 = time.perf_counter()
+    pool.map(_spin, range(n), chunksize=1)
+    return n * one / (time.perf_counter() - t0)
 
 
 def _measure(fn) -> tuple[float, float, object]:
@@ -176,20 +168,25 @@ def bench_stage(n_train: int, tmp: Path, rounds: int) -> str:
     return row
 
 
-def bench(name: str, items, rounds: int) -> list[str]:
-    """1 worker and N workers, interleaved `rounds` times: best traces/s of each, the speed-up of the bests and
-    the median of the per-round speed-ups, and the workers' CPU seconds (N workers doing more CPU work than one
-    = work duplicated between them)."""
+def bench(name: str, items, rounds: int, spin_pool) -> list[str]:
+    """1 worker and N workers, interleaved `rounds` times, each round next to a measurement of the machine's
+    ceiling (``ceiling_round``): best traces/s of each, the speed-up of the bests, the median of the
+    per-round speed-ups, the median ceiling, the median of per-round speed-up / ceiling (efficiency), and the
+    workers' CPU seconds (N workers doing more CPU work than one = work duplicated between them, or the machine
+    running each process slower when all cores are busy: see the ceiling)."""
     n = default_workers()
-    r1, rn, m1, mn, c1, cn = [], [], [], [], [], []
+    r1, rn, m1, mn, c1, cn, ceil = [], [], [], [], [], [], []
     for _ in range(rounds):
+        ceil.append(ceiling_round(spin_pool))
         a, ma, ca = _run(items, 1)
         b, mb, cb = _run(items, n)
         r1.append(a), rn.append(b), m1.append(ma), mn.append(mb), c1.append(ca), cn.append(cb)
     best1, bestn = max(r1), max(rn)
-    per_round = sorted(b / a for a, b in zip(r1, rn, strict=True))
-    row = (f"| {name} | {len(items):,} | {best1:,.0f} | {n} | {bestn:,.0f} | {bestn / best1:.2f}x | "
-           f"{per_round[len(per_round) // 2]:.2f}x | {min(c1):.2f} / {min(cn):.2f} | {max(m1):.2f} | {max(mn):.2f} |")
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    per_round = [b / a for a, b in zip(r1, rn, strict=True)]
+    eff = [r / c for r, c in zip(per_round, ceil, strict=True)]
+    row = (f"| {name} | {len(items):,} | {best1:,.0f} | {n} | {bestn:,.0f} | {bestn / best1:.2f}x | {med(per_round):.2f}x | "
+           f"{med(ceil):.2f}x | {med(eff):.0%} | {min(c1):.2f} / {min(cn):.2f} | {max(m1):.2f} | {max(mn):.2f} |")
     logging.info(row)
     return [row]
 
@@ -201,25 +198,26 @@ def main() -> None:
     ap.add_argument("--stage", action="store_true", help="also the whole verify stage on 16k, 100k and 400k traces (memory stays flat)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    import multiprocessing as mp
+
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        rows += bench("demo (4000 x 4)", _items(4000, 4, Path(tmp) / "demo"), args.rounds)
+    with tempfile.TemporaryDirectory() as tmp, mp.get_context("fork").Pool(default_workers()) as spin:
+        rows += bench("demo (4000 x 4)", _items(4000, 4, Path(tmp) / "demo"), args.rounds, spin)
         if args.large:
-            rows += bench("large (25000 x 4)", _items(25000, 4, Path(tmp) / "large"), args.rounds)
-            rows += bench("distinct LaTeX answers (generated)", _latex_items(2000), args.rounds)
+            rows += bench("large (25000 x 4)", _items(25000, 4, Path(tmp) / "large"), args.rounds, spin)
+            rows += bench("distinct LaTeX answers (generated)", _latex_items(2000), args.rounds, spin)
         if COT.exists():
-            rows += bench("real CoT samples (LaTeX answers)", _cot_items(), 2 * args.rounds)
+            rows += bench("real CoT samples (LaTeX answers)", _cot_items(), 2 * args.rounds, spin)
         stage = []
         if args.stage:
             import transformers.models.auto.tokenization_auto  # noqa: F401 - loaded in a pipeline run; its ~7 s import is not verify's
             for n, r in ((4000, args.rounds), (25000, max(1, args.rounds // 2)), (100000, 1)):
                 stage.append(bench_stage(n, Path(tmp) / f"stage{n}", r))
-    best, median = ceiling(args.rounds * 2)
     head = ["| data | traces | 1 worker traces/s | N | N workers traces/s | speed-up (best) | speed-up (median) | "
-            "worker CPU s (1 / N) | peak RSS GB (1) | peak RSS GB (N) |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
-    table = ("\n".join(head + rows) + f"\n\nMachine ceiling, same run: {default_workers()} processes of independent pure-Python "
-             f"work vs 1 give {best:.2f}x (best) / {median:.2f}x (median). "
+            "machine ceiling (median) | efficiency (median) | worker CPU s (1 / N) | peak RSS GB (1) | peak RSS GB (N) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    table = ("\n".join(head + rows) + f"\n\nMachine ceiling: {default_workers()} processes of independent pure-Python work vs 1, "
+             "measured in every round next to the pool runs; efficiency = speed-up / ceiling of the same round. "
              f"Load average at the end: {os.getloadavg()[0]:.1f}")
     if stage:
         table += ("\n\nThe whole verify stage (`--stage`: read; grade and count tokens in the workers; filter, split, "
