@@ -86,14 +86,23 @@ def _token_counter(tokenizer_json: str | None):
     tok = Tokenizer.from_str(tokenizer_json)
     tok.no_truncation()
     tok.no_padding()
-    return lambda text: len(tok.encode(text, add_special_tokens=False).ids) if isinstance(text, str) else 0
+
+    def count(text) -> int | None:
+        if not isinstance(text, str):
+            return 0
+        try:
+            return len(tok.encode(text, add_special_tokens=False).ids)
+        except Exception:  # noqa: BLE001 - unknown here; the caller counts it with transformers' tokenizer
+            return None
+
+    return count
 
 
 def _worker_main(conn, beat, tokenizer_json: str | None = None, share: bool = True) -> None:
     """Worker loop: receive chunks ``(first_key, [(response, gold), ...])`` (item j has key first_key + j),
-    send ``(first_key, [verdict, ...], fresh)`` for consecutive runs of them (with a tokenizer: ``[(verdict,
-    tokens of the response), ...]``), where ``fresh`` holds the cache
-    entries this worker computed meanwhile (``redi.verify.share_take``). Messages ``(None, entries)`` carry
+    send ``(first_key, [verdict, ...], fresh)`` for consecutive runs of them (with a tokenizer:
+    ``[(verdict, tokens of the response), ...]``), where ``fresh`` holds the cache entries this worker
+    computed meanwhile (``redi.verify.share_take``). Messages ``(None, entries)`` carry
     the other workers' entries (``redi.verify.share_put``); they are read between items (every POLL_S), so
     that a string parsed by one worker reaches the others within ~SHARE_S + POLL_S.
 
@@ -472,7 +481,7 @@ class GradingPool:
             while slot.ready and len(slot.inflight) < 2:
                 seg = self._take(min(CHUNK_MAX, max(CHUNK_MIN, -(-self._queued // (4 * len(self._slots))))))
                 if seg is None:
-                    break
+                    return
                 slot.inflight.append(seg)
                 slot.send((seg.batch.k0 + seg.a, seg.batch.items[seg.a : seg.b]))
 
