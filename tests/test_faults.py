@@ -42,8 +42,10 @@ def test_sigkill_during_training_then_rerun_resumes(tmp_path):
     proc = subprocess.Popen(redi_argv("run", str(recipe), "--no-prefect"), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        # kill -9 once SFT has written its first checkpoint (mid-stage)
-        _wait_for(lambda: any((root / "sft").glob(".work-*/checkpoint-*")), proc, timeout=300)
+        # kill -9 once SFT has written its first complete checkpoint (mid-stage); a "checkpoint-N.tmp" being
+        # written does not count: killed then, the rerun rightly starts from scratch (the test used to race there)
+        _wait_for(lambda: any(c.suffix != ".tmp" and (c / "trainer_state.json").exists()
+                              for c in (root / "sft").glob(".work-*/checkpoint-*")), proc, timeout=300)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
