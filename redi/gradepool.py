@@ -36,6 +36,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as mp_wait
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from . import verify
@@ -168,7 +169,10 @@ def _feeder(conn, q: deque, ready: threading.Event) -> None:
             if msg is _STOP:
                 return
             try:
-                conn.send(msg)
+                if type(msg) is bytes:  # pickled once for several workers (forwarded cache entries)
+                    conn.send_bytes(msg)
+                else:
+                    conn.send(msg)
             except (OSError, ValueError):  # worker gone: the scheduler notices through its sentinel
                 return
 
@@ -589,10 +593,12 @@ class GradingPool:
             while s.inflight and s.conn.poll():
                 k, verdicts, fresh = s.conn.recv()
                 if fresh:  # forward to the other workers at once (they read it between items)
-                    for other in self._slots:
-                        if other is not s and other.ready:
-                            other.send((None, fresh))
-                            self.stats.shared += len(fresh)
+                    others = [o for o in self._slots if o is not s and o.ready]
+                    if others:
+                        blob = bytes(ForkingPickler.dumps((None, fresh)))  # what Connection.send would send, pickled once
+                        for other in others:
+                            other.send(blob)
+                        self.stats.shared += len(fresh) * len(others)
                 while verdicts:
                     seg = s.inflight[0]
                     if seg.batch.k0 + seg.a != k:

@@ -324,10 +324,12 @@ def test_shared_parse_results_give_the_same_verdicts(monkeypatch, limit, n_gold,
     assert V.share_take() == []
 
 
-def test_workers_share_what_they_parse():
-    """Two workers on traces with few distinct answers forward cache entries; verdicts equal in-process grading."""
+@pytest.mark.parametrize("workers", [2, 4])
+def test_workers_share_what_they_parse(workers):
+    """Workers on traces with few distinct answers forward cache entries (pickled once for all the other workers);
+    verdicts equal in-process grading."""
     items = [(f"<think>step {i}</think> so \\boxed{{{(i * 7) % 30}}}", str((i * 11) % 30)) for i in range(600)]
     stats: dict = {}
-    out = grade_many(items, workers=2, progress=False, stats=stats)
+    out = grade_many(items, workers=workers, progress=False, stats=stats)
     assert out == [grade(r, g) for r, g in items]
     assert stats["shared"] > 0
