@@ -21,12 +21,13 @@ against the transformers tokenizer on a sample and recounted with it on any diff
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -133,16 +134,11 @@ class Grader:
         shards = [items[i : i + self.cfg.shard_size] for i in range(0, len(items), self.cfg.shard_size)]
         return self._client.map(_grade_shard, shards, timeout_s=self.cfg.timeout_s, tokenizer_json=self._tok, pure=False)
 
-    def count(self, texts: list[str]) -> list[int]:
-        """Tokens of each text, counted by the workers (needs ``tokenizer_json``); not counted in ``stats``."""
-        if self._pool is not None:
-            self._extra += len(texts)
-            got = self._pool.map([(t, None) for t in texts])  # no gold: nothing to grade, only to count
-        else:
-            shards = [[(t, None) for t in texts[i : i + self.cfg.shard_size]] for i in range(0, len(texts), self.cfg.shard_size)]
-            got = [r for f in self._client.map(_grade_shard, shards, timeout_s=self.cfg.timeout_s, tokenizer_json=self._tok,
-                                                pure=False) for r in f.result()[0]]
-        return [n for _, n in got]
+    def count(self, texts: list[str]) -> list[int | None]:
+        """Tokens of each text, counted by the workers (needs ``tokenizer_json``; None: killed at the deadline);
+        these items are not counted in ``stats``."""
+        self._extra += len(texts)
+        return [n for _, n in self.result(self.submit([(t, None) for t in texts]))]  # no gold: nothing to grade
 
     def result(self, handle) -> list:
         if self._pool is not None:
@@ -157,7 +153,7 @@ class Grader:
         if self._pool is not None:
             self._pool.close()
             self.stats.update({k: v for k, v in vars(self._pool.stats).items() if isinstance(v, int)})
-            self.stats["done"] -= self._extra
+        self.stats["done"] -= self._extra
         if self._client is not None:
             self._client.close()
         if self._cluster is not None:
@@ -442,7 +438,12 @@ def verify_and_split(cfg: VerifyConfig, traces_path: Path, tokenizer_dir: Path, 
         # threads (a 100k-trace pass 1 took 13-14 s instead of ~2 s), so it waits for the end of pass 1 unless
         # the tokens must be counted here.
         early = "transformers" in sys.modules or (tok_json is None and cfg.max_response_tokens is not None)
-        tok_future = ex.submit(load_tokenizer, tokenizer_dir) if early else Future()
+        tok_future = ex.submit(load_tokenizer, tokenizer_dir) if early else None
+
+        @functools.cache
+        def tokenizer():
+            return tok_future.result() if tok_future is not None else load_tokenizer(tokenizer_dir)
+
         prev = None
         for pos, rb in _batches(traces_path, [c for c in names if c in {"problem", "trace", *LIGHT_COLUMNS}]):
             cols = rb.schema.names
@@ -452,20 +453,20 @@ def verify_and_split(cfg: VerifyConfig, traces_path: Path, tokenizer_dir: Path, 
             if cfg.max_response_tokens is None:
                 light["response_tokens"] = 0
             elif tok_json is None:  # no tokenizer.json to hand to the workers: count here
-                light["response_tokens"] = response_lengths(tok_future.result(), traces)
+                light["response_tokens"] = response_lengths(tokenizer(), traces)
             if not sample:
                 sample = traces[:SAMPLE_CHECK]
             pb = rb.select(["problem_id", "problem"]).to_pandas().drop_duplicates("problem_id")
             for pid, text in zip(pb["problem_id"], pb["problem"], strict=True):
                 problems.setdefault(pid, text)
             if prev is not None:
-                _finish(grader, *prev, bar, tok_future, tokenizer_dir)
+                _finish(grader, *prev, bar, tokenizer)
             prev = (light, handle, traces if tok_json is not None else None)
             lights.append(light)
             del traces, answers, rb
-        _finish(grader, *prev, bar, tok_future, tokenizer_dir)
+        _finish(grader, *prev, bar, tokenizer)
         t_grade = time.monotonic() - t_grade
-        tok = tok_future.result() if tok_future.done() or early else load_tokenizer(tokenizer_dir)
+        tok = tokenizer()
         if tok_json is not None:
             _check_counts(tok, sample, lights[0]["response_tokens"].tolist()[: len(sample)], traces_path, lights)
         probs = pd.DataFrame({"problem_id": list(problems), "problem": list(problems.values())})
@@ -499,9 +500,9 @@ def verify_and_split(cfg: VerifyConfig, traces_path: Path, tokenizer_dir: Path, 
     return summary
 
 
-def _finish(grader: Grader, light: pd.DataFrame, handle, traces: list | None, bar, tok_future: Future, tokenizer_dir) -> None:
+def _finish(grader: Grader, light: pd.DataFrame, handle, traces: list | None, bar, tokenizer: Callable) -> None:
     """Wait for a batch's results (advancing the progress bar); store its labels (and token counts, when the
-    workers counted them: ``traces`` given) in its light table."""
+    workers counted them: ``traces`` given; ``tokenizer()`` counts those the workers could not) in its light table."""
     base = bar.n
     if not isinstance(handle, list):  # a local pool's Batch counts its items as they come back (dask: per batch)
         while not handle.wait(0.5):
@@ -511,16 +512,11 @@ def _finish(grader: Grader, light: pd.DataFrame, handle, traces: list | None, ba
         verdicts = results
     else:
         verdicts = [r[0] for r in results]
-        counts = [r[1] for r in results]
-        missing = [i for i, c in enumerate(counts) if c is None]  # killed at the deadline: count them here
-        if missing:
-            if not tok_future.done() and not tok_future.running():
-                from .tinymodel import load_tokenizer
-
-                tok_future.set_result(load_tokenizer(tokenizer_dir))
-            for i, n in zip(missing, response_lengths(tok_future.result(), [traces[i] for i in missing]), strict=True):
-                counts[i] = n - 1
-        light["response_tokens"] = [c + 1 for c in counts]  # + EOS, as response_lengths
+        lengths = [None if r[1] is None else r[1] + 1 for r in results]  # + EOS, as response_lengths
+        missing = [i for i, n in enumerate(lengths) if n is None]  # killed at the deadline: count them here
+        for i, n in zip(missing, response_lengths(tokenizer(), [traces[i] for i in missing]) if missing else [], strict=True):
+            lengths[i] = n
+        light["response_tokens"] = lengths
     light["label_ours"] = pd.Series(verdicts, index=light.index, dtype=object)
     bar.update(base + len(light) - bar.n)
 
