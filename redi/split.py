@@ -137,8 +137,16 @@ class Grader:
     def count(self, texts: list[str]) -> list[int | None]:
         """Tokens of each text, counted by the workers (needs ``tokenizer_json``; None: killed at the deadline);
         these items are not counted in ``stats``."""
+        from tqdm.auto import tqdm
+
         self._extra += len(texts)
-        return [n for _, n in self.result(self.submit([(t, None) for t in texts]))]  # no gold: nothing to grade
+        handle = self.submit([(t, None) for t in texts])  # no gold: nothing to grade
+        if self._pool is not None:  # a local pool's Batch counts its items as they come back
+            with tqdm(total=len(texts), desc="counting prompt tokens", unit="prompt", mininterval=1.0) as bar:
+                while not handle.wait(0.5):
+                    bar.update(handle.done - bar.n)
+                bar.update(handle.done - bar.n)
+        return [n for _, n in self.result(handle)]
 
     def result(self, handle) -> list:
         if self._pool is not None:
