@@ -1,7 +1,8 @@
 """Tokenised examples, padding-free packing, and per-sequence completion log-probs.
 
-An :class:`Example` is one (prompt, completion) token sequence; the completion ends with the EOS
-(``<|im_end|>``), and ``|y|`` = its number of completion tokens including that EOS.
+An :class:`Example` is one (prompt, completion) token sequence; the completion ends with the terminator of
+``redi.prompts.completion_terminator`` (its last token the EOS), and ``|y|`` = its number of completion
+tokens including the terminator.
 
 Packing (``packed=True``): a micro-batch of sequences is concatenated into rows of at most
 ``row_tokens`` tokens (first-fit; a longer sequence gets a row of its own), shape (R, C);
@@ -17,9 +18,10 @@ times slower than in rows of 512). With flash-attention (varlen via position ids
 The padded alternative (``packed=False``, right padding + attention mask) is kept for the benchmark
 and for models whose attention ignores position-id packing.
 
-Only the columns that predict completion tokens reach the LM head (``logits_to_keep`` as an index
-tensor), so with one row the logits are exactly (N, V) and never cover prompts or padding.
-(The paper used Liger kernels to avoid materialising logits at all; we do not.)
+Only the hidden states that predict completion tokens reach the LM head, and log-probs come from
+``redi.logprobs.LogProbLM`` chunk by chunk (Liger's fused kernel on CUDA when installed): no (N, V)
+logits on any device. On CUDA, flash-attention-2 reads packed rows as varlen (one row per micro-batch,
+``pack_tokens`` ignored); other CUDA attention runs each packed sequence alone without a mask.
 """
 
 from __future__ import annotations
@@ -27,14 +29,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from .logprobs import LogProbLM, unwrap_logprob
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, eq=False)
 class Example:
-    """One tokenised sequence: ``prompt_len`` prompt tokens followed by completion tokens (EOS last)."""
+    """One tokenised sequence: ``prompt_len`` prompt tokens followed by completion tokens (EOS last).
 
-    ids: tuple[int, ...]
+    ``ids`` is a tuple (built in memory) or an int32 numpy view into a memory-mapped token table
+    (``redi.train_data``); both index, slice and ``len`` alike.
+    """
+
+    ids: Sequence[int] | np.ndarray
     prompt_len: int
 
     @property
@@ -86,13 +95,6 @@ class Batch:
                      mv(self.targets), mv(self.seg), self.n_seqs, self.n_tokens)
 
 
-def _completion_positions(ex: Example, offset: int) -> tuple[list[int], list[int]]:
-    """Positions (offset-based) whose next-token prediction is a completion token, and those tokens."""
-    start = max(ex.prompt_len, 1)  # the very first token of a sequence is never predicted
-    pos = list(range(offset + start - 1, offset + len(ex.ids) - 1))
-    return pos, list(ex.ids[start:])
-
-
 def _pack_rows(examples: Sequence[Example], row_tokens: int | None) -> list[list[int]]:
     """First-fit (in order) assignment of example indices to rows of at most ``row_tokens`` tokens."""
     cap = max([row_tokens or 0] + [len(ex.ids) for ex in examples]) if row_tokens else None
@@ -111,6 +113,15 @@ def _pack_rows(examples: Sequence[Example], row_tokens: int | None) -> list[list
     return rows
 
 
+def row_budget(device: torch.device | str, pack_tokens: int | None) -> int | None:
+    """Packed-row budget for ``device``: ``pack_tokens`` on CPU, one row (None) on CUDA.
+
+    On CUDA every path is padding-free without a dense mask (flash-attention-2 reads one row as varlen;
+    other attention runs sequences one by one, see ``LogProbLM``), so splitting rows only adds padding.
+    """
+    return None if torch.device(device).type == "cuda" else pack_tokens
+
+
 def collate(examples: Sequence[Example], packed: bool = True, pad_id: int = 0, row_tokens: int | None = None) -> Batch:
     """Pack examples padding-free into rows of <= ``row_tokens`` tokens (None: one row), or right-pad them.
 
@@ -119,43 +130,40 @@ def collate(examples: Sequence[Example], packed: bool = True, pad_id: int = 0, r
     """
     groups = _pack_rows(examples, row_tokens) if packed else [[i] for i in range(len(examples))]
     width = max(sum(len(examples[i].ids) for i in g) for g in groups)
-    input_ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((len(groups), width), dtype=torch.long)
-    mask = torch.zeros((len(groups), width), dtype=torch.long)
+    input_ids = np.full((len(groups), width), pad_id, dtype=np.int64)
+    position_ids = np.zeros((len(groups), width), dtype=np.int64)
+    mask = np.zeros((len(groups), width), dtype=np.int64)
     keep, targets, seg = [], [], []
     for r, g in enumerate(groups):
         off = 0
         for i in g:
             ex = examples[i]
-            n = len(ex.ids)
-            input_ids[r, off:off + n] = torch.tensor(ex.ids)
-            position_ids[r, off:off + n] = torch.arange(n)
+            ids = np.asarray(ex.ids, dtype=np.int64)
+            n = len(ids)
+            input_ids[r, off:off + n] = ids
+            position_ids[r, off:off + n] = np.arange(n)
             mask[r, off:off + n] = 1
-            p, t = _completion_positions(ex, r * width + off)
-            keep += p
-            targets += t
-            seg += [i] * len(t)
+            start = max(ex.prompt_len, 1)  # the very first token of a sequence is never predicted
+            keep.append(np.arange(r * width + off + start - 1, r * width + off + n - 1))
+            targets.append(ids[start:])
+            seg.append(np.full(n - start, i, dtype=np.int64))
             off += n
-        position_ids[r, off:] = torch.arange(width - off)  # padding: its own segment
+        position_ids[r, off:] = np.arange(width - off)  # padding: its own segment
     n_tok = sum(len(ex.ids) for ex in examples)
-    return Batch(input_ids, position_ids if packed else None, None if packed else mask,
-                 torch.tensor(keep, dtype=torch.long), torch.tensor(targets, dtype=torch.long),
-                 torch.tensor(seg, dtype=torch.long), len(examples), n_tok)
+    t = torch.from_numpy
+    return Batch(t(input_ids), t(position_ids) if packed else None, None if packed else t(mask),
+                 t(np.concatenate(keep)), t(np.concatenate(targets)), t(np.concatenate(seg)), len(examples), n_tok)
 
 
 def token_logps(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """Log-probs of the completion tokens, shape (N,), through the model's own forward.
+    """Log-probs of the completion tokens, shape (N,), fp32.
 
-    Packed: ``logits_to_keep`` selects only the columns that predict completion tokens, so logits are
-    (R, n_cols, V) instead of (R, C, V). Padded: the same, with the attention mask.
+    ``model`` is a :class:`redi.logprobs.LogProbLM` (possibly wrapped by DDP / FSDP / DeepSpeed: its
+    forward is the wrapped forward), or a bare causal LM, which is wrapped on the fly (same parameters).
     """
-    rows, width = batch.input_ids.shape
-    row, col = batch.keep // width, batch.keep % width  # (N,), (N,)
-    cols = torch.unique(col)  # sorted columns any row needs
-    kw = {"position_ids": batch.position_ids} if batch.position_ids is not None else {"attention_mask": batch.attention_mask}
-    out = model(input_ids=batch.input_ids, use_cache=False, logits_to_keep=cols, **kw)
-    logits = out.logits[row, torch.searchsorted(cols, col)].float()  # (N, V)
-    return logits.gather(-1, batch.targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (N,)
+    lp_model = model if unwrap_logprob(model) is not None else LogProbLM(model)
+    return lp_model(batch.input_ids, batch.keep, batch.targets, position_ids=batch.position_ids,
+                    attention_mask=batch.attention_mask)
 
 
 def sequence_logps(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

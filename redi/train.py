@@ -46,8 +46,9 @@ from pathlib import Path
 import torch
 
 from .config.train import OptimConfig, SFTConfig, Stage2Config
+from .logprobs import LogProbLM, resolve_attn, unwrap_logprob
 from .losses import NEEDS_REFERENCE, get_loss
-from .packing import Example, collate, sequence_logps
+from .packing import Example, collate, row_budget, sequence_logps
 from .signals import SignalLog
 from .tinymodel import MARKER, load_tokenizer
 from .train_data import load_pair_examples, load_sft_examples, lr_factor, step_indices, total_steps
@@ -109,16 +110,17 @@ def _make_accelerator(dev: str, mixed_precision: str, grad_accum: int):
     return Accelerator(cpu=dev == "cpu", mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum)
 
 
-def _load_model(model_dir: Path, cfg: OptimConfig):
+def _load_model(model_dir: Path, cfg: OptimConfig, dev: str = "cpu") -> LogProbLM:
+    """The causal LM inside a :class:`LogProbLM` (what accelerate prepares; its forward returns log-probs)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         str(model_dir), dtype=torch.float32, use_safetensors=True, trust_remote_code=cfg.trust_remote_code,
-        attn_implementation=cfg.attn_implementation)
+        attn_implementation=resolve_attn(cfg.attn_implementation, dev))
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
+    return LogProbLM(model)
 
 
 def _optimizer(model, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -162,7 +164,7 @@ def _sequences(job: Job, idx: list[int]) -> list[Example]:
 def _micro_loss(job: Job, model, idx: list[int], scale: float, loss_fn, ref_model) -> tuple[torch.Tensor, dict]:
     """Loss of one micro-batch (already scaled for the global step) and its signal sums."""
     dev = next(model.parameters()).device
-    batch = collate(_sequences(job, idx), job.cfg.packing, job.tok.pad_token_id, job.cfg.pack_tokens).to(dev)
+    batch = collate(_sequences(job, idx), job.cfg.packing, job.tok.pad_token_id, row_budget(dev, job.cfg.pack_tokens)).to(dev)
     sums, lens = sequence_logps(model, batch)  # (S,), (S,)
     per_tok = (sums / lens.clamp(min=1)).detach()
     if job.kind == "sft":
@@ -202,8 +204,9 @@ def precompute_reference(job: Job, model, acc) -> torch.Tensor:
     with torch.no_grad(), acc.autocast():
         for s in range(0, len(job.items), mb):
             idx = list(range(s, min(s + mb, len(job.items))))
-            batch = collate(_sequences(job, idx), job.cfg.packing, job.tok.pad_token_id, job.cfg.pack_tokens)
-            sums, _ = sequence_logps(model, batch.to(next(model.parameters()).device))
+            dev = next(model.parameters()).device
+            batch = collate(_sequences(job, idx), job.cfg.packing, job.tok.pad_token_id, row_budget(dev, job.cfg.pack_tokens))
+            sums, _ = sequence_logps(model, batch.to(dev))
             out[idx, 0], out[idx, 1] = sums[: len(idx)].double().cpu(), sums[len(idx):].double().cpu()
     model.train()
     if acc.is_main_process:
@@ -280,7 +283,7 @@ def run(job: Job) -> dict:
     per_rank = cfg.global_batch // world
     n_micro = math.ceil(per_rank / cfg.micro_batch)
     acc = _make_accelerator(dev, mp, n_micro)
-    model = _load_model(job.model_dir, cfg)
+    model = _load_model(job.model_dir, cfg, dev)
     n_params = sum(p.numel() for p in model.parameters())
     optimizer = _optimizer(model, cfg)
     total = total_steps(cfg, len(job.items))
@@ -290,7 +293,7 @@ def run(job: Job) -> dict:
         if cfg.precompute_ref:
             job.ref_logps = precompute_reference(job, model.to(acc.device), acc)
         else:
-            ref_model = _load_model(job.model_dir, cfg).to(acc.device).eval().requires_grad_(False)
+            ref_model = _load_model(job.model_dir, cfg, dev).to(acc.device).eval().requires_grad_(False)
     model, optimizer = acc.prepare(model, optimizer)
     acc.register_for_checkpointing(scheduler)  # not prepared: accelerate would step it once per process
     job.work_dir.mkdir(parents=True, exist_ok=True)
@@ -385,7 +388,9 @@ def _save_outputs(job: Job, acc, model, signals: SignalLog) -> None:
     state = acc.get_state_dict(model)
     if acc.is_main_process:
         out = job.out_dir / "model"
-        acc.unwrap_model(model).save_pretrained(out, state_dict=state, safe_serialization=True)
+        wrapper = unwrap_logprob(acc.unwrap_model(model))  # the LogProbLM; its causal LM is saved
+        state = {k.removeprefix("lm."): v for k, v in state.items()}
+        wrapper.lm.save_pretrained(out, state_dict=state, safe_serialization=True)
         job.tok.save_pretrained(out)
         if (job.model_dir / MARKER).exists():
             shutil.copy(job.model_dir / MARKER, out / MARKER)

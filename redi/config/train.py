@@ -31,11 +31,14 @@ class OptimConfig(StrictModel):
     save_steps: int = Field(200, ge=1, description="Checkpoint every N optimiser steps (a killed run resumes from the last one).")
     log_steps: int = Field(50, ge=1, description="Write a log line every N steps (signals.jsonl and the progress bar get every step). Does not change results.")
     pack_tokens: int | None = Field(
-        512, ge=16, description="Packing: token budget of one packed row (sequences packed first-fit; a longer one gets its own row). "
-        "SDPA attention costs O(row^2), so a few times the typical sequence length is fastest; None = one row per micro-batch (best with flash-attention). Does not change results.",
+        512, ge=16, description="CPU packing: token budget of one packed row (sequences packed first-fit; a longer one gets its own row). "
+        "CPU attention costs O(row^2), so a few times the typical sequence length is fastest; None = one row per micro-batch. "
+        "Ignored on CUDA (one padding-free row, see attn_implementation). Does not change results.",
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="transformers attention kernel; `flash_attention_2` (CUDA, flash-attn installed) makes packed rows varlen (set pack_tokens null with it). Does not change results beyond float rounding.",
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="transformers attention kernel. `auto`: flash_attention_2 on CUDA when flash-attn is installed "
+        "(packed row read as varlen), else sdpa (on CUDA each packed sequence then runs alone, without a mask). "
+        "Does not change results beyond float rounding.",
     )
     trust_remote_code: bool = Field(False, description="Allow model code shipped with the checkpoint when loading it (set it together with model.trust_remote_code).")
 

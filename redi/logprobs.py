@@ -1,0 +1,272 @@
+"""Per-token completion log-probs without materialising (N, V) logits.
+
+:class:`LogProbLM` wraps a transformers causal LM. Its ``forward`` runs the backbone (the decoder
+without its LM head), gathers exactly the N hidden states that predict completion tokens (packed or
+padded rows alike: prompts and padding never reach the head) and turns them into log-probs chunk by
+chunk, so the largest temporary is one chunk's (rows, V) logits instead of (N, V):
+
+- CUDA with ``liger-kernel`` >= 0.8.5 installed: Liger's fused linear cross-entropy with
+  ``reduction="none"`` (per-token -log p; Liger recomputes the chunk's logits in backward and
+  folds in the per-token gradient; earlier releases computed wrong weight gradients for "none").
+- everywhere else: :class:`ChunkedLinearLogp`, our own autograd Function: forward keeps only the
+  (N,) log-sum-exp; backward recomputes each chunk's logits, forms ``g * (onehot - softmax)`` and
+  accumulates the two matmuls (grad of hidden, grad of the head weight in fp32).
+
+Under autocast the head runs in the autocast dtype with fp32 log-softmax, as ``F.linear`` + ``.float()``
+does in the plain path; the weight gradient is accumulated in fp32 (the plain path rounds it to bf16).
+
+Why a wrapper module: FSDP and DeepSpeed ZeRO-3 gather sharded parameters only inside the forward of
+the module they wrap. The trainer prepares the wrapper, so the backbone and the head weight are used
+inside the wrapped forward. ZeRO-3 gathers parameters per submodule, and the head's own forward never
+runs here, so the head weight is registered as an external parameter of the wrapper
+(``deepspeed.zero.register_external_parameter``) when DeepSpeed is installed.
+
+Departure from the paper's code: the official REDI code uses Liger's kernels through TRL on CUDA;
+we do too where available and keep a pure-PyTorch twin that is tested against full logits on CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 256 * 2**20
+"""Budget of one chunk's fp32 logits: 256 MiB = 441 rows at Qwen's 151,936-token vocabulary."""
+
+_UNSUPPORTED = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
+
+
+def chunk_rows(vocab: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Rows per chunk so that a chunk's fp32 logits stay within ``chunk_bytes`` (at least 16)."""
+    return max(16, chunk_bytes // (4 * vocab))
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    dev = t.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else t.dtype
+
+
+class ChunkedLinearLogp(torch.autograd.Function):
+    """log softmax(h W^T + b)[target] per row, one chunk of rows at a time; logits recomputed in backward.
+
+    Inputs: h (N, H), weight (V, H), bias (V,) or None, targets (N,), rows per chunk. Output: (N,) fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, rows):
+        dt = _compute_dtype(h)
+        out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        lse = torch.empty_like(out)
+        with torch.autocast(h.device.type, enabled=False), torch.no_grad():
+            w, b = weight.to(dt), None if bias is None else bias.to(dt)
+            for s in range(0, h.shape[0], rows):
+                z = F.linear(h[s:s + rows].to(dt), w, b).float()  # (rows, V)
+                lse[s:s + rows] = torch.logsumexp(z, dim=-1)
+                out[s:s + rows] = z.gather(1, targets[s:s + rows, None]).squeeze(1) - lse[s:s + rows]
+        ctx.save_for_backward(h, weight, bias, targets, lse)
+        ctx.rows, ctx.dt = rows, dt
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        h, weight, bias, targets, lse = ctx.saved_tensors
+        dt, rows = ctx.dt, ctx.rows
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        gh = torch.empty_like(h) if need_h else None
+        gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        gb = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        g = g.float()
+        with torch.autocast(h.device.type, enabled=False), torch.no_grad():
+            w, b = weight.to(dt), None if bias is None else bias.to(dt)
+            for s in range(0, h.shape[0], rows):
+                hc, gc = h[s:s + rows].to(dt), g[s:s + rows]
+                # d logp_t / d z = onehot(t) - softmax(z): scaled by the upstream gradient, (rows, V)
+                dz = F.linear(hc, w, b).float().sub_(lse[s:s + rows, None]).exp_().mul_(-gc[:, None])
+                dz.scatter_add_(1, targets[s:s + rows, None], gc[:, None])
+                if need_b:
+                    gb += dz.sum(0)
+                dz = dz.to(dt)
+                if need_h:
+                    gh[s:s + rows] = (dz @ w).to(h.dtype)
+                if need_w:  # a low-precision product per chunk, summed in fp32 across chunks
+                    gw.addmm_(dz.t(), hc) if dt == torch.float32 else gw.add_(dz.t() @ hc)
+        return gh, None if gw is None else gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype), None, None
+
+
+def chunked_token_logps(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                        rows: int | None = None) -> torch.Tensor:
+    """(N,) fp32 log-probs of ``targets`` under ``h @ weight.T + bias`` without (N, V) logits."""
+    return ChunkedLinearLogp.apply(h, weight, bias, targets, rows or chunk_rows(weight.shape[0]))
+
+
+@cache
+def liger_available() -> bool:
+    """liger-kernel >= 0.8.5 importable (earlier releases give wrong weight grads for reduction="none")."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        return False
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    try:
+        ok = Version(version("liger-kernel")) >= Version("0.8.5")
+        if ok:
+            import liger_kernel.transformers.functional  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - a broken optional kernel must not stop training
+        log.warning("liger-kernel is installed but unusable (%s); using the chunked log-prob path", e)
+        return False
+    if not ok:
+        log.warning("liger-kernel %s < 0.8.5 computes wrong gradients for reduction='none'; using the chunked path",
+                    version("liger-kernel"))
+    return ok
+
+
+def liger_token_logps(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      targets: torch.Tensor) -> torch.Tensor:
+    """(N,) fp32 log-probs through Liger's fused linear cross-entropy (CUDA only)."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    dt = _compute_dtype(h)
+    nll = liger_fused_linear_cross_entropy(h.to(dt), weight.to(dt), targets, bias=None if bias is None else bias.to(dt),
+                                           reduction="none", accum_dtype=torch.float32)
+    return -nll.float()
+
+
+def head_token_logps(h: torch.Tensor, head: nn.Module, targets: torch.Tensor, kernel: str = "auto",
+                     rows: int | None = None) -> torch.Tensor:
+    """Log-probs of ``targets`` (N,) given hidden states (N, H) and the LM head; ``kernel`` in auto|liger|chunked."""
+    bias = getattr(head, "bias", None)
+    if kernel == "liger" or (kernel == "auto" and h.is_cuda and liger_available()):
+        return liger_token_logps(h, head.weight, bias, targets)
+    return chunked_token_logps(h, head.weight, bias, targets, rows)
+
+
+def _register_zero3(module: nn.Module, param: nn.Parameter) -> None:
+    """Tell ZeRO-3 that ``module``'s forward uses ``param`` (a no-op record for other backends).
+
+    Only when DeepSpeed is already imported: accelerate imports it when a DeepSpeed config is
+    launched, before the trainer builds the model; plain runs never pay for the import.
+    """
+    ds = sys.modules.get("deepspeed")
+    zero = getattr(ds, "zero", None)
+    if zero is not None and hasattr(zero, "register_external_parameter"):
+        zero.register_external_parameter(module, param)
+
+
+class LogProbLM(nn.Module):
+    """A causal LM whose forward returns per-token completion log-probs (N,) instead of logits.
+
+    ``kernel``: auto (Liger on CUDA when usable, else chunked) | liger | chunked; ``rows``: rows per
+    chunk (default from :data:`CHUNK_BYTES`); ``split``: run packed sequences one by one (None = auto).
+
+    ``forward(input_ids (R, C), keep (N,), targets (N,), position_ids=None, attention_mask=None)``:
+    ``keep`` are flat positions (row * C + column) whose next-token prediction is ``targets``.
+    On CUDA without flash-attention, packed rows are split at position-id restarts and every
+    sequence runs as its own (1, L) forward with no mask (SDPA then uses its causal flash kernel,
+    not a dense (C, C) block mask).
+    """
+
+    def __init__(self, lm: nn.Module, kernel: str = "auto", rows: int | None = None, split: bool | None = None):
+        super().__init__()
+        if kernel not in ("auto", "liger", "chunked"):
+            raise ValueError(f"log-prob kernel must be auto, liger or chunked, got {kernel!r}")
+        cfg = getattr(lm, "config", None)
+        bad = [k for k in _UNSUPPORTED if getattr(cfg, k, None) not in (None, 1.0, 0.0)]
+        if bad:
+            raise ValueError(f"{type(lm).__name__} scales or caps its logits ({', '.join(bad)}); LogProbLM's head "
+                             "does not apply that: train this model with the plain logits path")
+        self.lm, self.kernel, self.rows, self.split = lm, kernel, rows, split
+        _register_zero3(self, lm.get_output_embeddings().weight)
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    @property
+    def _no_split_modules(self):
+        return getattr(self.lm, "_no_split_modules", None)
+
+    def split_sequences(self, device: torch.device) -> bool:
+        """True where packed rows run sequence by sequence (CUDA attention other than flash varlen)."""
+        if self.split is not None:
+            return self.split
+        impl = getattr(self.lm.config, "_attn_implementation", "sdpa")
+        return device.type == "cuda" and not str(impl).startswith("flash")
+
+    def forward(self, input_ids: torch.Tensor, keep: torch.Tensor, targets: torch.Tensor,
+                position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        backbone = self.lm.get_decoder()
+        if position_ids is not None and self.split_sequences(input_ids.device):
+            h = _split_hidden(backbone, input_ids, position_ids, keep)  # (N, H)
+        else:
+            kw = {"position_ids": position_ids} if position_ids is not None else {"attention_mask": attention_mask}
+            hs = backbone(input_ids=input_ids, use_cache=False, **kw).last_hidden_state  # (R, C, H)
+            h = hs.reshape(-1, hs.shape[-1]).index_select(0, keep)  # (N, H)
+        return head_token_logps(h, self.lm.get_output_embeddings(), targets, self.kernel, self.rows)
+
+
+def _split_hidden(backbone, input_ids, position_ids, keep) -> torch.Tensor:
+    """Hidden states at ``keep`` (N, H), running each packed sequence alone as a (1, L) row without a mask."""
+    width = input_ids.shape[1]
+    starts = (position_ids == 0).nonzero().tolist()  # [(row, col)], row-major
+    ends = starts[1:] + [(input_ids.shape[0], 0)]
+    keep_l = keep.tolist()
+    out, k = [], 0
+    for (r, c0), (r1, c1) in zip(starts, ends, strict=True):
+        c_end = c1 if r1 == r else width
+        lo, hi = r * width + c0, r * width + c_end
+        j = k
+        while j < len(keep_l) and keep_l[j] < hi:
+            j += 1
+        if j > k:  # sequences without completion tokens (row padding) are skipped
+            hs = backbone(input_ids=input_ids[r:r + 1, c0:c_end], position_ids=position_ids[r:r + 1, c0:c_end],
+                          use_cache=False).last_hidden_state[0]  # (L, H)
+            out.append(hs.index_select(0, keep[k:j] - lo))
+        k = j
+    return torch.cat(out)
+
+
+def resolve_attn(impl: str, device: str) -> str:
+    """``auto`` -> flash_attention_2 on CUDA when flash-attn is importable, else sdpa; other names unchanged."""
+    if impl != "auto":
+        return impl
+    if device == "cuda":
+        from transformers.utils import is_flash_attn_2_available
+
+        if is_flash_attn_2_available():
+            return "flash_attention_2"
+    return "sdpa"
+
+
+def unwrap_logprob(model: nn.Module) -> LogProbLM | None:
+    """The LogProbLM inside ``model`` (itself, or wrapped by DDP / DeepSpeed / FSDP1 / torch.compile), else None."""
+    for _ in range(4):
+        if isinstance(model, LogProbLM):
+            return model
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod", None) or getattr(model, "_fsdp_wrapped_module", None)
+        if model is None:
+            return None
+    return None
+
+
+def full_logits_token_logps(model: nn.Module, input_ids, keep, targets, position_ids=None, attention_mask=None):
+    """The former path, for tests and benchmarks: (N, V) fp32 logits through the model's own forward.
+
+    ``logits_to_keep`` takes the union of the needed columns over all rows, so with several rows it
+    computes more than N rows of logits.
+    """
+    width = input_ids.shape[1]
+    row, col = keep // width, keep % width  # (N,), (N,)
+    cols = torch.unique(col)
+    kw = {"position_ids": position_ids} if position_ids is not None else {"attention_mask": attention_mask}
+    out = model(input_ids=input_ids, use_cache=False, logits_to_keep=cols, **kw)
+    logits = out.logits[row, torch.searchsorted(cols, col)].float()  # (N, V)
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (N,)

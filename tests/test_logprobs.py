@@ -1,0 +1,147 @@
+"""redi.logprobs: chunked log-probs equal the full-logits path (values and gradients), on a tiny Qwen2."""
+
+import sys
+import types
+
+import pytest
+import torch
+
+from redi.logprobs import ChunkedLinearLogp, LogProbLM, full_logits_token_logps, resolve_attn, unwrap_logprob
+from redi.packing import Example, collate, row_budget, sequence_logps
+
+
+def _model(tied: bool, vocab: int = 300, seed: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, tie_word_embeddings=tied, attn_implementation="sdpa")
+    return Qwen2ForCausalLM(cfg).train()
+
+
+def _examples(vocab: int = 300) -> list[Example]:
+    g = torch.Generator().manual_seed(1)
+    shapes = [(20, 8), (12, 3), (53, 20), (7, 1), (90, 10)]  # uneven lengths, one long one
+    return [Example(tuple(torch.randint(0, vocab, (n,), generator=g).tolist()), p) for n, p in shapes]
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("layout", ["packed_rows", "packed_one_row", "padded"])
+def test_chunked_equals_full_logits_values_and_gradients(tied, layout):
+    m = _model(tied)
+    packed = layout != "padded"
+    b = collate(_examples(), packed=packed, pad_id=0, row_tokens=100 if layout == "packed_rows" else None)
+    w = torch.randn(b.targets.numel(), generator=torch.Generator().manual_seed(2))  # an arbitrary upstream gradient
+    m.zero_grad()
+    ref = full_logits_token_logps(m, b.input_ids, b.keep, b.targets, b.position_ids, b.attention_mask)
+    (ref * w).sum().backward()
+    g_ref = _grads(m)
+    m.zero_grad()
+    lp = LogProbLM(m, kernel="chunked", rows=7)(b.input_ids, b.keep, b.targets, b.position_ids, b.attention_mask)
+    (lp * w).sum().backward()
+    g = _grads(m)
+    assert lp.dtype == torch.float32 and lp.shape == ref.shape
+    assert (lp - ref).abs().max().item() < 1e-5
+    assert g.keys() == g_ref.keys()
+    for k in g:
+        assert (g[k] - g_ref[k]).abs().max().item() < 1e-5, k
+
+
+def test_linear_function_with_bias_matches_autograd():
+    torch.manual_seed(0)
+    h = torch.randn(11, 8, requires_grad=True)
+    lin = torch.nn.Linear(8, 37)
+    t = torch.randint(0, 37, (11,))
+    g = torch.randn(11)
+    ref = torch.log_softmax(lin(h), -1).gather(1, t[:, None]).squeeze(1)
+    gh, gw, gb = torch.autograd.grad((ref * g).sum(), [h, lin.weight, lin.bias])
+    out = ChunkedLinearLogp.apply(h, lin.weight, lin.bias, t, 4)
+    ch, cw, cb = torch.autograd.grad((out * g).sum(), [h, lin.weight, lin.bias])
+    assert torch.allclose(out, ref, atol=1e-6)
+    for a, b in ((ch, gh), (cw, gw), (cb, gb)):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_only_completion_hidden_states_reach_the_head(monkeypatch):
+    """A 3-token and a 60-token completion in two rows: the head sees exactly 3 + 60 rows."""
+    import redi.logprobs as L
+
+    seen = []
+    real = L.chunked_token_logps
+    monkeypatch.setattr(L, "chunked_token_logps", lambda h, *a, **k: seen.append(h.shape[0]) or real(h, *a, **k))
+    short, long = Example(tuple(range(10, 20)), 7), Example(tuple(range(30, 100)), 10)
+    b = collate([short, long], packed=True, row_tokens=70)  # two rows of width 70
+    assert b.input_ids.shape[0] == 2
+    sums, lens = sequence_logps(_model(True).eval(), b)
+    assert seen == [3 + 60] and lens.tolist() == [3, 60]
+    # the former path's logits_to_keep took the union of both rows' columns: 2 rows x 63 columns of logits
+    cols = torch.unique(b.keep % b.input_ids.shape[1])
+    assert b.input_ids.shape[0] * cols.numel() == 126
+
+
+def test_split_sequences_path_equals_rows_path():
+    """The CUDA path without flash-attention (each packed sequence alone, no mask), forced on CPU."""
+    m = _model(True).eval()
+    b = collate(_examples(), packed=True, row_tokens=100)
+    with torch.no_grad():
+        rows = LogProbLM(m, split=False)(b.input_ids, b.keep, b.targets, b.position_ids)
+        alone = LogProbLM(m, split=True)(b.input_ids, b.keep, b.targets, b.position_ids)
+    assert torch.allclose(rows, alone, atol=1e-5)
+
+
+def test_bf16_autocast_close_to_full_logits():
+    m = _model(False)
+    b = collate(_examples(), packed=True, row_tokens=100)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = full_logits_token_logps(m, b.input_ids, b.keep, b.targets, b.position_ids)
+        lp = LogProbLM(m, rows=16)(b.input_ids, b.keep, b.targets, b.position_ids)
+    assert lp.dtype == torch.float32 and (lp - ref).abs().max().item() < 2e-2
+    gw = torch.autograd.grad(lp.sum(), m.lm_head.weight)[0]
+    assert gw.dtype == torch.float32 and torch.isfinite(gw).all()
+
+
+def test_works_inside_ddp():
+    """The wrapper is what DDP wraps: gradients reach the head and the backbone through DDP's forward."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        m = _model(True)
+        ddp = DDP(LogProbLM(m, rows=9))
+        assert unwrap_logprob(ddp) is ddp.module
+        b = collate(_examples(), packed=True, row_tokens=100)
+        sums, _ = sequence_logps(ddp, b)
+        sums.sum().backward()
+        assert m.model.embed_tokens.weight.grad is not None and m.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+    finally:
+        dist.destroy_process_group()
+
+
+def test_zero3_registers_the_head_as_external_parameter(monkeypatch):
+    calls = []
+    fake = types.ModuleType("deepspeed")
+    fake.zero = types.SimpleNamespace(register_external_parameter=lambda mod, p: calls.append((mod, p)))
+    monkeypatch.setitem(sys.modules, "deepspeed", fake)
+    m = _model(False)
+    w = LogProbLM(m)
+    assert calls == [(w, m.lm_head.weight)]
+
+
+def test_bad_kernel_and_capped_logits_are_clear_errors():
+    m = _model(True)
+    with pytest.raises(ValueError, match="kernel must be auto, liger or chunked"):
+        LogProbLM(m, kernel="fused")
+    m.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        LogProbLM(m)
+
+
+def test_attention_and_row_layout_resolution():
+    assert resolve_attn("auto", "cpu") == "sdpa" and resolve_attn("eager", "cuda") == "eager"
+    assert row_budget("cpu", 512) == 512 and row_budget("cuda", 512) is None
