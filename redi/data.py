@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -54,7 +56,8 @@ TRACE_SCHEMA = pa.schema(
 assert TRACE_SCHEMA.names == list(TRACE_COLUMNS), "TRACE_SCHEMA must follow redi.schema.TRACE_COLUMNS"
 
 FLAT_TRACE_KEYS = ("trace", "generation", "completion", "response")
-MAX_BAD_IDS = 50
+MAX_BAD_IDS = 200
+MAX_BAD_IDS_PER_REASON = 5
 BATCH_TRACES = 2048
 
 
@@ -82,6 +85,15 @@ def detect_schema(row: dict) -> str | None:
     return None
 
 
+def _schema_reason(row: dict) -> str:
+    """Why detect_schema found no schema: the missing column named when the row has traces, else its columns."""
+    has_traces = "generations" in row or any(k in row for k in FLAT_TRACE_KEYS)
+    missing = [k for k in ("problem", "answer") if k not in row]
+    if has_traces and missing:
+        return f"missing column {' and '.join(repr(k) for k in missing)}"
+    return f"unknown schema (columns {sorted(row)[:8]})"
+
+
 def _text(v: Any) -> str | None:
     if v is None:
         return None
@@ -102,8 +114,40 @@ def _aligned(row: dict, key: str, n: int) -> list | None:
     return list(v)
 
 
-def _opt_bool(v: Any) -> bool | None:
-    return None if v is None else bool(v)
+def _opt_bool(v: Any, key: str = "label") -> bool | None:
+    """A boolean column value: bool, or the integers / floats 0 and 1; None stays None (unknown).
+
+    Anything else (the string "false", NaN, 2) is a bad value: the row is rejected rather than the
+    value read as ``bool(v)``, which makes "false" and NaN True.
+    """
+    if v is None or isinstance(v, bool):
+        return v
+    if isinstance(v, (int, float)) and v in (0, 1):
+        return bool(v)
+    raise BadRow(f"non-boolean {key} ({type(v).__name__})")
+
+
+MAX_PROBLEM_CHARS = 100_000
+MAX_ANSWER_CHARS = 10_000
+MAX_TRACE_CHARS = 2_000_000
+"""Longest problem, gold answer and trace accepted (characters). Far above any real row (OpenR1's traces
+stop at 32k tokens, ~100k characters); a longer value is a broken row (a file pasted into a cell)."""
+
+
+def _check_text(key: str, v: Any, limit: int) -> Any:
+    """`v` unchanged when it can be a `key` value (None, a string within `limit`, a finite number for the
+    answer); BadRow naming the problem otherwise."""
+    if v is None or (isinstance(v, str) and len(v) <= limit):
+        if key == "answer" and isinstance(v, str) and v.strip().lower() == "nan":
+            raise BadRow("answer is 'nan' (a missing value written as text)")
+        return v
+    if isinstance(v, str):
+        raise BadRow(f"{key} longer than {limit} characters")
+    if key == "answer" and isinstance(v, (int, float)) and not isinstance(v, bool):
+        if isinstance(v, float) and not math.isfinite(v):
+            raise BadRow(f"answer is {v} (not a number)")
+        return v
+    raise BadRow(f"{key} is a {type(v).__name__}, not text")
 
 
 def _raw_labels(row: dict, n: int) -> tuple[list | None, list | None]:
@@ -112,6 +156,8 @@ def _raw_labels(row: dict, n: int) -> tuple[list | None, list | None]:
     if isinstance(corr, dict):
         mv = _aligned(corr, "math_verify_reparsed_answer", n) if corr.get("math_verify_reparsed_answer") is not None else _aligned(corr, "math_verify_answer", n)
         return mv, _aligned(corr, "llama_verification", n)
+    if corr is not None:
+        raise BadRow(f"correctness is a {type(corr).__name__}, not a struct")
     return _aligned(row, "correctness_math_verify", n), _aligned(row, "correctness_llama", n)
 
 
@@ -120,7 +166,11 @@ def normalise_row(row: dict, schema: str) -> tuple[dict, list[dict], int]:
 
     Raises BadRow with the reason when the row as a whole cannot be used.
     """
-    problem, answer = _text(row.get("problem")), _text(row.get("answer"))
+    for key in ("problem", "answer"):
+        if key not in row:
+            raise BadRow(f"missing column {key!r}")
+    problem = _text(_check_text("problem", row["problem"], MAX_PROBLEM_CHARS))
+    answer = _text(_check_text("answer", row["answer"], MAX_ANSWER_CHARS))
     if problem is None:
         raise BadRow("missing or empty problem")
     if answer is None:
@@ -128,7 +178,9 @@ def normalise_row(row: dict, schema: str) -> tuple[dict, list[dict], int]:
     head = {"problem": problem, "answer": answer, "source": _text(row.get("source")),
             "problem_is_valid": _text(row.get("problem_is_valid")), "source_uuid": _text(row.get("uuid"))}
     if schema == "flat":
-        key = next(k for k in FLAT_TRACE_KEYS if k in row)
+        key = next((k for k in FLAT_TRACE_KEYS if k in row), None)
+        if key is None:  # schema forced to flat on a row without a trace column
+            raise BadRow(f"missing column 'trace' (or {', '.join(FLAT_TRACE_KEYS[1:])})")
         gens: list = [row.get(key)]
         finish = [row.get("finish_reason")]
         complete = [row.get("reasoning_complete", row.get("is_reasoning_complete"))]
@@ -148,9 +200,12 @@ def normalise_row(row: dict, schema: str) -> tuple[dict, list[dict], int]:
         if not isinstance(g, str) or not g.strip():
             skipped += 1
             continue
+        if len(g) > MAX_TRACE_CHARS:
+            raise BadRow(f"trace longer than {MAX_TRACE_CHARS} characters")
         traces.append({"gen": i, "trace": g, "finish_reason": _text(finish[i]) if finish else None,
-                       "reasoning_complete": _opt_bool(complete[i]) if complete else None,
-                       "label_math_verify": _opt_bool(mv[i]) if mv else None, "label_llama": _opt_bool(llama[i]) if llama else None})
+                       "reasoning_complete": _opt_bool(complete[i], "reasoning_complete") if complete else None,
+                       "label_math_verify": _opt_bool(mv[i], "label_math_verify") if mv else None,
+                       "label_llama": _opt_bool(llama[i], "label_llama") if llama else None})
     if not traces:
         raise BadRow("no string traces")
     return head, traces, skipped
@@ -159,24 +214,87 @@ def normalise_row(row: dict, schema: str) -> tuple[dict, list[dict], int]:
 # ----------------------------------------------------------------------------- sources
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict | None]]:
-    with path.open("rb") as f:
+_ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+class Unreadable(BadRow):
+    """A whole file or parquet row group that cannot be read (named in the summary, the others are read)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(reason)
+        self.detail = detail
+
+
+def _json_row(line: bytes) -> dict | BadRow:
+    """One jsonl line as a dict, or the BadRow saying why it is not one."""
+    try:
+        obj = json.loads(line)  # bytes: a UTF-8 BOM is accepted, invalid UTF-8 raises UnicodeDecodeError
+    except UnicodeDecodeError:
+        return BadRow("not valid UTF-8")
+    except json.JSONDecodeError as e:
+        return BadRow(f"invalid JSON ({e.msg})")
+    except RecursionError:
+        return BadRow("invalid JSON (nested too deeply)")
+    if not isinstance(obj, dict):
+        return BadRow("not a JSON object")
+    if _ESCAPED_SURROGATE.search(line):  # "\ud800" decodes to a lone surrogate, which no UTF-8 writer accepts
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return BadRow("lone surrogate escape (not valid Unicode)")
+    return obj
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict | BadRow]]:
+    try:
+        f = path.open("rb")
+    except OSError as e:
+        yield path.name, Unreadable("unreadable file", f"{path}: {e.strerror or e}")
+        return
+    with f:
         for i, line in enumerate(f):
-            if not line.strip():
-                continue
+            if line.strip():
+                yield f"{path.name}:{i + 1}", _json_row(line)
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
+
+
+def _rows_of(batch: pa.RecordBatch) -> list[dict | BadRow]:
+    """A batch as rows; a row whose strings are not valid UTF-8 becomes a BadRow, the others are kept."""
+    try:
+        return batch.to_pylist()
+    except UnicodeDecodeError:
+        out: list[dict | BadRow] = []
+        for j in range(batch.num_rows):
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                obj = None
-            yield f"{path.name}:{i + 1}", obj if isinstance(obj, dict) else None
+                out.append(batch.slice(j, 1).to_pylist()[0])
+            except UnicodeDecodeError:
+                out.append(BadRow("not valid UTF-8"))
+        return out
 
 
-def _iter_parquet(path: Path) -> Iterator[tuple[str, dict]]:
+def _iter_parquet(path: Path) -> Iterator[tuple[str, dict | BadRow]]:
+    """Rows of a parquet file, row group by row group: an unreadable file or row group is reported, not raised."""
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # ArrowInvalid (not parquet, truncated), OSError: the file is named, the others are read
+        yield path.name, Unreadable("unreadable parquet file", f"{path}: {_one_line(e)}")
+        return
     i = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
-        for row in batch.to_pylist():
-            yield f"{path.name}:{i}", row
-            i += 1
+    for g in range(pf.num_row_groups):
+        first = i
+        try:
+            for batch in pf.iter_batches(batch_size=256, row_groups=[g]):
+                for row in _rows_of(batch):
+                    yield f"{path.name}:{i}", row
+                    i += 1
+        except Exception as e:  # a corrupt page: the rest of this row group is lost, the next ones are read
+            lost = pf.metadata.row_group(g).num_rows - (i - first)
+            yield f"{path.name}:row group {g}", Unreadable(
+                "unreadable parquet row group", f"{path} row group {g} ({lost} rows): {_one_line(e)}")
+            i = first + pf.metadata.row_group(g).num_rows
 
 
 def _iter_saved_dataset(path: Path, split: str) -> Iterator[tuple[str, dict]]:
@@ -301,21 +419,35 @@ class TraceWriter:
 
 
 class BadRows:
-    """Counts of unusable rows by reason, with the first row ids of each."""
+    """Counts of unusable rows by reason, with the first row ids (``file:line``, ``file:row``) of each
+    reason, and every unreadable file or parquet row group by name."""
 
     def __init__(self) -> None:
         self.reasons: Counter = Counter()
         self.ids: list[dict] = []
+        self.unreadable: list[dict] = []
         self.traces_skipped = 0
 
     def add(self, row_id: str, reason: str) -> None:
         self.reasons[reason] += 1
-        if len(self.ids) < MAX_BAD_IDS:
+        if self.reasons[reason] <= MAX_BAD_IDS_PER_REASON and len(self.ids) < MAX_BAD_IDS:
             self.ids.append({"row": row_id, "reason": reason})
+
+    def add_unreadable(self, where: str, err: Unreadable) -> None:
+        self.add(where, str(err))
+        self.unreadable.append({"where": where, "error": err.detail})
+        logger.warning("download: %s skipped, the other files are read (%s)", where, err.detail)
 
     def summary(self) -> dict:
         return {"bad_rows": sum(self.reasons.values()), "bad_reasons": dict(self.reasons), "bad_row_ids": self.ids,
-                "non_string_traces_skipped": self.traces_skipped}
+                "unreadable": self.unreadable, "non_string_traces_skipped": self.traces_skipped}
+
+
+def _row_fingerprint(row: dict, head: dict, traces: list[dict]) -> int:
+    """Identity of a source row's content (problem, answer as given, traces) for spotting an exact duplicate.
+
+    Python's string hash (cached on each string, no copy); 64 bits, so a false match needs ~4e9 rows."""
+    return hash((head["problem"], row.get("answer"), tuple(t["trace"] for t in traces)))
 
 
 def normalise_stream(rows: Iterable[tuple[str, dict | None]], schema: str, writer: TraceWriter, bad: BadRows,
@@ -323,17 +455,23 @@ def normalise_stream(rows: Iterable[tuple[str, dict | None]], schema: str, write
     """Normalise and write every row; returns (rows read, rows per detected schema)."""
     from tqdm.auto import tqdm
 
-    n, schemas = 0, Counter()
+    n, schemas, seen = 0, Counter(), set()
     for row_id, row in tqdm(rows, desc="download", unit="row", disable=not progress, mininterval=1.0):
         if max_rows is not None and n >= max_rows:
             break
         n += 1
+        if isinstance(row, Unreadable):
+            bad.add_unreadable(row_id, row)
+            continue
+        if isinstance(row, BadRow):
+            bad.add(row_id, str(row))
+            continue
         if not isinstance(row, dict):
             bad.add(row_id, "not a JSON object")
             continue
         s = detect_schema(row) if schema == "auto" else schema
         if s is None:
-            bad.add(row_id, f"unknown schema (columns {sorted(row)[:8]})")
+            bad.add(row_id, _schema_reason(row))
             continue
         try:
             head, traces, skipped = normalise_row(row, s)
@@ -343,6 +481,11 @@ def normalise_stream(rows: Iterable[tuple[str, dict | None]], schema: str, write
         except (KeyError, TypeError, IndexError) as e:  # a row of the right name but wrong shape
             bad.add(row_id, f"malformed row for schema {s}: {type(e).__name__}")
             continue
+        fp = _row_fingerprint(row, head, traces)
+        if fp in seen:
+            bad.add(row_id, "duplicate row (same problem, answer and traces as an earlier row)")
+            continue
+        seen.add(fp)
         bad.traces_skipped += skipped
         schemas[s] += 1
         writer.add(head, traces)
@@ -395,7 +538,8 @@ def download(cfg: DataConfig, out_dir: Path, progress: bool = True) -> dict:
         writer.close()
     if writer.n_traces == 0:
         (out_dir / "traces.parquet").unlink(missing_ok=True)
-        raise DataError(f"no usable trace in {n_rows} source rows ({dict(bad.reasons) or 'empty source'}); "
+        unreadable = f"; unreadable: {', '.join(u['where'] for u in bad.unreadable[:5])}" if bad.unreadable else ""
+        raise DataError(f"no usable trace in {n_rows} source rows ({dict(bad.reasons) or 'empty source'}{unreadable}); "
                         "expected the OpenR1-Math-220k / OpenR1-Math-Raw columns (problem, answer, generations, ...) "
                         "or flat rows (problem, answer, trace)")
     if bad.reasons:

@@ -1,0 +1,100 @@
+"""Hostile input to the download stage (tests/_bad_rows.py): every good row kept, no bad value admitted,
+every bad kind counted under its reason at its ``file:line`` / ``file:row`` / ``file:row group``."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+
+import pyarrow.parquet as pq
+import pytest
+from _bad_rows import write_bad_input
+
+from redi.config.data import DataConfig
+from redi.data import DataError, download
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hostile")
+    exp = write_bad_input(folder / "in")
+    summary = download(DataConfig(source="local", local_path=str(folder / "in")), folder / "out", progress=False)
+    rows = pq.read_table(folder / "out" / "traces.parquet").to_pylist()
+    return exp, summary, rows
+
+
+def test_enough_kinds_tried(hostile):
+    exp, _, _ = hostile
+    assert len(exp.bad_kinds) >= 34, len(exp.bad_kinds)
+    assert len(exp.good) >= 40
+
+
+def test_every_good_row_kept_with_its_values(hostile):
+    exp, s, rows = hostile
+    by_problem: dict[str, list[dict]] = {}
+    for r in rows:
+        by_problem.setdefault(r["problem"], []).append(r)
+    assert set(by_problem) == set(exp.good), (set(exp.good) ^ set(by_problem))
+    for problem, want in exp.good.items():
+        got = by_problem[problem]
+        assert {r["answer"] for r in got} == {want["answer"]}, problem
+        assert [(r["trace"], r["label_math_verify"], r["label_llama"]) for r in got] == want["traces"], problem
+    assert s["traces"] == len(rows) == sum(len(w["traces"]) for w in exp.good.values())
+
+
+def test_no_bad_value_admitted(hostile):
+    exp, _, rows = hostile
+    assert not exp.lost & {r["problem"] for r in rows}
+    for r in rows:
+        assert not r["problem"].startswith("BAD")
+        assert r["answer"] is None or r["answer"].strip().lower() not in ("nan", "inf", "-inf", "true", "false", "['4']")
+        for k in ("label_math_verify", "label_llama", "reasoning_complete"):
+            assert r[k] in (True, False, None)
+        assert isinstance(r["trace"], str) and len(r["trace"]) < 2_000_000
+        r["problem"].encode("utf-8")  # no lone surrogate reached the file
+
+
+def test_every_bad_kind_counted_by_reason_and_located(hostile):
+    exp, s, _ = hostile
+    want = exp.reason_counts()
+
+    def prefix(reason: str) -> str:
+        hits = [p for p in want if reason.startswith(p)]
+        assert hits, f"unexpected reason {reason!r}"
+        return max(hits, key=len)
+
+    got: Counter = Counter()
+    for reason, n in s["bad_reasons"].items():
+        got[prefix(reason)] += n
+    assert got == want
+    assert s["bad_rows"] == len(exp.bad)
+    where = exp.by_location()
+    assert s["bad_row_ids"], "no location reported"
+    for entry in s["bad_row_ids"]:  # every location reported is a bad row of the kind its reason says
+        assert entry["row"] in where, entry
+        assert entry["reason"].startswith(where[entry["row"]][1]), (entry, where[entry["row"]])
+    named = {u["where"] for u in s["unreadable"]}
+    assert named == {"truncated.parquet", "text.parquet", "zero.parquet", "row_groups.parquet:row group 1"}
+    assert all(u["error"] for u in s["unreadable"])
+
+
+def test_summary_is_json(hostile):
+    _, s, _ = hostile
+    json.dumps(s, allow_nan=False)
+    assert not any(isinstance(v, float) and not math.isfinite(v) for v in s.values())
+
+
+def test_a_lone_unreadable_file_fails_naming_it(tmp_path):
+    f = tmp_path / "cut.parquet"
+    f.write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError) as e:
+        download(DataConfig(source="local", local_path=str(f)), tmp_path / "o", progress=False)
+    assert "cut.parquet" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_column_named_when_nothing_is_usable(tmp_path):
+    f = tmp_path / "a.jsonl"
+    f.write_text(json.dumps({"problem": "p", "generations": ["\\boxed{1}"]}) + "\n")
+    with pytest.raises(DataError, match="missing column 'answer'"):
+        download(DataConfig(source="local", local_path=str(f)), tmp_path / "o", progress=False)
