@@ -97,8 +97,8 @@ def compute_metrics(samples: pd.DataFrame, cfg: EvaluateConfig) -> dict[str, Any
 
 def protocol(cfg: EvaluateConfig) -> dict:
     """The sampling protocol recorded with every result."""
-    return {"n_samples": cfg.n_samples, "temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
-            "backend": cfg.backend, "dtype": cfg.dtype, "seed": cfg.seed, "prompt_suffix": cfg.prompt_suffix}
+    return {"n_samples": cfg.n_samples, "temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.new_tokens(),
+            "backend": cfg.backend, "dtype": cfg.dtype, "seed": cfg.seed, "prompt_protocol": cfg.protocol().name}
 
 
 # ---------------------------------------------------------------- grading

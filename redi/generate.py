@@ -61,8 +61,8 @@ SAMPLE_COLUMNS: dict[str, str] = {
     "benchmark": "benchmark name",
     "problem_id": "problem id (the benchmark's id)",
     "sample_index": "index of the sample within its problem (0..n-1)",
-    "text": "generated completion (special tokens removed)",
-    "prompt_tokens": "tokens in the prompt (chat template included)",
+    "text": "generated completion (special tokens removed; a forced prefix of the prompt protocol is not part of it)",
+    "prompt_tokens": "tokens in the prompt (chat template and any forced generation prefix included)",
     "completion_tokens": "generated tokens (the EOS included when the sample stopped on it)",
     "finish_reason": "'stop' (EOS) or 'length' (token limit or context full)",
 }
@@ -124,18 +124,19 @@ def problem_seed(cfg: EvaluateConfig, benchmark: str, problem_id: str) -> int:
 
 
 def build_requests(tokenizer: Any, benchmark: str, rows: Sequence[dict], cfg: EvaluateConfig) -> list[Request]:
-    """One request per problem: the Open-R1 prompt in the model's chat template, tokenised."""
-    out = []
+    """One request per problem: the evaluation protocol's prompt in the model's chat template (its forced
+    prefix last, so counted in ``prompt_tokens``), tokenised."""
+    out, protocol = [], cfg.protocol()
     for r in rows:
-        text = render_prompt(tokenizer, r["problem"], cfg.prompt_suffix, cfg.system_prompt)
+        text = render_prompt(tokenizer, r["problem"], protocol)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         out.append(Request(benchmark, r["id"], tuple(ids), problem_seed(cfg, benchmark, r["id"])))
     return out
 
 
 def sampling(cfg: EvaluateConfig) -> dict:
-    """The sampling protocol (paper: n=16, T=0.6, top_p=0.95, max 32768 new tokens)."""
-    return {"n": cfg.n_samples, "temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_new_tokens}
+    """The sampling protocol (paper final tables: n=16, T=0.6, top_p=0.95, max 30,720 new tokens)."""
+    return {"n": cfg.n_samples, "temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.new_tokens()}
 
 
 def _samples(req: Request, outs: Sequence[tuple[Sequence[int], str]], tokenizer: Any) -> list[dict]:

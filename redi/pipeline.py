@@ -146,6 +146,8 @@ class Pipeline:
         if stage == "grade":
             return {"grade_timeout_s": r.evaluate.grade_timeout_s, "pass_k": r.evaluate.pass_k}
         sections = {"download": r.data, "model": r.model, "verify": r.verify, "sft": r.sft, "redi": r.redi, "evaluate": r.evaluate}
+        if stage in ("verify", "sft", "redi"):  # they render training prompts
+            return {**sections[stage].hash_fields(), "prompt": r.prompt.hash_fields()}
         return sections[stage].hash_fields()
 
     def key(self, stage: str, label: str | None = None) -> str:
@@ -254,7 +256,8 @@ class Pipeline:
         model = model or self.base_model(data)
 
         def fn(out: Path, work: Path) -> dict:
-            return split.verify_and_split(self.recipe.verify, data.file("traces.parquet"), model.dir, out, self.decontam_problems())
+            return split.verify_and_split(self.recipe.verify, data.file("traces.parquet"), model.dir, out, self.decontam_problems(),
+                                          prompt_protocol=self.recipe.prompt.train)
 
         return self._build("verify", fn)
 
@@ -266,7 +269,8 @@ class Pipeline:
         device = resolve_device(run.device)
         if run.launcher == "inprocess":
             fn = train.train_sft if which == "sft" else train.train_stage2
-            return fn(self.recipe.sft if which == "sft" else self.recipe.redi, model_dir, data, out, work, device)
+            return fn(self.recipe.sft if which == "sft" else self.recipe.redi, model_dir, data, out, work, device,
+                      self.recipe.prompt.train)
         import subprocess
         import sys
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .config.model import ModelConfig, TinyModelConfig
-from .prompts import CHATML_TEMPLATE, user_content
+from .prompts import CHATML_TEMPLATE, PROTOCOLS
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def _training_texts(traces_path: Path, limit: int) -> Iterator[str]:
         raise ValueError(f"{traces_path}: no traces to train the tiny tokenizer on")
     # Role names are included so that the chat template's "user"/"assistant" become single tokens.
     for problem in df["problem"].drop_duplicates():
-        yield "user\n" + user_content(str(problem))
+        yield "user\n" + PROTOCOLS["open-r1"].user_turn(str(problem))
     for trace in df["trace"]:
         yield "assistant\n" + str(trace)
 

@@ -10,8 +10,9 @@ fields). Here one ~400-line loop does SFT and all three losses (``redi.losses``)
 log-probs once. ``benchmarks/bench_train.py`` measures it against TRL's DPOTrainer.
 
 What the loop does (paper App. C unless stated):
-- data: prompts through ``redi.prompts.render_prompt`` (the same as evaluation); completion + EOS
-  (``<|im_end|>``); ``|y|`` counts completion tokens incl. EOS. SFT truncates the end of over-long
+- data: prompts through ``redi.prompts.render_prompt`` with the recipe's training protocol (``prompt.train``);
+  completion = trace + ``redi.prompts.completion_terminator`` (Qwen2.5-Math: ``<|im_end|>\n<|endoftext|>``,
+  as the official data; the tiny model: ``<|im_end|>``); ``|y|`` counts completion tokens incl. the terminator. SFT truncates the end of over-long
   sequences; stage 2 truncates keep_end (the paper's setting) and drops pairs whose prompt exceeds
   ``max_prompt_length`` and pairs whose chosen == rejected. All of it is counted in the summary.
 - order: step ``s`` uses examples ``s*G .. (s+1)*G`` of a stream made of one seeded permutation per
@@ -49,6 +50,7 @@ from .config.train import OptimConfig, SFTConfig, Stage2Config
 from .logprobs import LogProbLM, resolve_attn, unwrap_logprob
 from .losses import NEEDS_REFERENCE, get_loss
 from .packing import Example, collate, row_budget, sequence_logps
+from .prompts import DEFAULT_PROTOCOL
 from .signals import SignalLog
 from .tinymodel import MARKER, load_tokenizer
 from .train_data import load_pair_examples, load_sft_examples, lr_factor, step_indices, total_steps
@@ -428,20 +430,20 @@ def _prepare(cfg: OptimConfig, model_dir: Path, out_dir: Path, work_dir: Path):
 
 
 def train_sft(cfg: SFTConfig, model_dir: Path, positives_path: Path, out_dir: Path, work_dir: Path,
-              device: str) -> dict:
+              device: str, prompt_protocol: str = DEFAULT_PROTOCOL) -> dict:
     """Stage 1: SFT on positive traces (completion-only loss). Writes out_dir/{model, signals.jsonl, signals.png}."""
     model_dir, out_dir, work_dir, tok = _prepare(cfg, model_dir, out_dir, work_dir)
-    items, counts = load_sft_examples(cfg, tok, Path(positives_path))
+    items, counts = load_sft_examples(cfg, tok, Path(positives_path), prompt_protocol)
     log.info("SFT: %s", counts)
     return run(Job("sft", cfg, model_dir, out_dir, work_dir, device, items, counts, tok))
 
 
 def train_stage2(cfg: Stage2Config, sft_model_dir: Path, pairs_path: Path, out_dir: Path, work_dir: Path,
-                 device: str) -> dict:
+                 device: str, prompt_protocol: str = DEFAULT_PROTOCOL) -> dict:
     """Stage 2 from the SFT checkpoint with cfg.loss in {redi, dpo, simpo}. Same outputs as train_sft."""
     get_loss(cfg.loss)
     model_dir, out_dir, work_dir, tok = _prepare(cfg, sft_model_dir, out_dir, work_dir)
-    items, counts = load_pair_examples(cfg, tok, Path(pairs_path))
+    items, counts = load_pair_examples(cfg, tok, Path(pairs_path), prompt_protocol)
     log.info("stage 2 (%s): %s", cfg.loss, counts)
     return run(Job("stage2", cfg, model_dir, out_dir, work_dir, device, items, counts, tok))
 
@@ -471,7 +473,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     recipe = load_recipe(args.recipe, args.overrides)
     fn, cfg = (train_sft, recipe.sft) if args.stage == "sft" else (train_stage2, recipe.redi)
-    summary = fn(cfg, args.model_dir, args.data, args.out, args.work, args.device)
+    summary = fn(cfg, args.model_dir, args.data, args.out, args.work, args.device, recipe.prompt.train)
     if int(os.environ.get("RANK", "0")) == 0:
         (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
 

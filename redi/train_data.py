@@ -1,6 +1,9 @@
 """Training data for redi.train: tokenised examples with the paper's filters, data order, lr schedule.
 
-- SFT: positives -> (prompt, completion + EOS) examples; over-long ones truncated at the end (counted).
+- prompts: ``redi.prompts.render_prompt`` with the run's training protocol (``prompt.train``); completions:
+  the trace + ``redi.prompts.completion_terminator`` (Qwen2.5-Math: ``<|im_end|>\n<|endoftext|>``, as the
+  official data; the tiny model: ``<|im_end|>``), the terminator counted in ``|y|``.
+- SFT: positives -> (prompt, completion) examples; over-long ones truncated at the end (counted).
 - stage 2: pairs -> (chosen, rejected) examples; pairs with chosen == rejected and pairs whose prompt is
   longer than ``max_prompt_length`` are dropped (counted, the paper's 800-token rule); over-long
   sequences truncated keep_end (the paper's truncation mode; counted).
@@ -18,15 +21,16 @@ import numpy as np
 
 from .config.train import OptimConfig, SFTConfig, Stage2Config
 from .packing import Example, make_example
-from .prompts import render_prompt
+from .prompts import DEFAULT_PROTOCOL, completion_suffix, render_prompt
 
 
 def _encode(tok, texts: list[str]) -> list[list[int]]:
     return tok(texts, add_special_tokens=False)["input_ids"] if texts else []
 
 
-def load_sft_examples(cfg: SFTConfig, tok, positives_path: Path) -> tuple[list[Example], dict]:
-    """Positives -> (prompt, completion + EOS) examples, truncated (keep start) to cfg.max_length."""
+def load_sft_examples(cfg: SFTConfig, tok, positives_path: Path,
+                      prompt_protocol: str = DEFAULT_PROTOCOL) -> tuple[list[Example], dict]:
+    """Positives -> (prompt, completion + terminator) examples, truncated (keep start) to cfg.max_length."""
     import pandas as pd
 
     df = pd.read_parquet(positives_path, columns=["problem", "completion"])
@@ -37,8 +41,9 @@ def load_sft_examples(cfg: SFTConfig, tok, positives_path: Path) -> tuple[list[E
     if df.empty:
         raise ValueError(f"SFT: no training examples left in {positives_path} ({counts['rows']} rows, "
                          f"{counts['dropped_empty']} with an empty completion or problem)")
-    prompts = _encode(tok, [render_prompt(tok, p) for p in df["problem"]])
-    comps = _encode(tok, list(df["completion"].astype(str)))
+    prompts = _encode(tok, [render_prompt(tok, p, prompt_protocol) for p in df["problem"]])
+    end = completion_suffix(tok)  # make_example appends the EOS id after it
+    comps = _encode(tok, [c + end for c in df["completion"].astype(str)])
     examples, truncated = [], 0
     for p, c in zip(prompts, comps, strict=True):
         ex, cut = make_example(p, c, tok.eos_token_id, cfg.max_length, keep="start")
@@ -48,7 +53,8 @@ def load_sft_examples(cfg: SFTConfig, tok, positives_path: Path) -> tuple[list[E
     return examples, counts
 
 
-def load_pair_examples(cfg: Stage2Config, tok, pairs_path: Path) -> tuple[list[tuple[Example, Example]], dict]:
+def load_pair_examples(cfg: Stage2Config, tok, pairs_path: Path,
+                       prompt_protocol: str = DEFAULT_PROTOCOL) -> tuple[list[tuple[Example, Example]], dict]:
     """Pairs -> (chosen, rejected) examples; identical pairs and over-long prompts dropped; keep_end truncation."""
     import pandas as pd
 
@@ -57,13 +63,14 @@ def load_pair_examples(cfg: Stage2Config, tok, pairs_path: Path) -> tuple[list[t
     same = df["chosen"].astype(str) == df["rejected"].astype(str)
     counts["dropped_identical"] = int(same.sum())
     df = df[~same]
-    prompts = _encode(tok, [render_prompt(tok, p) for p in df["problem"]])
+    prompts = _encode(tok, [render_prompt(tok, p, prompt_protocol) for p in df["problem"]])
     long_prompt = [len(p) > cfg.max_prompt_length for p in prompts]
     counts["dropped_long_prompt"] = int(sum(long_prompt))
     keep = [not x for x in long_prompt]
     prompts = [p for p, k in zip(prompts, keep, strict=True) if k]
-    chosen = _encode(tok, [c for c, k in zip(df["chosen"].astype(str), keep, strict=True) if k])
-    rejected = _encode(tok, [r for r, k in zip(df["rejected"].astype(str), keep, strict=True) if k])
+    end = completion_suffix(tok)  # make_example appends the EOS id after it
+    chosen = _encode(tok, [c + end for c, k in zip(df["chosen"].astype(str), keep, strict=True) if k])
+    rejected = _encode(tok, [r + end for r, k in zip(df["rejected"].astype(str), keep, strict=True) if k])
     pairs, truncated = [], 0
     for p, c, r in zip(prompts, chosen, rejected, strict=True):
         ec, tc = make_example(p, c, tok.eos_token_id, cfg.max_length, keep="end")

