@@ -13,6 +13,11 @@ same recipe wait for each other instead of writing the same folder twice; the se
 first one's artifact and takes it from cache. Long stages get a stable ``work_dir``
 (``<stage>/.work-<key>/``) for checkpoints that survive a kill; it is deleted after success.
 
+Under a multi-process launch (``accelerate launch`` / ``torchrun``, see ``redi.distributed``) only rank 0
+takes locks, creates folders and publishes; the other ranks wait at a barrier and read the published
+artifact (training stages run on every rank into the folders rank 0 made). ``run.artifact_root`` must then
+be visible to every node.
+
 The root is a local path. To share artifacts across machines, point ``run.artifact_root`` at a shared
 file system (NFS/Lustre), or sync folders to object storage with fsspec (``redi.artifacts.push`` /
 ``pull``; see docs/caching.md).
@@ -34,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
+
+from . import distributed
 
 log = logging.getLogger(__name__)
 
@@ -272,54 +279,152 @@ class ArtifactStore:
         config: Any = None,
         inputs: dict[str, Any] | None = None,
         refresh: bool = False,
+        collective: bool = False,
     ) -> Artifact:
         """Return the cached artifact for (stage, key), or build it with ``fn(out_dir, work_dir)``.
 
         ``fn`` writes its files into ``out_dir`` and returns a JSON-able summary (counts, metrics) that
         goes into the manifest. ``work_dir`` persists across a killed attempt (for checkpoints).
+
+        Under a multi-process launch (``redi.distributed``) only rank 0 takes the lock, checks the cache,
+        creates the folders and publishes; the other ranks wait for it and get the artifact from it. With
+        ``collective=False`` (download, verify, evaluate, ...) ``fn`` runs on rank 0 only. With
+        ``collective=True`` (training) ``fn`` runs on every rank into the same folders (the trainer writes
+        shared files from rank 0 only); rank 0 publishes after a barrier. Rank 0 holds the key's lock
+        from its check to the publish, so a second run of the recipe waits for this one as in a single
+        process; no other rank ever touches a lock, so no rank can block on a lock while a peer waits
+        for it in a collective (the deadlock of every rank taking the lock).
         """
+        args = (stage, key, config, inputs, refresh)
+        if not distributed.launched():
+            return self._build_local(fn, *args)
+        if not collective:
+            return self._build_on_main(fn, *args)
+        return self._build_collective(fn, *args)
+
+    def _lock(self, stage: str, key: str) -> FileLock:
+        locks = self.root / stage / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(locks / f"{key}.lock"))
+
+    def _begin(self, stage: str, key: str, refresh: bool) -> Artifact | tuple[Path, Path]:
+        """Under the key's lock: the cached artifact, or fresh (tmp, work) folders for a build."""
+        if not refresh:
+            hit = self.lookup(stage, key)
+            if hit is not None:
+                log.info("cache hit: %s %s", stage, key)
+                return hit
         stage_dir = self.root / stage
-        (stage_dir / ".locks").mkdir(parents=True, exist_ok=True)
-        with FileLock(str(stage_dir / ".locks" / f"{key}.lock")):
-            if not refresh:
-                hit = self.lookup(stage, key)
-                if hit is not None:
-                    log.info("cache hit: %s %s", stage, key)
-                    return hit
-            for stale in stage_dir.glob(f".tmp-{key}-*"):  # left by a killed attempt; we hold the lock
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp = stage_dir / f".tmp-{key}-{os.getpid()}-{time.time_ns()}"
-            tmp.mkdir()
-            work = stage_dir / f".work-{key}"
-            work.mkdir(exist_ok=True)
+        for stale in stage_dir.glob(f".tmp-{key}-*"):  # left by a killed attempt; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = stage_dir / f".tmp-{key}-{os.getpid()}-{time.time_ns()}"
+        tmp.mkdir()
+        work = stage_dir / f".work-{key}"
+        work.mkdir(exist_ok=True)
+        return tmp, work
+
+    def _publish(self, stage: str, key: str, tmp: Path, work: Path, summary: dict, t0: float, config: Any,
+                 inputs: dict[str, Any] | None) -> Artifact:
+        """Under the key's lock: write the manifest into ``tmp`` and rename it into place."""
+        manifest = {
+            "stage": stage,
+            "key": key,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "seconds": round(time.time() - t0, 3),
+            "config": config,
+            "inputs": inputs or {},
+            "summary": summary,
+            "versions": library_versions(),
+            "host": platform.node(),
+            "files": _file_table(tmp),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        final = self.dir(stage, key)
+        if final.exists():  # corrupt or refreshed: move aside first so the rename stays atomic
+            trash = self.root / stage / f".trash-{key}-{time.time_ns()}"
+            final.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(tmp, final)
+        shutil.rmtree(work, ignore_errors=True)
+        log.info("built %s %s in %.1fs", stage, key, manifest["seconds"])
+        return Artifact(stage, key, str(final), manifest, cached=False)
+
+    def _build_local(self, fn: BuildFn, stage: str, key: str, config: Any, inputs: dict | None,
+                     refresh: bool) -> Artifact:
+        with self._lock(stage, key):
+            begun = self._begin(stage, key, refresh)
+            if isinstance(begun, Artifact):
+                return begun
+            tmp, work = begun
             t0 = time.time()
             try:
                 summary = fn(tmp, work) or {}
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            manifest = {
-                "stage": stage,
-                "key": key,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "seconds": round(time.time() - t0, 3),
-                "config": config,
-                "inputs": inputs or {},
-                "summary": summary,
-                "versions": library_versions(),
-                "host": platform.node(),
-                "files": _file_table(tmp),
-            }
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-            final = self.dir(stage, key)
-            if final.exists():  # corrupt or refreshed: move aside first so the rename stays atomic
-                trash = stage_dir / f".trash-{key}-{time.time_ns()}"
-                final.rename(trash)
-                shutil.rmtree(trash, ignore_errors=True)
-            os.replace(tmp, final)
-            shutil.rmtree(work, ignore_errors=True)
-            log.info("built %s %s in %.1fs", stage, key, manifest["seconds"])
-            return Artifact(stage, key, str(final), manifest, cached=False)
+            return self._publish(stage, key, tmp, work, summary, t0, config, inputs)
+
+    def _build_on_main(self, fn: BuildFn, stage: str, key: str, config: Any, inputs: dict | None,
+                       refresh: bool) -> Artifact:
+        """Rank 0 builds (or finds) the artifact as a single process would; the others wait and read it."""
+        payload: dict[str, Any] | None = None
+        if distributed.is_main():
+            try:
+                payload = {"artifact": self._build_local(fn, stage, key, config, inputs, refresh).to_dict()}
+            except Exception as e:  # tell the waiting ranks why, then fail here too
+                distributed.broadcast({"error": f"{type(e).__name__}: {e}"})
+                raise
+        payload = distributed.broadcast(payload)
+        if "error" in payload:
+            raise StageFailed(f"{stage}: rank 0 failed to build it ({payload['error']})")
+        return self._received(payload["artifact"])
+
+    def _build_collective(self, fn: BuildFn, stage: str, key: str, config: Any, inputs: dict | None,
+                          refresh: bool) -> Artifact:
+        """Every rank runs ``fn`` (training); rank 0 alone locks, creates the folders and publishes."""
+        main = distributed.is_main()
+        lock = self._lock(stage, key) if main else None
+        try:
+            plan: dict[str, Any] | None = None
+            if main:
+                lock.acquire()
+                begun = self._begin(stage, key, refresh)
+                plan = {"artifact": begun.to_dict()} if isinstance(begun, Artifact) else {"dirs": [str(p) for p in begun]}
+            plan = distributed.broadcast(plan)
+            if "artifact" in plan:
+                return self._received(plan["artifact"])
+            tmp, work = (Path(p) for p in plan["dirs"])
+            if not tmp.is_dir():
+                raise StageFailed(_not_shared(tmp))
+            t0 = time.time()
+            try:
+                summary = fn(tmp, work) or {}
+                distributed.barrier()  # every rank's files are written before rank 0 hashes and renames them
+            except BaseException:
+                if main:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            art = self._publish(stage, key, tmp, work, summary, t0, config, inputs).to_dict() if main else None
+            return self._received(distributed.broadcast(art))
+        finally:
+            if lock is not None and lock.is_locked:
+                lock.release()
+
+    @staticmethod
+    def _received(d: dict[str, Any]) -> Artifact:
+        art = Artifact.from_dict(d)
+        if not art.dir.is_dir():
+            raise StageFailed(_not_shared(art.dir))
+        return art
+
+
+class StageFailed(RuntimeError):
+    """Another rank of a multi-process launch could not build (or publish) a stage."""
+
+
+def _not_shared(path: Path) -> str:
+    return (f"rank {distributed.rank()} on {platform.node()} cannot see {path}, which rank 0 created: put "
+            "run.artifact_root on a file system every node of the launch shares (NFS, Lustre)")
 
 
 def push(local: Path, url: str) -> None:

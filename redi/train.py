@@ -53,6 +53,14 @@ from .packing import Example, collate, row_budget, sequence_logps
 from .prompts import DEFAULT_PROTOCOL
 from .signals import SignalLog
 from .tinymodel import MARKER, load_tokenizer
+from .train_backend import (
+    adam_update_norm,
+    configure_deepspeed,
+    decay_groups,
+    is_deepspeed,
+    is_fsdp,
+    param_count,
+)
 from .train_data import load_pair_examples, load_sft_examples, lr_factor, step_indices, total_steps
 
 __all__ = ["train_sft", "train_stage2", "TrainingError", "load_sft_examples", "load_pair_examples", "lr_factor",
@@ -126,9 +134,7 @@ def _load_model(model_dir: Path, cfg: OptimConfig, dev: str = "cpu") -> LogProbL
 
 
 def _optimizer(model, cfg: OptimConfig) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = decay_groups(model, cfg.weight_decay)  # by name: no decay on biases and norm weights
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
 
 
@@ -193,26 +199,44 @@ def _reference(job: Job, ref_model, batch, idx: list[int], dev) -> tuple[torch.T
 
 
 def precompute_reference(job: Job, model, acc) -> torch.Tensor:
-    """DPO: summed log-probs of every (chosen, rejected) under the starting (SFT) model, (n, 2).
+    """DPO: summed log-probs of every (chosen, rejected) under the starting (SFT) model, (n, 2) float64.
 
-    Cached in work_dir so that a resumed run uses the reference of the ORIGINAL model.
+    Runs through the PREPARED model before the first step, so FSDP (ranks that loaded no weights with
+    ``cpu_ram_efficient_loading``) and ZeRO-3 (partitioned weights) compute with the real weights, in
+    the training precision (bf16 autocast, or the DeepSpeed engine's dtype, where autocast is a no-op).
+    Each rank computes a contiguous slice of the pairs; every rank runs the same number of forwards (a
+    short slice repeats a pair and discards it: FSDP / ZeRO-3 gather weights inside each forward), then
+    the slices are all-gathered. Cached in work_dir so a resumed run uses the reference of the ORIGINAL model.
     """
     path = job.work_dir / "ref_logps.pt"
     if path.exists():
         return torch.load(path)
-    out = torch.zeros(len(job.items), 2, dtype=torch.float64)
-    mb = job.cfg.micro_batch
+    n, mb, world, rank = len(job.items), job.cfg.micro_batch, acc.num_processes, acc.process_index
+    per = math.ceil(n / world)
+    mine = list(range(rank * per, min(n, (rank + 1) * per)))
+    n_batches = max(1, math.ceil(per / mb))
+    local = torch.zeros(n_batches * mb, 2, dtype=torch.float64, device=acc.device)  # (slots, 2)
     model.eval()
     with torch.no_grad(), acc.autocast():
-        for s in range(0, len(job.items), mb):
-            idx = list(range(s, min(s + mb, len(job.items))))
-            dev = next(model.parameters()).device
-            batch = collate(_sequences(job, idx), job.cfg.packing, job.tok.pad_token_id, row_budget(dev, job.cfg.pack_tokens))
+        for b in range(n_batches):
+            idx = mine[b * mb:(b + 1) * mb]
+            run_idx = idx or [0]  # keep the forwards in step with the other ranks
+            dev = acc.device
+            batch = collate(_sequences(job, run_idx), job.cfg.packing, job.tok.pad_token_id, row_budget(dev, job.cfg.pack_tokens))
             sums, _ = sequence_logps(model, batch.to(dev))
-            out[idx, 0], out[idx, 1] = sums[: len(idx)].double().cpu(), sums[len(idx):].double().cpu()
+            k = len(idx)
+            local[b * mb:b * mb + k, 0], local[b * mb:b * mb + k, 1] = sums[:k].double(), sums[len(run_idx):len(run_idx) + k].double()
     model.train()
+    slots = acc.gather(local).cpu()  # (world * slots, 2), rank-major
+    out = torch.zeros(n, 2, dtype=torch.float64)
+    for r in range(world):
+        lo, hi = r * per, min(n, (r + 1) * per)
+        if hi > lo:
+            out[lo:hi] = slots[r * n_batches * mb:r * n_batches * mb + (hi - lo)]
     if acc.is_main_process:
-        torch.save(out, path)
+        tmp = path.with_suffix(".tmp")
+        torch.save(out, tmp)
+        tmp.replace(path)
     acc.wait_for_everyone()
     return out
 
@@ -232,6 +256,7 @@ def _save_checkpoint(acc, job: Job, step: int, signals: SignalLog) -> Path:
         shutil.rmtree(tmp)
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
+    acc.wait_for_everyone()  # every rank's shard is written before rank 0 renames the folder
     if acc.is_main_process:
         state = {"step": step, "fingerprint": job.fingerprint(), "signals": signals.records, "counts": job.counts}
         (tmp / "trainer_state.json").write_text(json.dumps(state))
@@ -261,16 +286,6 @@ def _resume(acc, job: Job) -> tuple[int, list[dict]]:
 # ------------------------------------------------------------------------------------------ loop
 
 
-def _params_snapshot(model) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in model.parameters() if p.requires_grad]
-
-
-def _update_norm(model, before: list[torch.Tensor]) -> float:
-    sq = sum(((p.detach() - b).float() ** 2).sum() for p, b in zip(
-        [p for p in model.parameters() if p.requires_grad], before, strict=True))
-    return float(sq) ** 0.5
-
-
 def run(job: Job) -> dict:
     """The training loop shared by both stages. Returns the summary dict."""
     cfg = job.cfg
@@ -285,38 +300,60 @@ def run(job: Job) -> dict:
     per_rank = cfg.global_batch // world
     n_micro = math.ceil(per_rank / cfg.micro_batch)
     acc = _make_accelerator(dev, mp, n_micro)
+    configure_deepspeed(acc, cfg.micro_batch, n_micro, cfg.max_grad_norm)
     model = _load_model(job.model_dir, cfg, dev)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = param_count(model)
     optimizer = _optimizer(model, cfg)
     total = total_steps(cfg, len(job.items))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, total))
     ref_model = None
-    if job.kind == "stage2" and NEEDS_REFERENCE[cfg.loss]:
-        if cfg.precompute_ref:
-            job.ref_logps = precompute_reference(job, model.to(acc.device), acc)
-        else:
-            ref_model = _load_model(job.model_dir, cfg, dev).to(acc.device).eval().requires_grad_(False)
+    needs_ref = job.kind == "stage2" and NEEDS_REFERENCE[cfg.loss]
+    if needs_ref and not cfg.precompute_ref:
+        if is_deepspeed(acc) or is_fsdp(acc):
+            raise ValueError(f"redi.precompute_ref=false keeps an unsharded reference copy, which {acc.distributed_type} "
+                             "cannot hold or load correctly: set redi.precompute_ref: true")
+        ref_model = _load_model(job.model_dir, cfg, dev).to(acc.device).eval().requires_grad_(False)
+    base_optimizer = optimizer  # the torch AdamW (DeepSpeed steps it on its fp32 partitions): update norms
     model, optimizer = acc.prepare(model, optimizer)
-    acc.register_for_checkpointing(scheduler)  # not prepared: accelerate would step it once per process
     job.work_dir.mkdir(parents=True, exist_ok=True)
+    if needs_ref and cfg.precompute_ref:  # after prepare: real weights on every rank and backend
+        job.ref_logps = precompute_reference(job, model, acc)
+    acc.register_for_checkpointing(scheduler)  # not prepared: accelerate would step it once per process
     start, records = _resume(acc, job)
     stage2 = job.kind == "stage2"
     signals = SignalLog(records, getattr(cfg, "collapse_threshold", None) if stage2 else None,
                         getattr(cfg, "collapse_drop", None) if stage2 else None)
     loss_fn = get_loss(cfg.loss) if job.kind == "stage2" else None
     t_train = time.time()
-    _loop(job, acc, model, optimizer, scheduler, ref_model, loss_fn, signals, start, total, per_rank)
+    mine = _loop(job, acc, model, optimizer, base_optimizer, scheduler, ref_model, loss_fn, signals, start, total, per_rank)
     train_s = time.time() - t_train
     _save_outputs(job, acc, model, signals)
-    return _summary(job, signals, start, total, train_s, dev, mp, world, n_params)
+    summary = _summary(job, signals, start, total, train_s, dev, mp, world, n_params)
+    summary["ranks"] = _rank_report(acc, mine, total - start)
+    return summary
 
 
-def _loop(job, acc, model, optimizer, scheduler, ref_model, loss_fn, signals, start, total, per_rank) -> None:
+def _rank_report(acc, mine: dict, steps: int) -> list[dict]:
+    """What each process of the run trained (proof that every rank took part), gathered to all ranks."""
+    import platform
+
+    from accelerate.utils import gather_object
+
+    me = {"rank": acc.process_index, "pid": os.getpid(), "host": platform.node(), "steps": steps, **mine}
+    log.info("rank %d/%d (pid %d) trained %d steps: %d sequences, %d tokens", acc.process_index, acc.num_processes,
+             me["pid"], steps, mine["sequences"], mine["tokens"])
+    return sorted(gather_object([me]) if acc.num_processes > 1 else [me], key=lambda r: r["rank"])
+
+
+def _loop(job, acc, model, optimizer, base_optimizer, scheduler, ref_model, loss_fn, signals, start, total,
+          per_rank) -> dict:
+    """The optimiser steps ``start..total``; returns what this rank trained on ({sequences, tokens})."""
     from tqdm.auto import tqdm
 
     cfg = job.cfg
     bar = tqdm(total=total, initial=start, desc=job.kind, disable=not acc.is_local_main_process, unit="step")
     model.train()
+    mine_total = {"sequences": 0, "tokens": 0}
     for step in range(start, total):
         t0 = time.time()
         idx = step_indices(len(job.items), cfg.global_batch, step, cfg.seed)
@@ -328,22 +365,27 @@ def _loop(job, acc, model, optimizer, scheduler, ref_model, loss_fn, signals, st
         scale = acc.num_processes / denom * math.ceil(per_rank / cfg.micro_batch)  # undo accelerate's 1/n_micro
         sums = {"loss": 0.0, "chosen": 0.0, "rejected": 0.0}
         finite = True
-        before = _params_snapshot(model)
+        mine_total["sequences"] += len(mine)
+        mine_total["tokens"] += sum(len(e.ids) for e in _sequences(job, mine))
         for m in range(0, per_rank, cfg.micro_batch):
             with acc.accumulate(model):
                 loss, st = _micro_loss(job, model, mine[m:m + cfg.micro_batch], scale, loss_fn, ref_model)
                 finite &= bool(torch.isfinite(loss))
+                if acc.sync_gradients:  # before the last backward: under DeepSpeed it also steps the engine
+                    _check_finite(acc, finite, step, job.work_dir)
                 acc.backward(loss)
                 for k in sums:
                     sums[k] += st[k]
                 if acc.sync_gradients:
-                    _check_finite(acc, finite, step, job.work_dir)
+                    # DeepSpeed clipped (gradient_clipping = max_grad_norm) and stepped inside backward; this
+                    # returns its pre-clipping norm and the optimizer.step() below is accelerate's no-op.
                     gn = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
                     lr = scheduler.get_last_lr()[0]
                     optimizer.step()
+                    upd = adam_update_norm(acc, base_optimizer)  # before the scheduler moves the lr
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-        rec = _record(job, acc, step, sums, idx, denom, gn, lr, _update_norm(model, before), time.time() - t0)
+        rec = _record(job, acc, step, sums, idx, denom, gn, lr, upd, time.time() - t0)
         signals.add(rec)
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", chosen=f"{rec['chosen_logp']:.3f}")
@@ -354,6 +396,7 @@ def _loop(job, acc, model, optimizer, scheduler, ref_model, loss_fn, signals, st
             if _KILL_AT_STEP is not None and step + 1 == _KILL_AT_STEP:
                 raise _SimulatedKill(f"simulated kill after step {step + 1}")
     bar.close()
+    return mine_total
 
 
 def _check_finite(acc, finite: bool, step: int, work_dir: Path) -> None:

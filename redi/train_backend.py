@@ -1,0 +1,119 @@
+"""What the trainer does differently under DDP, FSDP and DeepSpeed ZeRO-2/3 (``redi.train`` calls these).
+
+- DeepSpeed gets the micro-batch, the accumulation steps and the recipe's ``max_grad_norm`` before
+  ``prepare`` (the trainer passes no dataloader, so accelerate cannot infer ``auto`` values; its own
+  ``gradient_clipping: auto`` default would be 1.0 whatever the recipe says).
+- Weight-decay groups by parameter NAME: biases and the weights of normalisation layers get no decay,
+  as the HF Trainer the paper used (ZeRO-3 replaces parameters with 1-D placeholders, so ``ndim``
+  cannot tell them apart).
+- Parameter count: ``ds_numel`` for ZeRO-3 placeholders, the global size for FSDP DTensors.
+- Update norm: ``||theta_after - theta_before||`` of the optimiser step, computed from the AdamW
+  state right after the step instead of from a copy of every parameter: for decoupled AdamW
+  ``theta_after = theta_before * (1 - lr*wd) - lr*a`` with ``a = m_hat / (sqrt(v_hat) + eps)``, so
+  ``update = lr*a + lr*wd*theta_before`` and ``theta_before = (theta_after + lr*a) / (1 - lr*wd)``.
+  It reads the fp32 master copy the optimiser updates (DeepSpeed's flat fp32 partitions, FSDP's
+  local shards, DDP's fp32 parameters), so an lr-1e-6 step on bf16 weights is measured as the fp32
+  update, not as bf16 rounding flips; sharded backends sum the squares over ranks. Cost: a few
+  element-wise ops per parameter, no persistent copy. It assumes an Adam-family optimiser with
+  PyTorch's state keys (``exp_avg``, ``exp_avg_sq``, ``step``: torch AdamW, DeepSpeed's FusedAdam and
+  CPUAdam) and decoupled weight decay.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def is_deepspeed(acc) -> bool:
+    return acc.state.deepspeed_plugin is not None
+
+
+def zero_stage(acc) -> int:
+    return int(acc.state.deepspeed_plugin.zero_stage) if is_deepspeed(acc) else 0
+
+
+def is_fsdp(acc) -> bool:
+    return str(acc.distributed_type).endswith("FSDP")
+
+
+def configure_deepspeed(acc, micro_batch: int, grad_accum: int, max_grad_norm: float | None) -> None:
+    """Fill DeepSpeed's ``auto`` batch and clipping entries from the recipe (no-op without DeepSpeed).
+
+    A value the accelerate config sets explicitly must agree with the recipe, else a one-line error."""
+    if not is_deepspeed(acc):
+        return
+    ds = acc.state.deepspeed_plugin.deepspeed_config
+    want = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": grad_accum,
+            "train_batch_size": micro_batch * grad_accum * acc.num_processes,
+            "gradient_clipping": float(max_grad_norm or 0.0)}  # DeepSpeed: 0 = no clipping
+    for key, value in want.items():
+        cur = ds.get(key, "auto")
+        if cur == "auto":
+            ds[key] = value
+        elif float(cur) != float(value):
+            raise ValueError(f"the DeepSpeed config sets {key}={cur} but the recipe needs {value}: set {key}: auto "
+                             "in the accelerate config (deployments/accelerate/*.yaml)")
+
+
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: decay on every trainable parameter except biases and normalisation weights."""
+    skip: set[str] = set()
+    for mname, mod in model.named_modules():
+        norm = "norm" in type(mod).__name__.lower()  # LayerNorm, RMSNorm (Qwen2RMSNorm), GroupNorm, ...
+        for pname, _ in mod.named_parameters(recurse=False):
+            if norm or pname == "bias":
+                skip.add(f"{mname}.{pname}" if mname else pname)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in named if n not in skip], "weight_decay": weight_decay},
+            {"params": [p for n, p in named if n in skip], "weight_decay": 0.0}]
+
+
+def param_count(model: torch.nn.Module) -> int:
+    """Number of parameters, also when ZeRO-3 has replaced them with empty placeholders."""
+    return sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in model.parameters())
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t  # FSDP2 DTensor -> this rank's shard
+
+
+def state_is_sharded(acc) -> bool:
+    """Whether each rank's optimiser holds only a shard of the state (ZeRO >= 1, FSDP) or all of it (DDP)."""
+    return zero_stage(acc) >= 1 or is_fsdp(acc)
+
+
+def adam_update_norm(acc, optimizer: torch.optim.Optimizer) -> float | None:
+    """L2 norm of the update the last optimiser step made, from its AdamW state (see the module docstring).
+
+    ``optimizer`` is the torch optimiser the trainer built (DeepSpeed steps it on its fp32 partitions).
+    Call it after the step and before the lr scheduler moves the lr. None when no state exists yet."""
+    dev = acc.device
+    sq = torch.zeros(1, dtype=torch.float64, device=dev)
+    seen = False
+    check_grad = not is_deepspeed(acc)  # DeepSpeed frees its partitions' grads inside its step
+    for group in optimizer.param_groups:
+        lr, wd, eps = group["lr"], group.get("weight_decay", 0.0), group.get("eps", 1e-8)
+        b1, b2 = group.get("betas", (0.9, 0.999))
+        for p in group["params"]:
+            st = optimizer.state.get(p)
+            if not st or "exp_avg" not in st or (check_grad and p.grad is None):
+                continue
+            step = float(st["step"])
+            bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
+            m, v = _local(st["exp_avg"]).float(), _local(st["exp_avg_sq"]).float()
+            a = (m / bc1) / (v.sqrt() / math.sqrt(bc2) + eps)
+            upd = lr * a
+            if wd:
+                before = (_local(p.detach()).float() + lr * a) / (1 - lr * wd)
+                upd = upd + (lr * wd) * before
+            sq += upd.double().pow(2).sum().to(dev)
+            seen = True
+    if state_is_sharded(acc):  # every rank holds a disjoint shard: sum the squares (and whether any was seen)
+        t = acc.reduce(torch.cat([sq, torch.tensor([float(seen)], dtype=torch.float64, device=dev)]), reduction="sum")
+        sq, seen = t[:1], bool(t[1].item())
+    return float(sq.sqrt()) if seen else None
