@@ -1,13 +1,20 @@
 """Benchmark registry: every benchmark as rows of ``id, problem, answer`` (BENCHMARK_COLUMNS), from a local
 file or the Hugging Face Hub.
 
-Adding a benchmark is one :class:`BenchmarkSpec` entry in :data:`REGISTRY` (Hub id, split and a row mapper).
-Where a benchmark comes from, first match wins:
+Adding a benchmark is one :class:`BenchmarkSpec` entry in :data:`REGISTRY` (Hub id, split, a row mapper and
+its folder in a local copy). Where a benchmark comes from, first match wins:
 
 1. ``cfg.benchmark_paths[name]`` (a ``.jsonl``/``.parquet`` file, or a folder holding ``test.jsonl``),
 2. ``extra_paths[name]`` (the download artifact's ``demo_test``/``demo_val`` files),
-3. ``<cfg.benchmark_dir or $REDI_BENCHMARK_DIR>/<name>/test.jsonl`` when that file exists,
+3. ``<cfg.benchmark_dir or $REDI_BENCHMARK_DIR>/<spec.local_dir>/test.jsonl`` when that file exists
+   (``local_dir`` = the name, except ``amc``: ``amc_rllm``, as in shared/data),
 4. the Hub (``datasets.load_dataset``), with the spec's row mapper.
+
+Two AMC sets: ``amc`` is the paper's "AMC23" column, rllm's ``amc.json`` (83 problems of AMC 12A/12B 2022
+and 2023; on the Hub as ``AI-MO/aimo-validation-amc``, from which rllm's copy was made: same 83 problems,
+rllm adds a difficulty field; the texts were not compared offline); ``amc23`` is Qwen2.5-Math's 40-problem
+AMC 2023 set, another benchmark: the paper's 62.4 is not comparable with it. The prompt and token budget are
+the recipe's (``evaluate.prompt_protocol``), not the benchmark's: the paper used one protocol for all.
 
 Local files must already have ``id, problem, answer``; rows are validated (missing or empty fields, an
 empty file, duplicate ids raise :class:`BenchmarkError` naming the file and the row).
@@ -23,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +59,12 @@ class BenchmarkSpec:
     revision: str | None = None
     to_row: Callable[[dict, int], dict] | None = None
     description: str = ""
+    local_dir: str | None = None
+
+    @property
+    def folder(self) -> str:
+        """The benchmark's folder in a local copy (``<benchmark_dir>/<folder>/test.jsonl``)."""
+        return self.local_dir or self.name
 
 
 def _num(x: Any) -> str:
@@ -84,6 +98,16 @@ def _gsm8k(r: dict, i: int) -> dict:
     return {"id": f"gsm8k-test-{i}", "problem": r["question"], "answer": ans}
 
 
+_AMC_URL = re.compile(r"(\d{4})_AMC_(12[AB])_Problems/Problem_(\d+)")
+
+
+def _amc_aimo(r: dict, i: int) -> dict:
+    """AI-MO/aimo-validation-amc: id from the AoPS url (as the local copy's ``amc2022-12A-1``), float answers -> int."""
+    m = _AMC_URL.search(str(r.get("url", "")))
+    rid = f"amc{m[1]}-{m[2]}-{m[3]}" if m else f"amc-{r.get('id', i)}"
+    return {"id": rid, "problem": r["problem"], "answer": _num(r["answer"])}
+
+
 def _olympiad(r: dict, i: int) -> dict:
     fa = r["final_answer"]
     ans = (fa[0] if isinstance(fa, list | tuple) else fa).strip().strip("$").strip()
@@ -96,6 +120,8 @@ REGISTRY: dict[str, BenchmarkSpec] = {
         BenchmarkSpec("math500", "HuggingFaceH4/MATH-500", "test", to_row=_math500, description="MATH-500 (PRM800K test split), 500"),
         BenchmarkSpec("aime24", "HuggingFaceH4/aime_2024", "train", to_row=_generic("aime24"), description="AIME 2024 I+II, 30"),
         BenchmarkSpec("aime25", "math-ai/aime25", "test", to_row=_generic("aime25"), description="AIME 2025 I+II, 30"),
+        BenchmarkSpec("amc", "AI-MO/aimo-validation-amc", "train", to_row=_amc_aimo, local_dir="amc_rllm",
+                      description="AMC 12 2022+2023, 83 (rllm's amc.json: the paper's AMC23 column)"),
         BenchmarkSpec("amc23", "math-ai/amc23", "test", to_row=_generic("amc23"), description="AMC 2023 (Qwen2.5-Math 40-problem set)"),
         BenchmarkSpec("minerva_math", "math-ai/minervamath", "test", to_row=_generic("minerva"), description="Minerva / MIT OCW, 272"),
         BenchmarkSpec("olympiadbench", "Hothan/OlympiadBench", "train", config="OE_TO_maths_en_COMP", to_row=_olympiad, description="OlympiadBench OE_TO_maths_en_COMP, 675"),
@@ -129,12 +155,12 @@ def resolve(name: str, cfg: EvaluateConfig, extra_paths: dict[str, Path] | None 
     if name in extra_paths:
         return _file_in(Path(extra_paths[name]))
     root = cfg.benchmark_dir or os.environ.get(ENV_DIR)
+    spec = REGISTRY.get(name)
     if root:
         for cand in ("test.jsonl", "test.parquet"):
-            p = Path(root).expanduser() / name / cand
+            p = Path(root).expanduser() / (spec.folder if spec else name) / cand
             if p.exists():
                 return p
-    spec = REGISTRY.get(name)
     if spec is None:
         raise BenchmarkError(f"unknown benchmark {name!r}: registered are {sorted(REGISTRY)}; or give a file in evaluate.benchmark_paths")
     if spec.hub_id is None:
@@ -211,7 +237,7 @@ def load_hub(spec: BenchmarkSpec, revision: str | None = None) -> list[dict]:
         raise BenchmarkError(
             f"cannot load benchmark {spec.name!r} from the Hub ({spec.hub_id}, {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
             f"offline? set evaluate.benchmark_paths.{spec.name}, evaluate.benchmark_dir or ${ENV_DIR} "
-            f"to a folder with {spec.name}/test.jsonl (fields id, problem, answer)"
+            f"to a folder with {spec.folder}/test.jsonl (fields id, problem, answer)"
         ) from None
     assert spec.to_row is not None
     return [spec.to_row(dict(r), i) for i, r in enumerate(ds)]

@@ -378,7 +378,7 @@ class Pipeline:
                 eval_key=g.key, metrics=metrics, protocol=self.recipe.evaluate.hash_fields(), kind="pipeline",
             )
         df = store.load(run=self.recipe.run.name, latest_only=True)
-        table = results.comparison_table(df)
+        table = results.comparison_table(df, paper=self.recipe.evaluate.protocol().name == results.PAPER_PROTOCOL)
         (rdir / "results.md").write_text(table.markdown)
         table.frame.to_csv(rdir / "results.csv")
         results.bar_chart(df, rdir / "results.png")

@@ -8,8 +8,11 @@ plus a row ``benchmark == "average"`` with the macro average. Rates are fraction
 Row columns: :data:`COLUMNS` (+ ``metrics_json``, the benchmark's full metrics, every pass@k / maj@k).
 
 Views (no Prefect import here; the Prefect layer turns ``Table.rows`` into a table artifact):
-- :func:`comparison_table`: models x benchmarks, pass@1 ± SEM in %, like the paper's Table 1
-  (markdown, a numeric frame for CSV, and rows as a list of dicts);
+- :func:`comparison_table`: models x benchmarks, pass@1 ± SEM in %, like the paper's Table 1 (markdown, a
+  numeric frame for CSV, and rows as a list of dicts): the paper's five benchmarks first in its column order,
+  their mean ("avg5", the paper's Avg) when all five are there, then the extras and our macro average over
+  every benchmark evaluated ("average"); with ``paper=True`` the paper's own numbers (:data:`PAPER_RESULTS`)
+  as a row "paper: <model>" under our base / sft / redi rows;
 - :func:`bar_chart`: grouped bars models x benchmarks with SEM error bars (PNG);
 - :func:`history_plot`: a metric over time per model, one panel per benchmark (nightly runs, PNG).
 """
@@ -36,7 +39,7 @@ COLUMNS: dict[str, str] = {
     "model_key": "content hash of the evaluated model artifact",
     "recipe_hash": "hash of the full resolved recipe",
     "eval_key": "key of the evaluation artifact the metrics come from",
-    "kind": "pipeline / nightly / eval (who appended the row)",
+    "kind": "pipeline / stage / nightly / eval (who appended the row; stage = a stage rerun, not registered)",
     "benchmark": "benchmark name, or 'average' (macro average over the evaluation's benchmarks)",
     "pass@1": "mean correctness over n samples",
     "pass@1_sem": "std of the n per-sample-index scores / sqrt(n) (ddof 0, as the paper's code)",
@@ -52,7 +55,19 @@ COLUMNS: dict[str, str] = {
     "max_new_tokens": "generated-token limit",
 }
 _LABEL_ORDER = ["base", "sft", "redi"]  # the paper's row order; other labels follow by first evaluation time
-_BENCH_ORDER = ["math500", "aime24", "aime25", "amc23", "minerva_math", "olympiadbench", "gsm8k", "demo_test", "demo_val"]
+PAPER_BENCHMARKS = ("math500", "aime24", "amc", "minerva_math", "olympiadbench")
+"""The paper's table columns in its order: MATH-500, AIME24, AMC23 (= our ``amc``, rllm's 83), Minerva, OlympiadBench."""
+PAPER_AVG = "avg5"
+PAPER_PROTOCOL = "paper-final"
+"""The evaluation protocol of the paper's final table: the pipeline shows the paper's numbers beside runs evaluated with it."""
+PAPER_RESULTS: dict[str, tuple[str, tuple[float, ...]]] = {
+    "base": ("Qwen2.5-Math-1.5B", (52.2, 10.0, 42.5, 10.7, 25.2, 28.1)),
+    "sft": ("Qwen-SFT-1.5B-5ep", (80.4, 21.9, 57.5, 27.5, 41.5, 45.8)),
+    "redi": ("Qwen-REDI-1.5B", (83.1, 28.1, 62.4, 28.8, 45.2, 49.5)),
+}
+"""The paper's final table (arXiv 2505.24850 v1; pass@1 over 16 samples, %): per run label, the model's name and
+its values on :data:`PAPER_BENCHMARKS` then their average."""
+_BENCH_ORDER = [*PAPER_BENCHMARKS, "aime25", "amc23", "gsm8k", "demo_test", "demo_val"]
 
 
 @dataclass
@@ -144,41 +159,74 @@ def _bench_cols(benchmarks: list[str]) -> list[str]:
     return known + sorted(b for b in benchmarks if b not in known and b != AVERAGE) + ([AVERAGE] if AVERAGE in benchmarks else [])
 
 
+def _with_avg5(benches: list[str], val: pd.DataFrame, sem: pd.DataFrame | None, force: bool) -> tuple[list[str], pd.DataFrame, pd.DataFrame | None]:
+    """Insert the paper's Avg (mean of its five benchmarks, no SEM) after them, when all five are there or ``force``."""
+    if not (force or all(b in benches for b in PAPER_BENCHMARKS)):
+        return benches, val, sem
+    at = max((benches.index(b) for b in PAPER_BENCHMARKS if b in benches), default=-1) + 1
+    cols = [*benches[:at], PAPER_AVG, *benches[at:]]
+    val = val.assign(**{PAPER_AVG: val.reindex(columns=list(PAPER_BENCHMARKS)).astype(float).mean(axis=1, skipna=False)})
+    return cols, val.reindex(columns=cols), None if sem is None else sem.assign(**{PAPER_AVG: float("nan")}).reindex(columns=cols)
+
+
+def _col_name(b: str) -> str:
+    return {AVERAGE: "Avg", PAPER_AVG: "Avg (paper's 5)"}.get(b, b)
+
+
 def _fmt(v: Any, sem: Any) -> str:
     if v is None or pd.isna(v):
         return "–"
     return f"{100 * v:.1f} ± {100 * sem:.1f}" if sem is not None and not pd.isna(sem) else f"{100 * v:.1f}"
 
 
-def comparison_table(df: pd.DataFrame, metric: str = "pass@1") -> Table:
-    """Models x benchmarks (latest evaluation of each), `metric` in % with its SEM for pass@1 (paper Table 1)."""
+def comparison_table(df: pd.DataFrame, metric: str = "pass@1", paper: bool = False) -> Table:
+    """Models x benchmarks (latest evaluation of each), `metric` in % with its SEM for pass@1 (paper Table 1).
+
+    ``paper``: under each of our base / sft / redi rows, the paper's numbers for that model ("paper: <name>",
+    pass@1 only; "–" where the paper has none). Comparable only when the evaluation followed the paper's
+    protocol (the pipeline sets it when ``evaluate.prompt_protocol`` is a paper one)."""
     if df.empty:
         return Table(pd.DataFrame(), "(no results)", [])
+    paper = paper and metric == "pass@1"
     cells = _latest_cells(df)
     models = list(dict.fromkeys(cells["model"]))
     benches = _bench_cols(list(dict.fromkeys(cells["benchmark"])))
     val = cells.pivot(index="model", columns="benchmark", values=metric).reindex(index=models, columns=benches)
     sem = cells.pivot(index="model", columns="benchmark", values="pass@1_sem").reindex(index=models, columns=benches) if metric == "pass@1" else None
+    benches, val, sem = _with_avg5(benches, val, sem, paper)
     frame = (100 * val.astype(float)).round(2)
     if sem is not None:
         frame = pd.concat([frame, (100 * sem.astype(float)).round(2).add_suffix(" sem")], axis=1)
     who = cells.drop_duplicates("model").set_index("model")[["run", "label"]]
-    rows, lines = [], []
-    names = [("Avg" if b == AVERAGE else b) for b in benches]
+    rows, lines, paper_frame = [], [], []
+    names = [_col_name(b) for b in benches]
     lines.append(f"| Model ({metric}, %) | " + " | ".join(names) + " |")
     lines.append("|---|" + "---|" * len(benches))
     for m in models:
         txt = [_fmt(val.at[m, b], sem.at[m, b] if sem is not None else None) for b in benches]
         lines.append(f"| {m} | " + " | ".join(txt) + " |")
         rows.append({"model": m, "run": who.at[m, "run"], "label": who.at[m, "label"], **dict(zip(names, txt, strict=True))})
+        if paper and who.at[m, "label"] in PAPER_RESULTS:
+            name, nums = PAPER_RESULTS[who.at[m, "label"]]
+            ref = dict(zip([*PAPER_BENCHMARKS, PAPER_AVG], nums, strict=True))
+            ptxt = [f"{ref[b]:.1f}" if b in ref else "–" for b in benches]
+            lines.append(f"| paper: {name} | " + " | ".join(ptxt) + " |")
+            rows.append({"model": f"paper: {name}", "run": "paper", "label": who.at[m, "label"], **dict(zip(names, ptxt, strict=True))})
+            paper_frame.append(pd.Series({b: ref.get(b) for b in benches}, name=f"paper: {name}", dtype=float))
+    if paper_frame:
+        frame = pd.concat([frame, pd.DataFrame(paper_frame)])
     n = cells["n_samples"].dropna()
     note = f"\n\n{metric} over {int(n.iloc[0])} samples per problem; ± = SEM over sample indices." if len(n) and n.nunique() == 1 else ""
+    if PAPER_AVG in benches:
+        note += "\n\nAvg (paper's 5) = mean of math500, aime24, amc, minerva_math, olympiadbench (the paper's Avg); Avg = every benchmark evaluated."
+    if paper_frame:
+        note += "\n\npaper: the paper's final table (arXiv 2505.24850 v1, pass@1 over 16 samples; its AMC23 column is our amc)."
     return Table(frame, "\n".join(lines) + note, rows)
 
 
-def table_rows(df: pd.DataFrame, metric: str = "pass@1") -> list[dict]:
+def table_rows(df: pd.DataFrame, metric: str = "pass@1", paper: bool = False) -> list[dict]:
     """The comparison table as a list of dicts (for a Prefect table artifact)."""
-    return comparison_table(df, metric).rows
+    return comparison_table(df, metric, paper).rows
 
 
 def _plt():
@@ -205,7 +253,7 @@ def bar_chart(df: pd.DataFrame, path: str | Path, metric: str = "pass@1") -> Pat
             err = 100 * c["pass@1_sem"].astype(float) if metric == "pass@1" else None
             xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(benches))]
             ax.bar(xs, 100 * c[metric].astype(float), width, yerr=err, capsize=2, label=m)
-        ax.set_xticks(range(len(benches)), ["Avg" if b == AVERAGE else b for b in benches], rotation=20, fontsize=8)
+        ax.set_xticks(range(len(benches)), [_col_name(b) for b in benches], rotation=20, fontsize=8)
         ax.legend(fontsize=7)
     ax.set_ylabel(f"{metric} (%)")
     ax.set_title(f"{metric} by benchmark (latest evaluation per model)", fontsize=9)

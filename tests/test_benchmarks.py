@@ -14,7 +14,7 @@ from redi.config import EvaluateConfig
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 if not SHARED.exists():
     SHARED = Path("/work/shared/data")
-REAL = {"math500": 500, "aime24": 30, "aime25": 30, "amc23": 40, "minerva_math": 272, "olympiadbench": 675, "gsm8k": 1319}
+REAL = {"math500": 500, "aime24": 30, "aime25": 30, "amc": 83, "amc23": 40, "minerva_math": 272, "olympiadbench": 675, "gsm8k": 1319}
 needs_shared = pytest.mark.skipif(not SHARED.exists(), reason=f"real benchmark copies not found at {SHARED}")
 
 
@@ -45,7 +45,7 @@ def test_real_copies_load_from_benchmark_dir(name):
     rows = B.load_benchmark(name, cfg, {})
     assert len(rows) == REAL[name]
     assert all(r["id"] and r["problem"] and isinstance(r["answer"], str) for r in rows)
-    digest = hashlib.sha256((SHARED / name / "test.jsonl").read_bytes()).hexdigest()
+    digest = hashlib.sha256((SHARED / B.REGISTRY[name].folder / "test.jsonl").read_bytes()).hexdigest()
     assert B.fingerprint(name, cfg, {}) == digest
 
 
@@ -66,6 +66,26 @@ def test_resolution_order(tmp_path, monkeypatch):
     assert B.load_benchmark("math500", EvaluateConfig(benchmark_dir=str(c.parents[1])), {})[0]["id"] == "c"
     # a benchmark_dir without this benchmark falls through to the Hub
     assert isinstance(B.resolve("aime24", EvaluateConfig(benchmark_dir=str(c.parents[1]))), B.BenchmarkSpec)
+
+
+def test_amc_is_the_papers_83_and_lives_in_its_own_folder(tmp_path):
+    """`amc` (the paper's AMC23 column, rllm's 83) and `amc23` (Qwen2.5-Math's 40) are two registry entries with
+    their own Hub source and local folder; a copy laid out like shared/data resolves each to its own file."""
+    assert B.REGISTRY["amc"].hub_id == "AI-MO/aimo-validation-amc" and B.REGISTRY["amc"].folder == "amc_rllm"
+    assert B.REGISTRY["amc23"].folder == "amc23" and B.REGISTRY["amc23"].hub_id != B.REGISTRY["amc"].hub_id
+    a = _write(tmp_path / "amc_rllm" / "test.jsonl", [{"id": f"amc-{i}", "problem": "p", "answer": str(i)} for i in range(83)])
+    _write(tmp_path / "amc23" / "test.jsonl", [{"id": f"q-{i}", "problem": "p", "answer": "1"} for i in range(40)])
+    _write(tmp_path / "amc" / "test.jsonl", [{"id": "wrong-folder", "problem": "p", "answer": "1"}])
+    cfg = EvaluateConfig(benchmark_dir=str(tmp_path))
+    assert B.resolve("amc", cfg) == a and len(B.load_benchmark("amc", cfg, {})) == 83
+    assert len(B.load_benchmark("amc23", cfg, {})) == 40
+
+
+@needs_shared
+def test_amc_real_copy_is_amc12_2022_2023():
+    rows = B.load_benchmark("amc", EvaluateConfig(benchmark_dir=str(SHARED)), {})
+    years = {r["id"][3:7] for r in rows}
+    assert len(rows) == 83 and years == {"2022", "2023"} and rows[0]["id"] == "amc2022-12A-1" and rows[0]["answer"] == "142"
 
 
 def test_parquet_file(tmp_path):
@@ -132,5 +152,8 @@ def test_hub_row_mappers():
     assert oly["answer"] == "\\frac{1}{2}" and oly["id"] == "olympiadbench-2231"
     amc = B.REGISTRY["amc23"].to_row({"id": 3, "question": "q", "answer": 27.0}, 3)
     assert amc == {"id": "amc23-3", "problem": "q", "answer": "27"}
+    url = "https://artofproblemsolving.com/wiki/index.php/2023_AMC_12B_Problems/Problem_17"
+    aimo = B.REGISTRY["amc"].to_row({"id": 60, "problem": "q", "answer": 5.0, "url": url}, 60)
+    assert aimo == {"id": "amc2023-12B-17", "problem": "q", "answer": "5"}
     m5 = B.REGISTRY["math500"].to_row({"unique_id": "test/x/1.json", "problem": "p", "answer": "5"}, 0)
     assert m5["id"] == "test/x/1.json"

@@ -85,3 +85,26 @@ def test_real_summary_shape(tmp_path):
     assert [r["benchmark"] for r in rows] == ["toy", "average"]
     assert rows[0]["pass@n"] == 1.0 and rows[0]["truncated_share"] == 0.5
     assert isinstance(pd.DataFrame(rows), pd.DataFrame)
+
+
+def _paper_metrics(p: dict[str, float], n: int = 16) -> dict:
+    per = {b: {"pass@1": v, "pass@1_sem": 0.01, "n_problems": 10, "n_samples": n} for b, v in p.items()}
+    return {"benchmarks": per, "average": {"pass@1": sum(p.values()) / len(p), "pass@1_sem": 0.0}, "protocol": {"n_samples": n}}
+
+
+def test_paper_table_follows_the_papers_columns_and_shows_its_numbers(tmp_path):
+    s = R.ResultsStore(tmp_path / "results")
+    ours = {"gsm8k": 0.7, "olympiadbench": 0.4, "aime25": 0.2, "minerva_math": 0.3, "amc": 0.6, "aime24": 0.25, "math500": 0.8}
+    s.append_metrics(run="r", label="redi", model_key="m", recipe_hash="h", eval_key="e", metrics=_paper_metrics(ours), when=1.0)
+    t = R.comparison_table(s.load(), paper=True)
+    head = t.markdown.splitlines()[0]
+    assert head == ("| Model (pass@1, %) | math500 | aime24 | amc | minerva_math | olympiadbench | Avg (paper's 5) "
+                    "| aime25 | gsm8k | Avg |")
+    lines = t.markdown.splitlines()
+    assert lines[2].startswith("| redi | 80.0 ± 1.0 | 25.0 ± 1.0 | 60.0 ± 1.0 | 30.0 ± 1.0 | 40.0 ± 1.0 | 47.0 | 20.0 ± 1.0 |")
+    assert lines[3] == "| paper: Qwen-REDI-1.5B | 83.1 | 28.1 | 62.4 | 28.8 | 45.2 | 49.5 | – | – | – |"
+    assert t.frame.loc["redi", "avg5"] == 47.0 and t.frame.loc["paper: Qwen-REDI-1.5B", "amc"] == 62.4
+    assert [r["model"] for r in t.rows] == ["redi", "paper: Qwen-REDI-1.5B"]
+    # without paper=True no paper row; the paper's Avg column still appears when all five are evaluated
+    plain = R.comparison_table(s.load())
+    assert "paper:" not in plain.markdown and "Avg (paper's 5)" in plain.markdown.splitlines()[0]

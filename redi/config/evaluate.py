@@ -14,8 +14,9 @@ class EvaluateConfig(StrictModel):
     """Stage 5: sample n completions per problem with vLLM, grade with redi.verify.grade, compute pass@k."""
 
     benchmarks: list[str] = Field(
-        default_factory=lambda: ["math500", "aime24", "aime25", "amc23", "minerva_math", "olympiadbench", "gsm8k"],
-        description="Benchmark names from the registry (redi.benchmarks); `demo_test`/`demo_val` are the offline source's held-out splits.",
+        default_factory=lambda: ["math500", "aime24", "amc", "minerva_math", "olympiadbench", "aime25", "gsm8k"],
+        description="Benchmark names from the registry (redi.benchmarks): the paper's five (math500, aime24, amc = its AMC23 column, "
+        "minerva_math, olympiadbench), extras (aime25, gsm8k, amc23 = Qwen2.5-Math's 40); `demo_test`/`demo_val` are the offline source's held-out splits.",
     )
     benchmark_paths: dict[str, str] = Field(
         default_factory=dict, description="Local files/folders overriding a benchmark's Hub loader: {name: path to <name>/test.jsonl or a .jsonl/.parquet}."
