@@ -12,7 +12,9 @@ Schemas (auto-detected per row from its columns; see docs/data.md for the column
 - ``openr1-raw``: ``generations`` plus ``correctness`` = struct ``{llama_verification,
   math_verify_answer, math_verify_reparsed_answer}`` (current revision) or a flat
   ``correctness_math_verify`` list (first revision); ``problem_is_valid``; no finish reasons.
-  Like the official REDI code, the Math-Verify label is ``math_verify_reparsed_answer``.
+  The Math-Verify label is ``correctness.math_verify_reparsed_answer`` only, the column the official
+  REDI scripts read (``clean_base_shuffled.py``, ``clean_base_shuffled_dpo.py``); where it is null the
+  label is unknown (None), never taken from ``math_verify_answer``.
 - ``flat``: already one row per trace: ``problem, answer, trace`` (or ``generation``/``completion``/``response``).
 
 Rows are streamed and written in batches with a ``pyarrow.parquet.ParquetWriter``, so memory does
@@ -20,8 +22,14 @@ not grow with the number of rows (only a problem-id -> generation-count map grow
 Bad input never stops the stage while good rows remain: bad rows are counted by reason with
 their ids (capped) in the summary; the stage fails with one clear message only when nothing usable is left.
 
-Departure from the paper's pipeline: a problem text that appears in several source rows is one
-problem here (same ``problem_id``); its generations are numbered on across the rows.
+Problem identity: every trace keeps its source row (``source_row``, the row's position in read
+order, like the official ``original_index``) and its index within that row (``source_gen``), so the
+verify stage can treat one source row as one problem, as the official code does
+(``verify.problem_identity: row``). ``problem_id`` / ``gen_index`` identify the problem *text*: a text
+that appears in several rows is one ``problem_id`` and its generations are numbered on across the rows
+(``verify.problem_identity: text``, this project's default). Rows whose ``answer`` is missing or empty
+are kept with ``answer`` None (the official LandMV scripts never read ``answer``); the verify stage
+drops them where a gold is wanted (``verify.require_answer``).
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ TRACE_SCHEMA = pa.schema(
         ("problem_id", pa.string()), ("row_id", pa.string()), ("gen_index", pa.int32()), ("problem", pa.string()),
         ("answer", pa.string()), ("source", pa.string()), ("problem_is_valid", pa.string()), ("trace", pa.string()),
         ("finish_reason", pa.string()), ("reasoning_complete", pa.bool_()), ("label_math_verify", pa.bool_()),
-        ("label_llama", pa.bool_()), ("source_uuid", pa.string()),
+        ("label_llama", pa.bool_()), ("source_uuid", pa.string()), ("source_row", pa.int64()), ("source_gen", pa.int32()),
     ]
 )
 assert TRACE_SCHEMA.names == list(TRACE_COLUMNS), "TRACE_SCHEMA must follow redi.schema.TRACE_COLUMNS"
@@ -151,11 +159,13 @@ def _check_text(key: str, v: Any, limit: int) -> Any:
 
 
 def _raw_labels(row: dict, n: int) -> tuple[list | None, list | None]:
-    """(math_verify, llama) label lists of an OpenR1-Math-Raw row (either revision)."""
+    """(math_verify, llama) label lists of an OpenR1-Math-Raw row (either revision).
+
+    Current revision: ``correctness.math_verify_reparsed_answer`` and ``correctness.llama_verification``, as
+    the official scripts; ``math_verify_answer`` is not read (a null reparsed list stays unknown)."""
     corr = row.get("correctness")
     if isinstance(corr, dict):
-        mv = _aligned(corr, "math_verify_reparsed_answer", n) if corr.get("math_verify_reparsed_answer") is not None else _aligned(corr, "math_verify_answer", n)
-        return mv, _aligned(corr, "llama_verification", n)
+        return _aligned(corr, "math_verify_reparsed_answer", n), _aligned(corr, "llama_verification", n)
     if corr is not None:
         raise BadRow(f"correctness is a {type(corr).__name__}, not a struct")
     return _aligned(row, "correctness_math_verify", n), _aligned(row, "correctness_llama", n)
@@ -164,7 +174,8 @@ def _raw_labels(row: dict, n: int) -> tuple[list | None, list | None]:
 def normalise_row(row: dict, schema: str) -> tuple[dict, list[dict], int]:
     """(problem fields, one dict per usable generation, number of non-string traces skipped).
 
-    Raises BadRow with the reason when the row as a whole cannot be used.
+    Raises BadRow with the reason when the row as a whole cannot be used. A missing or empty ``answer``
+    is kept as None (the verify stage decides whether a gold is needed).
     """
     for key in ("problem", "answer"):
         if key not in row:
@@ -173,8 +184,6 @@ def normalise_row(row: dict, schema: str) -> tuple[dict, list[dict], int]:
     answer = _text(_check_text("answer", row["answer"], MAX_ANSWER_CHARS))
     if problem is None:
         raise BadRow("missing or empty problem")
-    if answer is None:
-        raise BadRow("missing or empty answer")
     head = {"problem": problem, "answer": answer, "source": _text(row.get("source")),
             "problem_is_valid": _text(row.get("problem_is_valid")), "source_uuid": _text(row.get("uuid"))}
     if schema == "flat":
@@ -386,12 +395,13 @@ class TraceWriter:
         self._next_gen: dict[str, int] = {}
         self.n_traces = 0
 
-    def add(self, head: dict, traces: list[dict]) -> None:
+    def add(self, head: dict, traces: list[dict], source_row: int) -> None:
         pid = stable_id(head["problem"])
         base = self._next_gen.get(pid, 0)
         for t in traces:
             gen = base + t["gen"]
-            row = {**head, **{k: v for k, v in t.items() if k != "gen"}, "problem_id": pid, "row_id": stable_id(pid, gen), "gen_index": gen}
+            row = {**head, **{k: v for k, v in t.items() if k != "gen"}, "problem_id": pid, "row_id": stable_id(pid, gen),
+                   "gen_index": gen, "source_row": source_row, "source_gen": t["gen"]}
             for k in TRACE_SCHEMA.names:
                 self._buf[k].append(row[k])
         self._next_gen[pid] = base + max(t["gen"] for t in traces) + 1
@@ -488,7 +498,7 @@ def normalise_stream(rows: Iterable[tuple[str, dict | None]], schema: str, write
         seen.add(fp)
         bad.traces_skipped += skipped
         schemas[s] += 1
-        writer.add(head, traces)
+        writer.add(head, traces, n - 1)
     return n, schemas
 
 
@@ -544,7 +554,7 @@ def download(cfg: DataConfig, out_dir: Path, progress: bool = True) -> dict:
                         "or flat rows (problem, answer, trace)")
     if bad.reasons:
         logger.warning("download: %d bad rows skipped: %s", sum(bad.reasons.values()), dict(bad.reasons))
-    summary = {**info, "rows_read": n_rows, "problems": writer.n_problems, "traces": writer.n_traces,
+    summary = {**info, "rows_read": n_rows, "max_rows": cfg.max_rows, "problems": writer.n_problems, "traces": writer.n_traces,
                "schemas": dict(schemas), **bad.summary(), "seconds": round(time.monotonic() - t0, 2),
                "file_bytes": os.path.getsize(out_dir / "traces.parquet")}
     logger.info("download: %d traces of %d problems from %d rows (%s)", writer.n_traces, writer.n_problems, n_rows, cfg.source)

@@ -10,11 +10,11 @@ from __future__ import annotations
 import hashlib
 
 TRACE_COLUMNS: dict[str, str] = {
-    "problem_id": "deterministic id of the problem: stable_id(problem text)",
+    "problem_id": "deterministic id of the problem text: stable_id(problem text)",
     "row_id": "deterministic id of the trace: stable_id(problem_id, gen_index)",
-    "gen_index": "index of the generation within its problem (0-based, source order)",
+    "gen_index": "index of the generation among all generations of this problem text (0-based, source order, across rows)",
     "problem": "problem statement (no prompt suffix, no chat template)",
-    "answer": "gold final answer as the source gives it",
+    "answer": "gold final answer as the source gives it; None when the source row has none",
     "source": "problem source (e.g. olympiads, cn_k12, synthetic)",
     "problem_is_valid": "'yes'/'no' where the source has it, else None",
     "trace": "teacher generation text (R1 style: <think>...</think> then the answer)",
@@ -23,6 +23,8 @@ TRACE_COLUMNS: dict[str, str] = {
     "label_math_verify": "the dataset's own Math-Verify label, else None",
     "label_llama": "the dataset's Llama judge label, else None",
     "source_uuid": "the source's own row id (uuid) where present",
+    "source_row": "0-based position of the source row in read order (bad rows counted), like the official original_index",
+    "source_gen": "index of the generation within its source row (the official chosen_gen_idx / rejected_gen_idx)",
 }
 
 POSITIVE_COLUMNS: dict[str, str] = {

@@ -1,16 +1,30 @@
-"""Stage ``verify``: label every trace, filter as in the paper, write positives (SFT) and pairs (stage 2).
+"""Stage ``verify``: label every trace, filter, write positives (SFT) and pairs (stage 2), and a funnel report.
 
-Order of the filters (a trace is dropped at the first that fails; counts after each step go into
-the summary's ``funnel``): problem_is_valid -> excluded sources -> decontamination -> prompt length
--> reasoning complete / finish reason -> response length -> a label exists.
+Order of the trace filters (a trace is dropped at the first that fails; counts after each step go into
+the summary's ``funnel``): problem_is_valid -> excluded sources -> no gold answer (``require_answer``)
+-> decontamination (``decontaminate: remove``) -> prompt length -> reasoning complete / finish reason ->
+response length -> a label exists. The two length steps are trace filters only under
+``length_filter: traces_before_selection``; under ``pairs_after_selection`` they drop selected pairs.
 
-Departures from the paper / official code, on purpose:
+The official REDI behaviour (``Tim-Siu/reinforcement-distillation`` @ dda07d2, ``experiments_trl/``),
+selected field by field (the paper recipe sets all of them; docs/data.md argues each one):
 
-- Length limits are applied per trace before pairing, so a too-long first correct trace is replaced
-  by the next correct one; the official code picks the first pair and then drops it if too long.
-- ``landmv`` follows the official code: correct = Llama AND Math-Verify true, incorrect = both false;
-  a trace on which the two disagree gets no label (the paper's text says "otherwise negative").
-- Traces whose completeness is unknown (OpenR1-Math-Raw has no finish reasons) are kept.
+- ``label_rule: landmv`` = ``data_preprocess/clean_base_shuffled_dpo.py`` (pairs) and
+  ``clean_base_shuffled.py`` (positives): correct iff Llama AND Math-Verify (reparsed) say correct, every
+  other trace incorrect. ``landmv_both_wrong`` = ``ablation_verifier_signal.py`` (incorrect = neither says correct).
+- ``problem_identity: row``, ``require_answer: false``: one Raw row is one problem, ``answer`` is not read.
+  The official scripts shuffle the rows (seed 42) before the loop; that permutes problems only, never the
+  generations inside a row, so it changes no selection (the output order only, which training reshuffles).
+- ``length_filter: pairs_after_selection`` = ``study_length_distribution.py``: first pick, then drop pairs
+  whose prompt (> 800) or chosen / rejected (> 19,000) is too long, counted with the chat template + 1;
+  positives are never length-filtered.
+- ``decontaminate: report``, ``decontam_normalise: whitespace``, benchmarks math500/aime24/aime25 =
+  ``decontaminate.py`` (8-gram overlap, lower-cased, whitespace collapsed; it reports, removes nothing).
+
+Our defaults (the demo) differ where we prefer other practice: text identity, a gold answer required,
+trace-level length filters before selection (a too-long first correct trace is replaced by the next
+one), contaminated problems removed after stripping punctuation. Traces whose completeness is unknown
+(OpenR1-Math-Raw has no finish reasons) are kept.
 
 Labels are computed by :class:`redi.gradepool.GradingPool` (worker processes, hard per-trace deadline),
 locally or fanned out in shards over a Dask cluster (``executor="dask"``); both give the same labels.
@@ -37,12 +51,13 @@ import pyarrow.parquet as pq
 
 from .config.verify import VerifyConfig
 from .decontam import Decontaminator
+from .prompts import DEFAULT_PROTOCOL
 from .schema import PAIR_COLUMNS, POSITIVE_COLUMNS, stable_id
 
 logger = logging.getLogger(__name__)
 
 LIGHT_COLUMNS = ["problem_id", "row_id", "gen_index", "answer", "source", "problem_is_valid", "finish_reason",
-                 "reasoning_complete", "label_math_verify", "label_llama"]
+                 "reasoning_complete", "label_math_verify", "label_llama", "source_row", "source_gen"]
 
 
 class LabelRuleError(ValueError):
@@ -63,18 +78,50 @@ def rule_dataset(ours: pd.Series, df: pd.DataFrame) -> pd.Series:
     return df["label_math_verify"].astype(object)
 
 
+def _truthy(s: pd.Series) -> np.ndarray:
+    """``bool(v)`` of each label, as the official scripts take it: a missing label (None, NaN, NA) is False."""
+    known = s.notna().to_numpy()
+    out = np.zeros(len(s), dtype=bool)
+    out[known] = s[known].astype(bool).to_numpy()
+    return out
+
+
+def _verifiers(df: pd.DataFrame, rule: str) -> tuple[np.ndarray, np.ndarray]:
+    _require(df, "label_llama", rule)
+    _require(df, "label_math_verify", rule)
+    return _truthy(df["label_llama"]), _truthy(df["label_math_verify"])
+
+
 def rule_landmv(ours: pd.Series, df: pd.DataFrame) -> pd.Series:
-    """LANDMV (paper, official code): True if the Llama judge AND Math-Verify say correct, False if both say
-    wrong, None when they disagree or either is unknown (such traces are neither positives nor negatives)."""
-    _require(df, "label_llama", "landmv")
-    _require(df, "label_math_verify", "landmv")
-    both = [(bool(a) if a == b else None) if not _null(a) and not _null(b) else None
-            for a, b in zip(df["label_llama"].tolist(), df["label_math_verify"].tolist(), strict=True)]
-    return pd.Series(both, index=df.index, dtype=object)
+    """LANDMV, the paper's rule as the official code applies it: ``experiments_trl/data_preprocess/
+    clean_base_shuffled_dpo.py`` (the pairs REDI trains on; "LandMV False means NOT (Llama True AND MathRep
+    True)") and ``clean_base_shuffled.py`` (the SFT positives). True iff ``bool(llama) and bool(math_verify)``;
+    every other trace is False: one verifier rejects it, or a label is missing (``bool(None)`` is False).
+    App. C.2 says the same ("deemed incorrect by either"). Never None.
+
+    Where a source row lacks a whole label list the official scripts skip the row; here its traces are all
+    False, so the row has no correct trace and yields neither a positive nor a pair there either: the same
+    selection (only the funnel's label counts see those traces)."""
+    llama, mv = _verifiers(df, "landmv")
+    return pd.Series(llama & mv, index=df.index, dtype=object)
+
+
+def rule_landmv_both_wrong(ours: pd.Series, df: pd.DataFrame) -> pd.Series:
+    """The verifier-signal ablation's labels (``experiments_trl/data_preprocess/ablation_verifier_signal.py``):
+    True iff both verifiers say correct, False iff neither does (``not bool(l) and not bool(mr)``: a missing
+    label counts as not-correct), None (neither positive nor negative) when exactly one says correct.
+    Only the labels follow that script; its split of the pairs into normal and inverted halves, its balancing
+    and its length rule (responses only, no chat template) are not reproduced."""
+    llama, mv = _verifiers(df, "landmv_both_wrong")
+    out = np.full(len(df), None, dtype=object)
+    out[llama & mv] = True
+    out[~llama & ~mv] = False
+    return pd.Series(out, index=df.index, dtype=object)
 
 
 LABEL_RULES: dict[str, Callable[[pd.Series, pd.DataFrame], pd.Series]] = {
-    "math_verify": rule_math_verify, "dataset": rule_dataset, "landmv": rule_landmv}
+    "math_verify": rule_math_verify, "dataset": rule_dataset, "landmv": rule_landmv,
+    "landmv_both_wrong": rule_landmv_both_wrong}
 """The named positive-label rules; VerifyConfig.label_rule picks one."""
 
 
@@ -184,44 +231,100 @@ def _token_lengths(tokenizer, texts: list[str], batch: int = 512) -> list[int]:
     return out
 
 
-def render_prompts(tokenizer, problems: list[str]) -> list[str]:
-    """``redi.prompts.render_prompt`` of every problem, rendering the chat template once when it inserts the
-    problem verbatim (checked with two probes that start with whitespace, so a template that trims is caught,
-    and on the first 32 problems); otherwise once per problem (jinja, ~50 us each)."""
-    from .prompts import render_prompt
+def render_prompt(tokenizer, problem: str, protocol: str = DEFAULT_PROTOCOL, generation_prompt: bool = True) -> str:
+    """The training prompt of ``problem`` (``redi.prompts.render_prompt`` under the training ``protocol``). Without the
+    generation prompt: the protocol's messages in the chat template only, as the official length study renders
+    a prompt (``apply_chat_template(prompt_msgs, add_generation_prompt=False)``). The stage's one prompt renderer."""
+    from . import prompts
 
+    if generation_prompt:
+        return prompts.render_prompt(tokenizer, problem, protocol)
+    return tokenizer.apply_chat_template(prompts.get_protocol(protocol).messages(problem), tokenize=False,
+                                         add_generation_prompt=False)
+
+
+def _template_split(render: Callable[[str], str]) -> tuple[str, str] | None:
+    """(text before, text after) the inserted string when ``render`` inserts it verbatim (checked with two probes
+    that start and end with whitespace, so a template that trims is caught), else None."""
     a, b = " \n\x00probe\x00", "\t\x00other probe\x00 "
-    ra, rb = render_prompt(tokenizer, a), render_prompt(tokenizer, b)
+    ra, rb = render(a), render(b)
     if ra.count(a) == 1 and rb == ra.replace(a, b):
         pre, post = ra.split(a)
-        out = [pre + p + post for p in problems]
-        if all(out[i] == render_prompt(tokenizer, p) for i, p in enumerate(problems[:32])):
+        return pre, post
+    return None
+
+
+def render_prompts(tokenizer, problems: list[str], protocol: str = DEFAULT_PROTOCOL, generation_prompt: bool = True) -> list[str]:
+    """:func:`render_prompt` of every problem, rendering the chat template once when it inserts the problem
+    verbatim (:func:`_template_split`, then checked on the first 32 problems); otherwise once per problem
+    (jinja, ~50 us each)."""
+    def one(p: str) -> str:
+        return render_prompt(tokenizer, p, protocol, generation_prompt)
+
+    split = _template_split(one)
+    if split is not None:
+        out = [split[0] + p + split[1] for p in problems]
+        if all(out[i] == one(p) for i, p in enumerate(problems[:32])):
             return out
-    return [render_prompt(tokenizer, p) for p in problems]
+    return [one(p) for p in problems]
 
 
-def prompt_lengths(tokenizer, problems: list[str], count: Callable[[list[str]], list[int]] | None = None) -> list[int]:
-    """Tokens of the full prompt (chat template + Open-R1 suffix + generation prompt), as training sees it.
+def prompt_lengths(tokenizer, problems: list[str], count: Callable[[list[str]], list[int]] | None = None,
+                   protocol: str = DEFAULT_PROTOCOL, official: bool = False) -> list[int]:
+    """Prompt tokens of each problem under the training ``protocol``. Default: the full training prompt (chat
+    template + generation prompt), as training sees it. ``official``: as ``study_length_distribution.py``
+    counts, the chat template without the generation prompt, + 1.
 
     ``count``: counts tokens elsewhere (the grading workers, :meth:`Grader.count`); its counts of the first
     SAMPLE_CHECK prompts are checked against ``tokenizer``'s, and on any difference all are counted here."""
-    texts = render_prompts(tokenizer, problems)
+    texts = render_prompts(tokenizer, problems, protocol, generation_prompt=not official)
+    plus = 1 if official else 0
     if count is None:
-        return _token_lengths(tokenizer, texts)
+        return [n + plus for n in _token_lengths(tokenizer, texts)]
     got = count(texts)
     missing = [i for i, n in enumerate(got) if n is None]  # killed at the deadline: count them here
     for i, n in zip(missing, _token_lengths(tokenizer, [texts[i] for i in missing]), strict=True):
         got[i] = n
-    if got[:SAMPLE_CHECK] == _token_lengths(tokenizer, texts[:SAMPLE_CHECK]):
-        return got
-    logger.warning("verify: tokenizer.json and the transformers tokenizer count prompt tokens differently; counting "
-                   "them with the transformers tokenizer in this process")
-    return _token_lengths(tokenizer, texts)
+    if got[:SAMPLE_CHECK] != _token_lengths(tokenizer, texts[:SAMPLE_CHECK]):
+        logger.warning("verify: tokenizer.json and the transformers tokenizer count prompt tokens differently; counting "
+                       "them with the transformers tokenizer in this process")
+        got = _token_lengths(tokenizer, texts)
+    return [n + plus for n in got]
 
 
 def response_lengths(tokenizer, traces: list[str]) -> list[int]:
-    """Tokens of each trace + 1 for the EOS (<|im_end|>), as the official code counts."""
+    """Tokens of each trace + 1 (the ``response_tokens`` column; the trace-level limit of
+    ``length_filter: traces_before_selection``)."""
     return [n + 1 for n in _token_lengths(tokenizer, traces)]
+
+
+def _render_response(tokenizer, trace: str) -> str:
+    """A response as ``study_length_distribution.py`` renders it: the chat template of the assistant message alone,
+    without generation prompt (with Qwen2.5-Math's template this includes its default system turn)."""
+    return tokenizer.apply_chat_template([{"role": "assistant", "content": trace}], tokenize=False, add_generation_prompt=False)
+
+
+def official_response_lengths(tokenizer, traces: list[str], response_tokens: list[int]) -> list[int]:
+    """``study_length_distribution.py``'s chosen_len / rejected_len: tokens of :func:`_render_response` + 1.
+
+    Computed as ``response_tokens`` (the trace's own tokens + 1, counted by the workers) + the template's tokens
+    around the message when the template inserts the trace verbatim and the trace starts with no whitespace
+    (nothing then merges across the boundary; checked on the first 32 traces against the full rendering, which is
+    used for every trace on any difference); a trace that starts with whitespace is always counted rendered."""
+    split = _template_split(lambda t: _render_response(tokenizer, t))
+    if split is None:
+        return [n + 1 for n in _token_lengths(tokenizer, [_render_response(tokenizer, t) for t in traces])]
+    pre, post = split
+    around = _token_lengths(tokenizer, [pre + post])[0]
+    out = [n + around for n in response_tokens]
+    exact = [i for i, t in enumerate(traces) if i < 32 or t[:1].isspace()]
+    for i, n in zip(exact, _token_lengths(tokenizer, [pre + traces[i] + post for i in exact]), strict=True):
+        if out[i] != n + 1 and not traces[i][:1].isspace():
+            logger.warning("verify: the chat template's tokens do not add up around a response; counting every selected "
+                           "pair's responses rendered in full")
+            return [m + 1 for m in _token_lengths(tokenizer, [pre + t + post for t in traces])]
+        out[i] = n + 1
+    return out
 
 
 # ----------------------------------------------------------------------------- filters
@@ -241,25 +344,29 @@ def filter_reasons(df: pd.DataFrame, cfg: VerifyConfig, problem_info: pd.DataFra
         return df[name] if name in df else pd.Series([None] * len(df), index=idx, dtype=object)
 
     excluded = {s.lower() for s in cfg.exclude_sources}
-    valid, source = col("problem_is_valid"), col("source")
+    valid, source, answer = col("problem_is_valid"), col("source"), col("answer")
     complete, finish = col("reasoning_complete"), col("finish_reason")
     known = lambda s: s.notna().to_numpy()  # noqa: E731 - None, NaN and pd.NA are all unknown
     text = lambda s: s.astype(str).str.strip().str.lower().to_numpy()  # noqa: E731
     false = lambda s: s.map(lambda v: not _null(v) and not bool(v)).to_numpy(dtype=bool)  # noqa: E731
+    none = np.zeros(len(df), bool)
+    per_trace = cfg.length_filter == "traces_before_selection"  # else: pairs are length-filtered after selection
     conds = [
         cfg.require_valid & known(valid) & (text(valid) != "yes"),
         known(source) & np.isin(text(source), list(excluded)),
-        info["contaminated"].to_numpy(dtype=bool),
-        np.zeros(len(df), bool) if cfg.max_prompt_tokens is None else (info["prompt_tokens"].to_numpy() > cfg.max_prompt_tokens),
+        cfg.require_answer & ~(known(answer) & (text(answer) != "")),
+        info["contaminated"].to_numpy(dtype=bool) & (cfg.decontaminate == "remove"),
+        none if cfg.max_prompt_tokens is None or not per_trace else (info["prompt_tokens"].to_numpy() > cfg.max_prompt_tokens),
         cfg.require_complete & ((known(complete) & false(complete)) | (known(finish) & (finish.astype(str).to_numpy() != "stop"))),
-        np.zeros(len(df), bool) if cfg.max_response_tokens is None
+        none if cfg.max_response_tokens is None or not per_trace
         else (df["response_tokens"].to_numpy(dtype=np.int64) > cfg.max_response_tokens),
         ~known(df["label"]),
     ]
     return pd.Series(np.select(conds, FILTER_ORDER, default=""), index=idx, dtype=object)
 
 
-FILTER_ORDER = ["problem_invalid", "excluded_source", "contaminated", "prompt_too_long", "incomplete", "response_too_long", "unlabelled"]
+FILTER_ORDER = ["problem_invalid", "excluded_source", "no_answer", "contaminated", "prompt_too_long", "incomplete", "response_too_long",
+                "unlabelled"]
 
 
 def funnel(df: pd.DataFrame) -> list[dict]:
@@ -269,6 +376,78 @@ def funnel(df: pd.DataFrame) -> list[dict]:
         left = left[left["filter_reason"] != step]
         out.append({"step": f"after {step}", "traces": len(left), "problems": left["problem_id"].nunique()})
     return out
+
+
+# ----------------------------------------------------------------------------- funnel report
+
+OFFICIAL_FIGURES = {"positives": 77_629, "pairs_before_length_filter": 53_175}
+"""The official selection on the full OpenR1-Math-Raw train split (official README: "77629 entries", "53175
+queries"; paper App. C.2: 78k positives, 53k pairs), before the pairs' length filter."""
+RAW_HUB_ID, RAW_ROWS = "open-r1/OpenR1-Math-Raw", 516_499
+OFFICIAL_SETTINGS = {"label_rule": "landmv", "problem_identity": "row", "require_answer": False, "require_valid": True,
+                     "exclude_sources": ["cn_k12"], "positives": "first", "pairs_per_problem": 1,
+                     "length_filter": "pairs_after_selection"}
+"""The verify settings that decide the two official counts (plus ``decontaminate`` not ``remove``)."""
+
+
+def _full_raw(source: dict | None) -> str | None:
+    """None when ``source`` (the download summary) is the whole Hub OpenR1-Math-Raw train split, else why not."""
+    if not source:
+        return "the data's origin is unknown to this stage"
+    if source.get("hub_id") != RAW_HUB_ID or source.get("hub_split") != "train":
+        return f"this run's data is {source.get('hub_id') or source.get('local_path') or source.get('source')}, not the Hub's {RAW_HUB_ID} train split"
+    if source.get("max_rows") is not None or source.get("rows_read") != RAW_ROWS:
+        return f"this run read {source.get('rows_read')} rows of {RAW_HUB_ID}, not all {RAW_ROWS:,}"
+    return None
+
+
+def funnel_report(summary: dict, cfg: VerifyConfig, protocol: str, source: dict | None) -> tuple[dict, str]:
+    """The official figures beside ours (summary ``official``) and ``funnel.md``: what was selected, the official
+    counts, whether they are comparable and why not, then the trace funnel and the decontamination report."""
+    sel = summary["selection"]
+    settings = cfg.model_dump(mode="json")
+    differ = [f"{k}={settings[k]!r}" for k, v in OFFICIAL_SETTINGS.items() if settings[k] != v]
+    differ += ["decontaminate='remove'"] if cfg.decontaminate == "remove" else []
+    why_not = _full_raw(source)
+    comparable = why_not is None and not differ
+    if comparable:
+        note = (f"This run read the whole {RAW_HUB_ID} train split with the official selection settings: the two counts "
+                "should equal the official ones; a difference means the data or the rules differ.")
+    else:
+        reasons = ([why_not] if why_not else []) + ([f"its settings differ from the official ones ({', '.join(differ)})"] if differ else [])
+        note = (f"The official figures apply only to the full {RAW_HUB_ID} train split under the official selection "
+                f"settings; {'; '.join(reasons)}, so they are shown for reference only.")
+    ours_before = sel["pairs_selected"] if cfg.length_filter == "pairs_after_selection" else None
+    official = {**OFFICIAL_FIGURES, "comparable": comparable, "note": note,
+                "ours": {"positives": sel["positives"], "pairs_before_length_filter": ours_before}}
+    if comparable:
+        official["match"] = {k: official["ours"][k] == v for k, v in OFFICIAL_FIGURES.items()}
+    fmt = lambda v: "n/a" if v is None else f"{v:,}"  # noqa: E731
+    drops = sel["pairs_dropped"]
+    lim = f"prompt > {cfg.max_prompt_tokens}, chosen or rejected > {cfg.max_response_tokens} tokens"
+    lines = ["# Verify: what was selected", "", "## Selected vs the official figures", "",
+             "| | this run | official (full OpenR1-Math-Raw) |", "|---|---|---|",
+             f"| positives (SFT, first correct trace per problem) | {fmt(sel['positives'])} | {OFFICIAL_FIGURES['positives']:,} |",
+             f"| pairs before the length filter | {fmt(ours_before)} | {OFFICIAL_FIGURES['pairs_before_length_filter']:,} |",
+             f"| pairs dropped by the length filter ({lim}) | "
+             f"{fmt(sum(drops.values())) if ours_before is not None else 'n/a'} | not published |",
+             f"| pairs (stage 2) | {fmt(sel['pairs'])} | not published |", "", note, ""]
+    if cfg.length_filter == "traces_before_selection":
+        lines += ["Length filter: every too-long trace was dropped before selection (`traces_before_selection`), so this run "
+                  "has no pair count before a length filter and its positives were length-filtered too.", ""]
+    lines += [f"Settings: label_rule={cfg.label_rule}, problem_identity={cfg.problem_identity}, require_answer={cfg.require_answer}, "
+              f"length_filter={cfg.length_filter}, prompt protocol {protocol}, decontaminate={cfg.decontaminate}.", ""]
+    dec = summary["decontamination"]
+    if cfg.decontaminate != "off":
+        lines += ["## Decontamination", "",
+                  f"{dec['ngram']}-gram overlap ({dec['normalise']} normalisation) against {', '.join(dec['checked_benchmarks']) or 'no benchmark'}: "
+                  f"{dec['problems_flagged']:,} problems flagged ({dec['per_benchmark']}); among the selected: {dec['positives_flagged']:,} "
+                  f"positives, {dec['pairs_flagged']:,} pairs. "
+                  + ("Flagged problems were removed." if cfg.decontaminate == "remove" else "Report only: nothing was removed "
+                     "(as the official decontaminate.py)."), ""]
+    lines += ["## Trace funnel", "", "| step | problems | traces |", "|---|---|---|"]
+    lines += [f"| {f['step']} | {f['problems']:,} | {f['traces']:,} |" for f in summary["funnel"]]
+    return official, "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- selection
@@ -292,6 +471,26 @@ def select(df: pd.DataFrame, cfg: VerifyConfig) -> tuple[pd.DataFrame, pd.DataFr
     pairs = good[good["k"] < cfg.pairs_per_problem].merge(bad[["problem_id", "k", "gen_index", "_pos"]], on=["problem_id", "k"],
                                                           suffixes=("", "_r"))
     return pos.reset_index(drop=True), pairs.reset_index(drop=True)
+
+
+def pair_length_drops(pairs: pd.DataFrame, df: pd.DataFrame, info: pd.DataFrame, cfg: VerifyConfig, tokenizer,
+                      texts: dict[int, tuple[str, str]]) -> pd.Series:
+    """``length_filter: pairs_after_selection`` (official ``study_length_distribution.py``): why each selected pair
+    is dropped ('' = kept): ``prompt_too_long`` (prompt_len > max_prompt_tokens) or ``response_too_long`` (chosen_len
+    or rejected_len > max_response_tokens), counted as :func:`prompt_lengths` (official) and
+    :func:`official_response_lengths` count them."""
+    out = np.full(len(pairs), "", dtype=object)
+    if not len(pairs):
+        return pd.Series(out, dtype=object)
+    if cfg.max_response_tokens is not None:
+        pos = np.concatenate([pairs["_pos"].to_numpy(), pairs["_pos_r"].to_numpy()]).astype(np.int64)
+        counted = df["response_tokens"].to_numpy(dtype=np.int64)[pos].tolist()  # df rows are in traces.parquet order
+        n = official_response_lengths(tokenizer, [texts[int(i)][1] for i in pos], counted)
+        long = np.asarray(n).reshape(2, -1).max(axis=0) > cfg.max_response_tokens
+        out[long] = "response_too_long"
+    if cfg.max_prompt_tokens is not None:
+        out[info.loc[pairs["problem_id"], "prompt_tokens"].to_numpy() > cfg.max_prompt_tokens] = "prompt_too_long"
+    return pd.Series(out, dtype=object)
 
 
 def assemble(pos: pd.DataFrame, pairs: pd.DataFrame, texts: dict[int, tuple[str, str]]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -360,24 +559,31 @@ def agreement(ours: pd.Series, theirs: pd.Series, examples: pd.DataFrame) -> tup
 
 
 def _problem_info(probs: pd.DataFrame, tokenizer, cfg: VerifyConfig, decontam_problems: dict[str, list[str]],
-                  count: Callable[[list[str]], list[int]] | None = None) -> tuple[pd.DataFrame, dict]:
+                  count: Callable[[list[str]], list[int]] | None = None,
+                  protocol: str = DEFAULT_PROTOCOL) -> tuple[pd.DataFrame, dict]:
     """Per problem (``probs``: problem_id, problem; one row each): contaminated?, prompt tokens (``count``: see
     :func:`prompt_lengths`)."""
-    dec = Decontaminator(decontam_problems if cfg.decontaminate else {}, cfg.decontam_ngram)
+    on = cfg.decontaminate != "off"
+    dec = Decontaminator(decontam_problems if on else {}, cfg.decontam_ngram, cfg.decontam_normalise)
     hits = [dec.hits(p) for p in probs["problem"]] if dec.index else [[] for _ in range(len(probs))]
     per_bench = Counter(b for h in hits for b in h)
-    plen = prompt_lengths(tokenizer, probs["problem"].tolist(), count) if cfg.max_prompt_tokens is not None else [0] * len(probs)
+    official = cfg.length_filter == "pairs_after_selection"
+    plen = (prompt_lengths(tokenizer, probs["problem"].tolist(), count, protocol, official) if cfg.max_prompt_tokens is not None
+            else [0] * len(probs))
     info = pd.DataFrame({"contaminated": [bool(h) for h in hits], "prompt_tokens": plen}, index=probs["problem_id"].values)
-    dsum = {"checked_benchmarks": sorted(decontam_problems) if cfg.decontaminate else [], "problems_removed": int(sum(bool(h) for h in hits)),
-            "per_benchmark": dict(per_bench)}
+    flagged = int(sum(bool(h) for h in hits))
+    dsum = {"mode": cfg.decontaminate, "normalise": cfg.decontam_normalise, "ngram": cfg.decontam_ngram,
+            "checked_benchmarks": sorted(decontam_problems) if on else [], "problems_flagged": flagged,
+            "problems_removed": flagged if cfg.decontaminate == "remove" else 0, "per_benchmark": dict(per_bench)}
     return info, dsum
 
 
 READ_ROWS = 16384
 """Traces read, graded and written per batch: memory holds two such batches of texts, never the file."""
-ADDED = {"label_ours": pa.bool_(), "label": pa.bool_(), "response_tokens": pa.int64(), "prompt_tokens": pa.int64(),
-         "filter_reason": pa.string()}
-"""Columns verify adds to each trace in labelled.parquet, with their types."""
+ADDED = {"problem_key": pa.string(), "label_ours": pa.bool_(), "label": pa.bool_(), "response_tokens": pa.int64(),
+         "prompt_tokens": pa.int64(), "filter_reason": pa.string()}
+"""Columns verify adds to each trace in labelled.parquet, with their types (``problem_key``: the problem as this
+run identifies it, :func:`apply_identity`; it is the ``problem_id`` of positives and pairs)."""
 
 
 def _batches(path: Path, columns: list[str] | None = None):
@@ -388,14 +594,33 @@ def _batches(path: Path, columns: list[str] | None = None):
         pos += rb.num_rows
 
 
-def _light(rb: pa.RecordBatch, pos: int) -> pd.DataFrame:
-    """The small columns of a batch (everything but texts) with each row's position in the file."""
+def _light(rb: pa.RecordBatch, pos: int, cfg: VerifyConfig) -> pd.DataFrame:
+    """The small columns of a batch (everything but texts) with each row's position in the file, problems
+    identified as ``cfg.problem_identity`` says (:func:`apply_identity`)."""
     names = [c for c in LIGHT_COLUMNS if c in rb.schema.names]
     df = rb.select(names).to_pandas()
     for c in LIGHT_COLUMNS:
         if c not in df:
             df[c] = None
     df["_pos"] = range(pos, pos + rb.num_rows)
+    return apply_identity(df, cfg)
+
+
+def apply_identity(df: pd.DataFrame, cfg: VerifyConfig) -> pd.DataFrame:
+    """``problem_identity: text``: as downloaded (one problem per problem text). ``row``: one problem per source
+    row, as the official scripts (each Raw row is one item of their loop): ``problem_id`` := stable_id(text id,
+    "row", source_row) and ``gen_index`` := ``source_gen``, the generation's index within its row (the official
+    ``chosen_gen_idx`` / ``rejected_gen_idx``)."""
+    if cfg.problem_identity == "text":
+        return df
+    if df["source_row"].isna().any() or df["source_gen"].isna().any():
+        raise ValueError("verify.problem_identity=row needs the source_row / source_gen columns of traces.parquet, which this "
+                         "file lacks: rebuild it with the current download stage (--refresh download) or set "
+                         "verify.problem_identity=text")
+    rows = df["source_row"].astype("int64")
+    keys = {(p, r): stable_id(p, "row", r) for p, r in set(zip(df["problem_id"], rows.tolist(), strict=True))}
+    df["problem_id"] = [keys[k] for k in zip(df["problem_id"], rows.tolist(), strict=True)]
+    df["gen_index"] = df["source_gen"].astype("int64")
     return df
 
 
@@ -410,8 +635,12 @@ def _check_rule(cfg: VerifyConfig, traces_path: Path) -> None:
 
 
 def verify_and_split(cfg: VerifyConfig, traces_path: Path, tokenizer_dir: Path, out_dir: Path,
-                     decontam_problems: dict[str, list[str]]) -> dict:
-    """Label, filter and split ``traces_path``; write labelled/positives/pairs parquet and agreement.md.
+                     decontam_problems: dict[str, list[str]], prompt_protocol: str = DEFAULT_PROTOCOL,
+                     source: dict | None = None) -> dict:
+    """Label, filter and split ``traces_path``; write labelled/positives/pairs parquet, agreement.md and funnel.md.
+
+    ``source``: the download stage's summary (where the traces came from), for the funnel report's comparison
+    with the official figures.
 
     Streams: pass 1 reads the traces in batches of READ_ROWS, grades each while the next is read and
     tokenised, and keeps only the small columns; pass 2 reads them again to write labelled.parquet batch
@@ -457,15 +686,16 @@ def verify_and_split(cfg: VerifyConfig, traces_path: Path, tokenizer_dir: Path, 
             cols = rb.schema.names
             traces, answers = rb.column(cols.index("trace")).to_pylist(), rb.column(cols.index("answer")).to_pylist()
             handle = grader.submit(list(zip(traces, answers, strict=True)))
-            light = _light(rb, pos)
+            light = _light(rb, pos, cfg)
             if cfg.max_response_tokens is None:
                 light["response_tokens"] = 0
             elif tok_json is None:  # no tokenizer.json to hand to the workers: count here
                 light["response_tokens"] = response_lengths(tokenizer(), traces)
             if not sample:
                 sample = traces[:SAMPLE_CHECK]
-            pb = rb.select(["problem_id", "problem"]).to_pandas().drop_duplicates("problem_id")
-            for pid, text in zip(pb["problem_id"], pb["problem"], strict=True):
+            first = ~light["problem_id"].duplicated().to_numpy()
+            ptexts = rb.column(cols.index("problem")).filter(pa.array(first)).to_pylist()
+            for pid, text in zip(light["problem_id"].to_numpy()[first], ptexts, strict=True):
                 problems.setdefault(pid, text)
             if prev is not None:
                 _finish(grader, *prev, bar, tokenizer)
@@ -478,8 +708,10 @@ def verify_and_split(cfg: VerifyConfig, traces_path: Path, tokenizer_dir: Path, 
         if tok_json is not None:
             _check_counts(tok, sample, lights[0]["response_tokens"].tolist()[: len(sample)], traces_path, lights)
         probs = pd.DataFrame({"problem_id": list(problems), "problem": list(problems.values())})
-        info, dsum = _problem_info(probs, tok, cfg, decontam_problems, grader.count if tok_json is not None else None)
+        info, dsum = _problem_info(probs, tok, cfg, decontam_problems, grader.count if tok_json is not None else None,
+                                   prompt_protocol)
     df = pd.concat(lights, ignore_index=True)
+    df["problem_key"] = df["problem_id"]
     df["label"] = LABEL_RULES[cfg.label_rule](df["label_ours"], df)
     df["prompt_tokens"] = info.loc[df["problem_id"], "prompt_tokens"].to_numpy()
     df["filter_reason"] = filter_reasons(df, cfg, info)
@@ -489,6 +721,12 @@ def verify_and_split(cfg: VerifyConfig, traces_path: Path, tokenizer_dir: Path, 
     # pass 2: labelled.parquet, and the texts of what was selected
     needed = set(pos_rows["_pos"]) | set(pair_rows["_pos"]) | set(pair_rows["_pos_r"]) | set(dis["_pos"])
     texts = _write_labelled(traces_path, df, out_dir / "labelled.parquet", needed, n_rows)
+    n_selected = len(pair_rows)
+    drops = Counter()
+    if cfg.length_filter == "pairs_after_selection" and (cfg.max_prompt_tokens is not None or cfg.max_response_tokens is not None):
+        why = pair_length_drops(pair_rows, df, info, cfg, tok, texts)
+        drops = Counter(w for w in why if w)
+        pair_rows = pair_rows[(why == "").to_numpy()].reset_index(drop=True)
     pos, pairs = assemble(pos_rows, pair_rows, texts)
     pos.to_parquet(out_dir / "positives.parquet", index=False)
     pairs.to_parquet(out_dir / "pairs.parquet", index=False)
@@ -501,9 +739,15 @@ def verify_and_split(cfg: VerifyConfig, traces_path: Path, tokenizer_dir: Path, 
         "labels": {str(k): int(v) for k, v in Counter(map(str, df["label"].tolist())).items()},
         "grading": {**dict(grader.stats), "seconds": round(t_grade, 2), "traces_per_s": round(len(df) / max(t_grade, 1e-9), 1),
                     "executor": cfg.executor},
-        "decontamination": dsum, "positives": len(pos), "pairs": len(pairs),
+        "decontamination": {**dsum, "positives_flagged": int(info.loc[pos["problem_id"], "contaminated"].sum()),
+                            "pairs_flagged": int(info.loc[pairs["problem_id"], "contaminated"].sum())},
+        "positives": len(pos), "pairs": len(pairs),
+        "selection": {"positives": len(pos), "pairs_selected": n_selected, "pairs_dropped": dict(drops), "pairs": len(pairs),
+                      "length_filter": cfg.length_filter},
         "agreement": agree, "seconds": round(time.monotonic() - t0, 2),
     }
+    summary["official"], text = funnel_report(summary, cfg, prompt_protocol, source)
+    (out_dir / "funnel.md").write_text(text)
     logger.info("verify: %d traces -> %d positives, %d pairs (%s)", len(df), len(pos), len(pairs), cfg.label_rule)
     return summary
 

@@ -95,14 +95,19 @@ def test_bad_rows_are_counted_and_good_rows_kept(tmp_path):
     f = tmp_path / "mixed.jsonl"
     f.write_text("\n".join(json.dumps(r) for r in [good, *bad]) + "\nnot json\n")
     s = download(_local(f), tmp_path / "o", progress=False)
-    assert s["rows_read"] == 9 and s["traces"] == 3 and s["bad_rows"] == 7 and s["non_string_traces_skipped"] == 2
-    assert s["bad_reasons"]["missing or empty answer"] == 2
+    # the two rows without an answer are kept (answer None): the official LandMV scripts never read it
+    assert s["rows_read"] == 9 and s["traces"] == 7 and s["bad_rows"] == 5 and s["non_string_traces_skipped"] == 2
     assert s["bad_reasons"]["generations is None or not a list"] == 2
     assert any(r.startswith("unequal lengths") for r in s["bad_reasons"])
     assert any(r.startswith("unknown schema") for r in s["bad_reasons"])
-    assert [b["row"] for b in s["bad_row_ids"]][:2] == ["mixed.jsonl:2", "mixed.jsonl:3"]
-    kept = [r for r in _table(tmp_path / "o") if r["problem"] == "other problem"]
-    assert [r["gen_index"] for r in kept] == [2]  # source index kept
+    assert [b["row"] for b in s["bad_row_ids"]][:2] == ["mixed.jsonl:4", "mixed.jsonl:5"]
+    rows = _table(tmp_path / "o")
+    kept = [r for r in rows if r["problem"] == "other problem"]
+    assert [(r["gen_index"], r["source_row"], r["source_gen"]) for r in kept] == [(2, 7, 2)]  # source index kept
+    same = [r for r in rows if r["problem"] == good["problem"]]  # rows 0-2 share the text: one problem_id, gens numbered on
+    assert [(r["answer"], r["gen_index"], r["source_row"], r["source_gen"]) for r in same] == [
+        (good["answer"], 0, 0, 0), (good["answer"], 1, 0, 1), (None, 2, 1, 0), (None, 3, 1, 1), (None, 4, 2, 0), (None, 5, 2, 1)]
+    assert len({r["problem_id"] for r in same}) == 1
 
 
 def test_nothing_usable_fails_clearly(tmp_path):

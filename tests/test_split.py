@@ -71,9 +71,31 @@ def test_label_rules(synth_traces, tok_dir, tmp_path):
     assert (lab_d["label"].astype(bool) == lab_d["label_math_verify"]).all()
     s, lab, *_ = _run(VerifyConfig(label_rule="landmv"), synth_traces, tok_dir, tmp_path / "l")
     disagree = lab["label_llama"] != lab["label_math_verify"]
-    assert disagree.sum() > 5 and lab.loc[disagree, "label"].isna().all()  # official code: no label when they disagree
+    assert disagree.sum() > 5 and (lab.loc[disagree, "label"] == False).all()  # noqa: E712 - official pairs rule: negative
+    assert (lab.loc[~disagree, "label"] == lab.loc[~disagree, "label_math_verify"]).all()
+    assert "unlabelled" not in s["filter_counts"]  # landmv labels every trace
+    s, lab, *_ = _run(VerifyConfig(label_rule="landmv_both_wrong"), synth_traces, tok_dir, tmp_path / "b")
+    assert lab.loc[disagree, "label"].isna().all()  # the verifier-signal ablation: no label when they disagree
     assert (lab.loc[~disagree, "label"] == lab.loc[~disagree, "label_math_verify"]).all()
     assert s["filter_counts"]["unlabelled"] >= int((disagree & (lab["finish_reason"] == "stop")).sum())
+
+
+def test_landmv_rules_on_every_label_combination():
+    """The two LandMV rules on (llama, math_verify) in {True, False, None}^2, as the official scripts decide them:
+    clean_base_shuffled_dpo.py `bool(l) and bool(mr)` else negative; ablation_verifier_signal.py negative only
+    if `not bool(l) and not bool(mr)` (a missing label counts as not-correct)."""
+    import itertools
+
+    from redi.split import rule_landmv, rule_landmv_both_wrong
+
+    combos = list(itertools.product([True, False, None], repeat=2))
+    df = pd.DataFrame({"label_llama": [c[0] for c in combos], "label_math_verify": [c[1] for c in combos]}, dtype=object)
+    ours = pd.Series([None] * len(df), dtype=object)
+    assert rule_landmv(ours, df).tolist() == [bool(a) and bool(b) for a, b in combos]
+    assert rule_landmv_both_wrong(ours, df).tolist() == [
+        True if bool(a) and bool(b) else False if not bool(a) and not bool(b) else None for a, b in combos]
+    assert rule_landmv(ours, df).tolist() == [True, False, False, False, False, False, False, False, False]
+    assert rule_landmv_both_wrong(ours, df).tolist() == [True, None, None, None, False, False, None, False, False]
 
 
 def test_landmv_refuses_without_llama_column(tok_dir, tmp_path):
@@ -166,15 +188,18 @@ def _reference_reason(row, cfg, contaminated, prompt_tokens) -> str:
         return "problem_invalid"
     if not null(row["source"]) and str(row["source"]).lower() in {s.lower() for s in cfg.exclude_sources}:
         return "excluded_source"
-    if contaminated:
+    if cfg.require_answer and (null(row["answer"]) or not str(row["answer"]).strip()):
+        return "no_answer"
+    if contaminated and cfg.decontaminate == "remove":
         return "contaminated"
-    if cfg.max_prompt_tokens is not None and prompt_tokens > cfg.max_prompt_tokens:
+    per_trace = cfg.length_filter == "traces_before_selection"
+    if per_trace and cfg.max_prompt_tokens is not None and prompt_tokens > cfg.max_prompt_tokens:
         return "prompt_too_long"
     incomplete = (not null(row["reasoning_complete"]) and not bool(row["reasoning_complete"])) or (
         not null(row["finish_reason"]) and row["finish_reason"] != "stop")
     if cfg.require_complete and incomplete:
         return "incomplete"
-    if cfg.max_response_tokens is not None and row["response_tokens"] > cfg.max_response_tokens:
+    if per_trace and cfg.max_response_tokens is not None and row["response_tokens"] > cfg.max_response_tokens:
         return "response_too_long"
     return "unlabelled" if null(row["label"]) else ""
 
@@ -190,6 +215,7 @@ def test_filter_reasons_match_the_row_by_row_rules():
               "source": ["amc", "CN_K12", None, np.nan],
               "reasoning_complete": [True, False, None, np.nan, pd.NA],
               "finish_reason": ["stop", "length", None, np.nan],
+              "answer": ["7", " ", None],
               "label": [True, False, None, np.nan]}
     rows = [dict(zip(values, combo, strict=True)) for combo in itertools.product(*values.values())]
     df = pd.DataFrame(rows, dtype=object)
@@ -198,7 +224,9 @@ def test_filter_reasons_match_the_row_by_row_rules():
     info = pd.DataFrame({"contaminated": [i == 3 for i in range(7)], "prompt_tokens": [10 * i for i in range(7)]},
                         index=[f"p{i}" for i in range(7)])
     for cfg in (VerifyConfig(max_prompt_tokens=45, max_response_tokens=30),
-                VerifyConfig(require_valid=False, require_complete=False, max_prompt_tokens=None, max_response_tokens=None)):
+                VerifyConfig(require_valid=False, require_complete=False, max_prompt_tokens=None, max_response_tokens=None),
+                VerifyConfig(max_prompt_tokens=45, max_response_tokens=30, length_filter="pairs_after_selection",
+                             require_answer=False, decontaminate="report")):
         got = filter_reasons(df, cfg, info).tolist()
         want = [_reference_reason(r, cfg, info.loc[r["problem_id"], "contaminated"], info.loc[r["problem_id"], "prompt_tokens"])
                 for r in df.to_dict("records")]

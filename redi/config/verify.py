@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from .base import StrictModel
 
@@ -12,11 +12,21 @@ from .base import StrictModel
 class VerifyConfig(StrictModel):
     """Stage 2 of the DAG: label every trace, filter as in the paper, write positives and pairs."""
 
-    label_rule: Literal["math_verify", "dataset", "landmv"] = Field(
+    label_rule: Literal["math_verify", "dataset", "landmv", "landmv_both_wrong"] = Field(
         "math_verify",
         description="`math_verify`: our own grading (redi.verify.grade); `dataset`: the dataset's Math-Verify label; "
-        "`landmv`: the paper's rule, correct only if the Llama judge AND Math-Verify agree (refuses if a column is missing).",
+        "`landmv`: the paper's rule (official clean_base_shuffled_dpo.py): correct iff the Llama judge AND Math-Verify say "
+        "correct, every other trace incorrect; `landmv_both_wrong`: the verifier-signal ablation "
+        "(ablation_verifier_signal.py): incorrect only if neither says correct, a disagreement unlabelled. "
+        "The landmv rules refuse data without both label columns.",
     )
+    problem_identity: Literal["text", "row"] = Field(
+        "text",
+        description="`row`: one source row is one problem and gen indices count within the row (official code); "
+        "`text`: rows with the same problem text are one problem, generations numbered on across the rows.",
+    )
+    require_answer: bool = Field(
+        True, description="Drop traces whose source row has no gold `answer`. The official LandMV scripts never read it (false).")
     workers: int = Field(0, ge=0, description="Grading worker processes; 0 = all cores. Does not change results.")
     timeout_s: float = Field(5.0, gt=0, description="Hard per-trace grading deadline, enforced from outside the worker; a trace past it is labelled None.")
     executor: Literal["processes", "dask"] = Field("processes", description="`processes`: a local pool; `dask`: shards fanned out through prefect-dask on a Dask cluster.")
@@ -25,16 +35,36 @@ class VerifyConfig(StrictModel):
     require_complete: bool = Field(True, description="Drop traces whose reasoning is not complete (is_reasoning_complete False or finish_reason != stop).")
     require_valid: bool = Field(True, description="Drop problems with problem_is_valid != 'yes' (where the column exists).")
     exclude_sources: list[str] = Field(default_factory=lambda: ["cn_k12"], description="Problem sources to drop (the paper drops cn_k12).")
-    max_prompt_tokens: int | None = Field(800, ge=1, description="Drop problems whose prompt is longer (tokens of the recipe's tokenizer). Paper: 800.")
-    max_response_tokens: int | None = Field(19000, ge=1, description="Drop traces whose response is longer (tokens). Paper: 19000.")
+    length_filter: Literal["traces_before_selection", "pairs_after_selection"] = Field(
+        "traces_before_selection",
+        description="`pairs_after_selection` (official study_length_distribution.py): pick positives and pairs first, then drop "
+        "only pairs whose prompt or chosen/rejected is too long, counted with the chat template + 1; positives are never "
+        "length-filtered. `traces_before_selection`: drop every too-long trace (training prompt, trace + EOS) before picking.",
+    )
+    max_prompt_tokens: int | None = Field(800, ge=1, description="Prompt token limit (how counted: length_filter). Paper: 800.")
+    max_response_tokens: int | None = Field(19000, ge=1, description="Response token limit (how counted: length_filter). Paper: 19000.")
     positives: Literal["first", "all"] = Field("first", description="SFT set: the first correct trace per problem (paper) or all of them.")
     pairs_per_problem: int = Field(1, ge=1, description="Pairs per problem: 1 = (first correct, first incorrect), as the paper; more pairs zip further correct/incorrect traces.")
-    decontaminate: bool = Field(True, description="Drop training problems sharing an n-gram with any evaluation benchmark problem.")
+    decontaminate: Literal["remove", "report", "off"] = Field(
+        "remove",
+        description="Training problems sharing an n-gram with a benchmark problem: `remove` them (our practice), only "
+        "`report` them (official decontaminate.py), or `off`. true/false mean remove/off.",
+    )
+    decontam_normalise: Literal["punctuation", "whitespace"] = Field(
+        "punctuation",
+        description="Text normalisation before the n-grams: `whitespace` = lower-case, collapse whitespace (official "
+        "decontaminate.py); `punctuation` = also drop punctuation (catches reworded copies).",
+    )
     decontam_ngram: int = Field(8, ge=3, description="n of the n-gram overlap check (official code: 8).")
     decontam_benchmarks: list[str] = Field(
         default_factory=lambda: ["math500", "aime24", "aime25", "amc23", "minerva_math", "olympiadbench", "gsm8k"],
-        description="Benchmarks checked for overlap; those that cannot be loaded are reported and skipped.",
+        description="Benchmarks checked for overlap (official: math500, aime24, aime25); those that cannot be loaded are reported and skipped.",
     )
+
+    @field_validator("decontaminate", mode="before")
+    @classmethod
+    def _decontam_bool(cls, v):
+        return {True: "remove", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     def hash_fields(self) -> dict:
         d = self.model_dump(mode="json")
