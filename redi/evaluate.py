@@ -1,17 +1,23 @@
 """The ``evaluate`` stage: sample every benchmark through one engine, grade every sample, compute metrics.
 
-``evaluate_model(cfg, model_dir, out_dir, extra_paths, label)`` writes
+``evaluate_model(cfg, model_dir, out_dir, extra_paths, label, work)`` writes
 
-- ``out_dir/samples.parquet``: one row per sample (:data:`SAMPLE_FILE_COLUMNS`), so grading can be redone
-  without generating (``regrade``, its own cached step in the pipeline);
+- ``out_dir/samples.parquet``: one row per sample (:data:`SAMPLE_FILE_COLUMNS`), in benchmark, problem and
+  sample order, so grading can be redone without generating (``regrade``, its own cached step in the pipeline);
 - ``out_dir/metrics.json``: per-benchmark metrics (``redi.metrics``), their macro average, the protocol,
   skipped benchmarks, grading counters and timings. The returned summary is the same dict.
 
 Order of work: the model folder and its tokenizer/chat template are checked first (no engine is started
 for a bad path), then every benchmark is loaded (a benchmark that cannot be loaded is skipped and reported
-when ``cfg.skip_missing``), then ONE generator (vLLM or transformers) runs all benchmarks. Grading overlaps
-generation: each finished chunk of samples is submitted to a ``redi.gradepool.GradingPool`` (worker processes,
-hard per-sample deadline) while the engine process generates the next chunk.
+when ``cfg.skip_missing``), then ONE generator (vLLM with ``data_parallel_size`` engines, or transformers)
+runs all benchmarks as one stream of problems. Grading overlaps generation: each finished problem's samples
+are submitted to a ``redi.gradepool.GradingPool`` (worker processes, hard per-sample deadline) while the
+engines generate the rest.
+
+Resume: with ``work`` (the stage's work folder, kept by ``ArtifactStore.build`` across a killed attempt),
+each finished problem is appended to ``work/generation.jsonl`` as it arrives (:class:`GenerationLog`); a
+rerun grades those samples again and generates only the rest, and draws the same samples as an
+uninterrupted run (per-problem seeds). Lost by a kill: only the problems in flight.
 
 Nothing leaves the denominator: a grader timeout or crash gives verdict None (counted as wrong and
 reported as ``ungraded`` plus the pool's timeout/crash counters), a sample that hit the token limit is
@@ -23,6 +29,7 @@ with the project's Math-Verify grader (as open-r1 and the paper's intermediate e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -35,11 +42,13 @@ from . import benchmarks as B
 from . import generate as G
 from . import metrics as M
 from .config.evaluate import EvaluateConfig
+from .schema import stable_id
 
 log = logging.getLogger(__name__)
 
 SAMPLES_FILE = "samples.parquet"
 METRICS_FILE = "metrics.json"
+PROGRESS_FILE = "generation.jsonl"
 
 SAMPLE_FILE_COLUMNS: dict[str, str] = {
     **G.SAMPLE_COLUMNS,
@@ -154,25 +163,98 @@ def regrade(samples_path: Path, cfg: EvaluateConfig, out_dir: Path) -> dict:
 # ---------------------------------------------------------------- the stage
 
 
-def _generate_and_grade(gen: G.Generator, pool: Any, requests: dict[str, list[G.Request]], golds: dict, cfg: EvaluateConfig,
-                        label: str) -> tuple[list[dict], dict, dict]:
-    """Every benchmark through one generator; each finished chunk is submitted to the grading pool at once."""
+class GenerationLog:
+    """Generation progress of one evaluation: every finished problem's samples, one JSON line each in
+    ``<work>/generation.jsonl``, appended and flushed the moment the engine returns them.
+
+    The work folder is the stage's (``ArtifactStore.build`` keeps it across a killed attempt, deletes it
+    after success). A rerun reads it back and does not generate those problems again. A line is reused only
+    when its key (the sampling protocol, model folder, benchmark, problem id, prompt token ids and seed)
+    matches a current request; a line cut short by a kill is dropped. Since each problem samples with its
+    own seed (vLLM) or its batch is regenerated whole (transformers), the resumed run's samples are the
+    uninterrupted run's.
+    """
+
+    def __init__(self, work: Path | None, cfg: EvaluateConfig, model_dir: Path):
+        self.path = Path(work) / PROGRESS_FILE if work is not None else None
+        batching = {"hf_batch_size": cfg.hf_batch_size} if cfg.backend == "hf" else {}
+        self._proto = stable_id(json.dumps({**protocol(cfg), **batching, "max_model_len": cfg.max_model_len,
+                                            "model_dir": str(model_dir)}, sort_keys=True))
+        self._keys: dict[tuple[str, str], str] = {}
+        self._f: Any = None
+
+    def key(self, r: G.Request) -> str:
+        return stable_id(self._proto, r.benchmark, r.problem_id, ",".join(map(str, r.prompt_ids)), r.seed)
+
+    def load(self, requests: list[G.Request]) -> dict[tuple[str, str], list[dict]]:
+        """{(benchmark, problem id): samples} saved by an earlier attempt for these requests."""
+        self._keys = {(r.benchmark, r.problem_id): self.key(r) for r in requests}
+        if self.path is None or not self.path.exists():
+            return {}
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):  # a kill cut the last line: drop it so appends start on a fresh line
+            with open(self.path, "r+b") as f:
+                f.truncate(end)
+        saved = {}
+        for line in data[:end].splitlines():
+            try:
+                d = json.loads(line)
+                saved[d["key"]] = d["samples"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+        return {p: saved[k] for p, k in self._keys.items() if k in saved}
+
+    def append(self, samples: list[dict]) -> None:
+        """Save finished problems (all n samples of each problem arrive in one list)."""
+        if self.path is None or not samples:
+            return
+        if self._f is None:
+            self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        per: dict[tuple[str, str], list[dict]] = {}
+        for s in samples:
+            per.setdefault((s["benchmark"], s["problem_id"]), []).append({k: s[k] for k in G.SAMPLE_COLUMNS})
+        self._f.write("".join(json.dumps({"key": self._keys[p], "samples": rows}) + "\n" for p, rows in per.items()))
+        self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def _generate_and_grade(gen: G.Generator | None, pool: Any, flat: list[G.Request], resumed: dict, golds: dict, cfg: EvaluateConfig,
+                        label: str, progress: GenerationLog) -> tuple[list[dict], dict, dict]:
+    """All benchmarks as one stream through the generator; problems saved by an earlier attempt are graded,
+    not generated; each finished problem is saved and submitted to the grading pool at once. Rows come
+    back in request order (benchmark, problem, sample index) whatever order the engines finished in."""
     from tqdm.auto import tqdm
 
-    total = sum(len(r) for r in requests.values()) * cfg.n_samples
-    rows, futures, t_gen = [], [], {}
+    order = {(r.benchmark, r.problem_id): i for i, r in enumerate(flat)}
+    left: dict[str, int] = {}
+    for r in flat:
+        left[r.benchmark] = left.get(r.benchmark, 0) + ((r.benchmark, r.problem_id) not in resumed)
+    rows, futures, t_done = [], [], {}
     done0 = vars(pool.stats).copy()
-    bar = tqdm(total=total, desc=f"evaluate {label}", unit="sample", mininterval=2.0, smoothing=0.1)
-    for name, reqs in requests.items():
-        t0 = time.time()
-        for chunk in gen.generate(reqs):
-            for s in chunk:
-                s["gold"] = golds[(name, s["problem_id"])]
-                futures.append(pool.submit(s["text"], s["gold"]))
-            rows += chunk
-            bar.update(len(chunk))
-        t_gen[name] = round(time.time() - t0, 2)
-        log.info("%s: generated %d samples in %.1f s", name, len(reqs) * cfg.n_samples, t_gen[name])
+    bar = tqdm(total=len(flat) * cfg.n_samples, desc=f"evaluate {label}", unit="sample", mininterval=2.0, smoothing=0.1)
+
+    def take(chunk: list[dict]) -> None:
+        for s in chunk:
+            s["gold"] = golds[(s["benchmark"], s["problem_id"])]
+            futures.append(pool.submit(s["text"], s["gold"]))
+        rows.extend(chunk)
+        bar.update(len(chunk))
+
+    take([dict(s) for samples in resumed.values() for s in samples])
+    t0 = time.time()
+    for chunk in gen.generate(flat, skip=frozenset(resumed)) if gen is not None else ():
+        progress.append(chunk)
+        take(chunk)
+        for name in {s["benchmark"] for s in chunk}:
+            left[name] -= len({s["problem_id"] for s in chunk if s["benchmark"] == name})
+            if left[name] == 0:
+                t_done[name] = round(time.time() - t0, 2)
+                log.info("%s: last problem generated after %.1f s", name, t_done[name])
     bar.close()
     t_wait = time.time()
     for s, f in zip(rows, tqdm(futures, desc="grading (rest)", unit="sample", mininterval=2.0), strict=True):
@@ -180,11 +262,18 @@ def _generate_and_grade(gen: G.Generator, pool: Any, requests: dict[str, list[G.
     now = vars(pool.stats)
     stats = {k: now[k] - done0[k] for k in ("done", "timeouts", "crashes")} | {"timeout_examples": now["timeout_examples"][:3]}
     stats["wait_after_generation_s"] = round(time.time() - t_wait, 2)
-    return rows, t_gen, stats
+    stats["resumed_problems"] = len(resumed)
+    stats["generated_problems"] = len(flat) - len(resumed)
+    rows.sort(key=lambda s: (order[(s["benchmark"], s["problem_id"])], s["sample_index"]))
+    return rows, t_done, stats
 
 
-def evaluate_model(cfg: EvaluateConfig, model_dir: Path, out_dir: Path, extra_paths: dict[str, Path] | None, label: str) -> dict:
-    """Stage entry point (see the module docstring). Returns the metrics summary (also metrics.json)."""
+def evaluate_model(cfg: EvaluateConfig, model_dir: Path, out_dir: Path, extra_paths: dict[str, Path] | None, label: str,
+                   work: Path | None = None) -> dict:
+    """Stage entry point (see the module docstring). Returns the metrics summary (also metrics.json).
+
+    ``work``: the stage's work folder; generation progress is saved there and reused by a rerun
+    (:class:`GenerationLog`). None: nothing is saved."""
     t0 = time.time()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     tokenizer = G.load_eval_tokenizer(model_dir)  # missing folder / chat template: error before any engine
@@ -193,12 +282,25 @@ def evaluate_model(cfg: EvaluateConfig, model_dir: Path, out_dir: Path, extra_pa
     golds = {(name, r["id"]): r["answer"] for name, rows in loaded.items() for r in rows}
     from .gradepool import GradingPool
 
+    flat = [r for reqs in requests.values() for r in reqs]
+    progress = GenerationLog(work, cfg, model_dir)
+    resumed = progress.load(flat)
+    if resumed:
+        log.info("%s: %d of %d problems reused from %s, %d to generate", label, len(resumed), len(flat), progress.path,
+                 len(flat) - len(resumed))
     t_start = time.time()
     # The grading workers start (and import Math-Verify) while the engine starts: both are ready together.
-    with GradingPool(cfg.grade_workers, cfg.grade_timeout_s) as pool, G.open_generator(cfg, model_dir, tokenizer) as gen:
+    # No engine at all when an earlier attempt generated everything.
+    def engine() -> Any:
+        return G.open_generator(cfg, model_dir, tokenizer) if len(resumed) < len(flat) else contextlib.nullcontext()
+
+    with GradingPool(cfg.grade_workers, cfg.grade_timeout_s) as pool, engine() as gen:
         startup = time.time() - t_start
         t_run = time.time()
-        rows, t_gen, stats = _generate_and_grade(gen, pool, requests, golds, cfg, label)
+        try:
+            rows, t_gen, stats = _generate_and_grade(gen, pool, flat, resumed, golds, cfg, label, progress)
+        finally:
+            progress.close()
         run_s = time.time() - t_run
     samples = pd.DataFrame(rows)
     samples["verdict"] = pd.array(samples["verdict"].tolist(), dtype="boolean")
@@ -209,7 +311,8 @@ def evaluate_model(cfg: EvaluateConfig, model_dir: Path, out_dir: Path, extra_pa
         **compute_metrics(samples, cfg), "label": label, "model_dir": str(model_dir), "protocol": protocol(cfg),
         "skipped": skipped, "grading": _grading_summary(stats), "n_samples_total": len(samples),
         "timings": {"engine_startup_s": round(startup, 2), "generate_and_grade_s": round(run_s, 2),
-                    "grading_wait_after_generation_s": stats["wait_after_generation_s"], "per_benchmark_generate_s": t_gen,
+                    "grading_wait_after_generation_s": stats["wait_after_generation_s"], "per_benchmark_last_problem_s": t_gen,
+                    "resumed_problems": stats["resumed_problems"], "generated_problems": stats["generated_problems"],
                     "samples_per_s": round(len(samples) / run_s, 3) if run_s else None, "total_s": round(time.time() - t0, 2)},
     }
     log.info("evaluate %s: %d samples, average pass@1 %.4f (%.1f samples/s)", label, len(samples),

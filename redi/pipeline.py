@@ -310,7 +310,7 @@ class Pipeline:
         model = model or self.model_artifact(label)
         extra = self.extra_benchmark_paths()
         gen = self._build("evaluate", lambda out, work: ev.evaluate_model(
-            self.recipe.evaluate, self.model_dir(label, model), out, extra, label), label,
+            self.recipe.evaluate, self.model_dir(label, model), out, extra, label, work=work), label,
             extra_inputs={"grader_code": self._code["grade"], "model_dir": str(self.model_dir(label, model))})
         return self.grade(label, gen)
 

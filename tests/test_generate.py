@@ -112,8 +112,62 @@ def test_vllm_environment_and_engine_args():
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
     assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and env["VLLM_CACHE_ROOT"].startswith("/tmp/x")
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in G.vllm_env(EvaluateConfig(tensor_parallel_size=2), Path("/tmp/x"))
+    # data parallelism is one engine per process: each engine runs in-process even with data_parallel_size 8
+    assert G.vllm_env(EvaluateConfig(data_parallel_size=8), Path("/tmp/x"))["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     kw = G.engine_kwargs(EvaluateConfig(tensor_parallel_size=2, data_parallel_size=2), 4096)
-    assert kw["tensor_parallel_size"] == 2 and kw["data_parallel_size"] == 2 and kw["skip_tokenizer_init"]
+    assert kw["tensor_parallel_size"] == 2 and "data_parallel_size" not in kw and kw["skip_tokenizer_init"]
+    cpu = G.cpu_engine_kwargs(kw)  # whole-prompt prefill on CPU (seeded requests), a budget that holds the context
+    assert cpu["enable_chunked_prefill"] is False and cpu["max_num_batched_tokens"] == 8192
+    assert G.cpu_engine_kwargs(G.engine_kwargs(EvaluateConfig(), 32768))["max_num_batched_tokens"] == 32768
+
+
+def test_engine_plan_pins_each_engine_to_its_devices():
+    plan = G.engine_plan(EvaluateConfig(data_parallel_size=4, tensor_parallel_size=2), [str(i) for i in range(8)], [0, 1])
+    assert [p["CUDA_VISIBLE_DEVICES"] for p in plan] == ["0,1", "2,3", "4,5", "6,7"]
+    # the parent's own CUDA_VISIBLE_DEVICES is honoured: engines get its devices, not 0..N
+    plan = G.engine_plan(EvaluateConfig(data_parallel_size=2), ["3", "5", "7"], [])
+    assert [p["CUDA_VISIBLE_DEVICES"] for p in plan] == ["3", "5"]
+    with pytest.raises(G.GenerationError, match="data_parallel_size=8 x tensor_parallel_size=1 needs 8 GPUs, 4 visible"):
+        G.engine_plan(EvaluateConfig(data_parallel_size=8), ["0", "1", "2", "3"], [])
+    # vllm-cpu: one engine binds itself; several get disjoint core slices (one list per tensor-parallel rank)
+    assert G.engine_plan(EvaluateConfig(), [], [0, 1]) == [{}]
+    plan = G.engine_plan(EvaluateConfig(data_parallel_size=2), [], [0, 1, 2, 3])
+    assert [p["VLLM_CPU_OMP_THREADS_BIND"] for p in plan] == ["0,1", "2,3"]
+    plan = G.engine_plan(EvaluateConfig(data_parallel_size=2, tensor_parallel_size=2), [], list(range(8)))
+    assert [p["VLLM_CPU_OMP_THREADS_BIND"] for p in plan] == ["0,1|2,3", "4,5|6,7"]
+    assert G.engine_plan(EvaluateConfig(data_parallel_size=3), [], [0, 1])[2] == {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+
+
+def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 3")
+    assert G.visible_gpus() == ["2", "3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert G.visible_gpus() == []
+
+
+def test_data_parallel_needs_vllm(tiny):
+    with pytest.raises(G.GenerationError, match="data_parallel_size=2 needs backend=vllm"):
+        G.open_generator(_cfg(data_parallel_size=2), tiny)
+
+
+def test_hf_backend_skips_done_batches_and_regenerates_partial_ones_whole(tiny):
+    """A resumed run (skip = problems already saved) yields exactly the missing samples of an uninterrupted run."""
+    rows = [{"id": f"p{i}", "problem": f"What is {i} + {i + 2}?"} for i in range(5)]
+    cfg = _cfg(temperature=1.0, hf_batch_size=2)
+    full = _run(cfg, tiny, rows)
+    tok = G.load_eval_tokenizer(tiny)
+    with G.open_generator(cfg, tiny, tok) as gen:
+        chunks = list(gen.generate(G.build_requests(tok, "b", rows, cfg), skip=frozenset({("b", "p0"), ("b", "p1"), ("b", "p2")})))
+    assert len(chunks) == 2  # batch (p0, p1) skipped; (p2, p3) regenerated whole, p2 not yielded; (p4)
+    assert [s for c in chunks for s in c] == [s for s in full if s["problem_id"] in {"p3", "p4"}]
+
+
+def test_release_cuda_memory_is_a_no_op_without_cuda():
+    import torch
+
+    assert not torch.cuda.is_initialized()
+    G.release_cuda_memory()  # must not initialise CUDA (or fail) in a process that never used it
+    assert not torch.cuda.is_initialized()
 
 
 @pytest.mark.slow
