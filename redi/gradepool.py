@@ -108,8 +108,19 @@ def _worker_main(conn, beat, tokenizer_json: str | None = None, share: bool = Tr
     that a string parsed by one worker reaches the others within ~SHARE_S + POLL_S.
 
     ``beat[0]`` = key of the item being graded, ``beat[1]`` = when it started (``time.monotonic``,
-    system-wide on Linux) or 0.0 between items. Exits on None or EOF.
+    system-wide on Linux) or 0.0 between items. Exits on None or EOF, and quietly (no traceback) when the
+    parent is gone (a broken pipe) or on Ctrl-C, which the parent handles: it stops the workers itself.
     """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _worker_loop(conn, beat, tokenizer_json, share)
+    except (OSError, EOFError):  # the pipe to the parent: BrokenPipeError, ConnectionResetError, EBADF
+        pass
+
+
+def _worker_loop(conn, beat, tokenizer_json: str | None, share: bool) -> None:
     warm()
     count = _token_counter(tokenizer_json)
     if share:  # a lone worker has nobody to share with (exporting costs ~0.1 ms per new answer string)
@@ -610,6 +621,31 @@ class GradingPool:
                         s.inflight.popleft()
         except (EOFError, OSError):
             self._replace(i, "crash")
+
+
+_shared: GradingPool | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_pool(timeout_s: float) -> GradingPool:
+    """The process's one-worker pool behind :func:`redi.verify.grade` (started on first use, closed at exit;
+    replaced when another deadline is asked for or the pool failed)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None or _shared.timeout_s != float(timeout_s) or _shared._error is not None or _shared._closing:
+            old, _shared = _shared, GradingPool(1, timeout_s)
+            if old is None:
+                import atexit
+
+                atexit.register(_close_shared)
+            else:
+                old.close()
+        return _shared
+
+
+def _close_shared() -> None:
+    if _shared is not None:
+        _shared.close()
 
 
 def grade_many(

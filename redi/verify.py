@@ -23,8 +23,11 @@ How an answer is read (both sides go through the same ``parse_answer`` so that
 Math-Verify's own timeouts use ``signal.alarm`` (main thread only), so they are disabled here
 (``parsing_timeout=None``, ``timeout_seconds=None``) and the deadline is enforced by
 :class:`redi.gradepool.GradingPool`: each item runs in a worker process; a worker past its deadline
-is killed and replaced, its item gets ``None`` and is counted. ``grade`` itself has no deadline: call
-it directly only on trusted input, use ``redi.gradepool.grade_many`` / ``GradingPool`` otherwise.
+is killed and replaced, its item gets ``None`` and is counted. The public :func:`grade` is bounded the
+same way (one shared worker process, killed at ``timeout_s``), on any thread: a signal cannot bound
+it, because SymPy evaluates ``9^{9^{9^{9}}}`` inside one C big-integer power that holds the interpreter
+(a ``SIGALRM`` deadline of 3 s had not fired after 120 s; docs/faults.md). The unbounded core
+``_grade`` is private: only the grading workers call it.
 """
 
 from __future__ import annotations
@@ -250,11 +253,27 @@ def share_put(entries: list) -> None:
             _remember(_verdicts, key, value, VERDICT_CACHE_MAX)
 
 
-def grade(response: str, gold: str) -> Verdict:
-    """True/False: is the response's final answer equivalent to `gold`; None if `gold` cannot be parsed.
+GRADE_TIMEOUT_S = 5.0
+"""Deadline of one public :func:`grade` call (the evaluation default, ``evaluate.grade_timeout_s``)."""
 
-    No deadline here (see the module docstring): use :func:`redi.gradepool.grade_many` for untrusted input.
+
+def grade(response: str, gold: str, timeout_s: float = GRADE_TIMEOUT_S) -> Verdict:
+    """True/False: is the response's final answer equivalent to `gold`; None if `gold` cannot be parsed
+    or the grading ran past `timeout_s` seconds.
+
+    Safe on any input: the work runs in a grading worker process (one per process, shared by every
+    call, started on first use in ~1 s) that is killed and replaced at the deadline. For many items
+    :func:`redi.gradepool.grade_many` grades in parallel and is far cheaper per item.
     """
+    if not isinstance(gold, str) or not isinstance(response, str):
+        return None
+    from .gradepool import shared_pool
+
+    return shared_pool(timeout_s).submit(response, gold).result()
+
+
+def _grade(response: str, gold: str) -> Verdict:
+    """The grader itself, with no deadline: run only inside a grading worker (redi.gradepool)."""
     if not isinstance(gold, str) or not isinstance(response, str):
         return None
     box = last_boxed(response)
@@ -272,7 +291,7 @@ def grade(response: str, gold: str) -> Verdict:
 
 def _safe_grade(response: str, gold: str) -> Verdict:
     try:
-        return grade(response, gold)
+        return _grade(response, gold)
     except Exception:  # noqa: BLE001 - a grader bug must not kill the worker; the item is unjudgeable
         logger.debug("grade raised", exc_info=True)
         return None

@@ -13,7 +13,7 @@ import pytest
 import sympy
 
 from redi.gradepool import GradingPool, grade_many
-from redi.verify import grade, last_boxed, normalise_answer, parse_answer
+from redi.verify import _grade, grade, last_boxed, normalise_answer, parse_answer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 if not SHARED.exists():
@@ -112,6 +112,39 @@ def test_pathological_inputs_never_hang():
     assert all(o in (None, False) for o in out[1:4])
     assert stats["timeouts"] >= 1 and stats["started"] >= 2 + stats["timeouts"]
     assert elapsed < 30, f"deadline not enforced: {elapsed:.1f}s"
+
+
+def test_public_grade_is_bounded():
+    """`grade` as a notebook or a reward function calls it: the power tower returns None at the deadline
+    (the unbounded core would not return), and the next call is served by the replacement worker."""
+    t0 = time.monotonic()
+    assert grade(*PATHOLOGICAL[0], timeout_s=1.5) is None
+    assert time.monotonic() - t0 < 30
+    assert grade("\\boxed{2}", "2", timeout_s=1.5) is True
+    got: list = []
+    t = threading.Thread(target=lambda: got.append(grade(*PATHOLOGICAL[0], timeout_s=1.5)))  # off the main thread too
+    t.start()
+    t.join(60)
+    assert got == [None]
+
+
+def test_workers_of_a_dead_parent_exit_quietly(tmp_path):
+    """SIGKILL the parent while a worker holds a chunk: the worker's next send fails; it exits without a traceback."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "dead_parent.py"
+    script.write_text(
+        "import os, signal, time\nfrom redi.gradepool import GradingPool\n"
+        "if __name__ == '__main__':\n"
+        "    pool = GradingPool(1, 30.0)\n"
+        "    batch = pool.map_async([(f'<think>{i}</think> \\\\boxed{{{i % 97}}}', str(i % 89)) for i in range(20000)])\n"
+        "    while batch.done == 0:\n        time.sleep(0.01)\n"
+        "    print('results flowing', flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == -9 and "results flowing" in p.stdout
+    assert "Traceback" not in p.stderr and "BrokenPipeError" not in p.stderr, p.stderr[-2000:]
 
 
 def test_pool_after_timeout_keeps_working_and_order():
@@ -238,7 +271,7 @@ def test_map_blames_exactly_the_slow_item_and_keeps_order():
     items[137] = PATHOLOGICAL[0]
     with GradingPool(workers=2, timeout_s=1.5) as pool:
         out = pool.map(items)
-    expected = [grade(r, g) for r, g in items[:137]] + [None] + [grade(r, g) for r, g in items[138:]]
+    expected = [_grade(r, g) for r, g in items[:137]] + [None] + [_grade(r, g) for r, g in items[138:]]
     assert out == expected
     assert pool.stats.timeouts == 1 and pool.stats.done == 300
 
@@ -331,5 +364,5 @@ def test_workers_share_what_they_parse(workers):
     items = [(f"<think>step {i}</think> so \\boxed{{{(i * 7) % 30}}}", str((i * 11) % 30)) for i in range(600)]
     stats: dict = {}
     out = grade_many(items, workers=workers, progress=False, stats=stats)
-    assert out == [grade(r, g) for r, g in items]
+    assert out == [_grade(r, g) for r, g in items]
     assert stats["shared"] > 0
