@@ -12,9 +12,9 @@ log-probs once. ``benchmarks/bench_train.py`` measures it against TRL's DPOTrain
 What the loop does (paper App. C unless stated):
 - data: prompts through ``redi.prompts.render_prompt`` with the recipe's training protocol (``prompt.train``);
   completion = trace + ``redi.prompts.completion_terminator`` (Qwen2.5-Math: ``<|im_end|>\n<|endoftext|>``,
-  as the official data; the tiny model: ``<|im_end|>``); ``|y|`` counts completion tokens incl. the terminator. SFT truncates the end of over-long
-  sequences; stage 2 truncates keep_end (the paper's setting) and drops pairs whose prompt exceeds
-  ``max_prompt_length`` and pairs whose chosen == rejected. All of it is counted in the summary.
+  as the official data; the tiny model: ``<|im_end|>``); ``|y|`` counts completion tokens incl. the terminator.
+  SFT truncates the end of over-long sequences; stage 2 truncates keep_end (the paper's setting) and drops
+  pairs whose prompt exceeds ``max_prompt_length`` and pairs whose chosen == rejected. All of it is counted in the summary.
 - order: step ``s`` uses examples ``s*G .. (s+1)*G`` of a stream made of one seeded permutation per
   epoch, so the data position of a checkpoint is just its step (exact resume).
 - optimiser: AdamW (betas, eps, weight decay from the recipe; no decay on biases and norms, as the
