@@ -458,7 +458,7 @@ class _Engine:
     """One engine child process (``python -m redi.generate``) in its own session, behind a socketpair."""
 
     def __init__(self, index: int, model_dir: Path, kwargs: dict, env: dict[str, str]):
-        self.index, self.outstanding = index, 0
+        self.index, self.outstanding, self.returned = index, 0, 0  # problems queued on it / returned by it
         # A plain subprocess (not multiprocessing's spawn, which re-imports the caller's __main__), in its
         # own session/process group, talking over a socketpair wrapped as a multiprocessing Connection.
         mine, theirs = socket.socketpair()
@@ -560,6 +560,7 @@ class VLLMGenerator(Generator):
                 if kind != "done":
                     raise GenerationError(payload)
                 e.outstanding -= len(payload)
+                e.returned += len(payload)
                 feed(e)
                 yield payload
 
@@ -577,6 +578,10 @@ class VLLMGenerator(Generator):
             yield [s for r in unfit for s in self._unfit(r, params["n"])]
         for done in self._stream(fits, params):
             yield [s for i, outs in done for s in _samples(fits[i], outs, self.tokenizer)]
+
+    def problems_per_engine(self) -> list[int]:
+        """Problems each engine has returned so far (the load balance across engines)."""
+        return [e.returned for e in self.engines]
 
     def close(self) -> None:
         """Ask every engine to shut down, then kill each process group: no orphans."""

