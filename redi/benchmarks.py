@@ -171,6 +171,30 @@ def resolve(name: str, cfg: EvaluateConfig, extra_paths: dict[str, Path] | None 
     return spec
 
 
+def check_names(names: list[str] | tuple[str, ...], cfg: EvaluateConfig, extra: tuple[str, ...] = ()) -> None:
+    """BenchmarkError (one line) unless every name can be resolved without loading anything: a registered
+    benchmark, a file in ``cfg.benchmark_paths``, a ``<benchmark_dir>/<name>/test.*`` file, or one of
+    `extra` (names the download artifact will provide). Run before the first expensive step."""
+    root = cfg.benchmark_dir or os.environ.get(ENV_DIR)
+    unknown = []
+    for name in names:
+        if name in cfg.benchmark_paths:
+            path = Path(cfg.benchmark_paths[name]).expanduser()
+            if not path.exists():
+                raise BenchmarkError(f"evaluate.benchmark_paths.{name}: {path} does not exist; point it at a .jsonl/.parquet "
+                                     "file (fields id, problem, answer) or a folder holding test.jsonl")
+            continue
+        in_dir = root and any((Path(root).expanduser() / name / c).exists() for c in ("test.jsonl", "test.parquet"))
+        if name not in REGISTRY and name not in extra and not in_dir:
+            unknown.append(name)
+        elif REGISTRY.get(name) is not None and REGISTRY[name].hub_id is None and name not in extra and not in_dir:
+            raise BenchmarkError(f"benchmark {name!r} comes from the synthetic source's download artifact "
+                                 f"(data.source=synthetic) or evaluate.benchmark_paths.{name}")
+    if unknown:
+        raise BenchmarkError(f"unknown benchmark{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: registered are "
+                             f"{', '.join(sorted(REGISTRY))}; or give a file in evaluate.benchmark_paths.<name>")
+
+
 def _revision(spec: BenchmarkSpec, cfg: EvaluateConfig) -> str | None:
     return cfg.benchmark_revisions.get(spec.name, spec.revision)
 

@@ -19,10 +19,12 @@ that run flows.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -41,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="redi", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
+    p.add_argument("--debug", action="store_true", help="Show the traceback of an error (by default one line says what to fix).")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(sp: argparse.ArgumentParser, prefect: bool = True) -> None:
@@ -164,7 +167,20 @@ def _run_library(r: Recipe, until: str, labels: list[str] | None) -> dict[str, A
     return {"dag": _rows_from_artifacts(arts), "report": report, "artifacts": {k: v.to_dict() for k, v in arts.items()}}
 
 
+def check_labels(labels: list[str] | None) -> list[str] | None:
+    from .pipeline import MODEL_LABELS
+
+    bad = [lab for lab in labels or [] if lab not in MODEL_LABELS]
+    if bad:
+        raise RecipeError(f"--labels: unknown model label{'s' if len(bad) > 1 else ''} {', '.join(map(repr, bad))}; "
+                          f"use a comma-separated subset of {','.join(MODEL_LABELS)}")
+    return labels
+
+
 def cmd_run(args: argparse.Namespace, r: Recipe, until: str, labels: list[str] | None = None) -> int:
+    from .pipeline import check_inputs
+
+    check_inputs(r)  # a missing data file or an unknown benchmark fails here, not after training
     from . import distributed
 
     t0 = time.time()
@@ -216,6 +232,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         extra.append(f"evaluate.n_samples={args.samples}")
     args.overrides = extra + list(args.overrides)
     r = recipe_for(args, args.recipe)
+    if args.model.startswith(("/", ".", "~")) and not Path(args.model).expanduser().exists():
+        raise RecipeError(f"--model {args.model}: no such folder (give a model folder or a Hub id such as Qwen/Qwen2.5-Math-1.5B)")
+    from .benchmarks import check_names
+    from .pipeline import DEMO_BENCHMARKS
+
+    check_names(r.evaluate.benchmarks, r.evaluate, DEMO_BENCHMARKS if r.data.source == "synthetic" else ())
     t0 = time.time()
     if args.no_prefect:
         from . import registry
@@ -293,6 +315,33 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+USER_ERRORS = {  # module -> exception classes whose message already names the thing and the fix
+    "redi.data": ("DataError",), "redi.generate": ("GenerationError",), "redi.benchmarks": ("BenchmarkError",),
+    "redi.split": ("LabelRuleError",), "redi.train": ("TrainingError",), "redi.artifacts": ("StageFailed", "CorruptArtifact"),
+}
+_ERRNO_FIX = {
+    errno.ENOSPC: "free space on that disk, or set run.artifact_root to a folder on another disk",
+    errno.EROFS: "the file system is read-only: set run.artifact_root to a writable folder",
+    errno.EACCES: "no permission: fix the folder's permissions or set run.artifact_root to a folder you own",
+    errno.ENOENT: "no such file or folder: check the path in the recipe or on the command line",
+}
+
+
+def user_error(e: BaseException) -> str | None:
+    """One line for an error the user can fix (a known error class, an OSError, a failed launch), else None."""
+    for mod, names in USER_ERRORS.items():
+        m = sys.modules.get(mod)  # not imported: its errors cannot have been raised
+        if m is not None and isinstance(e, tuple(getattr(m, n) for n in names if hasattr(m, n))):
+            return " ".join(str(e).split())
+    if isinstance(e, OSError):
+        where = f" {e.filename}" if e.filename else ""
+        fix = _ERRNO_FIX.get(e.errno, "check the path and its permissions")
+        return f"{e.strerror or e}:{where} ({fix})"
+    if isinstance(e, subprocess.CalledProcessError):
+        return f"{' '.join(map(str, e.cmd[:6]))} ... exited with status {e.returncode} (its own error is printed above)"
+    return None
+
+
 def _sigterm(signum, frame) -> None:
     raise KeyboardInterrupt("SIGTERM")
 
@@ -314,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return cmd_run(args, recipe_for(args, args.recipe), "report")
         if args.command == "stage":
-            return cmd_run(args, recipe_for(args, args.recipe), args.stage, _csv(args.labels))
+            return cmd_run(args, recipe_for(args, args.recipe), args.stage, check_labels(_csv(args.labels)))
         if args.command == "eval":
             return cmd_eval(args)
         if args.command == "status":
@@ -326,8 +375,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "study":
             return cmd_study(args)
     except RecipeError as e:
+        if args.debug:
+            raise
         print(f"redi: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Exception as e:
+        line = user_error(e)
+        if line is None or args.debug:
+            raise
+        print(f"redi: {line}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:
         print(f"redi: interrupted{' (SIGTERM)' if 'SIGTERM' in str(e) else ''}", file=sys.stderr)
         return 143 if "SIGTERM" in str(e) else 130

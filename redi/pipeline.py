@@ -84,6 +84,25 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_inputs(recipe: Recipe) -> None:
+    """One-line errors, before any work, for inputs a run would otherwise trip over late: a missing
+    ``data.local_path`` (found at download), an unknown benchmark name (found at evaluation, after training)."""
+    from . import benchmarks
+
+    if recipe.data.source == "local":
+        p = Path(recipe.data.local_path).expanduser()
+        if not p.exists():
+            from .data import DataError
+
+            raise DataError(f"data.local_path {str(p)!r} does not exist: set data.local_path to a parquet/jsonl file or "
+                            "folder, or use data.source=synthetic (`redi demo`)")
+    extra = DEMO_BENCHMARKS if recipe.data.source == "synthetic" else ()
+    names = list(recipe.evaluate.benchmarks)
+    if recipe.verify.decontaminate not in (False, "off"):
+        names += [n for n in recipe.verify.decontam_benchmarks if n not in names]
+    benchmarks.check_names(names, recipe.evaluate, extra)
+
+
 @dataclass
 class StagePlan:
     """One node of the DAG as planned: its key, where its artifact lives, whether a valid one is cached."""
@@ -329,6 +348,7 @@ class Pipeline:
     # ------------------------------------------------------------------ whole run
     def run(self, labels: tuple[str, ...] | None = None) -> dict[str, Any]:
         """The full DAG. Returns {stage name: artifact dict} plus the report."""
+        check_inputs(self.recipe)
         t0 = time.time()
         data = self.download()
         model = self.base_model(data)

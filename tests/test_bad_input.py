@@ -98,3 +98,49 @@ def test_missing_column_named_when_nothing_is_usable(tmp_path):
     f.write_text(json.dumps({"problem": "p", "generations": ["\\boxed{1}"]}) + "\n")
     with pytest.raises(DataError, match="missing column 'answer'"):
         download(DataConfig(source="local", local_path=str(f)), tmp_path / "o", progress=False)
+
+
+# ------------------------------------------------------------------------------------------- the CLI
+
+
+def _one_line_error(capsys, argv: list[str], rc: int, *words: str) -> str:
+    from redi.cli import main
+
+    assert main(argv) == rc
+    err = capsys.readouterr().err  # progress bars and log lines may come before it
+    lines = [line for line in err.splitlines() if line.startswith("redi: ")]
+    assert "Traceback" not in err and len(lines) == 1, err
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
+def test_cli_user_errors_are_one_line_before_any_work(tmp_path, capsys):
+    from conftest_orchestration import write_recipe
+
+    recipe = write_recipe(tmp_path)
+    _one_line_error(capsys, ["stage", "evaluate", str(recipe), "--labels", "base,foo", "--no-prefect"], 2, "'foo'", "base,sft,redi")
+    _one_line_error(capsys, ["run", str(recipe), "--set", "evaluate.benchmarks=[math5000]", "--no-prefect"], 1,
+                    "'math5000'", "math500", "evaluate.benchmark_paths")
+    _one_line_error(capsys, ["run", str(recipe), "--set", "data.source=local", "--set", f"data.local_path={tmp_path}/gone.jsonl",
+                             "--no-prefect"], 1, "gone.jsonl", "data.local_path")
+    _one_line_error(capsys, ["eval", "--model", str(tmp_path / "no-model"), "--recipe", str(recipe), "--no-prefect"], 2, "no-model")
+    assert not (tmp_path / "artifacts").exists()  # nothing was started
+
+
+def test_cli_runtime_errors_are_one_line(tmp_path, capsys):
+    from conftest_orchestration import write_recipe
+
+    from redi.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"problem": "p", "generations": ["\\boxed{1}"]}) + "\n")
+    local = {"data.source": "local", "data.local_path": str(bad), "evaluate.benchmarks": ["math500"]}
+    recipe = write_recipe(tmp_path, local)
+    _one_line_error(capsys, ["stage", "download", str(recipe), "--no-prefect"], 1, "missing column 'answer'")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    recipe = write_recipe(tmp_path, {"run.artifact_root": str(blocker / "artifacts")}, name="r2.yaml")
+    _one_line_error(capsys, ["stage", "download", str(recipe), "--no-prefect"], 1, str(blocker))
+    with pytest.raises(DataError):  # --debug: the exception itself, with its traceback
+        main(["--debug", "stage", "download", str(write_recipe(tmp_path, local, name="r3.yaml")), "--no-prefect"])

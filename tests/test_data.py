@@ -54,11 +54,11 @@ def test_openr1_220k_sample(tmp_path):
 def test_openr1_raw_sample_uses_reparsed_label(tmp_path):
     s = download(_local(SAMPLES / "openr1_math_raw.jsonl"), tmp_path, progress=False)
     rows = _table(tmp_path)
-    assert s["schemas"] == {"openr1-raw": 4} and s["traces"] == 8
+    assert s["schemas"] == {"openr1-raw": 15} and s["traces"] == 33 and s["bad_rows"] == 1  # row 12: label lists too short
     r = [x for x in rows if x["problem"].startswith("What is $7")]
     assert [x["label_math_verify"] for x in r] == [False, True, False]  # math_verify_reparsed_answer, not math_verify_answer
     assert [x["label_llama"] for x in r] == [False, True, True]
-    assert {x["problem_is_valid"] for x in rows} == {"Yes", "No"} and all(x["finish_reason"] is None for x in rows)
+    assert {x["problem_is_valid"] for x in rows} == {"Yes", "yes", "No"} and all(x["finish_reason"] is None for x in rows)
 
 
 def test_parquet_folder_and_datasets_folder(tmp_path):

@@ -106,14 +106,6 @@ def test_landmv_refuses_without_llama_column(tok_dir, tmp_path):
         verify_and_split(VerifyConfig(label_rule="landmv"), tmp_path / "dl" / "traces.parquet", tok_dir, tmp_path / "o", {})
 
 
-def test_paper_filters_on_raw_sample(tok_dir, tmp_path):
-    download(DataConfig(source="local", local_path=str(SAMPLES / "openr1_math_raw.jsonl")), tmp_path / "dl", progress=False)
-    s, lab, pos, pairs = _run(VerifyConfig(label_rule="landmv", max_prompt_tokens=None), tmp_path / "dl" / "traces.parquet", tok_dir, tmp_path / "o")
-    assert s["filter_counts"]["problem_invalid"] == 1 and s["filter_counts"]["excluded_source"] == 2
-    assert set(pos["problem"]) == {"Compute $3^4 - 4^3$.", "What is $7 \\times 8$?"}
-    assert len(pairs) == 2 and pairs.set_index("problem")["rejected_index"].to_dict()["What is $7 \\times 8$?"] == 0
-
-
 def test_length_filters_and_decontamination(synth_traces, tok_dir, tmp_path):
     s, lab, *_ = _run(VerifyConfig(max_prompt_tokens=5), synth_traces, tok_dir, tmp_path / "p")
     assert s["positives"] == 0 and s["filter_counts"]["prompt_too_long"] == 320
@@ -241,3 +233,178 @@ def test_verdict_keys_vectorised_like_one_by_one():
     s = pd.Series([True, False, None, np.nan, pd.NA, 1, 0, 1.0, 0.0], dtype=object)
     assert _verdict_keys(s).tolist() == [_verdict_key(v) for v in s.tolist()]
     assert _verdict_keys(pd.Series([True, False, None], dtype="boolean")).tolist() == ["True", "False", "None"]
+
+
+# ----------------------------------------------------------------------------- the official selection on the Raw fixture
+
+QWEN_MATH_LIKE = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nPlease reason step by step, and put your final answer within \\\\boxed{}.<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+"""Like Qwen2.5-Math's chat template (our own jinja): a default system turn when the messages have none."""
+
+PAPER = dict(label_rule="landmv", problem_identity="row", require_answer=False, require_complete=False,
+             length_filter="pairs_after_selection", max_prompt_tokens=1000, max_response_tokens=1000,
+             decontaminate="report", decontam_normalise="whitespace")
+"""The paper recipe's verify section, with token limits scaled to the fixture (its long texts are 5k and 12k
+tokens, every other prompt or response under 200, system turn included: checked in the test)."""
+BENCH = {"math500": ["Let the sum of all positive divisors of 36 be N. What is N?"]}
+"""Row 14 of the fixture shares "let the sum of all positive divisors of" with it as the official check
+normalises (lower-case, whitespace); row 15 only once punctuation is dropped ("divisors, of 36,")."""
+
+
+@pytest.fixture(scope="module")
+def raw_fixture(tmp_path_factory, tok_dir):
+    """The Raw fixture downloaded, and the tiny tokenizer with a Qwen2.5-Math-like template."""
+    from redi.tinymodel import load_tokenizer
+
+    out = tmp_path_factory.mktemp("raw")
+    summary = download(DataConfig(source="local", local_path=str(SAMPLES / "openr1_math_raw.jsonl")), out, progress=False)
+    tok = load_tokenizer(tok_dir)
+    tok.chat_template = QWEN_MATH_LIKE
+    tok.save_pretrained(str(out / "tok"))
+    return out / "traces.parquet", out / "tok", summary
+
+
+def _picked(pos, pairs, lab):
+    """{source row: chosen gen} and {source row: (chosen gen, rejected gen)} of a run, via labelled.parquet's problem_key."""
+    row_of = dict(zip(lab["problem_key"], lab["source_row"], strict=True))
+    return ({int(row_of[p]): int(i) for p, i in zip(pos["problem_id"], pos["id"].map(dict(zip(
+                [stable_id(k, g) for k, g in zip(lab["problem_key"], lab["source_gen"], strict=True)], lab["source_gen"], strict=True))),
+                strict=True)},
+            {int(row_of[p]): (int(c), int(r)) for p, c, r in zip(pairs["problem_id"], pairs["chosen_index"], pairs["rejected_index"], strict=True)})
+
+
+def test_raw_fixture_download_keeps_rows_and_reparsed_labels(raw_fixture):
+    traces, _, s = raw_fixture
+    t = pd.read_parquet(traces)
+    # 16 rows; row 11 has label lists shorter than its generations: skipped (official: "mismatched lengths")
+    assert s["rows_read"] == 16 and s["bad_rows"] == 1 and s["bad_row_ids"][0]["row"] == "openr1_math_raw.jsonl:12"
+    assert len(t) == 33 and sorted(t["source_row"].unique()) == [r for r in range(16) if r != 11]
+    r4 = t[t["source_row"] == 4]
+    assert r4["label_math_verify"].tolist() == [False, True, True, False]  # math_verify_reparsed_answer (math_verify_answer: T T T F)
+    assert t.loc[t["source_row"] == 6, "answer"].isna().all()  # empty gold kept, as None
+    assert t.loc[t["source_row"] == 8, "label_llama"].isna().all()  # the whole Llama list is null
+    assert t.loc[t["source_row"] == 7, "gen_index"].tolist() == [2, 3]  # same text as row 0: numbered on
+    assert t.loc[t["source_row"] == 7, "source_gen"].tolist() == [0, 1]
+
+
+def test_paper_recipe_selects_the_official_traces(raw_fixture, tmp_path):
+    """The official scripts by hand on the 15 usable rows (row: its generations' (Llama, Math-Verify reparsed) labels):
+
+    clean_base_shuffled_dpo.py: chosen = first gen with Llama AND MV, rejected = first gen without; rows 2
+    (problem_is_valid No) and 1 (cn_k12) are filtered; the answer is never read (row 6 has none).
+      0: (T,T) (F,F)                -> chosen 0, rejected 1
+      3: (F,F) (T,T) (T,F)          -> 1, 0
+      4: (T,F) (F,T) (T,T) (F,F)    -> 2, 0   (reparsed label; with math_verify_answer gen 0 would be chosen)
+      5: (None,T) (T,T) (T,F)       -> 1, 0   (a null label counts as not correct)
+      6: (F,F) (T,T)                -> 1, 0   (empty answer)
+      7: (T,T) (F,F)                -> 0, 1   (same text as row 0: its own problem)
+      8: Llama list null            -> nothing (official: row skipped; here every gen negative: no positive)
+      9: (T,T) long, (F,F), (T,T)   -> 0, 1, then dropped: chosen > 1000 tokens
+     10: long problem (T,T) (F,F)   -> 0, 1, then dropped: prompt > 1000 tokens
+     12: all (F,F) -> nothing; 13: all (T,T) -> positive 0, no pair; 14: (T,T) (F,F) -> 0, 1; 15: (T,T) -> positive 0
+    clean_base_shuffled.py: positive = the first LandMV gen, never length-filtered: rows 0 3 4 5 6 7 9 10 13 14 15.
+    """
+    traces, tok, src = raw_fixture
+    s, lab, pos, pairs = _run(VerifyConfig(**PAPER), traces, tok, tmp_path / "o", BENCH)
+    s2 = verify_and_split(VerifyConfig(**PAPER), traces, tok, tmp_path / "p", BENCH, prompt_protocol="paper-train", source=src)
+    assert s2["positives"] == s["positives"] and s2["pairs"] == s["pairs"]
+    positives, chosen = _picked(pos, pairs, lab)
+    assert positives == {0: 0, 3: 1, 4: 2, 5: 1, 6: 1, 7: 0, 9: 0, 10: 0, 13: 0, 14: 0, 15: 0}
+    assert chosen == {0: (0, 1), 3: (1, 0), 4: (2, 0), 5: (1, 0), 6: (1, 0), 7: (0, 1), 14: (0, 1)}
+    assert s["selection"] == {"positives": 11, "pairs_selected": 9, "pairs_dropped": {"response_too_long": 1, "prompt_too_long": 1},
+                              "pairs": 7, "length_filter": "pairs_after_selection"}
+    # funnel: 33 traces of 15 row-problems; -1 trace (row 2 invalid), -2 (row 1 cn_k12); nothing else drops a trace
+    assert [(f["step"], f["problems"], f["traces"]) for f in s["funnel"]] == [
+        ("input", 15, 33), ("after problem_invalid", 14, 32)] + [(f"after {st}", 13, 30) for st in
+        ("excluded_source", "no_answer", "contaminated", "prompt_too_long", "incomplete", "response_too_long", "unlabelled")]
+    # decontamination is a report: row 14 flagged (whitespace normalisation), kept, and counted among the selected
+    d = s["decontamination"]
+    assert (d["mode"], d["problems_flagged"], d["problems_removed"], d["positives_flagged"], d["pairs_flagged"]) == ("report", 1, 0, 1, 1)
+    # the official figures apply to the full Raw data only, and the report says so
+    assert s["official"]["positives"] == 77_629 and s["official"]["pairs_before_length_filter"] == 53_175
+    assert not s["official"]["comparable"] and "origin is unknown" in s["official"]["note"]
+    assert not s2["official"]["comparable"] and "openr1_math_raw.jsonl" in s2["official"]["note"]
+    md = (tmp_path / "p" / "funnel.md").read_text()
+    assert "| positives (SFT, first correct trace per problem) | 11 | 77,629 |" in md and "| pairs before the length filter | 9 | 53,175 |" in md
+    assert "Report only: nothing was removed" in md
+
+
+def test_official_lengths_are_counted_as_the_length_study_does(raw_fixture, tmp_path):
+    """study_length_distribution.py: prompt_len = tokens(chat template of [user], no generation prompt) + 1;
+    chosen_len / rejected_len = tokens(chat template of [assistant] alone, default system turn included) + 1."""
+    from redi.split import official_response_lengths, prompt_lengths, response_lengths
+    from redi.tinymodel import load_tokenizer
+
+    traces, tok_path, _ = raw_fixture
+    tok = load_tokenizer(tok_path)
+    t = pd.read_parquet(traces)
+    rendered = lambda msgs: len(tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"])  # noqa: E731
+    want_p = [rendered([{"role": "user", "content": p}]) + 1 for p in t["problem"]]
+    assert prompt_lengths(tok, t["problem"].tolist(), protocol="paper-train", official=True) == want_p
+    odd = ["\n\nstarts with blank lines", " leading space", "plain \\boxed{1}", "ends with newline\n"]
+    texts = t["trace"].tolist() + odd
+    want_r = [rendered([{"role": "assistant", "content": x}]) + 1 for x in texts]
+    assert official_response_lengths(tok, texts, response_lengths(tok, texts)) == want_r
+    # the fixture's margins: only row 10's prompt and row 9's first trace pass 1000 tokens
+    long_p = {int(r) for r, n in zip(t["source_row"], want_p, strict=True) if n > 1000}
+    long_r = {(int(r), int(g)) for r, g, n in zip(t["source_row"], t["source_gen"], want_r[: len(t)], strict=True) if n > 1000}
+    assert long_p == {10} and long_r == {(9, 0)} and max(n for n in want_p if n <= 1000) < 200 and max(n for n in want_r if n <= 1000) < 200
+
+
+def test_both_wrong_variant_on_the_fixture(raw_fixture, tmp_path):
+    """ablation_verifier_signal.py's labels: rejected = first gen that NEITHER verifier calls correct.
+      0 -> 0, 1;  3: (F,F) (T,T) (T,F) -> 1, 0;  4: gens 0 and 1 disagree (no label) -> 2, 3;
+      5: (None,T) and (T,F) one-sided (no label) -> positive 1, no pair;  6 -> 1, 0;  7 -> 0, 1;
+      8: (None,T) no label, (None,F) negative -> nothing;  9, 10 selected then dropped;  14 -> 0, 1.
+    Unlabelled: 3/2, 4/0, 4/1, 5/0, 5/2, 8/0 = 6 traces."""
+    traces, tok, _ = raw_fixture
+    s, lab, pos, pairs = _run(VerifyConfig(**{**PAPER, "label_rule": "landmv_both_wrong"}), traces, tok, tmp_path / "o", BENCH)
+    positives, chosen = _picked(pos, pairs, lab)
+    assert positives == {0: 0, 3: 1, 4: 2, 5: 1, 6: 1, 7: 0, 9: 0, 10: 0, 13: 0, 14: 0, 15: 0}
+    assert chosen == {0: (0, 1), 3: (1, 0), 4: (2, 3), 6: (1, 0), 7: (0, 1), 14: (0, 1)}
+    assert s["selection"]["pairs_selected"] == 8 and s["pairs"] == 6
+    assert s["filter_counts"] == {"problem_invalid": 1, "excluded_source": 2, "unlabelled": 6}
+    assert s["funnel"][-1] == {"step": "after unlabelled", "traces": 24, "problems": 13}
+
+
+def test_our_defaults_on_the_fixture(raw_fixture, tmp_path):
+    """Text identity, a gold required, trace-level length filters, contaminated problems removed (punctuation):
+    rows 0 and 7 are one problem (gens 0-1 and 2-3); row 6 (no answer) and rows 14, 15 (contaminated) drop out;
+    row 10's traces drop (prompt), row 9's first trace drops (response), so its next correct one (gen 2) is chosen."""
+    traces, tok, _ = raw_fixture
+    cfg = VerifyConfig(**{**PAPER, "problem_identity": "text", "require_answer": True, "length_filter": "traces_before_selection",
+                          "decontaminate": "remove", "decontam_normalise": "punctuation"})
+    s, lab, pos, pairs = _run(cfg, traces, tok, tmp_path / "o", BENCH)
+    by_text = {p: (c, r) for p, c, r in zip(pairs["problem"], pairs["chosen_index"], pairs["rejected_index"], strict=True)}
+    assert by_text == {"Compute $3^4 - 4^3$.": (0, 1), "What is $7 \\times 8$?": (1, 0),
+                       "Find the remainder when $2^{10}$ is divided by $7$.": (2, 0), "How many edges does a cube have?": (1, 0),
+                       "What is $5 + 7$?": (2, 1)}
+    assert len(pos) == 6 and s["filter_counts"] == {"problem_invalid": 1, "excluded_source": 2, "no_answer": 2, "contaminated": 3,
+                                                     "prompt_too_long": 2, "response_too_long": 1}
+    assert s["decontamination"]["problems_removed"] == 2 and s["funnel"][-1] == {"step": "after unlabelled", "traces": 22, "problems": 8}
+    assert s["official"]["ours"]["pairs_before_length_filter"] is None and "settings differ" in s["official"]["note"]
+
+
+def test_the_official_shuffle_changes_no_selection(raw_fixture, tmp_path):
+    """The official scripts shuffle the Raw rows (datasets' shuffle(seed=42): a permutation of rows) before their
+    loop; a generation's index within its row is untouched, so the same traces are picked in any row order."""
+    import numpy as np
+
+    traces, tok, _ = raw_fixture
+    lines = (SAMPLES / "openr1_math_raw.jsonl").read_text().splitlines()
+    perm = np.random.default_rng(42).permutation(len(lines))
+    f = tmp_path / "shuffled.jsonl"
+    f.write_text("\n".join(lines[i] for i in perm) + "\n")
+    download(DataConfig(source="local", local_path=str(f)), tmp_path / "dl", progress=False)
+
+    def picked(path, out):
+        _, lab, pos, pairs = _run(VerifyConfig(**PAPER), path, tok, out, BENCH)
+        return (sorted(zip(pos["problem"], pos["completion"], strict=True)),
+                sorted(zip(pairs["problem"], pairs["chosen_index"], pairs["rejected_index"], strict=True)))
+
+    assert picked(tmp_path / "dl" / "traces.parquet", tmp_path / "a") == picked(traces, tmp_path / "b")
