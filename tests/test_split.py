@@ -408,3 +408,21 @@ def test_the_official_shuffle_changes_no_selection(raw_fixture, tmp_path):
                 sorted(zip(pairs["problem"], pairs["chosen_index"], pairs["rejected_index"], strict=True)))
 
     assert picked(tmp_path / "dl" / "traces.parquet", tmp_path / "a") == picked(traces, tmp_path / "b")
+
+
+def test_funnel_report_compares_with_the_official_figures_only_on_the_full_raw_data():
+    from redi.split import RAW_ROWS, funnel_report
+
+    summary = {"selection": {"positives": 77_629, "pairs_selected": 53_170, "pairs_dropped": {"prompt_too_long": 3}, "pairs": 53_167,
+                             "length_filter": "pairs_after_selection"},
+               "decontamination": {"ngram": 8, "normalise": "whitespace", "checked_benchmarks": ["math500"], "problems_flagged": 2,
+                                   "per_benchmark": {"math500": 2}, "positives_flagged": 2, "pairs_flagged": 1},
+               "funnel": [{"step": "input", "traces": 10, "problems": 5}]}
+    full = {"hub_id": "open-r1/OpenR1-Math-Raw", "hub_split": "train", "rows_read": RAW_ROWS, "max_rows": None}
+    off, md = funnel_report(summary, VerifyConfig(**PAPER), "paper-train", full)
+    assert off["comparable"] and off["match"] == {"positives": True, "pairs_before_length_filter": False}
+    assert "should equal the official ones" in md and "| pairs before the length filter | 53,170 | 53,175 |" in md
+    off, _ = funnel_report(summary, VerifyConfig(**PAPER), "paper-train", {**full, "max_rows": 1000, "rows_read": 1000})
+    assert not off["comparable"] and "read 1000 rows" in off["note"] and "match" not in off
+    off, _ = funnel_report(summary, VerifyConfig(**{**PAPER, "label_rule": "landmv_both_wrong"}), "paper-train", full)
+    assert not off["comparable"] and "label_rule='landmv_both_wrong'" in off["note"]
