@@ -9,21 +9,34 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
+from flows.pipeline import documented
 from redi.config import EvaluateConfig
 from tasks.nightly import evaluate_registered, publish_history
 
+NIGHTLY_HELP = {
+    "artifact_root": "The artifact store whose registered runs (runs/<name>/latest.json) are evaluated.",
+    "evaluate_overrides": "Changes to each run's own evaluation settings, e.g. {\"n_samples\": 4, \"benchmarks\": [\"math500\"]} "
+                          "(fields of the evaluate section, without the `evaluate.` prefix).",
+    "runs": "Only these registered runs (default: all of them).",
+    "labels": "Only these models of each run: base, sft, redi (default: every registered one).",
+    "results_db": "Results store to append to (default: <artifact_root>/results).",
+    "evaluate": "A whole evaluation protocol that replaces each run's own evaluate section (empty: each run keeps its own; "
+                "evaluate_overrides still apply on top).",
+}
+
 
 @flow(name="nightly-eval", description="Evaluate the latest model of each registered run on the benchmark suite; append to the history.")
+@documented("Evaluate the latest models of every registered run (what the last full run of each recipe registered); "
+            "append to the history.", "artifact_root", "evaluate_overrides", "runs", "labels", "results_db", "evaluate",
+            extra=NIGHTLY_HELP)
 def nightly_eval(
     artifact_root: str = "artifacts",
-    evaluate: EvaluateConfig | None = None,
     evaluate_overrides: dict[str, Any] | None = None,
     runs: list[str] | None = None,
     labels: list[Literal["base", "sft", "redi"]] | None = None,
     results_db: str | None = None,
+    evaluate: EvaluateConfig | None = None,
 ) -> dict[str, Any]:
-    """``evaluate`` replaces each run's own evaluation section (None keeps it); ``evaluate_overrides``
-    ({"n_samples": 4, "benchmarks": [...]}) is applied on top. ``runs``/``labels`` narrow the selection."""
     ev = evaluate.model_dump(mode="json") if evaluate is not None else None
     tonight = evaluate_registered(artifact_root, ev, evaluate_overrides, runs, labels, results_db)
     hist = publish_history(artifact_root, results_db, tonight)
@@ -40,7 +53,12 @@ def _evaluate_model(model: str, recipe: dict[str, Any], name: str | None) -> dic
 
 
 @flow(name="redi-eval", description="Evaluate any model folder or Hub id on benchmarks; append to the results store.")
-def redi_eval(model: str, recipe_path: str | None = None, overrides: dict[str, Any] | None = None,
+@documented("Evaluate any model folder or Hub id with a recipe's evaluation settings.", "model", "overrides", "recipe_path", "name",
+            extra={"model": "A model folder (e.g. an sft artifact's model/) or a Hugging Face Hub id.",
+                   "overrides": "Recipe fields to change, as dotted keys: {\"evaluate.n_samples\": 4, \"evaluate.benchmarks\": [\"math500\"]}.",
+                   "recipe_path": "The recipe whose evaluate and run sections to use (default: built-in defaults).",
+                   "name": "Label of this model in the results store (default: the folder name)."})
+def redi_eval(model: str, overrides: dict[str, Any] | None = None, recipe_path: str | None = None,
               name: str | None = None) -> dict[str, Any]:
     from flows.pipeline import resolve_recipe
     from tasks.report import artifact_key

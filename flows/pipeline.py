@@ -4,12 +4,12 @@ The flows only order tasks. Every task is a thin wrapper over :class:`redi.pipel
 the content-addressed store decides what is a cache hit, so running a stage whose upstream is
 cached costs one checksum pass per upstream artifact.
 
-Parameters (the UI run form shows the recipe fields, typed):
-  recipe_path  a recipe YAML (or its folder); the base of the run
-  recipe       a whole recipe (replaces recipe_path; deployments pre-fill it from their YAML)
-  overrides    dotted keys applied last, e.g. {"redi.alpha": 1.0, "evaluate.n_samples": 8}
-  refresh      stages to recompute even when cached (added to the recipe's run.refresh)
-Precedence: defaults < recipe_path YAML (or recipe) < overrides < refresh.
+Precedence: defaults < the recipe (``recipe_path`` YAML, or a whole ``recipe``) < overrides < refresh.
+Giving both ``recipe`` and ``recipe_path`` is an error, never a silent choice. The per-stage
+deployments (one form per stage, the recipe picked from a dropdown) are in ``flows/stages.py``.
+
+Registration: only a full run (``redi-pipeline``) or ``register_run=True`` rewrites what nightly
+evaluation evaluates (``runs/<name>/latest.json``); see :meth:`redi.pipeline.Pipeline.report`.
 """
 
 from __future__ import annotations
@@ -30,13 +30,40 @@ from tasks.sft import sft
 from tasks.verify import verify
 
 Stage = Literal["download", "model", "verify", "sft", "redi", "evaluate"]
+Label = Literal["base", "sft", "redi"]
 ORDER = ("download", "model", "verify", "sft", "redi", "evaluate")
 LABEL_NEEDS = {"base": "model", "sft": "sft", "redi": "redi"}
+
+HELP = {
+    "overrides": "Recipe fields to change for this run, as dotted keys: {\"redi.alpha\": 1.0, \"evaluate.n_samples\": 8}. "
+                 "Applied after the recipe. Changed fields change the cache keys of the stages they determine.",
+    "refresh": "Stages to recompute even when a valid cached artifact exists (added to the recipe's run.refresh).",
+    "recipe_path": "A recipe YAML (or its folder), relative to the directory `redi serve` runs in. "
+                   "Give either this or `recipe`, not both.",
+    "recipe": "The whole recipe, typed (the deployment pre-fills it with its recipe's resolved fields; edit any field). "
+              "Give either this or `recipe_path`, not both.",
+    "labels": "Which models to evaluate: base, sft, redi (default: the recipe's evaluate.models).",
+    "register_run": "Register this result for nightly evaluation: rewrite runs/<name>/recipe.yaml and latest.json with this "
+                "recipe and these models. Off: the rerun is recorded on its own (results store kind=stage, "
+                "runs/<name>/stage-runs/<recipe hash>/) and nightly evaluates what the last full run registered.",
+}
+
+
+def documented(summary: str, *params: str, extra: dict[str, str] | None = None):
+    """Give a flow function a Google-style docstring whose Args section Prefect shows as each parameter's help."""
+    def wrap(fn):
+        helps = HELP | (extra or {})
+        fn.__doc__ = summary + "\n\nArgs:\n" + "".join(f"    {p}: {helps[p]}\n" for p in params)
+        return fn
+    return wrap
 
 
 def resolve_recipe(recipe_path: str | None = None, recipe: Recipe | dict[str, Any] | None = None,
                    overrides: dict[str, Any] | list[str] | None = None, refresh: list[str] | None = None) -> Recipe:
     """Defaults < YAML (or a whole recipe) < overrides < refresh. Raises RecipeError naming the field."""
+    if recipe is not None and recipe_path:
+        raise RecipeError(f"give either recipe (the typed form) or recipe_path ({recipe_path!r}), not both: "
+                          "clear one of them")
     if recipe is not None:
         tree = recipe.model_dump(mode="json", by_alias=True) if isinstance(recipe, Recipe) else dict(recipe)
         if overrides:
@@ -55,11 +82,12 @@ def resolve_recipe(recipe_path: str | None = None, recipe: Recipe | dict[str, An
     return r
 
 
-def run_dag(r: Recipe, until: str = "report", labels: list[str] | None = None) -> dict[str, Any]:
+def run_dag(r: Recipe, until: str = "report", labels: list[str] | None = None, register: bool = False) -> dict[str, Any]:
     """Run the DAG up to ``until`` (a stage, or "report" for everything), in dependency order.
 
-    ``labels`` limits which models are evaluated (default: the recipe's evaluate.models). Returns
-    {"artifacts": {node: artifact dict}, "report": ..., "dag": rows, "seconds": wall time}.
+    ``labels`` limits which models are evaluated (default: the recipe's evaluate.models); ``register``
+    makes the report register the run (what nightly evaluates). Returns {"artifacts": {node: artifact
+    dict}, "report": ..., "dag": rows, "seconds": wall time}.
     """
     t0 = time.time()
     rd = r.model_dump(mode="json", by_alias=True)
@@ -82,39 +110,48 @@ def run_dag(r: Recipe, until: str = "report", labels: list[str] | None = None) -
         arts["redi"] = stage2(rd, arts["verify"], arts["sft"])
     rep = None
     if until in ("evaluate", "report"):
-        grades = {lab: evaluate(rd, lab, arts[LABEL_NEEDS[lab]]) for lab in labels}
-        arts |= {f"grade[{lab}]": g for lab, g in grades.items()}
-        rep = report(rd, {lab: arts[LABEL_NEEDS[lab]] for lab in labels}, grades)
+        grades = {}
+        for lab in labels:
+            nodes = evaluate(rd, lab, arts[LABEL_NEEDS[lab]])  # evaluate[lab] (the samples) and grade[lab]
+            arts |= nodes
+            grades[lab] = nodes[f"grade[{lab}]"]
+        rep = report(rd, {lab: arts[LABEL_NEEDS[lab]] for lab in labels}, grades, register)
     rows = dag_rows(arts)
-    made = publish(r.run.name, rep, rows)
+    made = publish(r.run.name, rep, rows, round(time.time() - t0, 1))
     out = {"run": r.run.name, "artifacts": arts, "report": rep, "dag": rows, "prefect_artifacts": made,
            "seconds": round(time.time() - t0, 2)}
-    get_run_logger().info("run %s: %d/%d stages from cache, %.1fs; artifacts under %s", r.run.name,
+    get_run_logger().info("run %s: %d/%d nodes from cache, %.1fs; artifacts under %s", r.run.name,
                           sum(x["status"] == "cache hit" for x in rows), len(rows), out["seconds"],
                           Path(r.run.artifact_root).resolve())
     return out
 
 
-@flow(name="redi-pipeline", description="The whole REDI run: download -> model -> verify -> sft -> redi -> evaluate -> report.")
+@flow(name="redi-pipeline", description="The whole REDI run: download -> model -> verify -> sft -> redi -> evaluate -> report. "
+      "Registers the run for nightly evaluation.")
+@documented("The whole DAG of a recipe; registers the run (runs/<name>/latest.json) for nightly evaluation.",
+            "overrides", "refresh", "recipe_path", "recipe")
 def redi_pipeline(
-    recipe_path: str | None = None,
-    recipe: Recipe | None = None,
     overrides: dict[str, Any] | None = None,
     refresh: list[Stage] | None = None,
+    recipe_path: str | None = None,
+    recipe: Recipe | None = None,
 ) -> dict[str, Any]:
     r = resolve_recipe(recipe_path, recipe, overrides, refresh)
-    return run_dag(r, "report")
+    return run_dag(r, "report", register=True)
 
 
 @flow(name="redi-stage", description="One stage of the REDI DAG; its upstream is taken from cache (or computed).")
+@documented("One stage of a recipe; upstream from cache. stage=evaluate evaluates `labels` and records the result.",
+            "stage", "overrides", "refresh", "recipe_path", "recipe", "labels", "register_run",
+            extra={"stage": "The stage to run: download, model, verify, sft, redi or evaluate."})
 def redi_stage(
     stage: Stage,
-    recipe_path: str | None = None,
-    recipe: Recipe | None = None,
     overrides: dict[str, Any] | None = None,
     refresh: list[Stage] | None = None,
-    labels: list[Literal["base", "sft", "redi"]] | None = None,
+    recipe_path: str | None = None,
+    recipe: Recipe | None = None,
+    labels: list[Label] | None = None,
+    register_run: bool = False,
 ) -> dict[str, Any]:
-    """``stage=evaluate`` evaluates ``labels`` (default: the recipe's models) and reports them."""
     r = resolve_recipe(recipe_path, recipe, overrides, refresh)
-    return run_dag(r, stage, labels)
+    return run_dag(r, stage, labels, register_run)

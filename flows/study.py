@@ -20,8 +20,14 @@ from tasks.study import evaluate, point, report, sft_round
 @flow(name="redi-study", log_prints=False)
 def redi_study(recipe_path: str = "deployments/study-cpu", overrides: list[str] | None = None,
                out_dir: str | None = None) -> dict[str, Any]:
-    """Run the study of ``recipe_path`` (a folder with recipe.yaml + study.yaml); ``overrides`` like
-    ``["redi.max_length=512", "study.seeds=[0]"]`` (``study.`` keys go to the study config)."""
+    """Run the study of a recipe folder: SFT to its validation plateau, per-method search, final seeds on test.
+
+    Args:
+        recipe_path: A folder with recipe.yaml + study.yaml (e.g. deployments/study-cpu).
+        overrides: Fields to change, as key=value strings: ["redi.max_length=512", "study.seeds=[0]"]
+            (study.* keys go to the study config, the others to the recipe).
+        out_dir: Report folder (default: <artifact_root>/runs/<run.name>/study).
+    """
     from redi.artifacts import Artifact
     from redi.study import Study, choose, load_study, sft_summary
 

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("stage", choices=STAGES)
     sp.add_argument("recipe", help="Recipe YAML (or its folder).")
     sp.add_argument("--labels", default=None, help="stage=evaluate: models to evaluate, e.g. base,redi (default: the recipe's).")
+    sp.add_argument("--register", action="store_true",
+                    help="stage=evaluate: register the result for nightly evaluation (rewrites runs/<name>/latest.json); "
+                         "by default a stage rerun is recorded on its own.")
     common(sp)
     sp = sub.add_parser("eval", help="Evaluate any model folder or Hub id; the result goes to the results store.")
     sp.add_argument("--model", required=True, help="A model folder (e.g. an sft artifact's model/) or a Hub id.")
@@ -122,12 +125,15 @@ def table(rows: list[dict[str, Any]], cols: list[str]) -> str:
     return "\n".join(out)
 
 
-def _rows_from_artifacts(arts: dict[str, Any]) -> list[dict[str, Any]]:
+def _rows_from_artifacts(arts: dict[str, Any], timings: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """One row per DAG node; ``seconds`` is the time this run spent on it (``timings``, e.g. Pipeline.timings),
+    else the build time for a built node and 0 for a cache hit."""
     rows = []
     for name, a in arts.items():
         d = a if isinstance(a, dict) else a.to_dict()
-        rows.append({"stage": name, "status": "cache hit" if d.get("cached") else "built",
-                     "seconds": 0.0 if d.get("cached") else d.get("manifest", {}).get("seconds", 0.0),
+        build_s = d.get("manifest", {}).get("seconds", 0.0)
+        secs = (timings or {}).get(name, d.get("run_seconds", 0.0 if d.get("cached") else build_s))
+        rows.append({"stage": name, "status": "cache hit" if d.get("cached") else "built", "seconds": secs,
                      "key": d["key"], "path": d["path"]})
     return rows
 
@@ -136,35 +142,34 @@ def print_run(result: dict[str, Any], root: str, seconds: float) -> None:
     rows = result["dag"]
     print(table([{**r, "seconds": f"{r['seconds']:.1f}"} for r in rows], ["stage", "status", "seconds", "key", "path"]))
     hits = sum(r["status"] == "cache hit" for r in rows)
-    print(f"\n{hits}/{len(rows)} stages from cache; {seconds:.1f}s wall. Artifacts: {Path(root).resolve()}")
+    built = sum(r["seconds"] for r in rows if r["status"] == "built")
+    print(f"\n{hits}/{len(rows)} nodes from cache; {built:.1f}s building, {seconds:.1f}s wall. Artifacts: {Path(root).resolve()}")
     rep = result.get("report")
     if rep:
-        print(f"\n{rep['table_markdown']}\n\nRun folder: {rep['run_dir']} (latest.json, results.md, results.png)")
+        reg = ("registered for nightly evaluation: latest.json, results.md, results.png" if rep.get("registered", True)
+               else "a stage rerun, not registered (pass --register to make it what nightly evaluates): results.md, results.png")
+        print(f"\n{rep['table_markdown']}\n\nRun folder: {rep['run_dir']} ({reg})")
 
 
 # ------------------------------------------------------------------------------------------ commands
-def _run_library(r: Recipe, until: str, labels: list[str] | None) -> dict[str, Any]:
-    from .pipeline import LABEL_STAGE, Pipeline
+def _run_library(r: Recipe, until: str, labels: list[str] | None, register: bool = False) -> dict[str, Any]:
+    from .pipeline import Pipeline
 
     p = Pipeline(r)
-    arts: dict[str, Any] = {}
     report = None
     if until == "report":
         out = p.run()
-        arts = {k: out[k] for k in ("download", "model", "verify", "sft", "redi")}
-        arts |= {f"grade[{lab}]": g for lab, g in out["grades"].items()}
         report = out["report"]
     elif until == "evaluate":
-        arts["download"] = p.download()
+        p.download()
         models = {lab: p.model_artifact(lab) for lab in labels or r.evaluate.models}
-        arts |= {LABEL_STAGE[lab]: m for lab, m in models.items()}
         grades = {lab: p.evaluate(lab, m) for lab, m in models.items()}
-        arts |= {f"grade[{lab}]": g for lab, g in grades.items()}
-        report = p.report(models, grades)
+        report = p.report(models, grades, register=register)
     else:
         fn = {"download": p.download, "model": p.base_model, "verify": p.verify, "sft": p.sft, "redi": p.stage2}[until]
-        arts[until] = fn()
-    return {"dag": _rows_from_artifacts(arts), "report": report, "artifacts": {k: v.to_dict() for k, v in arts.items()}}
+        fn()
+    arts = dict(p.nodes)  # every node built or taken from cache, evaluate[*] (the samples) included
+    return {"dag": _rows_from_artifacts(arts, p.timings), "report": report, "artifacts": {k: v.to_dict() for k, v in arts.items()}}
 
 
 def check_labels(labels: list[str] | None) -> list[str] | None:
@@ -189,7 +194,7 @@ def cmd_run(args: argparse.Namespace, r: Recipe, until: str, labels: list[str] |
                           "--no-prefect (every process would start its own Prefect run), or run `redi` once with "
                           "--set run.launcher=accelerate")
     if args.no_prefect:
-        result = _run_library(r, until, labels)
+        result = _run_library(r, until, labels, bool(getattr(args, "register", False)))
         if not distributed.is_main():  # rank 0 prints the table
             return 0
     else:
@@ -202,7 +207,7 @@ def cmd_run(args: argparse.Namespace, r: Recipe, until: str, labels: list[str] |
         else:
             from flows.pipeline import redi_stage
 
-            result = redi_stage(stage=until, recipe=rd, labels=labels)
+            result = redi_stage(stage=until, recipe=rd, labels=labels, register_run=bool(getattr(args, "register", False)))
     print_run(result, r.run.artifact_root, time.time() - t0)
     return 0
 

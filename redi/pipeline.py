@@ -126,6 +126,7 @@ class Pipeline:
         self.recipe = recipe
         self.store = store or ArtifactStore(recipe.run.artifact_root)
         self.timings: dict[str, float] = {}
+        self.nodes: dict[str, Artifact] = {}  # every node this Pipeline built or took from cache, in order
         if recipe.run.offline:
             go_offline()
         if recipe.run.threads:
@@ -237,6 +238,7 @@ class Pipeline:
         art = self.store.build(stage, k, fn, config=self._config(stage), inputs=inputs, refresh=self._refresh(stage))
         name = f"{stage}[{label}]" if label else stage
         self.timings[name] = time.time() - t0
+        self.nodes[name] = art
         log.info("%s %s: %s (%.1fs)", name, "cache hit" if art.cached else "built", art.path, self.timings[name])
         return art
 
@@ -357,7 +359,7 @@ class Pipeline:
         red = self.stage2(verify, sft)
         models = {"base": model, "sft": sft, "redi": red}
         grades = {lab: self.evaluate(lab, models[lab]) for lab in (labels or self.recipe.evaluate.models)}
-        report = self.report(models, grades)
+        report = self.report(models, grades, register=True)
         report["seconds"] = round(time.time() - t0, 1)
         return {"download": data, "model": model, "verify": verify, "sft": sft, "redi": red, "grades": grades, "report": report}
 
@@ -371,16 +373,55 @@ class Pipeline:
     def recipe_hash(self) -> str:
         return hash_obj(self.recipe.model_dump(mode="json"))
 
-    def report(self, models: dict[str, Artifact], grades: dict[str, Artifact]) -> dict[str, Any]:
-        """Register the run's latest models, append metrics to the results store, write table + plot."""
+    def report(self, models: dict[str, Artifact], grades: dict[str, Artifact], register: bool = False) -> dict[str, Any]:
+        """Append the metrics to the results store and write the table + plot; ``register`` also registers the run.
+
+        Registering writes ``runs/<name>/recipe.yaml`` and ``latest.json``: what nightly evaluation
+        evaluates (the models, their labels, the evaluation settings). Only a full run of the recipe
+        (``Pipeline.run``, the ``redi-pipeline`` flow) or an explicit ``register=True`` does it. Any other
+        report (a stage rerun, perhaps with overrides) is recorded on its own: results-store rows with
+        ``kind="stage"`` and ``runs/<name>/stage-runs/<recipe hash>/`` with its recipe, table and plot, so
+        it can never change what nightly evaluates by accident.
+        """
         from . import results
 
-        rdir = self.run_dir()
+        h = self.recipe_hash()
+        rdir = self.run_dir() if register else self.run_dir() / "stage-runs" / h
         rdir.mkdir(parents=True, exist_ok=True)
         (rdir / "recipe.yaml").write_text(recipe_to_yaml(self.recipe))
+        if register:
+            self._register(rdir, models, grades)
+        kind = "pipeline" if register else "stage"
+        store = results.ResultsStore(self.results_path())
+        for lab, g in grades.items():
+            metrics = json.loads(g.file("metrics.json").read_text())
+            store.append_metrics(
+                run=self.recipe.run.name, label=lab, model_key=models[lab].key, recipe_hash=h,
+                eval_key=g.key, metrics=metrics, protocol=self.recipe.evaluate.hash_fields(), kind=kind,
+            )
+        df = store.load(run=self.recipe.run.name)
+        # The registered table never shows stage reruns; a rerun's table shows that rerun's recipe only.
+        df = df[df["kind"] != "stage"] if register else df[(df["kind"] == "stage") & (df["recipe_hash"] == h)]
+        if not df.empty:
+            df = df[df["time"] == df.groupby(["run", "label"])["time"].transform("max")]
+        table = results.comparison_table(df, paper=self.recipe.evaluate.protocol().name == results.PAPER_PROTOCOL)
+        (rdir / "results.md").write_text(table.markdown)
+        table.frame.to_csv(rdir / "results.csv")
+        results.bar_chart(df, rdir / "results.png")
+        if not register:
+            log.info("report: stage rerun recorded in %s (not registered: runs/%s/latest.json unchanged)", rdir, self.recipe.run.name)
+        return {"run_dir": str(rdir), "registered": register, "table_markdown": table.markdown, "table_rows": table.rows,
+                "plot": str(rdir / "results.png")}
+
+    def _register(self, rdir: Path, models: dict[str, Artifact], grades: dict[str, Artifact]) -> None:
+        """Write ``latest.json``: the run's latest models and grades (what nightly evaluation evaluates)."""
         # Merge with what the run registered before: evaluating one label must not unregister the others.
         prev = _read_json(rdir / "latest.json") if (rdir / "latest.json").exists() else {}
         same_recipe = prev.get("recipe_hash") == self.recipe_hash()
+        dropped = sorted(set(prev.get("models", {})) - set(models)) if not same_recipe else []
+        if dropped:
+            log.warning("register: run %s now has a different recipe; its models %s are no longer registered",
+                        self.recipe.run.name, dropped)
         latest = {
             "run": self.recipe.run.name,
             "recipe_hash": self.recipe_hash(),
@@ -390,19 +431,7 @@ class Pipeline:
             "grades": {**(prev.get("grades", {}) if same_recipe else {}), **{lab: g.key for lab, g in grades.items()}},
         }
         _atomic_write(rdir / "latest.json", json.dumps(latest, indent=2))
-        store = results.ResultsStore(self.results_path())
-        for lab, g in grades.items():
-            metrics = json.loads(g.file("metrics.json").read_text())
-            store.append_metrics(
-                run=self.recipe.run.name, label=lab, model_key=models[lab].key, recipe_hash=latest["recipe_hash"],
-                eval_key=g.key, metrics=metrics, protocol=self.recipe.evaluate.hash_fields(), kind="pipeline",
-            )
-        df = store.load(run=self.recipe.run.name, latest_only=True)
-        table = results.comparison_table(df, paper=self.recipe.evaluate.protocol().name == results.PAPER_PROTOCOL)
-        (rdir / "results.md").write_text(table.markdown)
-        table.frame.to_csv(rdir / "results.csv")
-        results.bar_chart(df, rdir / "results.png")
-        return {"run_dir": str(rdir), "table_markdown": table.markdown, "table_rows": table.rows, "plot": str(rdir / "results.png")}
+        log.info("register: run %s registered for nightly evaluation (%s)", self.recipe.run.name, rdir / "latest.json")
 
 
 def _read_json(path: Path) -> dict:

@@ -26,4 +26,7 @@ for m in ("torch", "transformers", "prefect", "math_verify", "vllm", "trl", "dat
     mod = importlib.import_module(m)
     print(f"  {m:14s} {getattr(mod, '__version__', '?')}")
 PY
+# Prefect's scheduler must be able to create runs with the SQLAlchemy that was resolved (2.1 breaks it: the
+# nightly cron would silently never fire). Fails the install loudly, naming the fix.
+"$VENV/bin/python" deployments/serve.py --check-scheduler
 touch "$VENV/.installed"

@@ -1,12 +1,30 @@
-"""What every stage task shares: rebuild the Pipeline from the recipe dict, scoped to one stage."""
+"""What every stage task shares: the Pipeline scoped to one stage, and what the UI shows while it runs.
+
+``run_stage`` is the body of every stage task. While the task runs:
+  * the library's log lines (``redi.*``: stage start, cache hit or built, summaries) and vLLM's go to
+    the task run's logs in the Prefect UI, from any thread of the process;
+  * every tqdm progress bar of the library also logs a line every ``PROGRESS_STEP`` percent;
+  * the task run is renamed as soon as the cache is checked: ``sft [cache hit]`` or ``sft [building]``,
+    then ``sft [built 12.3 s]``, so cache hits are visible per task while the run goes.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import fields
 from typing import Any
 
 from redi.artifacts import Artifact
 from redi.config import Recipe
 from redi.pipeline import Pipeline
+
+FORWARDED_LOGGERS = ("redi", "vllm")
+PROGRESS_STEP = 5  # percent between progress log lines
+PROGRESS_EVERY_S = 30.0  # bars without a total: a line this often
+_ARTIFACT_FIELDS = {f.name for f in fields(Artifact)}
 
 
 def pipeline_for(recipe: dict[str, Any], stage: str) -> Pipeline:
@@ -23,4 +41,168 @@ def pipeline_for(recipe: dict[str, Any], stage: str) -> Pipeline:
 
 
 def art(d: dict[str, Any] | None) -> Artifact | None:
-    return Artifact.from_dict(d) if d is not None else None
+    """The Artifact of a task's artifact dict (extra keys such as ``run_seconds`` are dropped)."""
+    return Artifact.from_dict({k: v for k, v in d.items() if k in _ARTIFACT_FIELDS}) if d is not None else None
+
+
+def run_stage(recipe: dict[str, Any], stage: str, call: Callable[[Pipeline], Any],
+              nodes: list[tuple[str, str | None]] | None = None) -> dict[str, dict[str, Any]]:
+    """Run ``call(pipeline)`` for ``stage`` with the UI feedback above; return {node name: artifact dict}.
+
+    ``nodes`` are the DAG nodes this task produces (default: the stage itself), e.g. evaluate[base]
+    and grade[base]. Each artifact dict gains ``run_seconds``: the time this run spent on the node
+    (building it, or validating the cached copy).
+    """
+    nodes = nodes or [(stage, None)]
+    pipe = pipeline_for(recipe, stage)
+    with run_logs():
+        title = _task_title()
+        hits = _check_cache(pipe, nodes)
+        _rename(title, "cache hit" if all(hits.values()) else "building")
+        t0 = time.time()
+        call(pipe)
+        out = {}
+        for name in (f"{s}[{lab}]" if lab else s for s, lab in nodes):
+            out[name] = pipe.nodes[name].to_dict() | {"run_seconds": round(pipe.timings[name], 2)}
+        if not all(a["cached"] for a in out.values()):
+            _rename(title, f"built {time.time() - t0:.1f} s")
+    return out
+
+
+def _check_cache(pipe: Pipeline, nodes: list[tuple[str, str | None]]) -> dict[str, bool]:
+    """Look each node up before any work (validates checksums once; the build's own lookup reuses that)."""
+    log = logging.getLogger("redi.tasks")
+    out = {}
+    for stage, label in nodes:
+        name = f"{stage}[{label}]" if label else stage
+        key = pipe.key(stage, label)
+        hit = pipe.store.lookup(stage, key) is not None and not pipe._refresh(stage)
+        out[name] = hit
+        log.info("%s: %s (key %s, %s)", name, "cache hit" if hit else "not cached, building" if not pipe._refresh(stage)
+                 else "refresh requested, rebuilding", key, pipe.store.dir(stage, key))
+    return out
+
+
+def _task_title() -> str | None:
+    from prefect.context import TaskRunContext
+
+    ctx = TaskRunContext.get()
+    return ctx.task_run.name if ctx else None
+
+
+def _rename(title: str | None, status: str) -> None:
+    """Rename the current task run to ``<title> [<status>]`` (no-op outside a task run or without an API)."""
+    from prefect.context import TaskRunContext
+
+    ctx = TaskRunContext.get()
+    if ctx is None or title is None:
+        return
+    try:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            client.set_task_run_name(ctx.task_run.id, f"{title} [{status}]")
+    except Exception as e:  # the name is feedback only; the stage result does not depend on it
+        logging.getLogger("redi.tasks").debug("could not rename task run: %s", e)
+
+
+# ------------------------------------------------------------------------------------------ logs
+@contextmanager
+def run_logs() -> Iterator[None]:
+    """Send the library's log records (and tqdm progress as log lines) to the current Prefect run's logs."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    tctx, fctx = TaskRunContext.get(), FlowRunContext.get()
+    flow_run_id = tctx.task_run.flow_run_id if tctx else fctx.flow_run.id if fctx and fctx.flow_run else None
+    if flow_run_id is None:  # not in a run (task.fn called directly): nothing to forward to
+        yield
+        return
+    handler = _run_handler(flow_run_id, tctx.task_run.id if tctx else None)
+    saved = []
+    for name in FORWARDED_LOGGERS:
+        lg = logging.getLogger(name)
+        saved.append((lg, lg.level))
+        if lg.getEffectiveLevel() > logging.INFO:  # a flow-run process starts with the root at WARNING
+            lg.setLevel(logging.INFO)
+        lg.addHandler(handler)
+    try:
+        with progress_as_logs():
+            yield
+    finally:
+        for lg, level in saved:
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+
+
+def _run_handler(flow_run_id: Any, task_run_id: Any) -> logging.Handler:
+    """Prefect's API log handler, bound to one flow/task run so records from any thread reach it."""
+    from prefect.logging.handlers import APILogHandler
+
+    class RunHandler(APILogHandler):
+        def emit(self, record: logging.LogRecord) -> None:
+            record.flow_run_id = flow_run_id
+            if task_run_id is not None:
+                record.task_run_id = task_run_id
+            super().emit(record)
+
+    h = RunHandler()
+    h.setLevel(logging.INFO)
+    return h
+
+
+@contextmanager
+def progress_as_logs(step: int = PROGRESS_STEP) -> Iterator[None]:
+    """While active, every ``tqdm.auto.tqdm`` bar also logs ``desc: 35% (700/2000 sample, 12.3/s, ETA 0:57)``
+    to ``redi.progress`` each time it crosses a multiple of ``step`` percent (the bar itself still draws).
+
+    The library imports ``tqdm.auto.tqdm`` inside the functions that draw bars, so swapping the module
+    attribute here reaches them; tasks of one process run one at a time, so the swap is not shared.
+    """
+    import tqdm.auto as tqdm_auto
+
+    base = tqdm_auto.tqdm
+    log = logging.getLogger("redi.progress")
+
+    class LoggedBar(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self._next_pct, self._next_t = step, time.time() + PROGRESS_EVERY_S
+            super().__init__(*args, **kwargs)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            out = super().update(n)
+            self._maybe_log()
+            return out
+
+        def close(self) -> None:
+            if self.total and self.n >= self.total and self._next_pct <= 100:  # 100% not logged yet
+                self._next_pct = 0
+                self._maybe_log()
+            super().close()
+
+        def _maybe_log(self) -> None:
+            if self.disable:
+                return
+            if self.total:
+                pct = 100.0 * self.n / self.total
+                if pct < self._next_pct:
+                    return
+                self._next_pct = (int(pct) // step + 1) * step
+            elif time.time() < self._next_t:
+                return
+            self._next_t = time.time() + PROGRESS_EVERY_S
+            d = self.format_dict
+            rate = d.get("rate") or (self.n / d["elapsed"] if d.get("elapsed") else None)
+            unit = d.get("unit") or "it"
+            parts = [f"{self.n:,.0f}/{self.total:,.0f} {unit}" if self.total else f"{self.n:,.0f} {unit}"]
+            if rate:
+                parts.append(f"{rate:,.1f} {unit}/s")
+                if self.total and self.n < self.total:
+                    parts.append(f"ETA {self.format_interval((self.total - self.n) / rate)}")
+            head = f"{self.desc or 'progress'}: " + (f"{100.0 * self.n / self.total:.0f}% " if self.total else "")
+            log.info("%s(%s)", head, ", ".join(parts))
+
+    tqdm_auto.tqdm = LoggedBar
+    try:
+        yield
+    finally:
+        tqdm_auto.tqdm = base

@@ -11,6 +11,6 @@ from prefect.cache_policies import NONE
 @task(name="download", cache_policy=NONE, retries=2, retry_delay_seconds=[10, 60])
 def download(recipe: dict[str, Any]) -> dict[str, Any]:
     """Retried: a Hub download can fail transiently; a partial attempt leaves only a .tmp folder."""
-    from ._common import pipeline_for
+    from ._common import run_stage
 
-    return pipeline_for(recipe, "download").download().to_dict()
+    return run_stage(recipe, "download", lambda p: p.download())["download"]

@@ -1,7 +1,8 @@
 """Task ``evaluate``: sample and grade one model of the run on the recipe's benchmarks.
 
-Returns the ``grade`` artifact (metrics under the current grader); the ``evaluate`` artifact with
-every sample is its upstream (``manifest["inputs"]["evaluate"]``).
+Returns both nodes it produces, ``{"evaluate[<label>]": ..., "grade[<label>]": ...}``: the
+``evaluate`` artifact holds every sample (and is where the time goes), ``grade`` the metrics under the
+current grader (a copy when the evaluation already used it, else a re-grade of the saved samples).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from prefect.cache_policies import NONE
 
 
 @task(name="evaluate", cache_policy=NONE, task_run_name="evaluate[{label}]")
-def evaluate(recipe: dict[str, Any], label: str, model: dict[str, Any]) -> dict[str, Any]:
-    from ._common import art, pipeline_for
+def evaluate(recipe: dict[str, Any], label: str, model: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    from ._common import art, run_stage
 
-    return pipeline_for(recipe, "evaluate").evaluate(label, art(model)).to_dict()
+    return run_stage(recipe, "evaluate", lambda p: p.evaluate(label, art(model)), [("evaluate", label), ("grade", label)])

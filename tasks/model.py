@@ -11,6 +11,6 @@ from prefect.cache_policies import NONE
 @task(name="model", cache_policy=NONE, retries=1, retry_delay_seconds=30)
 def base_model(recipe: dict[str, Any], data: dict[str, Any] | None = None) -> dict[str, Any]:
     """Retried once: loading a Hub model may fail transiently."""
-    from ._common import art, pipeline_for
+    from ._common import art, run_stage
 
-    return pipeline_for(recipe, "model").base_model(art(data)).to_dict()
+    return run_stage(recipe, "model", lambda p: p.base_model(art(data)))["model"]

@@ -18,8 +18,11 @@ def evaluate_registered(artifact_root: str, evaluate: dict[str, Any] | None, eva
     from redi import registry
     from redi.config import EvaluateConfig
 
+    from ._common import run_logs
+
     cfg = EvaluateConfig.model_validate(evaluate) if evaluate is not None else None
-    res = registry.evaluate_registered(artifact_root, cfg, evaluate_overrides, runs, labels, results_db)
+    with run_logs():  # the library's lines (cache hit / built, progress, summaries) go to this run's logs
+        res = registry.evaluate_registered(artifact_root, cfg, evaluate_overrides, runs, labels, results_db)
     return [asdict(r) for r in res]
 
 

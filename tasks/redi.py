@@ -10,6 +10,6 @@ from prefect.cache_policies import NONE
 
 @task(name="redi", cache_policy=NONE)
 def stage2(recipe: dict[str, Any], verify: dict[str, Any], sft: dict[str, Any]) -> dict[str, Any]:
-    from ._common import art, pipeline_for
+    from ._common import art, run_stage
 
-    return pipeline_for(recipe, "redi").stage2(art(verify), art(sft)).to_dict()
+    return run_stage(recipe, "redi", lambda p: p.stage2(art(verify), art(sft)))["redi"]

@@ -28,45 +28,60 @@ def artifact_key(run: str, what: str) -> str:
 
 
 def dag_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per stage node from the artifact dicts a flow collected ({node name: artifact dict})."""
+    """One row per DAG node from the artifact dicts a flow collected ({node name: artifact dict}).
+
+    ``seconds`` is the time this run spent on the node (``run_seconds``: building it, or validating the
+    cached copy); ``build_s`` the time its artifact took when it was built (its manifest).
+    """
     rows = []
     for name, a in results.items():
         m = a.get("manifest", {})
+        built_s = m.get("seconds", 0.0) or 0.0
         rows.append({"stage": name, "key": a["key"], "status": "cache hit" if a.get("cached") else "built",
-                     "seconds": 0.0 if a.get("cached") else m.get("seconds", 0.0), "path": a["path"]})
+                     "seconds": a.get("run_seconds", 0.0 if a.get("cached") else built_s), "build_s": built_s,
+                     "path": a["path"]})
     return rows
 
 
-def dag_markdown(rows: list[dict[str, Any]], title: str) -> str:
-    lines = [f"## {title}", "", "| stage | status | key | build s | folder |", "|---|---|---|---:|---|"]
+def dag_markdown(rows: list[dict[str, Any]], title: str, wall_s: float | None = None) -> str:
+    lines = [f"## {title}", "", "| node | status | seconds (this run) | build s (artifact) | key | folder |",
+             "|---|---|---:|---:|---|---|"]
     for r in rows:
-        lines.append(f"| {r['stage']} | {r['status']} | `{r['key']}` | {r['seconds']:.1f} | `{r['path']}` |")
+        lines.append(f"| {r['stage']} | {r['status']} | {r['seconds']:.1f} | {r.get('build_s', 0.0):.1f} | `{r['key']}` | `{r['path']}` |")
     hits = sum(r["status"] == "cache hit" for r in rows)
-    lines += ["", f"{hits}/{len(rows)} stages from cache; compute {sum(r['seconds'] for r in rows):.1f} s."]
+    built = sum(r["seconds"] for r in rows if r["status"] == "built")
+    wall = f"; wall {wall_s:.1f} s" if wall_s is not None else ""
+    lines += ["", f"{hits}/{len(rows)} nodes from cache; {built:.1f} s building, "
+                  f"{sum(r['seconds'] for r in rows):.1f} s in stages{wall}."]
     return "\n".join(lines)
 
 
 @task(name="report", cache_policy=NONE)
-def report(recipe: dict[str, Any], models: dict[str, dict[str, Any]], grades: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Pipeline.report: runs/<name>/latest.json (registers the run for nightly eval), results store, table, plot."""
-    from ._common import art, pipeline_for
+def report(recipe: dict[str, Any], models: dict[str, dict[str, Any]], grades: dict[str, dict[str, Any]],
+           register: bool = False) -> dict[str, Any]:
+    """Pipeline.report: results store, table, plot; ``register`` also writes runs/<name>/latest.json (nightly's input)."""
+    from ._common import art, pipeline_for, run_logs
 
-    return pipeline_for(recipe, "report").report({k: art(v) for k, v in models.items()}, {k: art(v) for k, v in grades.items()})
+    with run_logs():
+        return pipeline_for(recipe, "report").report({k: art(v) for k, v in models.items()},
+                                                     {k: art(v) for k, v in grades.items()}, register=register)
 
 
 @task(name="publish", cache_policy=NONE)
-def publish(run: str, report: dict[str, Any] | None, dag: list[dict[str, Any]]) -> dict[str, str]:
+def publish(run: str, report: dict[str, Any] | None, dag: list[dict[str, Any]], wall_s: float | None = None) -> dict[str, str]:
     """Create the UI artifacts; returns {artifact key: kind}."""
     made = {}
     key = artifact_key(run, "dag")
-    create_markdown_artifact(dag_markdown(dag, f"Run `{run}`: stages"), key=key, description=f"Cache status of run {run}")
+    create_markdown_artifact(dag_markdown(dag, f"Run `{run}`: DAG nodes", wall_s), key=key, description=f"Cache status of run {run}")
     made[key] = "markdown"
     if report:
         key = artifact_key(run, "metrics")
         create_table_artifact(report["table_rows"], key=key, description=f"Metrics of run {run} (latest per model)")
         made[key] = "table"
         key = artifact_key(run, "report")
-        md = f"## Run `{run}`: metrics\n\n{report['table_markdown']}\n\nFiles: `{report['run_dir']}` (results.md, results.csv, results.png, latest.json)"
+        reg = ("Registered for nightly evaluation (latest.json)." if report.get("registered", True) else
+               "A stage rerun: recorded on its own, not registered (nightly evaluation is unchanged).")
+        md = f"## Run `{run}`: metrics\n\n{report['table_markdown']}\n\n{reg}\n\nFiles: `{report['run_dir']}` (results.md, results.csv, results.png)"
         create_markdown_artifact(md, key=key, description=f"Report of run {run}")
         made[key] = "markdown"
         plot = Path(report.get("plot", ""))

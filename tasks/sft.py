@@ -10,6 +10,6 @@ from prefect.cache_policies import NONE
 
 @task(name="sft", cache_policy=NONE)
 def sft(recipe: dict[str, Any], verify: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
-    from ._common import art, pipeline_for
+    from ._common import art, run_stage
 
-    return pipeline_for(recipe, "sft").sft(art(verify), art(model)).to_dict()
+    return run_stage(recipe, "sft", lambda p: p.sft(art(verify), art(model)))["sft"]

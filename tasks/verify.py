@@ -10,6 +10,6 @@ from prefect.cache_policies import NONE
 
 @task(name="verify", cache_policy=NONE)
 def verify(recipe: dict[str, Any], data: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
-    from ._common import art, pipeline_for
+    from ._common import art, run_stage
 
-    return pipeline_for(recipe, "verify").verify(art(data), art(model)).to_dict()
+    return run_stage(recipe, "verify", lambda p: p.verify(art(data), art(model)))["verify"]

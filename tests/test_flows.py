@@ -16,6 +16,7 @@ from redi.artifacts import validate  # noqa: E402
 
 TRAIN_NODES = ["download", "model", "verify", "sft", "redi"]
 GRADES = ["grade[base]", "grade[sft]", "grade[redi]"]
+EVAL_NODES = [n for lab in ("base", "sft", "redi") for n in (f"evaluate[{lab}]", f"grade[{lab}]")]  # samples, then metrics
 
 
 def _run(flow, **params):
@@ -49,7 +50,7 @@ def first_run(prefect_harness, tmp_path_factory):
 
 def test_full_run_writes_every_stage_and_ui_artifacts(first_run):
     recipe, result, run_id = first_run
-    assert list(result["artifacts"]) == TRAIN_NODES + GRADES
+    assert list(result["artifacts"]) == TRAIN_NODES + EVAL_NODES
     for name, art in result["artifacts"].items():
         validate(Path(art["path"]))  # complete, checksums match
         assert Path(art["path"]).parent.name == art["stage"], name
@@ -74,7 +75,7 @@ def test_eval_parameter_reruns_only_evaluation(first_run):
 
     recipe, _, _ = first_run
     res, _ = _run(redi_pipeline, recipe_path=str(recipe), overrides={"evaluate.n_samples": 3})
-    assert _built(res) == set(GRADES)
+    assert _built(res) == set(EVAL_NODES)
 
 
 def test_alpha_reruns_only_redi_and_its_evaluation(first_run):
@@ -82,7 +83,7 @@ def test_alpha_reruns_only_redi_and_its_evaluation(first_run):
 
     recipe, _, _ = first_run
     res, _ = _run(redi_pipeline, recipe_path=str(recipe), overrides={"redi.alpha": 0.5})
-    assert _built(res) == {"redi", "grade[redi]"}
+    assert _built(res) == {"redi", "evaluate[redi]", "grade[redi]"}
 
 
 def test_refresh_forces_the_chosen_stage_only(first_run):
@@ -102,7 +103,8 @@ def test_stage_flow_runs_only_upstream_of_the_stage(first_run):
     assert list(res["artifacts"]) == ["download", "model", "verify"] and _built(res) == set()
     res, _ = _run(redi_stage, stage="evaluate", recipe_path=str(recipe), labels=["base"],
                  overrides={"evaluate.n_samples": 1, "run.name": "partial"})  # own name: latest.json of `tiny` keeps 3 models
-    assert list(res["artifacts"]) == ["download", "model", "grade[base]"] and _built(res) == {"grade[base]"}
+    assert list(res["artifacts"]) == ["download", "model", "evaluate[base]", "grade[base]"]
+    assert _built(res) == {"evaluate[base]", "grade[base]"}
 
 
 def test_typed_recipe_parameter_overrides_and_validation(first_run):
