@@ -26,7 +26,6 @@ commas removed), OlympiadBench ``final_answer[0]`` without ``$``, AMC23 float an
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -203,11 +202,9 @@ def fingerprint(name: str, cfg: EvaluateConfig, extra_paths: dict[str, Path] | N
     """sha256 of the local file that would be loaded, or ``hub:<id>@<revision>`` (``main`` if unpinned)."""
     src = resolve(name, cfg, extra_paths)
     if isinstance(src, Path):
-        h = hashlib.sha256()
-        with open(src, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        return h.hexdigest()
+        from .fingerprint import file_sha256
+
+        return file_sha256(src)  # cached by path, size and mtime: an unchanged file is not read again
     cfg_part = f"/{src.config}" if src.config else ""
     return f"hub:{src.hub_id}{cfg_part}:{src.split}@{_revision(src, cfg) or 'main'}"
 

@@ -145,9 +145,12 @@ class Pipeline:
     def _upstream(self, stage: str, label: str | None = None) -> dict[str, Any]:
         r = self.recipe
         if stage == "download":
-            return {}
+            return {"local_data": self._local_fingerprint(r.data.local_path, data=True)} if r.data.source == "local" else {}
         if stage == "model":
-            return {"download": self.key("download")} if r.model.base == "tiny" else {}
+            if r.model.base == "tiny":
+                return {"download": self.key("download")}
+            local = Path(r.model.base).expanduser()
+            return {"local_model": self._local_fingerprint(local)} if local.exists() else {}
         if stage == "verify":
             return {"download": self.key("download"), "model": self.key("model"), "decontam": self._decontam_fingerprints()}
         if stage == "sft":
@@ -160,6 +163,21 @@ class Pipeline:
         if stage == "grade":
             return {"evaluate": self.key("evaluate", label)}
         raise ValueError(f"unknown stage {stage!r}")
+
+    @staticmethod
+    def _local_fingerprint(path: str | Path, data: bool = False) -> str:
+        """Content fingerprint of a local input (redi.fingerprint): a changed file is a new key; a data folder
+        counts only the files the download stage reads. Missing: a stable marker (the stage reports it)."""
+        from .fingerprint import fingerprint
+
+        p = Path(path).expanduser()
+        include = None
+        if data and p.is_dir() and not ((p / "dataset_dict.json").exists() or (p / "state.json").exists()):
+            include = lambda f: f.suffix in (".parquet", ".jsonl")  # noqa: E731 - as redi.data._data_files
+        try:
+            return fingerprint(p, include)
+        except OSError as e:
+            return f"unavailable:{type(e).__name__}"
 
     def _config(self, stage: str) -> Any:
         r = self.recipe

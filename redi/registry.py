@@ -18,7 +18,6 @@ Never imports Prefect: ``flows/nightly.py`` is a thin wrapper around these funct
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -157,14 +156,9 @@ def model_fingerprint(model: str) -> str:
             sub = {k: v["sha256"] for k, v in files.items() if k.startswith(rel)}
             if sub:
                 return "sha:" + hash_obj(sub, 32)
-    h = hashlib.sha256()
-    files = [f for f in sorted(p.rglob("*")) if f.is_file()] if p.is_dir() else [p]
-    for f in files:
-        h.update(f.relative_to(p).as_posix().encode() if p.is_dir() else f.name.encode())
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                h.update(chunk)
-    return "sha:" + h.hexdigest()[:32]
+    from .fingerprint import fingerprint
+
+    return "sha:" + fingerprint(p).removeprefix("sha256:")[:32]  # cached: an unchanged folder is not read again
 
 
 def evaluate_external(model: str, recipe: Recipe, name: str | None = None, kind: str = "eval") -> dict[str, Any]:

@@ -144,3 +144,76 @@ def test_cli_runtime_errors_are_one_line(tmp_path, capsys):
     _one_line_error(capsys, ["stage", "download", str(recipe), "--no-prefect"], 1, str(blocker))
     with pytest.raises(DataError):  # --debug: the exception itself, with its traceback
         main(["--debug", "stage", "download", str(write_recipe(tmp_path, local, name="r3.yaml")), "--no-prefect"])
+
+
+# ------------------------------------------------------------------------------------------- stale cache
+
+
+def _count_reads(monkeypatch) -> list:
+    import redi.fingerprint as F
+
+    reads: list = []
+    real = F._sha256_file
+    monkeypatch.setattr(F, "_sha256_file", lambda p: reads.append(p) or real(p))
+    return reads
+
+
+def test_a_changed_local_data_file_is_a_new_key_and_said_so(tmp_path, monkeypatch, caplog):
+    """The issue's case: the file cut to fewer rows was a silent cache hit serving the old traces."""
+    import logging
+    import os
+
+    from conftest_orchestration import write_recipe
+
+    from redi.config import load_recipe
+    from redi.pipeline import Pipeline
+
+    monkeypatch.setenv("REDI_FINGERPRINT_CACHE", str(tmp_path / "fp.json"))
+    reads = _count_reads(monkeypatch)
+    rows = [{"problem": f"p{i}", "answer": str(i), "trace": f"\\boxed{{{i}}}"} for i in range(30)]
+    f = tmp_path / "traces.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = load_recipe(write_recipe(tmp_path, {"data.source": "local", "data.local_path": str(f), "evaluate.benchmarks": ["math500"]}))
+    p1 = Pipeline(recipe)
+    k1 = p1.key("download")
+    assert p1.download().summary["traces"] == 30 and len(reads) == 1
+    assert Pipeline(recipe).key("download") == k1 and len(reads) == 1  # unchanged file: a cache hit reads no byte
+    assert Pipeline(recipe).download().cached and len(reads) == 1
+    st = f.stat()
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows[:5]))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    with caplog.at_level(logging.INFO, logger="redi.fingerprint"):
+        p2 = Pipeline(recipe)
+        assert p2.key("download") != k1
+    assert any("traces.jsonl changed" in r.message for r in caplog.records)
+    art = p2.download()
+    assert not art.cached and art.summary["traces"] == 5
+
+
+def test_local_model_folder_and_benchmark_file_are_fingerprinted(tmp_path, monkeypatch):
+    from redi import benchmarks
+    from redi.config import Recipe
+    from redi.config.evaluate import EvaluateConfig
+    from redi.pipeline import Pipeline
+
+    monkeypatch.setenv("REDI_FINGERPRINT_CACHE", str(tmp_path / "fp.json"))
+    reads = _count_reads(monkeypatch)
+    model = tmp_path / "my-model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"\0" * 1000)
+    (model / ".cache").mkdir()
+    (model / ".cache" / "lock").write_text("x")  # hidden: not part of the model
+    recipe = Recipe.model_validate({"model": {"base": str(model)}, "run": {"artifact_root": str(tmp_path / "a")}})
+    k1 = Pipeline(recipe).key("model")
+    assert len(reads) == 2
+    (model / ".cache" / "lock").write_text("y")
+    assert Pipeline(recipe).key("model") == k1 and len(reads) == 2
+    (model / "model.safetensors").write_bytes(b"\1" * 1000)
+    assert Pipeline(recipe).key("model") != k1
+    bench = tmp_path / "b.jsonl"
+    bench.write_text(json.dumps({"id": "1", "problem": "p", "answer": "1"}) + "\n")
+    cfg = EvaluateConfig(benchmarks=["mine"], benchmark_paths={"mine": str(bench)})
+    fp = benchmarks.fingerprint("mine", cfg)
+    n = len(reads)
+    assert benchmarks.fingerprint("mine", cfg) == fp and len(reads) == n
