@@ -138,12 +138,21 @@ def _rows_from_artifacts(arts: dict[str, Any], timings: dict[str, float] | None 
     return rows
 
 
+def funnel_headline(md: str) -> str:
+    """The first section of the verify stage's funnel.md: this run's positives and pairs beside the official ones."""
+    parts = md.split("\n## ")
+    return ("## " + parts[1]).strip() if len(parts) > 1 else md.strip()
+
+
 def print_run(result: dict[str, Any], root: str, seconds: float) -> None:
     rows = result["dag"]
     print(table([{**r, "seconds": f"{r['seconds']:.1f}"} for r in rows], ["stage", "status", "seconds", "key", "path"]))
     hits = sum(r["status"] == "cache hit" for r in rows)
     built = sum(r["seconds"] for r in rows if r["status"] == "built")
     print(f"\n{hits}/{len(rows)} nodes from cache; {built:.1f}s building, {seconds:.1f}s wall. Artifacts: {Path(root).resolve()}")
+    for r in rows:  # what the verify stage selected, beside the official figures (its funnel.md)
+        if r["stage"] == "verify" and (Path(r["path"]) / "funnel.md").exists():
+            print("\n" + funnel_headline((Path(r["path"]) / "funnel.md").read_text()))
     rep = result.get("report")
     if rep:
         reg = ("registered for nightly evaluation: latest.json, results.md, results.png" if rep.get("registered", True)

@@ -223,7 +223,7 @@ class Pipeline:
         return out
 
     def _decontam_fingerprints(self) -> dict[str, str]:
-        if not self.recipe.verify.decontaminate:
+        if self.recipe.verify.decontaminate == "off":
             return {}
         from . import benchmarks
 
@@ -281,7 +281,7 @@ class Pipeline:
         from . import benchmarks
 
         out: dict[str, list[str]] = {}
-        for name in self.recipe.verify.decontam_benchmarks if self.recipe.verify.decontaminate else []:
+        for name in self.recipe.verify.decontam_benchmarks if self.recipe.verify.decontaminate != "off" else []:
             try:
                 out[name] = [row["problem"] for row in benchmarks.load_benchmark(name, self.recipe.evaluate, {})]
             except Exception as e:
@@ -296,7 +296,7 @@ class Pipeline:
 
         def fn(out: Path, work: Path) -> dict:
             return split.verify_and_split(self.recipe.verify, data.file("traces.parquet"), model.dir, out, self.decontam_problems(),
-                                          prompt_protocol=self.recipe.prompt.train)
+                                          prompt_protocol=self.recipe.prompt.train, source=data.summary)
 
         return self._build("verify", fn)
 

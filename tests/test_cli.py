@@ -93,3 +93,11 @@ def test_library_never_imports_prefect():
             "assert not bad, bad[:5]\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=subprocess_env(), timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_stage_verify_prints_the_selection_beside_the_official_figures(tmp_path, capsys):
+    recipe = write_recipe(tmp_path)
+    assert main(["stage", "verify", str(recipe), "--no-prefect"]) == 0
+    out = capsys.readouterr().out
+    assert "## Selected vs the official figures" in out and "| 77,629 |" in out and "| 53,175 |" in out
+    assert "apply only to the full open-r1/OpenR1-Math-Raw" in out and "synthetic" in out  # this run's data is not Raw

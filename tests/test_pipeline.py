@@ -92,3 +92,14 @@ def test_offline_recipe_never_waits_on_the_network(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "0" and "OfflineModeIsEnabled" in out.stderr
     assert time.time() - t0 < 60
+
+
+@pytest.mark.parametrize("override", ["verify.length_filter=pairs_after_selection", "verify.problem_identity=row",
+                                      "verify.label_rule=landmv_both_wrong", "verify.decontaminate=report"])
+def test_selection_fields_rerun_verify_and_everything_trained_on_it(tmp_path, override):
+    a, b = _keys(tmp_path), _keys(tmp_path, override)
+    assert _changed(a, b) == {"verify", "sft", "redi"} | {f"{s}[{m}]" for s in ("evaluate", "grade") for m in ("sft", "redi")}
+
+
+def test_decontamination_details_do_not_matter_when_it_is_off(tmp_path):
+    assert _keys(tmp_path) == _keys(tmp_path, "verify.decontam_normalise=whitespace", "verify.decontam_benchmarks=[math500]")

@@ -70,4 +70,7 @@ class VerifyConfig(StrictModel):
         d = self.model_dump(mode="json")
         for k in ("workers", "executor", "dask_address", "shard_size"):
             d.pop(k)
+        if self.decontaminate == "off":  # how one would decontaminate does not matter then
+            for k in ("decontam_normalise", "decontam_ngram", "decontam_benchmarks"):
+                d.pop(k)
         return d
