@@ -115,7 +115,7 @@ def bench_model(model_dir: Path, rows: list[dict], cfg, rounds: int) -> dict:
 
     def stage(r: int) -> None:
         t = time.time()
-        E._generate_and_grade(gen, pool, reqs, golds, cfg, f"bench r{r}")
+        E._generate_and_grade(gen, pool, reqs["math500"], {}, golds, cfg, f"bench r{r}", E.GenerationLog(None, cfg, model_dir))
         rates["stage"].append(total / (time.time() - t))
 
     t0 = time.time()

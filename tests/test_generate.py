@@ -119,6 +119,8 @@ def test_vllm_environment_and_engine_args():
     cpu = G.cpu_engine_kwargs(kw)  # whole-prompt prefill on CPU (seeded requests), a budget that holds the context
     assert cpu["enable_chunked_prefill"] is False and cpu["max_num_batched_tokens"] == 8192
     assert G.cpu_engine_kwargs(G.engine_kwargs(EvaluateConfig(), 32768))["max_num_batched_tokens"] == 32768
+    # neither the engine count nor the queue depth changes a sample (per-problem seeds): not in the cache key
+    assert EvaluateConfig(data_parallel_size=4, gen_chunk_prompts=2).hash_fields() == EvaluateConfig().hash_fields()
 
 
 def test_engine_plan_pins_each_engine_to_its_devices():
