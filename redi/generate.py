@@ -514,7 +514,8 @@ class VLLMGenerator(Generator):
         self.engines: list[_Engine] = []
         self._cache = Path(os.environ.get("REDI_VLLM_CACHE") or tempfile.mkdtemp(prefix="redi-vllm-"))
         self._own_cache = "REDI_VLLM_CACHE" not in os.environ
-        plan = engine_plan(cfg, visible_gpus(), sorted(os.sched_getaffinity(0)))
+        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+        plan = engine_plan(cfg, visible_gpus(), cores)
         release_cuda_memory()
         t0 = time.time()
         try:  # all engines start at once; each loads the model and reports ready

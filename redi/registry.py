@@ -187,7 +187,7 @@ def evaluate_external(model: str, recipe: Recipe, name: str | None = None, kind:
     label = name or Path(model).name or model
     t0 = time.time()
     art: Artifact = pipe.store.build(
-        "evaluate", key, lambda out, work: ev.evaluate_model(cfg, model_arg, out, extra, label),
+        "evaluate", key, lambda out, work: ev.evaluate_model(cfg, model_arg, out, extra, label, work=work),
         config=cfg.hash_fields(), inputs={"model": model_fp, "model_path": str(model), "benchmarks": fps},
         refresh="evaluate" in recipe.run.refresh)
     metrics = json.loads(art.file("metrics.json").read_text())

@@ -371,7 +371,7 @@ class Study:
         model_dir = model.dir if model.stage == "model" else model.file("model")
         model_ref = f"{model.stage}:{model.key}"
         key = stage_key("evaluate", cfg.hash_fields(), {"model": model_ref, "benchmarks": fps}, self.codes["evaluate"])
-        art = self.store.build("evaluate", key, lambda out, work: ev.evaluate_model(cfg, model_dir, out, extra, label),
+        art = self.store.build("evaluate", key, lambda out, work: ev.evaluate_model(cfg, model_dir, out, extra, label, work=work),
                                config=cfg.hash_fields(), inputs={"model": model_ref, "model_dir": str(model_dir), "benchmarks": fps},
                                refresh="evaluate" in self.recipe.run.refresh)
         res = EvalResult.from_metrics(split, art, cfg.benchmarks[0])
