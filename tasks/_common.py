@@ -4,8 +4,9 @@
   * the library's log lines (``redi.*``: stage start, cache hit or built, summaries) and vLLM's go to
     the task run's logs in the Prefect UI, from any thread of the process;
   * every tqdm progress bar of the library also logs a line every ``PROGRESS_STEP`` percent;
-  * the task run is renamed as soon as the cache is checked: ``sft [cache hit]`` or ``sft [building]``,
-    then ``sft [built 12.3 s]``, so cache hits are visible per task while the run goes.
+  * the task run is named from a cache check when it starts (``stage_run_name``): ``sft [cache hit]`` or
+    ``sft [building]``, then ``sft [built 12.3 s]`` when it completes, so cache hits are visible per
+    task while the run goes.
 """
 
 from __future__ import annotations
@@ -56,17 +57,31 @@ def run_stage(recipe: dict[str, Any], stage: str, call: Callable[[Pipeline], Any
     nodes = nodes or [(stage, None)]
     pipe = pipeline_for(recipe, stage)
     with run_logs():
-        title = _task_title()
-        hits = _check_cache(pipe, nodes)
-        _rename(title, "cache hit" if all(hits.values()) else "building")
+        _check_cache(pipe, nodes)  # logs "cache hit" / "not cached, building" before any work
         t0 = time.time()
         call(pipe)
         out = {}
         for name in (f"{s}[{lab}]" if lab else s for s, lab in nodes):
             out[name] = pipe.nodes[name].to_dict() | {"run_seconds": round(pipe.timings[name], 2)}
         if not all(a["cached"] for a in out.values()):
-            _rename(title, f"built {time.time() - t0:.1f} s")
+            _rename(f"built {time.time() - t0:.1f} s")
     return out
+
+
+def stage_run_name(stage: str) -> Callable[..., str]:
+    """A ``task_run_name`` callable: ``sft [cache hit]`` or ``sft [building]``, decided from the task's parameters
+    when the task run starts (before it shows as Running), so cache hits are visible while the flow goes."""
+    def name(parameters: dict[str, Any]) -> str:
+        label = parameters.get("label")
+        title = f"{stage}[{label}]" if label else stage
+        try:
+            pipe = pipeline_for(parameters["recipe"], stage)
+            nodes = [("evaluate", label), ("grade", label)] if stage == "evaluate" else [(stage, None)]
+            hit = all(pipe.store.lookup(s, pipe.key(s, lab)) is not None and not pipe._refresh(s) for s, lab in nodes)
+        except Exception:  # the name is feedback only; the task itself reports any real problem
+            return title
+        return f"{title} [{'cache hit' if hit else 'building'}]"
+    return name
 
 
 def _check_cache(pipe: Pipeline, nodes: list[tuple[str, str | None]]) -> dict[str, bool]:
@@ -76,34 +91,21 @@ def _check_cache(pipe: Pipeline, nodes: list[tuple[str, str | None]]) -> dict[st
     for stage, label in nodes:
         name = f"{stage}[{label}]" if label else stage
         key = pipe.key(stage, label)
-        hit = pipe.store.lookup(stage, key) is not None and not pipe._refresh(stage)
+        refresh = pipe._refresh(stage)
+        hit = pipe.store.lookup(stage, key) is not None and not refresh
         out[name] = hit
-        log.info("%s: %s (key %s, %s)", name, "cache hit" if hit else "not cached, building" if not pipe._refresh(stage)
-                 else "refresh requested, rebuilding", key, pipe.store.dir(stage, key))
+        status = "cache hit" if hit else "refresh requested, rebuilding" if refresh else "not cached, building"
+        log.info("%s: %s (key %s, %s)", name, status, key, pipe.store.dir(stage, key))
     return out
 
 
-def _task_title() -> str | None:
+def _rename(status: str) -> None:
+    """Replace the ``[...]`` status of the current task run's name; the server takes it with the next state."""
     from prefect.context import TaskRunContext
 
     ctx = TaskRunContext.get()
-    return ctx.task_run.name if ctx else None
-
-
-def _rename(title: str | None, status: str) -> None:
-    """Rename the current task run to ``<title> [<status>]`` (no-op outside a task run or without an API)."""
-    from prefect.context import TaskRunContext
-
-    ctx = TaskRunContext.get()
-    if ctx is None or title is None:
-        return
-    try:
-        from prefect.client.orchestration import get_client
-
-        with get_client(sync_client=True) as client:
-            client.set_task_run_name(ctx.task_run.id, f"{title} [{status}]")
-    except Exception as e:  # the name is feedback only; the stage result does not depend on it
-        logging.getLogger("redi.tasks").debug("could not rename task run: %s", e)
+    if ctx is not None:
+        ctx.task_run.name = ctx.task_run.name.split(" [")[0] + f" [{status}]"
 
 
 # ------------------------------------------------------------------------------------------ logs

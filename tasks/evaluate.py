@@ -12,8 +12,10 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NONE
 
+from ._common import stage_run_name
 
-@task(name="evaluate", cache_policy=NONE, task_run_name="evaluate[{label}]")
+
+@task(name="evaluate", cache_policy=NONE, task_run_name=stage_run_name("evaluate"))
 def evaluate(recipe: dict[str, Any], label: str, model: dict[str, Any]) -> dict[str, dict[str, Any]]:
     from ._common import art, run_stage
 

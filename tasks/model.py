@@ -7,8 +7,10 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NONE
 
+from ._common import stage_run_name
 
-@task(name="model", cache_policy=NONE, retries=1, retry_delay_seconds=30)
+
+@task(name="model", cache_policy=NONE, task_run_name=stage_run_name("model"), retries=1, retry_delay_seconds=30)
 def base_model(recipe: dict[str, Any], data: dict[str, Any] | None = None) -> dict[str, Any]:
     """Retried once: loading a Hub model may fail transiently."""
     from ._common import art, run_stage

@@ -7,8 +7,10 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NONE
 
+from ._common import stage_run_name
 
-@task(name="sft", cache_policy=NONE)
+
+@task(name="sft", cache_policy=NONE, task_run_name=stage_run_name("sft"))
 def sft(recipe: dict[str, Any], verify: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
     from ._common import art, run_stage
 

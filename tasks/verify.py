@@ -7,8 +7,10 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NONE
 
+from ._common import stage_run_name
 
-@task(name="verify", cache_policy=NONE)
+
+@task(name="verify", cache_policy=NONE, task_run_name=stage_run_name("verify"))
 def verify(recipe: dict[str, Any], data: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
     from ._common import art, run_stage
 

@@ -150,3 +150,84 @@ def test_nightly_skips_a_missing_model_instead_of_retraining(tmp_path, prefect_h
     res = registry.evaluate_registered(tmp_path / "artifacts")
     assert [(r.run, r.label, r.status) for r in res] == [("ghost", "sft", "skipped: model artifact missing or corrupt")]
     assert not (tmp_path / "artifacts" / "sft").exists()
+
+
+def test_stage_rerun_with_overrides_does_not_change_the_registration(first_run):
+    """What nightly evaluates (runs/<name>/recipe.yaml, latest.json) changes only with a full run or register_run."""
+    import json
+
+    import yaml
+
+    from flows.pipeline import redi_pipeline, redi_stage
+    from redi.results import ResultsStore
+
+    recipe, first, _ = first_run
+    run_dir = Path(first["report"]["run_dir"])
+    registered = {f: (run_dir / f).read_bytes() for f in ("recipe.yaml", "latest.json", "results.md")}
+    res, _ = _run(redi_stage, stage="evaluate", recipe_path=str(recipe), labels=["sft"], overrides={"evaluate.n_samples": 1})
+    assert {f: (run_dir / f).read_bytes() for f in registered} == registered  # untouched
+    own = Path(res["report"]["run_dir"])
+    assert own.parent == run_dir / "stage-runs" and res["report"]["registered"] is False
+    assert yaml.safe_load((own / "recipe.yaml").read_text())["evaluate"]["n_samples"] == 1
+    assert (own / "results.md").is_file() and "sft" in (own / "results.md").read_text()
+    store = ResultsStore(run_dir.parents[1] / "results").load(run="tiny", kind="stage")
+    assert set(store["label"]) == {"sft"} and set(store["n_samples"].dropna()) == {1}
+    # an explicit registration does rewrite it: this recipe, the evaluated model only (a different recipe)
+    _run(redi_stage, stage="evaluate", recipe_path=str(recipe), labels=["sft"], overrides={"evaluate.n_samples": 1},
+         register_run=True)
+    latest = json.loads((run_dir / "latest.json").read_text())
+    assert set(latest["models"]) == {"sft"} and yaml.safe_load((run_dir / "recipe.yaml").read_text())["evaluate"]["n_samples"] == 1
+    # a full run registers its recipe and every model again (all from cache)
+    again, _ = _run(redi_pipeline, recipe_path=str(recipe))
+    assert _built(again) == set() and again["report"]["registered"] is True
+    assert (run_dir / "recipe.yaml").read_bytes() == registered["recipe.yaml"]
+    assert set(json.loads((run_dir / "latest.json").read_text())["models"]) == {"base", "sft", "redi"}
+
+
+def test_run_logs_show_library_lines_progress_and_cache_status(first_run):
+    """The library's log lines and tqdm progress reach the task runs' logs; task run names say cache hit or built."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+
+    from flows.pipeline import redi_pipeline
+
+    recipe, _, first_id = first_run
+    _, hit_id = _run(redi_pipeline, recipe_path=str(recipe))
+    _drain_logs()
+    with get_client(sync_client=True) as c:
+        def logs(run_id):
+            return c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])), limit=200)
+
+        def names(run_id):
+            return {t.name for t in c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))}
+
+        first_logs, hit_logs = logs(first_id), logs(hit_id)
+        first_names, hit_names = names(first_id), names(hit_id)
+    text = "\n".join(f"{r.name}: {r.message}" for r in first_logs)
+    assert "redi.tasks: sft: not cached, building" in text
+    assert "redi.pipeline: sft built:" in text
+    assert any(r.name == "redi.progress" and "100%" in r.message for r in first_logs), text[-2000:]
+    assert all(r.task_run_id is not None for r in first_logs if r.name.startswith("redi."))  # attached to their task
+    assert {"sft [cache hit]", "evaluate[base] [cache hit]"} <= hit_names, hit_names
+    assert any(n.startswith("sft [built ") for n in first_names), first_names
+    assert "redi.tasks: sft: cache hit" in "\n".join(f"{r.name}: {r.message}" for r in hit_logs)
+
+
+def test_dag_artifact_lists_evaluate_nodes_with_their_time(first_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    _, first, run_id = first_run
+    with get_client(sync_client=True) as c:
+        (dag,) = c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]),
+                                                                 key=ArtifactFilterKey(any_=["tiny-dag"])))
+    rows = {r["stage"]: r for r in first["dag"]}
+    assert rows["evaluate[base]"]["status"] == "built" and rows["evaluate[base]"]["seconds"] > 0
+    assert rows["evaluate[base]"]["seconds"] >= rows["grade[base]"]["seconds"]  # generation is where the time goes
+    assert "| evaluate[base] | built |" in dag.data and "s building" in dag.data
+
+
+def _drain_logs() -> None:
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)
