@@ -411,7 +411,7 @@ def test_the_official_shuffle_changes_no_selection(raw_fixture, tmp_path):
 
 
 def test_funnel_report_compares_with_the_official_figures_only_on_the_full_raw_data():
-    from redi.split import RAW_ROWS, funnel_report
+    from redi.selection import RAW_ROWS, funnel_report
 
     summary = {"selection": {"positives": 77_629, "pairs_selected": 53_170, "pairs_dropped": {"prompt_too_long": 3}, "pairs": 53_167,
                              "length_filter": "pairs_after_selection"},
