@@ -86,9 +86,9 @@ class _Session:
         self.files: dict = {}
         self.dirs: dict = {}
 
-    def file(self, f: Path) -> str:
-        key = str(f.resolve())
-        st = f.stat()
+    def file(self, f: Path, key: str | None = None) -> str:
+        key = key or str(f.resolve())
+        st = os.stat(f)
         old = self.data["files"].get(key)
         if old and old[0] == st.st_size and old[1] == st.st_mtime_ns:
             return old[2]
@@ -102,14 +102,13 @@ class _Session:
     def folder(self, d: Path, include: Callable[[Path], bool] | None) -> str:
         h = hashlib.sha256()
         n = 0
-        for f in _files(d):
-            rel = f.relative_to(d).as_posix()
+        key = str(d.resolve())
+        for f, rel in _files(d):
             if include is not None and not include(f):
                 continue
-            h.update(f"{rel}\0{self.file(f)}\n".encode())
+            h.update(f"{rel}\0{self.file(f, f'{key}/{rel}')}\n".encode())
             n += 1
         digest = h.hexdigest()
-        key = str(d.resolve())
         old = self.data.get("dirs", {}).get(key)
         if old and old != digest:
             log.info("folder %s changed since it was last fingerprinted (%d files): stages keyed on it rebuild", d, n)
@@ -122,13 +121,16 @@ class _Session:
             _save(self.path, self.files, self.dirs)
 
 
-def _files(d: Path) -> list[Path]:
-    """Files under d (symlinks followed), hidden files and folders left out, in a stable order."""
+def _files(d: Path) -> list[tuple[Path, str]]:
+    """(file, path relative to d) under d (symlinks followed), hidden files and folders left out, sorted."""
     out = []
     for root, dirs, files in os.walk(d, followlinks=True):
-        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
-        out += [Path(root) / f for f in sorted(files) if not f.startswith(".")]
-    return sorted(out, key=lambda p: p.relative_to(d).as_posix())
+        dirs[:] = [x for x in dirs if not x.startswith(".")]
+        rel_root = os.path.relpath(root, d)
+        for f in files:
+            if not f.startswith("."):
+                out.append((Path(root) / f, f if rel_root == "." else f"{rel_root}/{f}"))
+    return sorted(out, key=lambda t: t[1])
 
 
 def file_sha256(path: str | Path) -> str:
