@@ -155,7 +155,7 @@ def _check_text(key: str, v: Any, limit: int) -> Any:
         if isinstance(v, float) and not math.isfinite(v):
             raise BadRow(f"answer is {v} (not a number)")
         return v
-    raise BadRow(f"{key} is a {type(v).__name__}, not text")
+    raise BadRow(f"{key} has type {type(v).__name__}, not text")
 
 
 def _raw_labels(row: dict, n: int) -> tuple[list | None, list | None]:
@@ -167,7 +167,7 @@ def _raw_labels(row: dict, n: int) -> tuple[list | None, list | None]:
     if isinstance(corr, dict):
         return _aligned(corr, "math_verify_reparsed_answer", n), _aligned(corr, "llama_verification", n)
     if corr is not None:
-        raise BadRow(f"correctness is a {type(corr).__name__}, not a struct")
+        raise BadRow(f"correctness has type {type(corr).__name__}, not a struct")
     return _aligned(row, "correctness_math_verify", n), _aligned(row, "correctness_llama", n)
 
 
