@@ -23,8 +23,11 @@ def test_prefect_yaml_uses_a_process_pool_and_unique_names():
     names = [(d["entrypoint"], d["name"]) for d in deps]
     assert len(names) == len(set(names))
     assert {d["work_pool"]["name"] for d in deps} == {"redi-process"}
-    stages = {d["parameters"]["stage"] for d in deps if d["entrypoint"].endswith(":redi_stage")}
-    assert stages == {"download", "model", "verify", "sft", "redi", "evaluate"}
+    from flows.stages import STAGE_FLOWS
+
+    stages = {d["name"]: d["entrypoint"] for d in deps if d["entrypoint"].startswith("flows/stages.py:")}
+    assert stages == {s: f"flows/stages.py:{fl.fn.__name__}" for s, fl in STAGE_FLOWS.items()}
+    assert all(not d.get("parameters") for d in deps if d["name"] in stages)  # nothing pre-filled that could win
     nightly = [d for d in deps if d["entrypoint"].endswith(":nightly_eval")]
     assert len(nightly) == 1 and nightly[0]["schedules"][0]["cron"] and nightly[0]["schedules"][0]["timezone"] == "UTC"
 
@@ -75,3 +78,100 @@ def test_serve_builds_every_deployment(tmp_path):
         # the run form is typed: the recipe's sections are in the parameter schema
         schema = demo._parameter_openapi_schema.model_dump() if hasattr(demo, "_parameter_openapi_schema") else {}
         assert "recipe" in str(schema) or schema == {}
+
+
+# ---------------------------------------------------------------------------------- the run forms (issue 18)
+@pytest.fixture(scope="module")
+def forms(prefect_harness, tmp_path_factory) -> dict[str, dict]:
+    """Every served deployment registered with a real (temporary) API, read back: {flow/name: parameter schema}."""
+    import runpy
+
+    from prefect.client.orchestration import get_client
+
+    deps = runpy.run_path(str(REPO / "deployments" / "serve.py"))["build_deployments"](str(tmp_path_factory.mktemp("forms")))
+    out = {}
+    with get_client(sync_client=True) as c:
+        for d in deps:
+            d.apply()
+            api = c.read_deployment_by_name(f"{d.flow_name}/{d.name}")
+            out[f"{d.flow_name}/{d.name}"] = {"schema": api.parameter_openapi_schema, "parameters": api.parameters}
+    return out
+
+
+def test_every_flow_parameter_has_help(forms):
+    missing = [f"{dep}: {p}" for dep, f in forms.items() for p, spec in f["schema"]["properties"].items()
+               if len(spec.get("description") or "") < 15]
+    assert not missing, missing
+
+
+def test_overrides_and_refresh_are_near_the_top_of_every_form(forms):
+    for dep, f in forms.items():
+        props = f["schema"]["properties"]
+        for p in ("overrides", "refresh", "evaluate_overrides"):
+            if p in props:
+                assert props[p]["position"] <= 2, (dep, p, props[p]["position"])
+
+
+def test_stage_forms_pick_any_recipe_and_show_the_stages_own_fields(forms):
+    from flows.stages import CUSTOM, recipe_names
+
+    assert {"demo", "redi-qwen2.5-math-1.5b"} <= set(recipe_names())
+    for stage, section in (("download", "data"), ("model", "model"), ("verify", "verify"), ("sft", "sft"),
+                           ("redi", "redi"), ("evaluate", "evaluate")):
+        f = forms[f"redi-stage/{stage}"]
+        props, defs = f["schema"]["properties"], f["schema"].get("definitions", {})
+        assert "stage" not in props and f["parameters"] == {}  # the stage is fixed; nothing pre-filled
+        assert props["recipe"]["enum"] == [*recipe_names(), CUSTOM] and props["recipe"]["default"] == "demo"
+        assert "recipe" in props and "recipe_path" in props
+        ref = next(a["$ref"] for a in props[section]["anyOf"] if "$ref" in a).split("/")[-1]
+        fields = defs[ref]["properties"]
+        assert all(spec.get("default") is None for spec in fields.values())  # empty = keep the recipe's value
+    ev = forms["redi-stage/evaluate"]["schema"]
+    ev_fields = ev["definitions"]["EvaluateConfigChanges"]["properties"]
+    assert {"n_samples", "benchmarks", "temperature", "max_new_tokens"} <= set(ev_fields)
+    assert "Samples per problem" in ev_fields["n_samples"]["description"]
+    assert {"labels", "register_run"} <= set(ev["properties"])
+
+
+def test_pipeline_forms_are_prefilled_with_their_recipe(forms):
+    for name in ("demo", "redi-qwen2.5-math-1.5b"):
+        params = forms[f"redi-pipeline/{name}"]["parameters"]
+        assert set(params) == {"recipe"} and params["recipe"]["run"]["artifact_root"].startswith("/")
+
+
+def test_stage_flows_refuse_contradictory_choices(tiny_recipe):
+    from flows.stages import evaluate_stage, pick_recipe
+    from redi.config import RecipeError
+
+    assert pick_recipe("demo", None) == REPO / "deployments" / "demo" / "recipe.yaml"
+    assert pick_recipe("custom", str(tiny_recipe)) == str(tiny_recipe)
+    with pytest.raises(RecipeError, match="recipe=custom"):
+        pick_recipe("demo", str(tiny_recipe))
+    with pytest.raises(RecipeError, match="needs recipe_path"):
+        pick_recipe("custom", None)
+    with pytest.raises(RecipeError, match="evaluate.n_samples set both"):
+        evaluate_stage.fn(recipe="custom", recipe_path=str(tiny_recipe), evaluate={"n_samples": 2},
+                          overrides={"evaluate.n_samples": 3})
+    from flows.pipeline import resolve_recipe
+
+    with pytest.raises(RecipeError, match="not both"):
+        resolve_recipe(str(tiny_recipe), {"run": {"name": "x"}})
+
+
+def test_stage_section_changes_keep_the_recipes_other_fields(tiny_recipe):
+    from flows.stages import EvaluateChanges, _dotted
+    from redi.config import load_recipe
+
+    ch = EvaluateChanges(n_samples=3, temperature=0.2)
+    dotted = _dotted(ch.model_dump(mode="json", by_alias=True, exclude_none=True), "evaluate")
+    assert dotted == {"evaluate.n_samples": 3, "evaluate.temperature": 0.2}
+    r = load_recipe(tiny_recipe, dotted)
+    assert (r.evaluate.n_samples, r.evaluate.max_new_tokens, r.evaluate.benchmarks) == (3, 32, ["demo_test"])
+
+
+def test_scheduler_can_create_runs_with_the_installed_sqlalchemy():
+    """Prefect's scheduler code path (a bulk insert of flow runs) on a throw-away database; SQLAlchemy 2.1 fails it."""
+    import runpy
+
+    out = runpy.run_path(str(REPO / "deployments" / "serve.py"))["check_scheduler"]()
+    assert "runs scheduled" in out
