@@ -426,3 +426,17 @@ def test_funnel_report_compares_with_the_official_figures_only_on_the_full_raw_d
     assert not off["comparable"] and "read 1000 rows" in off["note"] and "match" not in off
     off, _ = funnel_report(summary, VerifyConfig(**{**PAPER, "label_rule": "landmv_both_wrong"}), "paper-train", full)
     assert not off["comparable"] and "label_rule='landmv_both_wrong'" in off["note"]
+
+
+def test_row_identity_needs_the_source_rows_and_says_how_to_get_them():
+    from redi.selection import apply_identity
+
+    df = pd.DataFrame({"problem_id": ["a", "a"], "gen_index": [0, 1], "source_row": [None, None], "source_gen": [None, None]},
+                      dtype=object)
+    assert apply_identity(df.copy(), VerifyConfig()).equals(df)  # text identity: as downloaded
+    with pytest.raises(ValueError, match="refresh download"):
+        apply_identity(df, VerifyConfig(problem_identity="row"))
+    df = pd.DataFrame({"problem_id": ["a", "a", "a"], "gen_index": [0, 1, 2], "source_row": [3, 3, 9], "source_gen": [0, 1, 0]})
+    out = apply_identity(df, VerifyConfig(problem_identity="row"))
+    assert out["problem_id"].tolist() == [stable_id("a", "row", 3)] * 2 + [stable_id("a", "row", 9)]
+    assert out["gen_index"].tolist() == [0, 1, 0]
