@@ -15,6 +15,7 @@ the 10-30 min default timeout of the training group.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from datetime import timedelta
@@ -63,8 +64,27 @@ def init(device: str = "auto") -> None:
         PartialState(cpu=cpu)
     timeout = timedelta(seconds=float(os.environ.get("REDI_DIST_TIMEOUT_S", 48 * 3600)))
     _WAIT_GROUP = dist.new_group(backend="gloo", timeout=timeout)
+    atexit.register(_shutdown)
     log.info("rank %d/%d (pid %d) joined the launch's process group (%s)", rank(), world_size(), os.getpid(),
              dist.get_backend())
+
+
+def _shutdown() -> None:
+    """Meet the other ranks (at most 30 s), then tear the process groups down before the interpreter exits.
+
+    A gloo group left to the interpreter's teardown aborted a finished rank now and then ("terminate called
+    without an active exception", exit -6), which the launcher reports as a failed run. The wait is short so
+    that a rank that failed still exits soon and the launcher stops the others."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    try:
+        dist.monitored_barrier(group=_WAIT_GROUP, timeout=timedelta(seconds=30))
+    except Exception as e:  # noqa: BLE001 - a peer already gone; exit anyway
+        log.debug("exit barrier: %s", e)
+    finally:
+        dist.destroy_process_group()
 
 
 def _group():

@@ -22,6 +22,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from . import distributed
 from .artifacts import Artifact, ArtifactStore, code_version, hash_obj, stage_key
 from .config import Recipe, recipe_to_yaml
 
@@ -103,6 +104,31 @@ def check_inputs(recipe: Recipe) -> None:
     benchmarks.check_names(names, recipe.evaluate, extra)
 
 
+def accelerate_command(run, device: str) -> list[str]:
+    """``accelerate launch ...`` arguments (up to the module to run) for run.launcher=accelerate on one machine."""
+    import sys
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if run.accelerate_config:
+        cmd += ["--config_file", run.accelerate_config]
+    if run.num_processes:
+        cmd += ["--num_processes", str(run.num_processes)]
+        if run.num_processes > 1 and not run.accelerate_config:
+            cmd += ["--multi_gpu", "--num_machines", "1", "--main_process_port", str(_free_port())]
+    if not run.accelerate_config:  # the trainer picks its precision itself (recipe dtype)
+        cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    return cmd
+
+
+def _free_port() -> int:
+    """A free local TCP port for the launch's rendezvous (two launches at once must not share 29500)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @dataclass
 class StagePlan:
     """One node of the DAG as planned: its key, where its artifact lives, whether a valid one is cached."""
@@ -133,6 +159,8 @@ class Pipeline:
             import torch
 
             torch.set_num_threads(recipe.run.threads)
+        if distributed.launched():  # one of N processes of `accelerate launch -m redi.cli ...`: join them first
+            distributed.init(resolve_device(recipe.run.device))
 
     # ------------------------------------------------------------------ keys (no work done)
     @cached_property
@@ -249,11 +277,12 @@ class Pipeline:
 
     # ------------------------------------------------------------------ stages
     def _build(self, stage: str, fn: Callable[[Path, Path], dict], label: str | None = None,
-               extra_inputs: dict[str, Any] | None = None) -> Artifact:
+               extra_inputs: dict[str, Any] | None = None, collective: bool = False) -> Artifact:
         k = self.key(stage, label)
         t0 = time.time()
         inputs = {**self._upstream(stage, label), **(extra_inputs or {})}
-        art = self.store.build(stage, k, fn, config=self._config(stage), inputs=inputs, refresh=self._refresh(stage))
+        art = self.store.build(stage, k, fn, config=self._config(stage), inputs=inputs, refresh=self._refresh(stage),
+                               collective=collective)
         name = f"{stage}[{label}]" if label else stage
         self.timings[name] = time.time() - t0
         self.nodes[name] = art
@@ -301,40 +330,49 @@ class Pipeline:
         return self._build("verify", fn)
 
     def _train(self, which: str, model_dir: Path, data: Path, out: Path, work: Path) -> dict:
-        """Run a training stage in this process, or under `accelerate launch` (run.launcher)."""
+        """Run a training stage in this process, or under `accelerate launch` (run.launcher).
+
+        Already one of N launched processes (``accelerate launch -m redi.cli ...``): every rank trains here,
+        whatever run.launcher says. ``launcher=accelerate`` from a single process starts
+        ``accelerate launch [--multi_gpu] --num_processes N -m redi.train``: ``--multi_gpu`` whenever N > 1
+        and no accelerate config is given, because without it (and without a GPU) accelerate starts ONE
+        process; with it accelerate goes through torchrun, which also works on CPU (gloo).
+        """
         from . import train
 
         run = self.recipe.run
         device = resolve_device(run.device)
-        if run.launcher == "inprocess":
+        if run.launcher == "inprocess" or distributed.launched():
+            if run.launcher == "accelerate":
+                log.info("already launched as %d processes: training in them (run.launcher ignored)",
+                         distributed.world_size())
             fn = train.train_sft if which == "sft" else train.train_stage2
             return fn(self.recipe.sft if which == "sft" else self.recipe.redi, model_dir, data, out, work, device,
                       self.recipe.prompt.train)
         import subprocess
-        import sys
 
         recipe_file = work / "recipe.yaml"
         recipe_file.write_text(recipe_to_yaml(self.recipe))
-        cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-        if run.accelerate_config:
-            cmd += ["--config_file", run.accelerate_config]
-        if run.num_processes:
-            cmd += ["--num_processes", str(run.num_processes)]
-        cmd += ["-m", "redi.train", which, "--recipe", str(recipe_file), "--model-dir", str(model_dir),
-                "--data", str(data), "--out", str(out), "--work", str(work), "--device", device]
+        cmd = accelerate_command(run, device) + [
+            "-m", "redi.train", which, "--recipe", str(recipe_file), "--model-dir", str(model_dir),
+            "--data", str(data), "--out", str(out), "--work", str(work), "--device", device]
         log.info("launching: %s", " ".join(cmd))
         subprocess.run(cmd, check=True)
         return json.loads((out / "summary.json").read_text())
 
+    def _training(self, stage: str, fn: Callable[[Path, Path], dict]) -> Artifact:
+        """A training stage: under a multi-process launch every rank runs ``fn`` (a collective build)."""
+        return self._build(stage, fn, collective=distributed.launched())
+
     def sft(self, verify: Artifact | None = None, model: Artifact | None = None) -> Artifact:
         model = model or self.base_model()
         verify = verify or self.verify(model=model)
-        return self._build("sft", lambda out, work: self._train("sft", model.dir, verify.file("positives.parquet"), out, work))
+        return self._training("sft", lambda out, work: self._train("sft", model.dir, verify.file("positives.parquet"), out, work))
 
     def stage2(self, verify: Artifact | None = None, sft: Artifact | None = None) -> Artifact:
         verify = verify or self.verify()
         sft = sft or self.sft(verify=verify)
-        return self._build("redi", lambda out, work: self._train("stage2", sft.file("model"), verify.file("pairs.parquet"), out, work))
+        return self._training("redi", lambda out, work: self._train("stage2", sft.file("model"), verify.file("pairs.parquet"), out, work))
 
     def model_dir(self, label: str, art: Artifact) -> Path:
         return art.dir if label == "base" else art.file("model")
@@ -399,8 +437,11 @@ class Pipeline:
         (``Pipeline.run``, the ``redi-pipeline`` flow) or an explicit ``register=True`` does it. Any other
         report (a stage rerun, perhaps with overrides) is recorded on its own: results-store rows with
         ``kind="stage"`` and ``runs/<name>/stage-runs/<recipe hash>/`` with its recipe, table and plot, so
-        it can never change what nightly evaluates by accident.
+        it can never change what nightly evaluates by accident. Under a multi-process launch rank 0 writes
+        it and the other ranks get its result.
         """
+        if distributed.launched() and not distributed.is_main():
+            return distributed.broadcast(None)
         from . import results
 
         h = self.recipe_hash()
@@ -428,8 +469,8 @@ class Pipeline:
         results.bar_chart(df, rdir / "results.png")
         if not register:
             log.info("report: stage rerun recorded in %s (not registered: runs/%s/latest.json unchanged)", rdir, self.recipe.run.name)
-        return {"run_dir": str(rdir), "registered": register, "table_markdown": table.markdown, "table_rows": table.rows,
-                "plot": str(rdir / "results.png")}
+        return distributed.broadcast({"run_dir": str(rdir), "registered": register, "table_markdown": table.markdown,
+                                      "table_rows": table.rows, "plot": str(rdir / "results.png")})
 
     def _register(self, rdir: Path, models: dict[str, Artifact], grades: dict[str, Artifact]) -> None:
         """Write ``latest.json``: the run's latest models and grades (what nightly evaluation evaluates)."""

@@ -55,6 +55,7 @@ from .signals import SignalLog
 from .tinymodel import MARKER, load_tokenizer
 from .train_backend import (
     adam_update_norm,
+    check_backend,
     configure_deepspeed,
     decay_groups,
     is_deepspeed,
@@ -300,6 +301,7 @@ def run(job: Job) -> dict:
     per_rank = cfg.global_batch // world
     n_micro = math.ceil(per_rank / cfg.micro_batch)
     acc = _make_accelerator(dev, mp, n_micro)
+    check_backend(acc)
     configure_deepspeed(acc, cfg.micro_batch, n_micro, cfg.max_grad_norm)
     model = _load_model(job.model_dir, cfg, dev)
     n_params = param_count(model)
@@ -519,6 +521,12 @@ def main(argv: list[str] | None = None) -> None:
     summary = fn(cfg, args.model_dir, args.data, args.out, args.work, args.device, recipe.prompt.train)
     if int(os.environ.get("RANK", "0")) == 0:
         (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.num_processes > 1:  # leave together; a gloo group left to interpreter teardown can abort a rank
+        state.wait_for_everyone()
+        state.destroy_process_group()
 
 
 if __name__ == "__main__":

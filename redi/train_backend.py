@@ -41,6 +41,22 @@ def is_fsdp(acc) -> bool:
     return str(acc.distributed_type).endswith("FSDP")
 
 
+def check_backend(acc) -> None:
+    """Refuse a launch whose FSDP / DeepSpeed config accelerate silently dropped.
+
+    accelerate 1.15 turns ``ACCELERATE_USE_FSDP`` / ``ACCELERATE_USE_DEEPSPEED`` into FSDP / DeepSpeed only on
+    accelerators; with ``device: cpu`` (or no GPU) the same launch trains plain DDP over gloo, with none of the
+    memory savings the config was chosen for."""
+    import os
+
+    for env, name, on in (("ACCELERATE_USE_FSDP", "FSDP", is_fsdp(acc)),
+                          ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed", is_deepspeed(acc))):
+        if os.environ.get(env, "false").lower() == "true" and not on:
+            raise ValueError(f"the accelerate config asks for {name}, but accelerate runs it only on GPUs and this "
+                             f"run is {acc.distributed_type} on {acc.device}: use a GPU, or deployments/accelerate/ddp.yaml "
+                             "(or --multi_gpu) for CPU processes")
+
+
 def configure_deepspeed(acc, micro_batch: int, grad_accum: int, max_grad_norm: float | None) -> None:
     """Fill DeepSpeed's ``auto`` batch and clipping entries from the recipe (no-op without DeepSpeed).
 

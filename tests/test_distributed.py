@@ -1,0 +1,334 @@
+"""Multi-process training with two REAL processes on CPU (gloo): the recipe README's command shapes.
+
+- ``accelerate launch --multi_gpu --num_processes 2 -m redi.cli stage sft RECIPE --no-prefect`` (the README's
+  ``accelerate launch --config_file ... -m redi.cli stage sft ...`` with the config's 8 GPUs replaced by 2 CPU
+  processes: ``--multi_gpu`` goes through torchrun, each process joins over gloo). Before issue 11 every rank
+  took the artifact lock and the launch deadlocked at the start of SFT.
+- the same for ``stage redi`` (loss redi and dpo), and ``redi stage`` with ``run.launcher=accelerate`` from one
+  process (the pipeline spawns the launch).
+- the artifact store's rank protocol on its own (two spawned gloo processes, no model).
+- the backend helpers of ``redi.train_backend`` (decay groups, update norm, DeepSpeed config) on literals.
+
+Every launch test asserts that BOTH ranks trained (the summary's per-rank report: two pids, tokens on rank 1)
+and that exactly one artifact folder was published per stage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest_orchestration import subprocess_env, write_recipe
+
+from redi import train_backend as TB
+
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(*redi_args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes 2 -m redi.cli ARGS` (the README's shape, 2 CPU processes)."""
+    cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "--main_process_port", str(_port()), "-m", "redi.cli", *redi_args]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                       env=subprocess_env(OMP_NUM_THREADS="1", REDI_THREADS="1"))
+    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-5000:])
+    return p
+
+
+def _published(root: Path, stage: str) -> list[Path]:
+    """The published artifact folders of a stage (temp, work, lock and trash folders start with a dot)."""
+    return [p for p in (root / stage).iterdir() if not p.name.startswith(".")]
+
+
+def _assert_two_ranks_trained(summary: dict) -> None:
+    assert summary["world_size"] == 2
+    ranks = summary["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["pid"] != ranks[1]["pid"]
+    assert all(r["steps"] == summary["steps"] and r["tokens"] > 0 and r["sequences"] > 0 for r in ranks)
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
+# ------------------------------------------------------------------ the README's launch, two real processes
+
+
+@pytest.fixture(scope="module")
+def sft_launch(tmp_path_factory):
+    """One 2-process `stage sft` launch shared by the tests of this module (about 20-40 s on 2 cores)."""
+    d = tmp_path_factory.mktemp("dist")
+    recipe = write_recipe(d, {"redi.global_batch": 4, "redi.micro_batch": 2})
+    return recipe, d / "artifacts", _launch("stage", "sft", str(recipe), "--no-prefect")
+
+
+def test_readme_sft_launch_trains_on_both_ranks_and_publishes_once(sft_launch):
+    recipe, root, p = sft_launch
+    for stage in ("download", "model", "verify", "sft"):
+        folders = _published(root, stage)
+        assert len(folders) == 1, (stage, folders)
+        assert not list((root / stage).glob(".tmp-*")) and not list((root / stage).glob(".work-*"))
+    summary = _manifest(_published(root, "sft")[0])["summary"]
+    _assert_two_ranks_trained(summary)
+    assert summary["steps"] == 3 and math.isfinite(summary["last"]["loss"])
+    assert summary["last"]["update_norm"] > 0 and summary["params"] > 0
+    assert "rank 1/2" in p.stderr and "trained 3 steps" in p.stderr  # rank 1's own log line
+    assert len(re.findall(r"^sft\s+built", p.stdout, re.M)) == 1  # the table is printed by rank 0 only
+    # download, model and verify were built by rank 0 alone: one "built" log line from rank 0's store each
+    assert p.stderr.count("redi.artifacts: built verify") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["redi", "dpo"])
+def test_readme_stage2_launch_on_both_ranks(sft_launch, loss):
+    """`stage redi` (REDI, and the DPO baseline with its reference precomputed sharded over the ranks)."""
+    recipe, root, _ = sft_launch
+    extra = ["--set", "redi.loss=dpo", "--set", "redi.beta=0.1"] if loss == "dpo" else []
+    p = _launch("stage", "redi", str(recipe), "--no-prefect", *extra)
+    assert not re.findall(r"^sft\s+built", p.stdout, re.M)  # SFT is not retrained
+    folders = _published(root, "redi")
+    summaries = {f: _manifest(f)["summary"] for f in folders}
+    summary = next(s for s in summaries.values() if s["loss_type"] == loss)
+    _assert_two_ranks_trained(summary)
+    assert summary["steps"] == 2 and math.isfinite(summary["last"]["loss"])
+    if loss == "dpo":  # step 1: policy == the reference each rank computed for its slice of the pairs
+        assert summary["first"]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert len(_published(root, "sft")) == 1
+
+
+@pytest.mark.slow
+def test_pipeline_accelerate_launcher_starts_two_processes(tmp_path):
+    """`redi stage sft` from ONE process with run.launcher=accelerate, num_processes=2: it spawns the launch."""
+    recipe = write_recipe(tmp_path, {"run.launcher": "accelerate", "run.num_processes": 2})
+    p = subprocess.run([sys.executable, "-m", "redi.cli", "stage", "sft", str(recipe), "--no-prefect"],
+                       capture_output=True, text=True, timeout=600,
+                       env=subprocess_env(OMP_NUM_THREADS="1", REDI_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-5000:]
+    root = tmp_path / "artifacts"
+    folders = _published(root, "sft")
+    assert len(folders) == 1
+    _assert_two_ranks_trained(_manifest(folders[0])["summary"])
+    assert "--multi_gpu" in p.stderr  # the launch line the pipeline logs
+
+
+def test_launch_without_no_prefect_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    from redi.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["stage", "sft", str(write_recipe(tmp_path))]) == 2
+    assert "--no-prefect" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the store's rank protocol (no model)
+
+_STORE_SCRIPT = r"""
+import json, os, sys, time
+from pathlib import Path
+from redi import distributed
+from redi.artifacts import ArtifactStore, StageFailed
+
+root, mode = Path(sys.argv[1]), sys.argv[2]
+distributed.init("cpu")
+store = ArtifactStore(root)
+rank = distributed.rank()
+calls = []
+
+def fn(out, work):
+    calls.append(rank)
+    if mode == "fail":
+        raise RuntimeError("broken stage")
+    # main: rank 0 is slow, rank 1 must wait for its publish; collective: rank 1 is slow, rank 0 must wait for its file
+    time.sleep(0.5 if (rank == 0) == (mode == "main") else 0.0)
+    (out / f"rank{rank}.txt").write_text(str(rank))
+    return {"rank_that_summarised": rank}
+
+try:
+    art = store.build("s", "k", fn, collective=mode == "collective")
+    res = {"path": art.path, "files": sorted(art.manifest["files"]), "summary": art.summary}
+except StageFailed as e:
+    res = {"error": str(e)}
+except RuntimeError as e:
+    res = {"raised": str(e)}
+res["calls"] = calls
+(root / f"result{rank}.json").write_text(json.dumps(res))
+"""
+
+
+def _store_run(tmp_path: Path, mode: str) -> list[dict]:
+    script = tmp_path / "store.py"
+    script.write_text(_STORE_SCRIPT)
+    root = tmp_path / "root"
+    root.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+           str(script), str(root), mode]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env(OMP_NUM_THREADS="1"))
+    if mode != "fail":
+        assert p.returncode == 0, p.stderr[-4000:]
+    return [json.loads((root / f"result{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_store_builds_on_rank_0_only_and_shares_the_artifact(tmp_path):
+    r0, r1 = _store_run(tmp_path, "main")
+    assert r0["calls"] == [0] and r1["calls"] == []  # rank 1 never built, never took the lock
+    assert r0["path"] == r1["path"] and r1["files"] == ["rank0.txt"]
+
+
+def test_store_collective_build_runs_on_every_rank_and_publishes_once(tmp_path):
+    r0, r1 = _store_run(tmp_path, "collective")
+    assert r0["calls"] == [0] and r1["calls"] == [1]
+    assert r0["path"] == r1["path"]
+    assert r1["files"] == ["rank0.txt", "rank1.txt"]  # rank 0 published after the slower rank 1 wrote
+    assert r1["summary"] == {"rank_that_summarised": 0}
+    assert [p.name for p in (tmp_path / "root" / "s").iterdir() if not p.name.startswith(".")] == ["k"]
+
+
+def test_store_failure_on_rank_0_is_reported_on_every_rank(tmp_path):
+    r0, r1 = _store_run(tmp_path, "fail")
+    assert r0["raised"] == "broken stage"
+    assert "rank 0 failed to build it (RuntimeError: broken stage)" in r1["error"]
+    assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "root" / "s").iterdir())
+
+
+# ------------------------------------------------------------------ backend helpers
+
+
+def _tiny_lm():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(cfg)
+
+
+def test_decay_groups_by_name_not_ndim():
+    model = _tiny_lm()
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    groups = TB.decay_groups(model, 0.1)
+    names = [{name_of[id(p)] for p in g["params"]} for g in groups]
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert all(n.endswith("bias") or "norm" in n for n in names[1]) and names[1]
+    assert any(n.endswith("q_proj.bias") for n in names[1]) and "model.norm.weight" in names[1]
+    assert all(not n.endswith("bias") and "norm" not in n for n in names[0])
+    assert names[0] | names[1] == set(name_of.values())
+    # ZeRO-3 replaces every parameter by a 1-D placeholder: the groups must not change
+    for mod in model.modules():
+        for pn, _ in list(mod.named_parameters(recurse=False)):
+            setattr(mod, pn, torch.nn.Parameter(torch.empty(0)))
+    flat = [{n for n, p in model.named_parameters() if any(p is q for q in g["params"])}
+            for g in TB.decay_groups(model, 0.1)]
+    assert flat == names
+
+
+def test_update_norm_from_adamw_state_equals_the_parameter_change():
+    model = _tiny_lm()
+    opt = torch.optim.AdamW(TB.decay_groups(model, 0.05), lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+    acc = SimpleNamespace(device=torch.device("cpu"), state=SimpleNamespace(deepspeed_plugin=None),
+                          distributed_type="NO")
+    ids = torch.randint(0, 64, (2, 12))
+    for _ in range(3):
+        before = [p.detach().clone() for p in model.parameters()]
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        got = TB.adam_update_norm(acc, opt)
+        want = math.sqrt(sum(((p.detach() - b).double() ** 2).sum().item() for p, b in zip(model.parameters(), before, strict=True)))
+        opt.zero_grad()
+        assert got == pytest.approx(want, rel=1e-4)
+    assert TB.adam_update_norm(acc, torch.optim.AdamW(model.parameters())) is None  # no step yet
+
+
+def test_update_norm_of_a_tiny_step_is_the_fp32_update_not_bf16_rounding():
+    """lr 1e-6 (the paper's REDI lr): the fp32 master update, where a bf16 weight snapshot reads rounding flips."""
+    model = _tiny_lm()
+    opt = torch.optim.AdamW(TB.decay_groups(model, 1e-4), lr=1e-6)
+    acc = SimpleNamespace(device=torch.device("cpu"), state=SimpleNamespace(deepspeed_plugin=None), distributed_type="NO")
+    ids = torch.randint(0, 64, (2, 12))
+    before = [p.detach().clone() for p in model.parameters()]
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    got = TB.adam_update_norm(acc, opt)
+
+    def norm(cast):
+        return math.sqrt(sum(((cast(p.detach()).double() - cast(b).double()) ** 2).sum().item()
+                             for p, b in zip(model.parameters(), before, strict=True)))
+
+    fp32, bf16 = norm(lambda t: t), norm(lambda t: t.bfloat16())
+    assert got == pytest.approx(fp32, rel=1e-2)  # fp32 subtraction itself loses digits at this lr
+    assert bf16 > 3 * fp32  # what a bf16 snapshot diff would have reported (measured: ~9x)
+
+
+def _fake_ds(config: dict, world: int = 2):
+    plugin = SimpleNamespace(deepspeed_config=config, zero_stage=config.get("zero_optimization", {}).get("stage", 2))
+    return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin), num_processes=world)
+
+
+def test_deepspeed_gets_micro_batch_accumulation_and_clipping_from_the_recipe():
+    cfg = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+           "train_batch_size": "auto", "zero_optimization": {"stage": 3}}
+    acc = _fake_ds(cfg, world=8)
+    TB.configure_deepspeed(acc, micro_batch=2, grad_accum=8, max_grad_norm=0.5)
+    assert cfg["train_micro_batch_size_per_gpu"] == 2 and cfg["gradient_accumulation_steps"] == 8
+    assert cfg["train_batch_size"] == 128 and cfg["gradient_clipping"] == 0.5
+    TB.configure_deepspeed(_fake_ds(c := {"gradient_clipping": "auto"}), 1, 1, None)
+    assert c["gradient_clipping"] == 0.0  # max_grad_norm None = no clipping (accelerate's auto would say 1.0)
+    with pytest.raises(ValueError, match="gradient_clipping=1.0 but the recipe needs 0.3"):
+        TB.configure_deepspeed(_fake_ds({"gradient_clipping": 1.0}), 1, 1, 0.3)
+
+
+def test_param_count_reads_zero3_placeholders():
+    p = torch.nn.Parameter(torch.empty(0))
+    p.ds_numel = 1234
+    m = torch.nn.Module()
+    m.w, m.b = p, torch.nn.Parameter(torch.zeros(5))
+    assert TB.param_count(m) == 1239
+
+
+def test_shipped_accelerate_configs_leave_batch_and_clipping_to_the_recipe():
+    import yaml
+
+    root = Path(__file__).resolve().parents[1] / "deployments" / "accelerate"
+    for name in ("zero2.yaml", "zero3.yaml"):
+        ds = yaml.safe_load((root / name).read_text())["deepspeed_config"]
+        assert ds["gradient_accumulation_steps"] == "auto" and ds["gradient_clipping"] == "auto"
+    assert yaml.safe_load((root / "zero3.yaml").read_text())["deepspeed_config"]["zero3_save_16bit_model"] is True
+
+
+def test_env_launch_helpers(monkeypatch):
+    from redi import distributed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    assert not distributed.launched() and distributed.is_main() and distributed.broadcast({"a": 1}) == {"a": 1}
+    distributed.barrier()  # a no-op outside a launch
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    assert distributed.launched() and not distributed.is_main() and distributed.rank() == 3
+
+
+def test_accelerate_command_starts_n_processes_on_cpu():
+    from redi.config import Recipe
+    from redi.pipeline import accelerate_command
+
+    run = Recipe.model_validate({"run": {"launcher": "accelerate", "num_processes": 2}}).run
+    cmd = accelerate_command(run, "cpu")
+    assert "--multi_gpu" in cmd and cmd[cmd.index("--num_processes") + 1] == "2"
+    run1 = Recipe.model_validate({"run": {"launcher": "accelerate", "num_processes": 1}}).run
+    assert "--multi_gpu" not in accelerate_command(run1, "cpu")
+    cfg = Recipe.model_validate({"run": {"launcher": "accelerate", "accelerate_config": "x.yaml", "num_processes": 8}}).run
+    c = accelerate_command(cfg, "cuda")
+    assert "--multi_gpu" not in c and c[c.index("--config_file") + 1] == "x.yaml"  # the config says how to launch
