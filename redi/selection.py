@@ -223,8 +223,13 @@ def funnel_report(summary: dict, cfg: VerifyConfig, protocol: str, source: dict 
         reasons = ([why_not] if why_not else []) + ([f"its settings differ from the official ones ({', '.join(differ)})"] if differ else [])
         note = (f"The official figures apply only to the full {RAW_HUB_ID} train split under the official selection "
                 f"settings; {'; '.join(reasons)}, so they are shown for reference only.")
+    bad = (source or {}).get("bad_reasons") or {}
+    dups = sum(v for k, v in bad.items() if k.startswith("duplicate row"))
+    if dups:
+        note += (f" {dups:,} exact duplicate rows were dropped at download (redi.data); the official scripts count each "
+                 "as one more problem, so their counts can be up to that much higher on this data.")
     ours_before = sel["pairs_selected"] if cfg.length_filter == "pairs_after_selection" else None
-    official = {**OFFICIAL_FIGURES, "comparable": comparable, "note": note,
+    official = {**OFFICIAL_FIGURES, "comparable": comparable, "note": note, "duplicate_rows_dropped": dups,
                 "ours": {"positives": sel["positives"], "pairs_before_length_filter": ours_before}}
     if comparable:
         official["match"] = {k: official["ours"][k] == v for k, v in OFFICIAL_FIGURES.items()}
@@ -239,6 +244,9 @@ def funnel_report(summary: dict, cfg: VerifyConfig, protocol: str, source: dict 
              f"| pairs dropped by the length filter ({lim}) | "
              f"{fmt(sum(drops.values())) if ours_before is not None else 'n/a'} | not published |",
              f"| pairs (stage 2) | {fmt(sel['pairs'])} | not published |", "", note, ""]
+    if source and "rows_read" in source:
+        lines += [f"Download: {source['rows_read']:,} source rows read, {source.get('bad_rows', 0):,} unusable "
+                  f"({', '.join(f'{k}: {v:,}' for k, v in bad.items()) or 'none'}).", ""]
     if cfg.length_filter == "traces_before_selection":
         lines += ["Length filter: every too-long trace was dropped before selection (`traces_before_selection`), so this run "
                   "has no pair count before a length filter and its positives were length-filtered too.", ""]

@@ -426,6 +426,11 @@ def test_funnel_report_compares_with_the_official_figures_only_on_the_full_raw_d
     assert not off["comparable"] and "read 1000 rows" in off["note"] and "match" not in off
     off, _ = funnel_report(summary, VerifyConfig(**{**PAPER, "label_rule": "landmv_both_wrong"}), "paper-train", full)
     assert not off["comparable"] and "label_rule='landmv_both_wrong'" in off["note"]
+    dup = {**full, "bad_rows": 3, "bad_reasons": {"duplicate row (same problem, answer and traces as an earlier row)": 2,
+                                                   "no generations": 1}}
+    off, md = funnel_report(summary, VerifyConfig(**PAPER), "paper-train", dup)
+    assert off["comparable"] and off["duplicate_rows_dropped"] == 2 and "2 exact duplicate rows were dropped" in off["note"]
+    assert "516,499 source rows read, 3 unusable (duplicate row" in md and "no generations: 1" in md
 
 
 def test_row_identity_needs_the_source_rows_and_says_how_to_get_them():
