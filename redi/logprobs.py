@@ -38,8 +38,8 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 256 * 2**20
-"""Budget of one chunk's fp32 logits: 256 MiB = 441 rows at Qwen's 151,936-token vocabulary."""
+CHUNK_BYTES = 512 * 2**20
+"""Budget of one chunk's fp32 logits: 512 MiB = 883 rows at Qwen's 151,936-token vocabulary."""
 
 _UNSUPPORTED = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
 
@@ -58,6 +58,8 @@ class ChunkedLinearLogp(torch.autograd.Function):
     """log softmax(h W^T + b)[target] per row, one chunk of rows at a time; logits recomputed in backward.
 
     Inputs: h (N, H), weight (V, H), bias (V,) or None, targets (N,), rows per chunk. Output: (N,) fp32.
+    Saved for backward: h, the head weight in the compute dtype (as autocast's matmul saves it), the
+    (N,) log-sum-exp. The weight gradient is summed in fp32 over chunks, block by block of the vocabulary.
     """
 
     @staticmethod
@@ -71,21 +73,21 @@ class ChunkedLinearLogp(torch.autograd.Function):
                 z = F.linear(h[s:s + rows].to(dt), w, b).float()  # (rows, V)
                 lse[s:s + rows] = torch.logsumexp(z, dim=-1)
                 out[s:s + rows] = z.gather(1, targets[s:s + rows, None]).squeeze(1) - lse[s:s + rows]
-        ctx.save_for_backward(h, weight, bias, targets, lse)
-        ctx.rows, ctx.dt = rows, dt
+        ctx.save_for_backward(h, w, b, targets, lse)
+        ctx.rows, ctx.dt, ctx.w_dtype = rows, dt, weight.dtype
+        ctx.b_dtype = None if bias is None else bias.dtype
         return out
 
     @staticmethod
     def backward(ctx, g):
-        h, weight, bias, targets, lse = ctx.saved_tensors
+        h, w, b, targets, lse = ctx.saved_tensors
         dt, rows = ctx.dt, ctx.rows
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         gh = torch.empty_like(h) if need_h else None
-        gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        gb = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        gb = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
         g = g.float()
         with torch.autocast(h.device.type, enabled=False), torch.no_grad():
-            w, b = weight.to(dt), None if bias is None else bias.to(dt)
             for s in range(0, h.shape[0], rows):
                 hc, gc = h[s:s + rows].to(dt), g[s:s + rows]
                 # d logp_t / d z = onehot(t) - softmax(z): scaled by the upstream gradient, (rows, V)
@@ -96,9 +98,22 @@ class ChunkedLinearLogp(torch.autograd.Function):
                 dz = dz.to(dt)
                 if need_h:
                     gh[s:s + rows] = (dz @ w).to(h.dtype)
-                if need_w:  # a low-precision product per chunk, summed in fp32 across chunks
-                    gw.addmm_(dz.t(), hc) if dt == torch.float32 else gw.add_(dz.t() @ hc)
-        return gh, None if gw is None else gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype), None, None
+                if need_w:
+                    _accumulate_weight_grad(gw, dz, hc)
+        gw = None if gw is None else gw.to(ctx.w_dtype)
+        return gh, gw, None if gb is None else gb.to(ctx.b_dtype), None, None
+
+
+_VOCAB_BLOCK = 16384
+
+
+def _accumulate_weight_grad(gw: torch.Tensor, dz: torch.Tensor, hc: torch.Tensor) -> None:
+    """gw (V, H) fp32 += dz^T (V, rows) @ hc (rows, H); low-precision products a vocabulary block at a time."""
+    if dz.dtype == torch.float32:
+        gw.addmm_(dz.t(), hc)
+        return
+    for v in range(0, gw.shape[0], _VOCAB_BLOCK):
+        gw[v:v + _VOCAB_BLOCK] += dz[:, v:v + _VOCAB_BLOCK].t() @ hc
 
 
 def chunked_token_logps(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,

@@ -478,7 +478,7 @@ def train_sft(cfg: SFTConfig, model_dir: Path, positives_path: Path, out_dir: Pa
               device: str, prompt_protocol: str = DEFAULT_PROTOCOL) -> dict:
     """Stage 1: SFT on positive traces (completion-only loss). Writes out_dir/{model, signals.jsonl, signals.png}."""
     model_dir, out_dir, work_dir, tok = _prepare(cfg, model_dir, out_dir, work_dir)
-    items, counts = load_sft_examples(cfg, tok, Path(positives_path), prompt_protocol)
+    items, counts = load_sft_examples(cfg, tok, Path(positives_path), prompt_protocol, cache_dir=work_dir / "tokens")
     log.info("SFT: %s", counts)
     return run(Job("sft", cfg, model_dir, out_dir, work_dir, device, items, counts, tok))
 
@@ -488,7 +488,7 @@ def train_stage2(cfg: Stage2Config, sft_model_dir: Path, pairs_path: Path, out_d
     """Stage 2 from the SFT checkpoint with cfg.loss in {redi, dpo, simpo}. Same outputs as train_sft."""
     get_loss(cfg.loss)
     model_dir, out_dir, work_dir, tok = _prepare(cfg, sft_model_dir, out_dir, work_dir)
-    items, counts = load_pair_examples(cfg, tok, Path(pairs_path), prompt_protocol)
+    items, counts = load_pair_examples(cfg, tok, Path(pairs_path), prompt_protocol, cache_dir=work_dir / "tokens")
     log.info("stage 2 (%s): %s", cfg.loss, counts)
     return run(Job("stage2", cfg, model_dir, out_dir, work_dir, device, items, counts, tok))
 

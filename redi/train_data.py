@@ -7,14 +7,22 @@
 - stage 2: pairs -> (chosen, rejected) examples; pairs with chosen == rejected and pairs whose prompt is
   longer than ``max_prompt_length`` are dropped (counted, the paper's 800-token rule); over-long
   sequences truncated keep_end (the paper's truncation mode; counted).
+- storage: tokenised once per (data file, tokenizer, protocol, lengths) into an Arrow file of int32 ids
+  (``work_dir/tokens``), memory-mapped by every rank: ~4 bytes of shared host RAM per token instead of
+  Python int tuples (~36 bytes per token per rank). Built by local rank 0 only.
 - order: step ``s`` uses stream positions ``s*G .. (s+1)*G`` of one seeded permutation per epoch, so a
   checkpoint's data position is its step.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
-from collections.abc import Callable
+import os
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +31,173 @@ from .config.train import OptimConfig, SFTConfig, Stage2Config
 from .packing import Example, make_example
 from .prompts import DEFAULT_PROTOCOL, completion_suffix, render_prompt
 
+log = logging.getLogger(__name__)
+
+
+TOKENS_FORMAT = 1
+"""Version of the token-table layout; part of every cache key."""
+
+_BATCH_ROWS = 512  # rows tokenised at a time while building (bounds the builder's Python-int peak)
+
 
 def _encode(tok, texts: list[str]) -> list[list[int]]:
     return tok(texts, add_special_tokens=False)["input_ids"] if texts else []
 
 
-def load_sft_examples(cfg: SFTConfig, tok, positives_path: Path,
-                      prompt_protocol: str = DEFAULT_PROTOCOL) -> tuple[list[Example], dict]:
-    """Positives -> (prompt, completion + terminator) examples, truncated (keep start) to cfg.max_length."""
+class TokenTable(Sequence):
+    """Tokenised sequences as flat int32 token ids + int64 offsets + int32 prompt lengths.
+
+    Backed by an Arrow IPC file memory-mapped read-only (every rank maps the same pages: about 4 bytes
+    of host RAM per token, shared) or by in-memory numpy arrays. ``table[i]`` is an :class:`Example`
+    whose ``ids`` is a zero-copy int32 view.
+    """
+
+    def __init__(self, values: np.ndarray, offsets: np.ndarray, prompt_lens: np.ndarray, counts: dict):
+        self.values, self.offsets, self.prompt_lens, self.counts = values, offsets, prompt_lens, counts
+
+    def __len__(self) -> int:
+        return len(self.prompt_lens)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return Example(self.values[self.offsets[i]:self.offsets[i + 1]], int(self.prompt_lens[i]))
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    def write(self, path: Path) -> None:
+        """Arrow IPC file (columns ``ids`` large_list<int32>, ``prompt_len`` int32; counts in the schema metadata)."""
+        import pyarrow as pa
+
+        ids = pa.LargeListArray.from_arrays(pa.array(self.offsets, pa.int64()), pa.array(self.values, pa.int32()))
+        table = pa.table({"ids": ids, "prompt_len": pa.array(self.prompt_lens, pa.int32())})
+        table = table.replace_schema_metadata({"redi_counts": json.dumps(self.counts), "format": str(TOKENS_FORMAT)})
+        with pa.OSFile(str(path), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+            w.write_table(table)
+
+    @classmethod
+    def open(cls, path: Path) -> TokenTable:
+        """Memory-map an Arrow file written by :meth:`write` (zero-copy)."""
+        import pyarrow as pa
+
+        table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+        col = table.column("ids")
+        ids = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()  # written as one chunk: no copy
+        values = ids.values.to_numpy(zero_copy_only=True)
+        offsets = ids.offsets.to_numpy(zero_copy_only=True)
+        pcol = table.column("prompt_len")
+        plen = (pcol.chunk(0) if pcol.num_chunks == 1 else pcol.combine_chunks()).to_numpy(zero_copy_only=True)
+        counts = json.loads(table.schema.metadata[b"redi_counts"])
+        return cls(values, offsets, plen, counts)
+
+
+class PairTable(Sequence):
+    """(chosen, rejected) pairs over a :class:`TokenTable` whose rows alternate chosen, rejected."""
+
+    def __init__(self, table: TokenTable):
+        self.table, self.counts = table, table.counts
+
+    def __len__(self) -> int:
+        return len(self.table) // 2
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.table[2 * i], self.table[2 * i + 1]
+
+
+class _Builder:
+    """Appends examples batch by batch into int32 arrays (about 4 bytes per token while building)."""
+
+    def __init__(self):
+        self.chunks: list[np.ndarray] = []
+        self.lens: list[int] = []
+        self.plens: list[int] = []
+
+    def add(self, ex: Example) -> None:
+        self.chunks.append(np.asarray(ex.ids, dtype=np.int32))
+        self.lens.append(len(ex.ids))
+        self.plens.append(ex.prompt_len)
+
+    def flush(self) -> None:  # merge the batch's small arrays into one (few Python objects per batch)
+        if len(self.chunks) > 1:
+            self.chunks = [np.concatenate(self.chunks)]
+
+    def table(self, counts: dict) -> TokenTable:
+        values = np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.int32)
+        offsets = np.zeros(len(self.lens) + 1, dtype=np.int64)
+        np.cumsum(self.lens, out=offsets[1:])
+        return TokenTable(values, offsets, np.asarray(self.plens, dtype=np.int32), counts)
+
+
+def _tokenizer_fingerprint(tok) -> str:
+    backend = getattr(tok, "backend_tokenizer", None)
+    blob = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
+    blob += f"|{type(tok).__name__}|{tok.eos_token_id}|{getattr(tok, 'chat_template', None)}"
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _cached(cache_dir: Path | None, key: dict, build: Callable[[], TokenTable]) -> TokenTable:
+    """Build once per key into ``cache_dir`` and memory-map it; ``cache_dir`` None: build in memory.
+
+    Under a multi-process launch only local rank 0 builds (atomic rename); the other ranks wait for
+    the file (no lock, no collective), up to ``REDI_TOKENS_WAIT_S`` seconds (default 7200).
+    """
+    if cache_dir is None:
+        return build()
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    path = Path(cache_dir) / f"{key['kind']}-{digest}.arrow"
+    if not path.exists():
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+            t0 = time.time()
+            build().write(tmp)
+            os.replace(tmp, path)
+            log.info("tokenised %s into %s in %.1f s", key["data"], path, time.time() - t0)
+        else:
+            _wait_for(path)
+    return TokenTable.open(path)
+
+
+def _wait_for(path: Path) -> None:
+    limit = float(os.environ.get("REDI_TOKENS_WAIT_S", "7200"))
+    t0 = time.time()
+    log.info("waiting for local rank 0 to tokenise into %s", path)
+    while not path.exists():
+        if time.time() - t0 > limit:
+            raise TimeoutError(f"{path} did not appear within {limit:.0f} s: local rank 0 tokenises it; check its log "
+                               "(or raise REDI_TOKENS_WAIT_S)")
+        time.sleep(1.0)
+
+
+def _key(kind: str, tok, path: Path, prompt_protocol: str, **fields) -> dict:
+    return {"kind": kind, "format": TOKENS_FORMAT, "data": str(path), "data_sha256": _file_sha(path),
+            "tokenizer": _tokenizer_fingerprint(tok), "protocol": prompt_protocol, **fields}
+
+
+def load_sft_examples(cfg: SFTConfig, tok, positives_path: Path, prompt_protocol: str = DEFAULT_PROTOCOL,
+                      cache_dir: Path | None = None) -> tuple[TokenTable, dict]:
+    """Positives -> (prompt, completion + terminator) examples, truncated (keep start) to cfg.max_length.
+
+    Returns a :class:`TokenTable` (memory-mapped from ``cache_dir`` when given, built there once) and the counts.
+    """
+    key = _key("sft", tok, positives_path, prompt_protocol, max_length=cfg.max_length)
+    table = _cached(cache_dir, key, lambda: _build_sft(cfg, tok, positives_path, prompt_protocol))
+    return table, table.counts
+
+
+def _build_sft(cfg: SFTConfig, tok, positives_path: Path, prompt_protocol: str) -> TokenTable:
     import pandas as pd
 
     df = pd.read_parquet(positives_path, columns=["problem", "completion"])
@@ -41,21 +208,35 @@ def load_sft_examples(cfg: SFTConfig, tok, positives_path: Path,
     if df.empty:
         raise ValueError(f"SFT: no training examples left in {positives_path} ({counts['rows']} rows, "
                          f"{counts['dropped_empty']} with an empty completion or problem)")
-    prompts = _encode(tok, [render_prompt(tok, p, prompt_protocol) for p in df["problem"]])
     end = completion_suffix(tok)  # make_example appends the EOS id after it
-    comps = _encode(tok, [c + end for c in df["completion"].astype(str)])
-    examples, truncated = [], 0
-    for p, c in zip(prompts, comps, strict=True):
-        ex, cut = make_example(p, c, tok.eos_token_id, cfg.max_length, keep="start")
-        examples.append(ex)
-        truncated += cut
-    counts.update(examples=len(examples), truncated=truncated)
-    return examples, counts
+    out, truncated = _Builder(), 0
+    for s in range(0, len(df), _BATCH_ROWS):
+        part = df.iloc[s:s + _BATCH_ROWS]
+        prompts = _encode(tok, [render_prompt(tok, p, prompt_protocol) for p in part["problem"]])
+        comps = _encode(tok, [c + end for c in part["completion"].astype(str)])
+        for p, c in zip(prompts, comps, strict=True):
+            ex, cut = make_example(p, c, tok.eos_token_id, cfg.max_length, keep="start")
+            out.add(ex)
+            truncated += cut
+        out.flush()
+    counts.update(examples=len(df), truncated=truncated)
+    return out.table(counts)
 
 
-def load_pair_examples(cfg: Stage2Config, tok, pairs_path: Path,
-                       prompt_protocol: str = DEFAULT_PROTOCOL) -> tuple[list[tuple[Example, Example]], dict]:
-    """Pairs -> (chosen, rejected) examples; identical pairs and over-long prompts dropped; keep_end truncation."""
+def load_pair_examples(cfg: Stage2Config, tok, pairs_path: Path, prompt_protocol: str = DEFAULT_PROTOCOL,
+                       cache_dir: Path | None = None) -> tuple[PairTable, dict]:
+    """Pairs -> (chosen, rejected) examples; identical pairs and over-long prompts dropped; keep_end truncation.
+
+    Returns a :class:`PairTable` (``pairs[i]`` = (chosen, rejected)) over a token table memory-mapped from
+    ``cache_dir`` when given, and the counts.
+    """
+    key = _key("pairs", tok, pairs_path, prompt_protocol, max_length=cfg.max_length,
+               max_prompt_length=cfg.max_prompt_length)
+    table = _cached(cache_dir, key, lambda: _build_pairs(cfg, tok, pairs_path, prompt_protocol))
+    return PairTable(table), table.counts
+
+
+def _build_pairs(cfg: Stage2Config, tok, pairs_path: Path, prompt_protocol: str) -> TokenTable:
     import pandas as pd
 
     df = pd.read_parquet(pairs_path, columns=["problem", "chosen", "rejected"])
@@ -63,26 +244,31 @@ def load_pair_examples(cfg: Stage2Config, tok, pairs_path: Path,
     same = df["chosen"].astype(str) == df["rejected"].astype(str)
     counts["dropped_identical"] = int(same.sum())
     df = df[~same]
-    prompts = _encode(tok, [render_prompt(tok, p, prompt_protocol) for p in df["problem"]])
-    long_prompt = [len(p) > cfg.max_prompt_length for p in prompts]
-    counts["dropped_long_prompt"] = int(sum(long_prompt))
-    keep = [not x for x in long_prompt]
-    prompts = [p for p, k in zip(prompts, keep, strict=True) if k]
     end = completion_suffix(tok)  # make_example appends the EOS id after it
-    chosen = _encode(tok, [c + end for c, k in zip(df["chosen"].astype(str), keep, strict=True) if k])
-    rejected = _encode(tok, [r + end for r, k in zip(df["rejected"].astype(str), keep, strict=True) if k])
-    pairs, truncated = [], 0
-    for p, c, r in zip(prompts, chosen, rejected, strict=True):
-        ec, tc = make_example(p, c, tok.eos_token_id, cfg.max_length, keep="end")
-        er, tr = make_example(p, r, tok.eos_token_id, cfg.max_length, keep="end")
-        pairs.append((ec, er))
-        truncated += tc + tr
-    counts.update(examples=len(pairs), truncated_sequences=truncated)
-    if not pairs:
+    out, truncated, long_prompts, n = _Builder(), 0, 0, 0
+    for s in range(0, len(df), _BATCH_ROWS):
+        part = df.iloc[s:s + _BATCH_ROWS]
+        prompts = _encode(tok, [render_prompt(tok, p, prompt_protocol) for p in part["problem"]])
+        keep = [len(p) <= cfg.max_prompt_length for p in prompts]
+        long_prompts += keep.count(False)
+        prompts = [p for p, k in zip(prompts, keep, strict=True) if k]
+        chosen = _encode(tok, [c + end for c, k in zip(part["chosen"].astype(str), keep, strict=True) if k])
+        rejected = _encode(tok, [r + end for r, k in zip(part["rejected"].astype(str), keep, strict=True) if k])
+        for p, c, r in zip(prompts, chosen, rejected, strict=True):
+            ec, tc = make_example(p, c, tok.eos_token_id, cfg.max_length, keep="end")
+            er, tr = make_example(p, r, tok.eos_token_id, cfg.max_length, keep="end")
+            out.add(ec)
+            out.add(er)
+            truncated += tc + tr
+            n += 1
+        out.flush()
+    counts["dropped_long_prompt"] = long_prompts
+    counts.update(examples=n, truncated_sequences=truncated)
+    if not n:
         raise ValueError(f"stage 2: no pairs left in {pairs_path} ({counts['rows']} rows; "
                          f"{counts['dropped_identical']} with chosen == rejected, "
                          f"{counts['dropped_long_prompt']} with a prompt > {cfg.max_prompt_length} tokens)")
-    return pairs, counts
+    return out.table(counts)
 
 
 def step_indices(n: int, global_batch: int, step: int, seed: int) -> list[int]:
