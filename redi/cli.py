@@ -356,6 +356,12 @@ def user_error(e: BaseException) -> str | None:
     return None
 
 
+def _drop_traceback(record: logging.LogRecord) -> bool:
+    """Log filter: keep the record, without its traceback (an error that is a bug is re-raised by main)."""
+    record.exc_info, record.exc_text = None, None
+    return True
+
+
 def _sigterm(signum, frame) -> None:
     raise KeyboardInterrupt("SIGTERM")
 
@@ -365,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
+    if not args.debug:  # Prefect logs a failed task's traceback twice; the one line below says what to do
+        for name in ("prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(name).addFilter(_drop_traceback)
     for name in ("accelerate.accelerator", "accelerate.checkpointing"):  # 5 lines per checkpoint otherwise
         logging.getLogger(name).setLevel(logging.WARNING)
     # SIGTERM (kill, a scheduler's timeout) unwinds like Ctrl-C: Prefect's temporary server, vLLM engines and
