@@ -309,7 +309,11 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, dict | BadRow]]:
 def _iter_saved_dataset(path: Path, split: str) -> Iterator[tuple[str, dict]]:
     import datasets
 
-    ds = datasets.load_from_disk(str(path))
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # a missing or corrupt arrow file, a broken state.json: one line naming the folder
+        raise DataError(f"cannot read the datasets folder {path} ({_one_line(e)}); save it again with "
+                        "Dataset.save_to_disk, or point data.local_path at parquet/jsonl files") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataError(f"{path} is a datasets folder without split {split!r} (has {sorted(ds)}); set data.hub_split")

@@ -217,3 +217,14 @@ def test_local_model_folder_and_benchmark_file_are_fingerprinted(tmp_path, monke
     fp = benchmarks.fingerprint("mine", cfg)
     n = len(reads)
     assert benchmarks.fingerprint("mine", cfg) == fp and len(reads) == n
+
+
+def test_a_corrupt_datasets_folder_is_one_line(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list([{"problem": "p", "answer": "1", "trace": "\\boxed{1}"}]).save_to_disk(str(tmp_path / "ds"))
+    for f in (tmp_path / "ds").glob("*.arrow"):
+        f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(DataError) as e:
+        download(DataConfig(source="local", local_path=str(tmp_path / "ds")), tmp_path / "o", progress=False)
+    assert "ds" in str(e.value) and "save_to_disk" in str(e.value) and "\n" not in str(e.value)
