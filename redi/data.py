@@ -375,10 +375,20 @@ def iter_hub(cfg: DataConfig, revision: str | None) -> Iterator[tuple[str, dict]
             f"cannot load {cfg.hub_id} ({cfg.hub_config}, {cfg.hub_split}) from the Hugging Face Hub: {msg}. "
             "Offline? Use data.source=local with data.local_path=<parquet/jsonl/folder>, or `redi demo` (synthetic data)."
         ) from None
-    if first is not None:
-        yield f"{cfg.hub_split}[0]", first
-    for i, row in enumerate(it, start=1):
+    if first is None:
+        return
+    yield f"{cfg.hub_split}[0]", first
+    i = 1
+    while True:
+        try:
+            row = next(it)
+        except StopIteration:
+            return
+        except Exception as e:  # the connection dropped mid-stream: one line, not a traceback
+            raise DataError(f"the Hub stream of {cfg.hub_id} broke after {i} rows ({_one_line(e)}); run the download "
+                            "stage again (it restarts), or download the files and use data.source=local") from None
         yield f"{cfg.hub_split}[{i}]", row
+        i += 1
 
 
 def iter_synthetic(rows: Iterable[dict]) -> Iterator[tuple[str, dict]]:

@@ -228,3 +228,17 @@ def test_a_corrupt_datasets_folder_is_one_line(tmp_path):
     with pytest.raises(DataError) as e:
         download(DataConfig(source="local", local_path=str(tmp_path / "ds")), tmp_path / "o", progress=False)
     assert "ds" in str(e.value) and "save_to_disk" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_hub_stream_that_breaks_is_one_line(tmp_path, monkeypatch):
+    import datasets
+
+    def rows():
+        yield {"problem": "p", "answer": "1", "trace": "\\boxed{1}"}
+        raise ConnectionError("Connection reset by peer")
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: rows())
+    monkeypatch.setattr("redi.data.resolve_revision", lambda hub_id, rev: "abc")
+    with pytest.raises(DataError) as e:
+        download(DataConfig(source="hub", hub_id="open-r1/OpenR1-Math-220k"), tmp_path / "o", progress=False)
+    assert "broke after 1 rows" in str(e.value) and "ConnectionError" in str(e.value) and "\n" not in str(e.value)
