@@ -21,6 +21,10 @@ Rows are streamed and written in batches with a ``pyarrow.parquet.ParquetWriter`
 not grow with the number of rows (only a problem-id -> generation-count map grows, with problems).
 Bad input never stops the stage while good rows remain: bad rows are counted by reason with
 their ids (capped) in the summary; the stage fails with one clear message only when nothing usable is left.
+A bad value never becomes data: a label must be a boolean (or 0/1), a gold a string or a finite number;
+an unreadable file or parquet row group is named and skipped (docs/faults.md lists every kind).
+Departure from the official scripts: a row with the same problem, answer and traces as an earlier row
+is dropped as a duplicate (they would count it as a second problem).
 
 Problem identity: every trace keeps its source row (``source_row``, the row's position in read
 order, like the official ``original_index``) and its index within that row (``source_gen``), so the
