@@ -188,6 +188,9 @@ def _feeder(conn, q: deque, ready: threading.Event) -> None:
                 return
 
 
+_forkserver_owner: int | None = None  # the process that started the forkserver
+
+
 def _context() -> mp.context.BaseContext:
     """forkserver with math_verify imported and warmed (cheap worker starts, safe in threaded parents); spawn elsewhere.
 
@@ -195,9 +198,14 @@ def _context() -> mp.context.BaseContext:
     preparation data calls it ``init_main_from_path``), so its ``__main__`` preload is a no-op and every
     worker re-imports the main script after the fork (0.5 s for a script that imports pandas). The path
     goes through ``REDI_FORKSERVER_MAIN`` instead and ``redi._gradewarm`` imports it in the forkserver.
+
+    A process forked from one that started the forkserver (a data-loader worker calling ``grade``) cannot
+    use it (multiprocessing fails with ChildProcessError), so it spawns its workers.
     """
-    if "forkserver" not in mp.get_all_start_methods():
+    global _forkserver_owner
+    if "forkserver" not in mp.get_all_start_methods() or _forkserver_owner not in (None, os.getpid()):
         return mp.get_context("spawn")
+    _forkserver_owner = os.getpid()
     main = sys.modules.get("__main__")
     path = getattr(main, "__file__", None)
     if path and getattr(main.__spec__, "name", None) is None:  # the path multiprocessing's children will import
@@ -624,16 +632,20 @@ class GradingPool:
 
 
 _shared: GradingPool | None = None
+_shared_pid = 0
 _shared_lock = threading.Lock()
 
 
 def shared_pool(timeout_s: float) -> GradingPool:
     """The process's one-worker pool behind :func:`redi.verify.grade` (started on first use, closed at exit;
-    replaced when another deadline is asked for or the pool failed)."""
-    global _shared
+    replaced when another deadline is asked for or the pool failed; a forked child starts its own: the
+    parent's scheduler thread does not exist there)."""
+    global _shared, _shared_pid
     with _shared_lock:
+        if _shared is not None and _shared_pid != os.getpid():
+            _shared = None  # inherited through fork: not ours to close
         if _shared is None or _shared.timeout_s != float(timeout_s) or _shared._error is not None or _shared._closing:
-            old, _shared = _shared, GradingPool(1, timeout_s)
+            old, _shared, _shared_pid = _shared, GradingPool(1, timeout_s), os.getpid()
             if old is None:
                 import atexit
 
@@ -644,7 +656,7 @@ def shared_pool(timeout_s: float) -> GradingPool:
 
 
 def _close_shared() -> None:
-    if _shared is not None:
+    if _shared is not None and _shared_pid == os.getpid():
         _shared.close()
 
 

@@ -128,6 +128,28 @@ def test_public_grade_is_bounded():
     assert got == [None]
 
 
+def test_public_grade_in_a_forked_child():
+    """A data-loader worker forked after `grade` was used: the inherited pool is not used (its threads are gone
+    there) and the forkserver cannot be (ChildProcessError): the child spawns its own worker."""
+    import os
+
+    assert grade("\\boxed{2}", "2") is True
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        import signal
+
+        signal.alarm(120)  # never leave the test waiting on a stuck child
+        try:
+            os.write(w, repr(grade("\\boxed{3}", "2")).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    assert os.read(r, 100) == b"False"
+    assert grade("\\boxed{2}", "2") is True
+
+
 def test_workers_of_a_dead_parent_exit_quietly(tmp_path):
     """SIGKILL the parent while a worker holds a chunk: the worker's next send fails; it exits without a traceback."""
     import subprocess
