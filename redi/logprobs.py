@@ -209,6 +209,18 @@ class LogProbLM(nn.Module):
     def _no_split_modules(self):
         return getattr(self.lm, "_no_split_modules", None)
 
+    # accelerate's FSDP2 preparation calls these on the module it wraps: without tie_weights the tied
+    # embedding / LM head (Qwen2.5-1.5B ties them) come back from its meta-device move as two separate
+    # parameters (seen on CPU/gloo: 27 parameters instead of 26, different gradients from DDP).
+    def tie_weights(self):
+        return self.lm.tie_weights()
+
+    def get_input_embeddings(self):
+        return self.lm.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.lm.get_output_embeddings()
+
     def split_sequences(self, device: torch.device) -> bool:
         """True where packed rows run sequence by sequence (CUDA attention other than flash varlen)."""
         if self.split is not None:
