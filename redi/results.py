@@ -268,21 +268,50 @@ def history_plot(df: pd.DataFrame, path: str | Path, metric: str = "pass@1", ben
     """`metric` (%) over time, one line per run/model, one panel per benchmark (nightly runs; PNG)."""
     plt = _plt()
     path = Path(path)
-    benches = _bench_cols(list(dict.fromkeys(df["benchmark"]))) if not df.empty else []
-    benches = [b for b in benches if benchmarks is None or b in benchmarks] or [AVERAGE]
-    fig, axes = plt.subplots(1, len(benches), figsize=(3.2 * len(benches) + 1, 3.2), squeeze=False)
-    for ax, b in zip(axes[0], benches, strict=True):
-        sub = df[df["benchmark"] == b]
-        for (run, label), g in sub.groupby(["run", "label"]):
-            t = pd.to_datetime(g["time"], unit="s")
-            ax.plot(t, 100 * g[metric].astype(float), marker="o", label=f"{run}/{label}")
-        ax.set_title("Avg" if b == AVERAGE else b, fontsize=9)
-        ax.set_ylabel(f"{metric} (%)")
-        ax.tick_params(axis="x", labelsize=7, rotation=30)
-    if len(df):
-        axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    fig = history_figure(df, metric, benchmarks)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def history_figure(df: pd.DataFrame, metric: str = "pass@1", benchmarks: list[str] | None = None):
+    """The figure of :func:`history_plot` (drawn, not saved).
+
+    The time axis is UTC with date ticks (date and hour:minute when the evaluations span under two days);
+    a lone evaluation gets a day either side, so the axis never zooms to microseconds."""
+    import matplotlib.dates as mdates
+
+    plt = _plt()
+    benches = _bench_cols(list(dict.fromkeys(df["benchmark"]))) if not df.empty else []
+    benches = [b for b in benches if benchmarks is None or b in benchmarks] or [AVERAGE]
+    fig, axes = plt.subplots(1, len(benches), figsize=(3.6 * len(benches) + 1, 3.4), squeeze=False)
+    times = pd.to_datetime(df["time"], unit="s") if len(df) else pd.Series([], dtype="datetime64[ns]")
+    for ax, b in zip(axes[0], benches, strict=True):
+        sub = df[df["benchmark"] == b]
+        for (run, label), g in sub.groupby(["run", "label"]):
+            g = g.sort_values("time")
+            ax.plot(pd.to_datetime(g["time"], unit="s"), 100 * g[metric].astype(float), marker="o", ms=4, label=f"{run}/{label}")
+        ax.set_title("Avg" if b == AVERAGE else b, fontsize=9)
+        ax.set_ylabel(f"{metric} (%)")
+        ax.set_ylim(bottom=0)
+        fmt = "%Y-%m-%d"
+        if len(times):
+            lo, hi = times.min(), times.max()
+            if hi - lo < pd.Timedelta(minutes=1):  # one evaluation (or one burst): a day either side
+                pad = pd.Timedelta(days=1)
+            elif hi - lo < pd.Timedelta(days=2):  # several the same day: hours and minutes
+                pad, fmt = max((hi - lo) * 0.1, pd.Timedelta(minutes=30)), "%m-%d %H:%M"
+            else:
+                pad = (hi - lo) * 0.05
+            ax.set_xlim(lo - pad, hi + pad)
+        ax.xaxis.set_major_locator(mdates.AutoDateLocator(minticks=2, maxticks=5))
+        ax.xaxis.set_major_formatter(mdates.DateFormatter(fmt))
+        ax.tick_params(axis="x", labelsize=7, rotation=25)
+        ax.set_xlabel("evaluation time (UTC)", fontsize=8)
+        ax.grid(alpha=0.3)
+    if len(df):
+        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    fig.canvas.draw()
+    return fig

@@ -108,3 +108,21 @@ def test_paper_table_follows_the_papers_columns_and_shows_its_numbers(tmp_path):
     # without paper=True no paper row; the paper's Avg column still appears when all five are evaluated
     plain = R.comparison_table(s.load())
     assert "paper:" not in plain.markdown and "Avg (paper's 5)" in plain.markdown.splitlines()[0]
+
+
+@pytest.mark.parametrize("spacing_s, pattern", [(86400, r"^\d{4}-\d{2}-\d{2}$"), (60, r"^\d{2}-\d{2} \d{2}:\d{2}$"),
+                                                 (0, r"^\d{4}-\d{2}-\d{2}$")])
+def test_history_plot_time_axis_shows_dates(spacing_s, pattern):
+    """Nightly runs a day apart, minutes apart, or a single one: readable date ticks, never sub-second ones."""
+    import re
+
+    from redi import results as R
+
+    t0 = 1_795_000_000.0
+    rows = [{"time": t0 + k * spacing_s, "run": "demo", "label": "sft", "benchmark": b, "pass@1": 0.3 + 0.01 * k,
+             "pass@1_sem": 0.01, "kind": "nightly"} for k in range(4 if spacing_s else 1) for b in ("demo_test", "average")]
+    fig = R.history_figure(pd.DataFrame(rows))
+    for ax in fig.axes:
+        labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+        assert len(labels) >= 2 and all(re.match(pattern, x) for x in labels), labels
+    R._plt().close(fig)
