@@ -180,7 +180,7 @@ def main() -> None:
                 r = run_child(m, t, args.layers, args.steps)
                 print(json.dumps(r), flush=True)
                 rounds.setdefault((m, t), []).append(r)
-    for (m, t), rs in rounds.items():
+    for rs in rounds.values():
         ok = [r for r in rs if "error" not in r]
         if not ok:
             res.append(rs[0])
