@@ -1,14 +1,17 @@
-"""Training throughput: our reference-free REDI step vs TRL's DPOTrainer, and padding-free packing vs padding.
+"""Training throughput: our reference-free REDI step vs TRL's DPOTrainer and CPOTrainer-SimPO; packing vs padding.
 
-Two comparisons, each measured by ALTERNATING the methods' steps in one process (the machine is
-shared; separate runs mislead), reporting medians and ratios:
+Each comparison ALTERNATES the methods' steps in one process (the machine is shared; separate runs
+mislead), reporting medians and ratios:
 
 1. Stage 2 on the same model and pairs: our REDI step (packed, and padded), vs TRL 1.16 ``DPOTrainer``
-   (sigmoid loss, its default reference copy, padded). Peak memory is measured separately, one
-   subprocess per method (RSS cannot be split inside one process): peak RSS and its growth over the
-   process's RSS right before the first step.
+   (sigmoid loss, its default reference copy, padded) and TRL's fastest reference-free trainer,
+   ``trl.experimental.cpo.CPOTrainer`` with ``loss_type="simpo"``, ``cpo_alpha=0`` (padded, full
+   logits). Peak memory is measured separately, one subprocess per method (RSS cannot be split inside
+   one process): peak RSS and its growth over the process's RSS right before the first step.
 2. Length-skewed SFT batches (most sequences short, a few long): padded (B, L_max) vs packed rows,
    in useful (non-pad) tokens/s.
+3. Host RAM of tokenised stage-2 data per token: tuples of Python ints (the former layout) vs the
+   memory-mapped Arrow token table of ``redi.train_data`` (one subprocess each).
 
 Usage: ``python benchmarks/bench_train.py [--steps 12] [--out docs/benchmarks/train.md]``.
 """
@@ -127,6 +130,40 @@ class TRLDPO:
         return int(sum(v.sum().item() for k, v in batch.items() if k.endswith("attention_mask")))
 
 
+class TRLSimPO:
+    """TRL 1.16's fastest reference-free trainer: ``trl.experimental.cpo.CPOTrainer`` with ``loss_type="simpo"``,
+    ``cpo_alpha=0`` (pure SimPO, no NLL term), its own compute_loss (padded batches, full logits), plain AdamW step."""
+
+    def __init__(self, model_dir: Path, pairs_path: Path, batch: int, work: Path):
+        import pandas as pd
+        from datasets import Dataset
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+        tok = load_tokenizer(model_dir)
+        df = pd.read_parquet(pairs_path)
+        ds = Dataset.from_dict({"prompt": [render_prompt(tok, p) for p in df.problem],
+                                "chosen": list(df.chosen), "rejected": list(df.rejected)})
+        args = CPOConfig(output_dir=str(work / "trl_cpo"), per_device_train_batch_size=batch, learning_rate=1e-6,
+                         bf16=False, gradient_checkpointing=False, max_length=2048, report_to=[], logging_steps=10**6,
+                         save_strategy="no", use_cpu=True, loss_type="simpo", cpo_alpha=0.0, beta=2.0, simpo_gamma=1.0,
+                         dataloader_num_workers=0, seed=0)
+        self.trainer = CPOTrainer(model=_load(model_dir), args=args, train_dataset=ds, processing_class=tok)
+        self.trainer.create_optimizer()
+        self.it = iter(self.trainer.get_train_dataloader())
+
+    def step(self) -> int:
+        try:
+            batch = next(self.it)
+        except StopIteration:
+            self.it = iter(self.trainer.get_train_dataloader())
+            batch = next(self.it)
+        loss = self.trainer.compute_loss(self.trainer.model, batch)
+        loss.backward()
+        self.trainer.optimizer.step()
+        self.trainer.optimizer.zero_grad(set_to_none=True)
+        return int(batch["chosen_attention_mask"].sum().item() + batch["rejected_attention_mask"].sum().item())
+
+
 def _timed(fn) -> tuple[float, int]:
     t = time.perf_counter()
     n = fn()
@@ -168,7 +205,8 @@ def memory_child(method: str, model_dir: Path, pairs: Path, batch: int, steps: i
     with tempfile.TemporaryDirectory() as work:
         m = {"redi_packed": lambda: Ours(model_dir, pairs, batch, True),
              "redi_padded": lambda: Ours(model_dir, pairs, batch, False),
-             "trl_dpo": lambda: TRLDPO(model_dir, pairs, batch, Path(work))}[method]()
+             "trl_dpo": lambda: TRLDPO(model_dir, pairs, batch, Path(work)),
+             "trl_simpo": lambda: TRLSimPO(model_dir, pairs, batch, Path(work))}[method]()
         before = proc.memory_info().rss / 1024**3
         peak, done = [before], threading.Event()
 
@@ -184,6 +222,58 @@ def memory_child(method: str, model_dir: Path, pairs: Path, batch: int, steps: i
         done.set()
         t.join()
         return {"peak_rss_gb": peak[0], "growth_gb": peak[0] - before, "setup_gb": before - bare}
+
+
+def tokens_child(kind: str, model_dir: Path, pairs: Path, work: Path, copies: int = 40) -> dict:
+    """Host RAM of tokenised stage-2 data held by one process: tuples of Python ints (the former layout) vs
+    the memory-mapped Arrow token table. The demo pairs are repeated ``copies`` times for a few million
+    tokens; the Arrow file is built before the measurement starts (by "local rank 0"), as in training."""
+    import gc
+
+    import pandas as pd
+    import psutil
+
+    from redi import train_data
+
+    big = work / f"pairs_x{copies}.parquet"
+    if not big.exists():
+        df = pd.read_parquet(pairs)
+        pd.concat([df] * copies, ignore_index=True).to_parquet(big)
+    tok = load_tokenizer(model_dir)
+    cfg = Stage2Config()
+    cache = work / "tokens"
+    if kind == "arrow":
+        train_data.load_pair_examples(cfg, tok, big, cache_dir=cache)  # built once, not measured
+    gc.collect()
+    proc = psutil.Process()
+    before = proc.memory_full_info()
+    if kind == "arrow":
+        pairs_seq, _ = train_data.load_pair_examples(cfg, tok, big, cache_dir=cache)
+    else:
+        table, _ = train_data.load_pair_examples(cfg, tok, big)
+        pairs_seq = [tuple((tuple(int(x) for x in ex.ids), ex.prompt_len) for ex in table[i]) for i in range(len(table))]
+        del table
+    gc.collect()
+    n = 0
+    for i in range(len(pairs_seq)):  # touch every token, as an epoch does
+        for ex in pairs_seq[i]:
+            ids = ex.ids if kind == "arrow" else ex[0]
+            n += len(ids)
+            ids[len(ids) // 2]
+    after = proc.memory_full_info()
+    return {"kind": kind, "tokens": n, "rss_bytes_per_token": (after.rss - before.rss) / n,
+            "uss_bytes_per_token": (after.uss - before.uss) / n}
+
+
+def render_tokens(toks: dict) -> str:
+    t, a = toks["tuples"], toks["arrow"]
+    return "\n".join([
+        "", f"## Host RAM of tokenised stage-2 data ({a['tokens']:,} tokens: the demo pairs repeated 40 times)", "",
+        "| layout | RSS growth bytes/token | private (USS) growth bytes/token |", "|---|---|---|",
+        f"| tuples of Python ints (former) | {t['rss_bytes_per_token']:.1f} | {t['uss_bytes_per_token']:.1f} |",
+        f"| Arrow int32, memory-mapped (`redi.train_data`) | {a['rss_bytes_per_token']:.1f} | {a['uss_bytes_per_token']:.1f} |",
+        "", "The mapped pages are the OS page cache, shared by every rank of a node; RSS counts them in each process "
+        "that touched them, USS (private memory) does not.", ""])
 
 
 def skewed_examples(n: int, vocab: int, seed: int = 0) -> list[Example]:
@@ -227,6 +317,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "redi_bench_train")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "train.md")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--tokens-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     log.setLevel(logging.INFO)
@@ -235,17 +326,22 @@ def main() -> None:
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child, model_dir, pairs, args.batch, 4)))
         return
+    if args.tokens_child:
+        print(json.dumps(tokens_child(args.tokens_child, model_dir, pairs, args.work)))
+        return
     threads = torch.get_num_threads()
     n_params = sum(p.numel() for p in _load(model_dir).parameters())
 
-    log.info("stage 2: interleaving ours (packed, padded) and TRL DPOTrainer")
+    log.info("stage 2: interleaving ours (packed, padded), TRL DPOTrainer and TRL CPOTrainer (SimPO)")
     with tempfile.TemporaryDirectory() as work:
         ours_p, ours_u = Ours(model_dir, pairs, args.batch, True), Ours(model_dir, pairs, args.batch, False)
         trl = TRLDPO(model_dir, pairs, args.batch, Path(work))
-        s2 = interleave({"redi_packed": ours_p.step, "redi_padded": ours_u.step, "trl_dpo": trl.step}, args.steps)
+        simpo = TRLSimPO(model_dir, pairs, args.batch, Path(work))
+        s2 = interleave({"redi_packed": ours_p.step, "redi_padded": ours_u.step, "trl_dpo": trl.step,
+                         "trl_simpo": simpo.step}, args.steps)
     log.info("stage 2: %s", s2)
     mem = {}
-    for m in ("redi_packed", "redi_padded", "trl_dpo"):
+    for m in ("redi_packed", "redi_padded", "trl_dpo", "trl_simpo"):
         r = subprocess.run([sys.executable, __file__, "--memory-child", m, "--work", str(args.work), "--batch",
                             str(args.batch)], capture_output=True, text=True, check=True)
         mem[m] = json.loads(r.stdout.strip().splitlines()[-1])
@@ -263,7 +359,13 @@ def main() -> None:
         tick()
     pk = {k: statistics.median(v) for k, v in rates.items()}
 
-    report = render(s2, mem, pk, args, threads, n_params)
+    toks = {}
+    for kind in ("tuples", "arrow"):
+        r = subprocess.run([sys.executable, __file__, "--tokens-child", kind, "--work", str(args.work)],
+                           capture_output=True, text=True, check=True)
+        toks[kind] = json.loads(r.stdout.strip().splitlines()[-1])
+    log.info("tokenised data memory: %s", toks)
+    report = render(s2, mem, pk, args, threads, n_params) + render_tokens(toks)
     print(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
@@ -271,6 +373,7 @@ def main() -> None:
 
 def render(s2: dict, mem: dict, pk: dict, args, threads: int, n_params: int) -> str:
     base = s2["trl_dpo"]["tokens_per_s"]
+    sim, sim_mem = s2["trl_simpo"]["tokens_per_s"], mem["trl_simpo"]
     lines = [
         "# Training benchmarks (`benchmarks/bench_train.py`)",
         "",
@@ -279,17 +382,20 @@ def render(s2: dict, mem: dict, pk: dict, args, threads: int, n_params: int) -> 
         f"Model: random Qwen2, {n_params / 1e6:.1f}M params (width {WIDTH}, {LAYERS} layers), demo tokenizer, fp32. "
         f"{args.batch} pairs per step, {args.steps} measured steps per method (medians).",
         "",
-        "## Stage 2: our REDI step vs TRL 1.16 DPOTrainer (same model, same pairs)",
+        "## Stage 2: our REDI step vs TRL 1.16 DPOTrainer and CPOTrainer-SimPO (same model, same pairs)",
         "",
-        "| method | tokens/s (median) | vs TRL DPO | tokens/step | peak RSS GB (steps) | RSS growth in steps GB | setup RSS GB |",
-        "|---|---|---|---|---|---|---|",
+        "| method | tokens/s (median) | vs TRL DPO | vs TRL SimPO | tokens/step | peak RSS GB (steps) | vs TRL SimPO | "
+        "RSS growth in steps GB | setup RSS GB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     names = {"redi_packed": "ours: REDI, padding-free rows (no reference)",
              "redi_padded": "ours: REDI, padded batch (no reference)",
-             "trl_dpo": "TRL DPOTrainer (sigmoid, reference copy, padded)"}
+             "trl_dpo": "TRL DPOTrainer (sigmoid, reference copy, padded)",
+             "trl_simpo": "TRL CPOTrainer, loss_type=simpo, cpo_alpha=0 (no reference, padded)"}
     for k, r in s2.items():
         lines.append(f"| {names[k]} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base:.2f}x | "
-                     f"{r['tokens_per_step']:,.0f} | {mem[k]['peak_rss_gb']:.2f} | {mem[k]['growth_gb']:.3f} | "
+                     f"{r['tokens_per_s'] / sim:.2f}x | {r['tokens_per_step']:,.0f} | {mem[k]['peak_rss_gb']:.2f} | "
+                     f"{mem[k]['peak_rss_gb'] / sim_mem['peak_rss_gb']:.2f}x | {mem[k]['growth_gb']:.3f} | "
                      f"{mem[k]['setup_gb']:.3f} |")
     lines += [
         "",
