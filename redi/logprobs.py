@@ -221,6 +221,10 @@ class LogProbLM(nn.Module):
     def get_output_embeddings(self):
         return self.lm.get_output_embeddings()
 
+    def tie_weights(self, *args, **kwargs):
+        """accelerate's FSDP2 preparation re-ties embeddings through this (Qwen2.5-1.5B ties them)."""
+        return self.lm.tie_weights(*args, **kwargs)
+
     def split_sequences(self, device: torch.device) -> bool:
         """True where packed rows run sequence by sequence (CUDA attention other than flash varlen)."""
         if self.split is not None:

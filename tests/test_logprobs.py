@@ -145,3 +145,16 @@ def test_bad_kernel_and_capped_logits_are_clear_errors():
 def test_attention_and_row_layout_resolution():
     assert resolve_attn("auto", "cpu") == "sdpa" and resolve_attn("eager", "cuda") == "eager"
     assert row_budget("cpu", 512) == 512 and row_budget("cuda", 512) is None
+
+
+def test_gradient_checkpointing_inside_the_wrapper_gives_the_same_gradients():
+    b = collate(_examples(), packed=True, row_tokens=100)
+    grads = []
+    for ckpt in (False, True):
+        m = _model(True)
+        if ckpt:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        sums, _ = sequence_logps(LogProbLM(m, rows=16).train(), b)
+        sums.sum().backward()
+        grads.append(_grads(m))
+    assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-6) for k in grads[0])
