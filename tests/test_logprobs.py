@@ -158,3 +158,26 @@ def test_gradient_checkpointing_inside_the_wrapper_gives_the_same_gradients():
         sums.sum().backward()
         grads.append(_grads(m))
     assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-6) for k in grads[0])
+
+
+def test_split_path_gives_sdpa_no_mask(monkeypatch):
+    """Each packed sequence alone: SDPA gets attn_mask=None and is_causal (its flash kernel on CUDA)."""
+    import torch.nn.functional as F
+
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*a, **k):
+        calls.append((k.get("attn_mask") is None, k.get("is_causal")))
+        return real(*a, **k)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    m = _model(True).eval()
+    b = collate(_examples(), packed=True, row_tokens=100)
+    with torch.no_grad():
+        LogProbLM(m, split=True)(b.input_ids, b.keep, b.targets, b.position_ids)
+    assert calls and all(no_mask and causal for no_mask, causal in calls)
+    calls.clear()
+    with torch.no_grad():
+        LogProbLM(m, split=False)(b.input_ids, b.keep, b.targets, b.position_ids)
+    assert calls and not any(no_mask for no_mask, _ in calls)  # packed rows: a block-diagonal mask (the CPU layout)
