@@ -209,12 +209,9 @@ class LogProbLM(nn.Module):
     def _no_split_modules(self):
         return getattr(self.lm, "_no_split_modules", None)
 
-    # accelerate's FSDP2 preparation calls these on the module it wraps: without tie_weights the tied
-    # embedding / LM head (Qwen2.5-1.5B ties them) come back from its meta-device move as two separate
-    # parameters (seen on CPU/gloo: 27 parameters instead of 26, different gradients from DDP).
-    def tie_weights(self):
-        return self.lm.tie_weights()
-
+    # accelerate's FSDP2 preparation calls these and tie_weights (below) on the module it wraps: without
+    # tie_weights the tied embedding / LM head (Qwen2.5-1.5B ties them) come back from its meta-device move
+    # as two separate parameters (seen on CPU/gloo: 27 parameters instead of 26, different gradients from DDP).
     def get_input_embeddings(self):
         return self.lm.get_input_embeddings()
 
