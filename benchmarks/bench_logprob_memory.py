@@ -15,7 +15,8 @@ Speed: the same subprocesses, tokens/s of the step after one warm-up step (``--s
 alternated between methods. The full path cannot hold 19k tokens in 24 GB: it runs up to
 ``--full-max`` tokens and its growth per token is fitted (least squares) and extrapolated.
 
-Usage: ``python benchmarks/bench_logprob_memory.py [--out docs/benchmarks/logprob_memory.md]``.
+Usage: ``python benchmarks/bench_logprob_memory.py [--out docs/benchmarks/train.md]`` (replaces only its own
+section of that file).
 """
 
 from __future__ import annotations
@@ -199,7 +200,28 @@ def main() -> None:
     report = render(res, args, a, b)
     print(report)
     if args.out:
-        args.out.write_text(report)
+        write_section(args.out, report)
+
+
+SECTION = "## Log-prob memory"
+
+
+def section(text: str, header: str = SECTION) -> str:
+    """The part of ``text`` from the line starting with ``header`` to the next ``## `` header (or the end)."""
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.startswith(header)), None)
+    if start is None:
+        return ""
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return "".join(lines[start:end])
+
+
+def write_section(path: Path, report: str) -> None:
+    """Put ``report`` (this script's section) into ``path``, replacing its previous version, keeping the rest."""
+    old = path.read_text() if path.exists() else ""
+    cur = section(old)
+    new = old.replace(cur, report.rstrip("\n") + "\n\n") if cur else old.rstrip("\n") + "\n\n" + report
+    path.write_text(new)
 
 
 if __name__ == "__main__":

@@ -368,7 +368,10 @@ def main() -> None:
     report = render(s2, mem, pk, args, threads, n_params) + render_tokens(toks)
     print(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
+    from bench_logprob_memory import section  # keep the log-prob memory section that script writes here
+
+    kept = section(args.out.read_text()) if args.out.exists() else ""
+    args.out.write_text(report.rstrip("\n") + "\n\n" + kept if kept else report)
 
 
 def render(s2: dict, mem: dict, pk: dict, args, threads: int, n_params: int) -> str:
