@@ -38,7 +38,7 @@ HIDDEN, VOCAB, HEADS, KV_HEADS, MLP = 1536, 151_936, 12, 2, 8960  # Qwen2.5-(Mat
 PROMPT = 64
 
 
-def build_model(layers: int):
+def build_model(layers: int, checkpointing: bool = False):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -46,7 +46,10 @@ def build_model(layers: int):
     cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=MLP, num_hidden_layers=layers,
                       num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, tie_word_embeddings=True,
                       max_position_embeddings=32768, attn_implementation="sdpa", use_cache=False)
-    return Qwen2ForCausalLM(cfg).train()
+    model = Qwen2ForCausalLM(cfg)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
 
 
 def make_batch(tokens: int, seed: int = 0):
@@ -77,13 +80,13 @@ def step(model, batch, method: str) -> None:
     model.zero_grad(set_to_none=True)
 
 
-def child(method: str, tokens: int, layers: int, steps: int) -> dict:
+def child(method: str, tokens: int, layers: int, steps: int, checkpointing: bool) -> dict:
     import psutil
     import torch
 
     torch.set_num_threads(int(os.environ.get("REDI_THREADS", "2")))
     proc = psutil.Process()
-    model = build_model(layers)
+    model = build_model(layers, checkpointing)
     batch = make_batch(tokens)
     before = proc.memory_info().rss
     peak, done = [before], threading.Event()
@@ -109,8 +112,9 @@ def child(method: str, tokens: int, layers: int, steps: int) -> dict:
             "step_s": times, "tokens_per_s": n / (times[-1] if len(times) == 1 else statistics.median(times[1:]))}
 
 
-def run_child(method: str, tokens: int, layers: int, steps: int) -> dict:
+def run_child(method: str, tokens: int, layers: int, steps: int, checkpointing: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--child", method, str(tokens), "--layers", str(layers), "--steps", str(steps)]
+    cmd += ["--checkpointing"] if checkpointing else []
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode:
         return {"method": method, "tokens": tokens, "error": (p.stderr or p.stdout).strip().splitlines()[-1][:200]}
@@ -128,11 +132,12 @@ def fit(points: list[tuple[int, float]]) -> tuple[float, float]:
 def render(res: list[dict], args, a: float, b: float) -> str:
     by = {(r["method"], r["tokens"]): r for r in res if "error" not in r}
     lines = [
-        "## Log-prob memory: full (N, V) logits vs chunked (`benchmarks/bench_logprob_memory.py`)",
+        f"## Log-prob memory: full (N, V) logits vs chunked, {args.layers} layer(s)"
+        f"{', checkpointing' if args.checkpointing else ''} (`benchmarks/bench_logprob_memory.py`)",
         "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M')} on this CPU ({os.cpu_count()} cores, shared with other jobs). "
         f"Qwen2.5-1.5B-shaped model with {args.layers} decoder layer(s) (hidden {HIDDEN}, vocabulary {VOCAB:,}, tied "
-        "embeddings), fp32 weights, bf16 autocast; one pair per step (two rows, 64-token prompts), forward + REDI loss + "
+        f"embeddings), fp32 weights, bf16 autocast, gradient checkpointing {'on' if args.checkpointing else 'off'}; one pair per step (two rows, 64-token prompts), forward + REDI loss + "
         "backward. Growth = peak RSS during the step minus RSS before it; one subprocess per cell.",
         "",
         "| completion tokens | full: growth GB | chunked: growth GB | chunked / full | full tokens/s | chunked tokens/s | chunked / full speed |",
@@ -160,6 +165,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--child", nargs=2, metavar=("METHOD", "TOKENS"), help=argparse.SUPPRESS)
     ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (the recipe's setting)")
     ap.add_argument("--steps", type=int, default=2, help="steps per cell (the first is a warm-up when > 1)")
     ap.add_argument("--tokens", default="1024,4096,19456", help="completion tokens per step (chosen + rejected)")
     ap.add_argument("--full-max", type=int, default=4096, help="largest T the full path runs at (24 GB machine)")
@@ -168,7 +174,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="write the markdown table here too")
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], int(args.child[1]), args.layers, args.steps)))
+        print(json.dumps(child(args.child[0], int(args.child[1]), args.layers, args.steps, args.checkpointing)))
         return
     sizes = [int(x) for x in args.tokens.split(",")]
     extra = [int(x) for x in args.full_extra.split(",") if x]
@@ -178,7 +184,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for t in small:
             for m in ("full", "chunked") if t in sizes else ("full",):
-                r = run_child(m, t, args.layers, args.steps)
+                r = run_child(m, t, args.layers, args.steps, args.checkpointing)
                 print(json.dumps(r), flush=True)
                 rounds.setdefault((m, t), []).append(r)
     for rs in rounds.values():
@@ -192,7 +198,7 @@ def main() -> None:
         res.append(med)
     for t in sizes:
         if t > args.full_max:
-            r = run_child("chunked", t, args.layers, 1)
+            r = run_child("chunked", t, args.layers, 1, args.checkpointing)
             print(json.dumps(r), flush=True)
             res.append(r)
     pts = [(r["tokens"], r["growth_gb"]) for r in res if r.get("method") == "full" and "error" not in r]
@@ -206,22 +212,23 @@ def main() -> None:
 SECTION = "## Log-prob memory"
 
 
-def section(text: str, header: str = SECTION) -> str:
-    """The part of ``text`` from the line starting with ``header`` to the next ``## `` header (or the end)."""
+def sections(text: str, prefix: str = SECTION) -> list[str]:
+    """Every part of ``text`` from a line starting with ``prefix`` to the next ``## `` header (or the end)."""
     lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.startswith(header)), None)
-    if start is None:
-        return ""
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    return "".join(lines[start:end])
+    out = []
+    for i, line in enumerate(lines):
+        if line.startswith(prefix):
+            end = next((j for j in range(i + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
+            out.append("".join(lines[i:end]))
+    return out
 
 
 def write_section(path: Path, report: str) -> None:
-    """Put ``report`` (this script's section) into ``path``, replacing its previous version, keeping the rest."""
+    """Put ``report`` into ``path``, replacing the section with the same header line, keeping the rest."""
     old = path.read_text() if path.exists() else ""
-    cur = section(old)
-    new = old.replace(cur, report.rstrip("\n") + "\n\n") if cur else old.rstrip("\n") + "\n\n" + report
-    path.write_text(new)
+    same = sections(old, report.splitlines()[0])
+    body = report.rstrip("\n") + "\n\n"
+    path.write_text(old.replace(same[0], body) if same else old.rstrip("\n") + "\n\n" + body)
 
 
 if __name__ == "__main__":

@@ -368,9 +368,9 @@ def main() -> None:
     report = render(s2, mem, pk, args, threads, n_params) + render_tokens(toks)
     print(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    from bench_logprob_memory import section  # keep the log-prob memory section that script writes here
+    from bench_logprob_memory import sections  # keep the log-prob memory sections that script writes here
 
-    kept = section(args.out.read_text()) if args.out.exists() else ""
+    kept = "".join(sections(args.out.read_text())) if args.out.exists() else ""
     args.out.write_text(report.rstrip("\n") + "\n\n" + kept if kept else report)
 
 
