@@ -191,18 +191,21 @@ class GenerationLog:
         self._keys = {(r.benchmark, r.problem_id): self.key(r) for r in requests}
         if self.path is None or not self.path.exists():
             return {}
-        data = self.path.read_bytes()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):  # a kill cut the last line: drop it so appends start on a fresh line
+        wanted, saved, end = set(self._keys.values()), {}, 0
+        with open(self.path, "rb") as f:  # streamed: the file holds every finished sample's text
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break  # a kill cut this last line
+                end += len(line)
+                try:
+                    d = json.loads(line)
+                    if d["key"] in wanted:
+                        saved[d["key"]] = d["samples"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+        if end < self.path.stat().st_size:  # drop the cut line so appends start on a fresh line
             with open(self.path, "r+b") as f:
                 f.truncate(end)
-        saved = {}
-        for line in data[:end].splitlines():
-            try:
-                d = json.loads(line)
-                saved[d["key"]] = d["samples"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
         return {p: saved[k] for p, k in self._keys.items() if k in saved}
 
     def append(self, samples: list[dict]) -> None:
