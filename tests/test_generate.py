@@ -164,6 +164,21 @@ def test_hf_backend_skips_done_batches_and_regenerates_partial_ones_whole(tiny):
     assert [s for c in chunks for s in c] == [s for s in full if s["problem_id"] in {"p3", "p4"}]
 
 
+def test_release_cuda_memory_empties_the_cache_of_a_process_that_used_cuda(monkeypatch, caplog):
+    """No GPU here: a stand-in for torch.cuda records what the function does in a process that trained."""
+    import sys
+    import types
+
+    calls = []
+    cuda = types.SimpleNamespace(is_initialized=lambda: True, empty_cache=lambda: calls.append("empty_cache"),
+                                 device_count=lambda: 2, memory_allocated=lambda d: 3 * 2**30 if d == 0 else 0)
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
+    with caplog.at_level("INFO", logger="redi.generate"):
+        G.release_cuda_memory()
+    assert calls == ["empty_cache"]
+    assert "still holds 3.00 GiB of live tensors" in caplog.text and caplog.records[-1].levelname == "WARNING"
+
+
 def test_release_cuda_memory_is_a_no_op_without_cuda():
     import torch
 
