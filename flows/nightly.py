@@ -14,12 +14,12 @@ from redi.config import EvaluateConfig
 from tasks.nightly import evaluate_registered, publish_history
 
 NIGHTLY_HELP = {
-    "artifact_root": "The artifact store whose registered runs (runs/<name>/latest.json) are evaluated.",
+    "artifact_root": "The artifact store whose registered runs (runs/RUN/latest.json, RUN = a run name) are evaluated.",
     "evaluate_overrides": "Changes to each run's own evaluation settings, e.g. {\"n_samples\": 4, \"benchmarks\": [\"math500\"]} "
                           "(fields of the evaluate section, without the `evaluate.` prefix).",
     "runs": "Only these registered runs (default: all of them).",
     "labels": "Only these models of each run: base, sft, redi (default: every registered one).",
-    "results_db": "Results store to append to (default: <artifact_root>/results).",
+    "results_db": "Results store to append to (default: the results folder of artifact_root).",
     "evaluate": "A whole evaluation protocol that replaces each run's own evaluate section (empty: each run keeps its own; "
                 "evaluate_overrides still apply on top).",
 }

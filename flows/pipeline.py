@@ -43,9 +43,9 @@ HELP = {
     "recipe": "The whole recipe, typed (the deployment pre-fills it with its recipe's resolved fields; edit any field). "
               "Give either this or `recipe_path`, not both.",
     "labels": "Which models to evaluate: base, sft, redi (default: the recipe's evaluate.models).",
-    "register_run": "Register this result for nightly evaluation: rewrite runs/<name>/recipe.yaml and latest.json with this "
+    "register_run": "Register this result for nightly evaluation: rewrite runs/RUN/recipe.yaml and latest.json (RUN = run.name) with this "
                 "recipe and these models. Off: the rerun is recorded on its own (results store kind=stage, "
-                "runs/<name>/stage-runs/<recipe hash>/) and nightly evaluates what the last full run registered.",
+                "runs/RUN/stage-runs/RECIPE_HASH/) and nightly evaluates what the last full run registered.",
 }
 
 
@@ -128,7 +128,7 @@ def run_dag(r: Recipe, until: str = "report", labels: list[str] | None = None, r
 
 @flow(name="redi-pipeline", description="The whole REDI run: download -> model -> verify -> sft -> redi -> evaluate -> report. "
       "Registers the run for nightly evaluation.")
-@documented("The whole DAG of a recipe; registers the run (runs/<name>/latest.json) for nightly evaluation.",
+@documented("The whole DAG of a recipe; registers the run (runs/RUN/latest.json) for nightly evaluation.",
             "overrides", "refresh", "recipe_path", "recipe")
 def redi_pipeline(
     overrides: dict[str, Any] | None = None,

@@ -68,6 +68,10 @@ VerifyChanges = changes_model(VerifyConfig, "verify")
 SFTChanges = changes_model(SFTConfig, "sft")
 RediChanges = changes_model(Stage2Config, "redi")
 EvaluateChanges = changes_model(EvaluateConfig, "evaluate")
+# Defaults of the section parameters: an empty change set, so the form shows the section's fields at once
+# (a None default hides them behind a type toggle).
+NO_DATA_CHANGES, NO_MODEL_CHANGES, NO_VERIFY_CHANGES = DataChanges(), ModelChanges(), VerifyChanges()
+NO_SFT_CHANGES, NO_REDI_CHANGES, NO_EVALUATE_CHANGES = SFTChanges(), RediChanges(), EvaluateChanges()
 SECTION = {"download": "data", "model": "model", "verify": "verify", "sft": "sft", "redi": "redi", "evaluate": "evaluate"}
 
 
@@ -133,35 +137,35 @@ def _doc(stage: str, *params: str):
 @flow(name="redi-stage", description="Stage download of any recipe (upstream from cache).")
 @_doc("download", "data")
 def download_stage(recipe: RecipeName = "demo", overrides: dict[str, Any] | None = None, refresh: list[Stage] | None = None,
-                   recipe_path: str | None = None, data: DataChanges | None = None) -> dict[str, Any]:
+                   recipe_path: str | None = None, data: DataChanges = NO_DATA_CHANGES) -> dict[str, Any]:
     return run_stage("download", recipe, recipe_path, data, overrides, refresh)
 
 
 @flow(name="redi-stage", description="Stage model (the base model) of any recipe (upstream from cache).")
 @_doc("model", "model")
 def model_stage(recipe: RecipeName = "demo", overrides: dict[str, Any] | None = None, refresh: list[Stage] | None = None,
-                recipe_path: str | None = None, model: ModelChanges | None = None) -> dict[str, Any]:
+                recipe_path: str | None = None, model: ModelChanges = NO_MODEL_CHANGES) -> dict[str, Any]:
     return run_stage("model", recipe, recipe_path, model, overrides, refresh)
 
 
 @flow(name="redi-stage", description="Stage verify (label, filter, split) of any recipe (upstream from cache).")
 @_doc("verify", "verify")
 def verify_stage(recipe: RecipeName = "demo", overrides: dict[str, Any] | None = None, refresh: list[Stage] | None = None,
-                 recipe_path: str | None = None, verify: VerifyChanges | None = None) -> dict[str, Any]:
+                 recipe_path: str | None = None, verify: VerifyChanges = NO_VERIFY_CHANGES) -> dict[str, Any]:
     return run_stage("verify", recipe, recipe_path, verify, overrides, refresh)
 
 
 @flow(name="redi-stage", description="Stage sft (stage 1) of any recipe (upstream from cache).")
 @_doc("sft", "sft")
 def sft_stage(recipe: RecipeName = "demo", overrides: dict[str, Any] | None = None, refresh: list[Stage] | None = None,
-              recipe_path: str | None = None, sft: SFTChanges | None = None) -> dict[str, Any]:
+              recipe_path: str | None = None, sft: SFTChanges = NO_SFT_CHANGES) -> dict[str, Any]:
     return run_stage("sft", recipe, recipe_path, sft, overrides, refresh)
 
 
 @flow(name="redi-stage", description="Stage redi (stage 2: REDI, DPO or SimPO) of any recipe (upstream from cache).")
 @_doc("redi", "redi")
 def redi_stage2(recipe: RecipeName = "demo", overrides: dict[str, Any] | None = None, refresh: list[Stage] | None = None,
-                recipe_path: str | None = None, redi: RediChanges | None = None) -> dict[str, Any]:
+                recipe_path: str | None = None, redi: RediChanges = NO_REDI_CHANGES) -> dict[str, Any]:
     return run_stage("redi", recipe, recipe_path, redi, overrides, refresh)
 
 
@@ -170,7 +174,7 @@ def redi_stage2(recipe: RecipeName = "demo", overrides: dict[str, Any] | None = 
 @_doc("evaluate", "labels", "register_run", "evaluate")
 def evaluate_stage(recipe: RecipeName = "demo", overrides: dict[str, Any] | None = None, refresh: list[Stage] | None = None,
                    recipe_path: str | None = None, labels: list[Label] | None = None, register_run: bool = False,
-                   evaluate: EvaluateChanges | None = None) -> dict[str, Any]:
+                   evaluate: EvaluateChanges = NO_EVALUATE_CHANGES) -> dict[str, Any]:
     return run_stage("evaluate", recipe, recipe_path, evaluate, overrides, refresh, labels, register_run)
 
 

@@ -26,7 +26,7 @@ def redi_study(recipe_path: str = "deployments/study-cpu", overrides: list[str] 
         recipe_path: A folder with recipe.yaml + study.yaml (e.g. deployments/study-cpu).
         overrides: Fields to change, as key=value strings: ["redi.max_length=512", "study.seeds=[0]"]
             (study.* keys go to the study config, the others to the recipe).
-        out_dir: Report folder (default: <artifact_root>/runs/<run.name>/study).
+        out_dir: Report folder (default: the study folder of the run under artifact_root: runs/RUN/study).
     """
     from redi.artifacts import Artifact
     from redi.study import Study, choose, load_study, sft_summary

@@ -294,7 +294,7 @@ def history_figure(df: pd.DataFrame, metric: str = "pass@1", benchmarks: list[st
             ax.plot(pd.to_datetime(g["time"], unit="s"), 100 * g[metric].astype(float), marker="o", ms=4, label=f"{run}/{label}")
         ax.set_title("Avg" if b == AVERAGE else b, fontsize=9)
         ax.set_ylabel(f"{metric} (%)")
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(0, max(1.0, ax.get_ylim()[1]))  # from 0; at least 0-1 % when every score is 0
         fmt = "%Y-%m-%d"
         if len(times):
             lo, hi = times.min(), times.max()

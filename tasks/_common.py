@@ -23,6 +23,7 @@ from redi.config import Recipe
 from redi.pipeline import Pipeline
 
 FORWARDED_LOGGERS = ("redi", "vllm")
+PROGRESS_LOGGER = "redi.progress"
 PROGRESS_STEP = 5  # percent between progress log lines
 PROGRESS_EVERY_S = 30.0  # bars without a total: a line this often
 _ARTIFACT_FIELDS = {f.name for f in fields(Artifact)}
@@ -94,8 +95,9 @@ def _check_cache(pipe: Pipeline, nodes: list[tuple[str, str | None]]) -> dict[st
         refresh = pipe._refresh(stage)
         hit = pipe.store.lookup(stage, key) is not None and not refresh
         out[name] = hit
-        status = "cache hit" if hit else "refresh requested, rebuilding" if refresh else "not cached, building"
-        log.info("%s: %s (key %s, %s)", name, status, key, pipe.store.dir(stage, key))
+        if not hit:  # a hit is logged by the library a moment later; a build only when it ends
+            log.info("%s: %s (key %s, %s)", name, "refresh requested, rebuilding" if refresh else "not cached, building",
+                     key, pipe.store.dir(stage, key))
     return out
 
 
@@ -121,19 +123,22 @@ def run_logs() -> Iterator[None]:
         return
     handler = _run_handler(flow_run_id, tctx.task_run.id if tctx else None)
     saved = []
-    for name in FORWARDED_LOGGERS:
+    for name in (*FORWARDED_LOGGERS, PROGRESS_LOGGER):
         lg = logging.getLogger(name)
-        saved.append((lg, lg.level))
+        saved.append((lg, lg.level, lg.propagate))
         if lg.getEffectiveLevel() > logging.INFO:  # a flow-run process starts with the root at WARNING
             lg.setLevel(logging.INFO)
         lg.addHandler(handler)
+    # progress lines go to the run's logs only: the terminal already draws the bar
+    logging.getLogger(PROGRESS_LOGGER).propagate = False
     try:
         with progress_as_logs():
             yield
     finally:
-        for lg, level in saved:
+        for lg, level, propagate in saved:
             lg.removeHandler(handler)
             lg.setLevel(level)
+            lg.propagate = propagate
 
 
 def _run_handler(flow_run_id: Any, task_run_id: Any) -> logging.Handler:
@@ -163,7 +168,7 @@ def progress_as_logs(step: int = PROGRESS_STEP) -> Iterator[None]:
     import tqdm.auto as tqdm_auto
 
     base = tqdm_auto.tqdm
-    log = logging.getLogger("redi.progress")
+    log = logging.getLogger(PROGRESS_LOGGER)
 
     class LoggedBar(base):  # type: ignore[misc, valid-type]
         def __init__(self, *args: Any, **kwargs: Any) -> None:

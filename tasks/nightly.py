@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 
@@ -38,10 +38,10 @@ def publish_history(artifact_root: str, results_db: str | None, tonight: list[di
                           description="Tonight's evaluation of the latest model of each registered run")
     create_table_artifact(hist["rows"] or [{"run": "(empty history)"}], key="nightly-history",
                           description="Every nightly evaluation so far")
-    create_markdown_artifact(f"## Nightly evaluation history\n\n{hist['markdown']}\n\nResults store: `{hist['results']}`",
-                             key="nightly-history-md", description="Nightly history")
     plot = Path(hist["plot"]) if hist.get("plot") else None
-    if plot and plot.is_file():
-        url = "data:image/png;base64," + base64.b64encode(plot.read_bytes()).decode()
-        create_image_artifact(url, key="nightly-history-plot", description=f"History plot ({plot})")
+    figure = ""
+    if plot and plot.is_file():  # inline in the markdown: an image artifact would print its whole data: URL under it
+        figure = f"![pass@1 over time]({'data:image/png;base64,' + base64.b64encode(plot.read_bytes()).decode()})\n\n"
+    create_markdown_artifact(f"## Nightly evaluation history\n\n{figure}{hist['markdown']}\n\nResults store: `{hist['results']}`"
+                             + (f" (plot: `{plot}`)" if plot else ""), key="nightly-history-md", description="Nightly history")
     return hist

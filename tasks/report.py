@@ -4,7 +4,8 @@ UI artifacts per run (keys are versioned, so each run adds a version):
   ``<run>-metrics``   table: the run's metrics table (``Pipeline.report``'s ``table_rows``)
   ``<run>-report``    markdown: the same table + where the files are
   ``<run>-dag``       markdown: every stage's key, cache hit or built, seconds, folder
-  ``<run>-plot``      image: the results bar chart (embedded as a data: URL; the UI has no file access)
+  (the report embeds the results bar chart as a data: URL in the markdown: the UI has no file access, and an
+  image artifact would print the whole URL under the picture)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 _MAX_INLINE_IMAGE = 2_000_000  # bytes; larger plots are linked by path only
@@ -81,13 +82,12 @@ def publish(run: str, report: dict[str, Any] | None, dag: list[dict[str, Any]], 
         key = artifact_key(run, "report")
         reg = ("Registered for nightly evaluation (latest.json)." if report.get("registered", True) else
                "A stage rerun: recorded on its own, not registered (nightly evaluation is unchanged).")
-        md = f"## Run `{run}`: metrics\n\n{report['table_markdown']}\n\n{reg}\n\nFiles: `{report['run_dir']}` (results.md, results.csv, results.png)"
+        plot = Path(report.get("plot", ""))
+        figure = ""
+        if plot.is_file() and plot.stat().st_size <= _MAX_INLINE_IMAGE:  # inline: an image artifact prints its data: URL
+            figure = f"![{run}: pass@1 by benchmark](data:image/png;base64,{base64.b64encode(plot.read_bytes()).decode()})\n\n"
+        md = (f"## Run `{run}`: metrics\n\n{report['table_markdown']}\n\n{figure}{reg}\n\n"
+              f"Files: `{report['run_dir']}` (results.md, results.csv, results.png)")
         create_markdown_artifact(md, key=key, description=f"Report of run {run}")
         made[key] = "markdown"
-        plot = Path(report.get("plot", ""))
-        if plot.is_file() and plot.stat().st_size <= _MAX_INLINE_IMAGE:
-            key = artifact_key(run, "plot")
-            url = "data:image/png;base64," + base64.b64encode(plot.read_bytes()).decode()
-            create_image_artifact(url, key=key, description=f"Results of run {run} ({plot})")
-            made[key] = "image"
     return made

@@ -58,7 +58,7 @@ def test_full_run_writes_every_stage_and_ui_artifacts(first_run):
     assert Path(rep["run_dir"], "latest.json").is_file()
     assert {row["label"] for row in rep["table_rows"]} >= {"base", "sft", "redi"} or rep["table_rows"]
     keys = _artifact_keys(run_id)
-    assert keys == {"tiny-dag": "markdown", "tiny-metrics": "table", "tiny-report": "markdown", "tiny-plot": "image"}
+    assert keys == {"tiny-dag": "markdown", "tiny-metrics": "table", "tiny-report": "markdown"}
 
 
 def test_second_run_is_all_cache_hits(first_run):
@@ -210,7 +210,7 @@ def test_run_logs_show_library_lines_progress_and_cache_status(first_run):
     assert all(r.task_run_id is not None for r in first_logs if r.name.startswith("redi."))  # attached to their task
     assert {"sft [cache hit]", "evaluate[base] [cache hit]"} <= hit_names, hit_names
     assert any(n.startswith("sft [built ") for n in first_names), first_names
-    assert "redi.tasks: sft: cache hit" in "\n".join(f"{r.name}: {r.message}" for r in hit_logs)
+    assert "redi.pipeline: sft cache hit" in "\n".join(f"{r.name}: {r.message}" for r in hit_logs)
 
 
 def test_dag_artifact_lists_evaluate_nodes_with_their_time(first_run):
