@@ -30,6 +30,10 @@ What the loop does (paper App. C unless stated):
   the same work_dir resumes from the newest and ends with the same weights as an uninterrupted run.
 - a non-finite loss stops training before the optimiser step, keeps the last good checkpoint and
   raises :class:`TrainingError` naming the step.
+- several processes (DDP, FSDP, DeepSpeed ZeRO-2/3): what differs per backend (DeepSpeed's batch and
+  clipping, decay groups by name, the update norm from the optimiser state, the DPO reference through
+  the prepared model, sharded over ranks) is in ``redi.train_backend``; docs/training.md lists what is
+  tested on CPU per backend.
 """
 
 from __future__ import annotations
@@ -69,8 +73,9 @@ __all__ = ["train_sft", "train_stage2", "TrainingError", "load_sft_examples", "l
 
 log = logging.getLogger(__name__)
 
-_KILL_AT_STEP: int | None = None
-"""Tests only: raise _SimulatedKill right after the checkpoint of this step (simulates a killed run)."""
+_KILL_AT_STEP: int | None = int(os.environ["REDI_TEST_KILL_AT_STEP"]) if os.environ.get("REDI_TEST_KILL_AT_STEP") else None
+"""Tests only: raise _SimulatedKill right after the checkpoint of this step (simulates a killed run; the env
+variable reaches the processes of a multi-process launch)."""
 
 
 class TrainingError(RuntimeError):
@@ -118,7 +123,13 @@ def _make_accelerator(dev: str, mixed_precision: str, grad_accum: int):
     # Several stages may run in one process (tests, the pipeline): start from a clean singleton.
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    return Accelerator(cpu=dev == "cpu", mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum)
+    # A plugin, not gradient_accumulation_steps=: under a DeepSpeed launch accelerate exports the config's
+    # `gradient_accumulation_steps: auto` as ACCELERATE_GRADIENT_ACCUMULATION_STEPS, which overrides the argument
+    # (int("auto") raises); the plugin is taken as given, and redi.train_backend fills DeepSpeed's "auto" from it.
+    from accelerate.utils import GradientAccumulationPlugin
+
+    return Accelerator(cpu=dev == "cpu", mixed_precision=mixed_precision,
+                       gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=grad_accum))
 
 
 def _load_model(model_dir: Path, cfg: OptimConfig, dev: str = "cpu") -> LogProbLM:

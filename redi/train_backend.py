@@ -103,6 +103,25 @@ def state_is_sharded(acc) -> bool:
     return zero_stage(acc) >= 1 or is_fsdp(acc)
 
 
+def _stepped_tensors(acc, optimizer: torch.optim.Optimizer):
+    """(tensor the optimiser steps, its param group, the optimiser's state dict) for this rank.
+
+    DeepSpeed steps its own "basic" optimiser (ours, or the CPU Adam it swaps in for offloading) on flat
+    fp32 partitions; ZeRO-3 empties the groups' ``params`` after each step and keeps the partitions in
+    ``fp32_partitioned_groups_flat`` with ``sub_group_to_group_id``."""
+    if is_deepspeed(acc) and getattr(acc, "deepspeed_engine_wrapped", None) is not None:
+        zero_opt = acc.deepspeed_engine_wrapped.engine.optimizer
+        inner = getattr(zero_opt, "optimizer", optimizer)
+        if hasattr(zero_opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
+            for i, p in enumerate(zero_opt.fp32_partitioned_groups_flat):
+                yield p, inner.param_groups[zero_opt.sub_group_to_group_id[i]], inner.state
+            return
+        optimizer = inner
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            yield p, group, optimizer.state
+
+
 def adam_update_norm(acc, optimizer: torch.optim.Optimizer) -> float | None:
     """L2 norm of the update the last optimiser step made, from its AdamW state (see the module docstring).
 
@@ -112,23 +131,22 @@ def adam_update_norm(acc, optimizer: torch.optim.Optimizer) -> float | None:
     sq = torch.zeros(1, dtype=torch.float64, device=dev)
     seen = False
     check_grad = not is_deepspeed(acc)  # DeepSpeed frees its partitions' grads inside its step
-    for group in optimizer.param_groups:
+    for p, group, state in _stepped_tensors(acc, optimizer):
         lr, wd, eps = group["lr"], group.get("weight_decay", 0.0), group.get("eps", 1e-8)
         b1, b2 = group.get("betas", (0.9, 0.999))
-        for p in group["params"]:
-            st = optimizer.state.get(p)
-            if not st or "exp_avg" not in st or (check_grad and p.grad is None):
-                continue
-            step = float(st["step"])
-            bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
-            m, v = _local(st["exp_avg"]).float(), _local(st["exp_avg_sq"]).float()
-            a = (m / bc1) / (v.sqrt() / math.sqrt(bc2) + eps)
-            upd = lr * a
-            if wd:
-                before = (_local(p.detach()).float() + lr * a) / (1 - lr * wd)
-                upd = upd + (lr * wd) * before
-            sq += upd.double().pow(2).sum().to(dev)
-            seen = True
+        st = state.get(p)
+        if not st or "exp_avg" not in st or (check_grad and p.grad is None):
+            continue
+        step = float(st["step"])
+        bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
+        m, v = _local(st["exp_avg"]).float(), _local(st["exp_avg_sq"]).float()
+        a = (m / bc1) / (v.sqrt() / math.sqrt(bc2) + eps)
+        upd = lr * a
+        if wd:
+            before = (_local(p.detach()).float() + lr * a) / (1 - lr * wd)
+            upd = upd + (lr * wd) * before
+        sq += upd.double().pow(2).sum().to(dev)
+        seen = True
     if state_is_sharded(acc):  # every rank holds a disjoint shard: sum the squares (and whether any was seen)
         t = acc.reduce(torch.cat([sq, torch.tensor([float(seen)], dtype=torch.float64, device=dev)]), reduction="sum")
         sq, seen = t[:1], bool(t[1].item())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import socket
 import subprocess
@@ -31,6 +32,8 @@ from conftest_orchestration import subprocess_env, write_recipe
 from redi import train_backend as TB
 
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "deployments" / "accelerate"
+CPU_BACKEND_SHIM = Path(__file__).resolve().parent / "cpu_backends"  # sitecustomize.py: FSDP / DeepSpeed on CPU
 
 
 def _port() -> int:
@@ -39,13 +42,18 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(*redi_args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`accelerate launch --multi_gpu --num_processes 2 -m redi.cli ARGS` (the README's shape, 2 CPU processes)."""
-    cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-           "no", "--dynamo_backend", "no", "--main_process_port", str(_port()), "-m", "redi.cli", *redi_args]
+def _launch(*redi_args: str, config: str | None = None, check: bool = True, timeout: int = 600,
+            **env: str) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes 2 -m redi.cli ARGS` (the README's shape, 2 CPU processes),
+    or `accelerate launch --config_file deployments/accelerate/CONFIG --num_processes 2 ...`."""
+    how = ["--config_file", str(ACCELERATE_CONFIGS / config)] if config else [
+        "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd = [ACCELERATE, "launch", *how, "--num_processes", "2", "--main_process_port", str(_port()),
+           "-m", "redi.cli", *redi_args]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                       env=subprocess_env(OMP_NUM_THREADS="1", REDI_THREADS="1"))
-    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-5000:])
+                       env=subprocess_env(OMP_NUM_THREADS="1", REDI_THREADS="1", **env))
+    if check:
+        assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-5000:])
     return p
 
 
@@ -58,7 +66,7 @@ def _assert_two_ranks_trained(summary: dict) -> None:
     assert summary["world_size"] == 2
     ranks = summary["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["pid"] != ranks[1]["pid"]
-    assert all(r["steps"] == summary["steps"] and r["tokens"] > 0 and r["sequences"] > 0 for r in ranks)
+    assert all(r["steps"] == summary["steps"] and r["tokens"] > 0 and r["sequences"] > 0 for r in ranks), ranks
 
 
 def _manifest(folder: Path) -> dict:
@@ -123,6 +131,78 @@ def test_pipeline_accelerate_launcher_starts_two_processes(tmp_path):
     assert len(folders) == 1
     _assert_two_ranks_trained(_manifest(folders[0])["summary"])
     assert "--multi_gpu" in p.stderr  # the launch line the pipeline logs
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model" / "model.safetensors"))
+
+
+def _losses(folder: Path) -> list[float]:
+    return [json.loads(x)["loss"] for x in (folder / "signals.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def ddp_dpo(sft_launch):
+    """The DDP (2 gloo processes) DPO stage on the module's SFT model: the reference for the backend tests."""
+    recipe, root, _ = sft_launch
+    _launch("stage", "redi", str(recipe), "--no-prefect", "--set", "redi.loss=dpo", "--set", "redi.beta=0.1")
+    return next(f for f in _published(root, "redi") if _manifest(f)["summary"]["loss_type"] == "dpo")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["fsdp.yaml", "zero2.yaml", "zero3.yaml"])
+def test_backend_config_trains_checkpoints_resumes_and_saves_like_ddp(sft_launch, ddp_dpo, tmp_path, config):
+    """The shipped FSDP / ZeRO-2 / ZeRO-3 configs, 2 CPU processes over gloo, the README's command shape.
+
+    accelerate runs these backends only on accelerators; tests/cpu_backends/sitecustomize.py lets it run them
+    on CPU (DeepSpeed's CPU accelerator, torch's FSDP2 over gloo) without touching the trainer. SFT is killed
+    after its step-2 checkpoint and resumed from the sharded checkpoint; its losses and final weights must
+    equal the DDP run's, and so must DPO's, whose reference is computed through the sharded model."""
+    import shutil
+
+    recipe_ddp, root_ddp, _ = sft_launch
+    root = tmp_path / "artifacts"
+    for stage in ("download", "model", "verify"):  # same upstream artifacts, not rebuilt
+        shutil.copytree(root_ddp / stage, root / stage, ignore=shutil.ignore_patterns(".*"))
+    recipe = write_recipe(tmp_path, {"redi.global_batch": 4, "redi.micro_batch": 2})
+    env = {"PYTHONPATH": f"{CPU_BACKEND_SHIM}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "REDI_TEST_CPU_BACKEND": "1", "DS_ACCELERATOR": "cpu"}
+    killed = _launch("stage", "sft", str(recipe), "--no-prefect", config=config, check=False,
+                     REDI_TEST_KILL_AT_STEP="2", **env)
+    assert killed.returncode != 0 and "simulated kill after step 2" in killed.stderr
+    assert not _published(root, "sft") and list((root / "sft").glob(".work-*/checkpoint-2"))
+    _launch("stage", "sft", str(recipe), "--no-prefect", config=config, **env)
+    [sft] = _published(root, "sft")
+    summary = _manifest(sft)["summary"]
+    _assert_two_ranks_trained({**summary, "steps": 1})  # this attempt trained step 3 only
+    assert summary["resumed_from_step"] == 2 and summary["params"] == _manifest(_published(root_ddp, "sft")[0])["summary"]["params"]
+    ddp_sft = _published(root_ddp, "sft")[0]
+    assert _losses(sft) == pytest.approx(_losses(ddp_sft), rel=1e-5)
+    want, got = _weights(ddp_sft), _weights(sft)
+    assert max((want[k] - got[k].float()).abs().max().item() for k in want) < 1e-5
+    _launch("stage", "redi", str(recipe), "--no-prefect", "--set", "redi.loss=dpo", "--set", "redi.beta=0.1",
+            config=config, **env)
+    [dpo] = _published(root, "redi")
+    _assert_two_ranks_trained(_manifest(dpo)["summary"])
+    assert _losses(dpo)[0] == pytest.approx(math.log(2), abs=1e-5)  # the sharded reference equals the policy
+    assert _losses(dpo) == pytest.approx(_losses(ddp_dpo), rel=1e-5)
+    upd = [json.loads(x)["update_norm"] for x in (dpo / "signals.jsonl").read_text().splitlines()]
+    ddp_upd = [json.loads(x)["update_norm"] for x in (ddp_dpo / "signals.jsonl").read_text().splitlines()]
+    assert upd == pytest.approx(ddp_upd, rel=1e-4)  # from the sharded fp32 optimiser state, summed over ranks
+
+
+@pytest.mark.parametrize("env", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_backend_config_that_accelerate_dropped_is_refused(monkeypatch, env):
+    """On CPU accelerate turns an FSDP / DeepSpeed config into plain DDP without a word: the trainer refuses."""
+    monkeypatch.setenv(env, "true")
+    acc = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None), distributed_type="DistributedType.MULTI_CPU",
+                          device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="accelerate runs it only on GPUs"):
+        TB.check_backend(acc)
+    monkeypatch.delenv(env)
+    TB.check_backend(acc)  # no backend asked for: fine
 
 
 def test_launch_without_no_prefect_is_a_clear_error(tmp_path, monkeypatch, capsys):
