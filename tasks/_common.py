@@ -126,8 +126,8 @@ def run_logs() -> Iterator[None]:
     for name in (*FORWARDED_LOGGERS, PROGRESS_LOGGER):
         lg = logging.getLogger(name)
         saved.append((lg, lg.level, lg.propagate))
-        if lg.getEffectiveLevel() > logging.INFO:  # a flow-run process starts with the root at WARNING
-            lg.setLevel(logging.INFO)
+        if name.startswith("redi") and lg.getEffectiveLevel() > logging.INFO:  # a flow-run process starts with
+            lg.setLevel(logging.INFO)  # the root at WARNING; vLLM keeps its own level (VLLM_LOGGING_LEVEL)
         lg.addHandler(handler)
     # progress lines go to the run's logs only: the terminal already draws the bar
     logging.getLogger(PROGRESS_LOGGER).propagate = False
