@@ -446,7 +446,10 @@ def _engine_main(conn: Any) -> None:
         llm.llm_engine.engine_core.shutdown()
     except Exception:  # noqa: BLE001 - in-process engines may not have it; the process exit frees the rest
         pass
-    conn.send(("bye", None))
+    try:
+        conn.send(("bye", None))
+    except OSError:  # the parent already closed its end
+        pass
 
 
 def _pythonpath() -> str:
@@ -513,15 +516,16 @@ class VLLMGenerator(Generator):
     def __init__(self, cfg: EvaluateConfig, model_dir: Path, tokenizer: Any):
         super().__init__(cfg, model_dir, tokenizer)
         self.engines: list[_Engine] = []
+        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+        plan = engine_plan(cfg, visible_gpus(), cores)  # a bad GPU count fails here, before anything starts
         self._cache = Path(os.environ.get("REDI_VLLM_CACHE") or tempfile.mkdtemp(prefix="redi-vllm-"))
         self._own_cache = "REDI_VLLM_CACHE" not in os.environ
-        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-        plan = engine_plan(cfg, visible_gpus(), cores)
         release_cuda_memory()
         t0 = time.time()
         try:  # all engines start at once; each loads the model and reports ready
-            for i, env in enumerate(plan):
-                self.engines.append(_Engine(i, model_dir, engine_kwargs(cfg, self.ctx), {**vllm_env(cfg, self._cache), **env}))
+            for i, env in enumerate(plan):  # own compile caches: engines start together and would race on one
+                cache_env = vllm_env(cfg, self._cache / f"engine{i}")
+                self.engines.append(_Engine(i, model_dir, engine_kwargs(cfg, self.ctx), {**cache_env, **env}))
             for e in self.engines:
                 kind, info = e.recv()
                 if kind != "ready":
