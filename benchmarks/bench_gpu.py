@@ -12,8 +12,8 @@ under accelerate's ``mixed_precision: bf16``), fused AdamW. For each micro-batch
 for every available attention path (``flash_attention_2`` if flash-attn imports: one packed row
 read as varlen; ``sdpa``: each packed sequence alone, no mask) and log-prob path (``liger`` if
 liger-kernel >= 0.8.5 imports, ``chunked``, and ``full`` = the former (N, V) fp32 logits path, for
-comparison), all through the library's own code (``redi.packing.collate`` / ``row_budget``,
-``redi.logprobs.LogProbLM``, ``redi.losses``). Prints and writes a markdown table (peak GPU memory
+comparison), all through the library's own code (``redi.packing.collate`` / ``row_budget`` /
+``sequence_logps``, ``redi.logprobs.LogProbLM``, ``redi.losses``). Prints and writes a markdown table (peak GPU memory
 from ``torch.cuda.max_memory_allocated``, tokens/s as the median of the timed steps).
 
 Needs torch and transformers (optional: flash-attn, liger-kernel). On a machine without
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from redi.logprobs import LogProbLM, full_logits_token_logps, liger_available  # noqa: E402
 from redi.losses import redi_loss  # noqa: E402
-from redi.packing import Example, collate, row_budget  # noqa: E402
+from redi.packing import Example, collate, row_budget, sequence_logps  # noqa: E402
 
 FULL = dict(vocab_size=151_936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
             num_key_value_heads=2, max_position_embeddings=32768, rope_theta=10000.0, rms_norm_eps=1e-6,
@@ -91,10 +91,9 @@ def one_step(model, opt, task: str, exs: list[Example], logprob: str, device: st
     with torch.autocast(device, dtype=torch.bfloat16):
         if logprob == "full":
             lp = full_logits_token_logps(model, batch.input_ids, batch.keep, batch.targets, batch.position_ids)
-        else:
-            lp = LogProbLM(model, kernel=logprob, split=split)(batch.input_ids, batch.keep, batch.targets,
-                                                                batch.position_ids)
-    sums = torch.zeros(batch.n_seqs, device=device).index_add(0, batch.seg, lp)
+            sums = torch.zeros(batch.n_seqs, device=device).index_add(0, batch.seg, lp)
+        else:  # what the trainer runs
+            sums, _ = sequence_logps(LogProbLM(model, kernel=logprob, split=split), batch)
     lens = torch.bincount(batch.seg, minlength=batch.n_seqs)
     loss = -sums.sum() / lens.sum() if task == "sft" else redi_loss(sums[:1], sums[1:], lens[:1], lens[1:], alpha=0.8).mean()
     loss.backward()

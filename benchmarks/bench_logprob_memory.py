@@ -7,7 +7,8 @@ bf16 autocast on CPU. One step = one pair (chosen + rejected, each ``T/2`` compl
 
 - ``full``: ``redi.logprobs.full_logits_token_logps``, the model's own forward with
   ``logits_to_keep`` then ``.float()`` + ``logsumexp`` (what ``redi.packing`` did before issue 11).
-- ``chunked``: ``redi.logprobs.LogProbLM`` (``kernel="chunked"``, what the trainer runs on CPU).
+- ``chunked``: ``redi.packing.sequence_logps`` through ``redi.logprobs.LogProbLM`` (``kernel="chunked"``),
+  what the trainer runs on CPU: per-sequence sums with the head's gradients formed in forward.
 
 Each (method, T) runs in its own subprocess so peak RSS is clean: reported is the peak RSS during the
 step (sampled every 2 ms, and ``ru_maxrss``) minus the RSS right before it (model built, batch made).
@@ -68,13 +69,14 @@ def step(model, batch, method: str) -> None:
 
     from redi.logprobs import LogProbLM, full_logits_token_logps
     from redi.losses import redi_loss
+    from redi.packing import sequence_logps
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
         if method == "full":
             lp = full_logits_token_logps(model, batch.input_ids, batch.keep, batch.targets, batch.position_ids)
-        else:
-            lp = LogProbLM(model, kernel="chunked")(batch.input_ids, batch.keep, batch.targets, batch.position_ids)
-    sums = torch.zeros(2).index_add(0, batch.seg, lp)
+            sums = torch.zeros(2).index_add(0, batch.seg, lp)
+        else:  # what the trainer runs: per-sequence sums through LogProbLM's chunked head
+            sums, _ = sequence_logps(LogProbLM(model, kernel="chunked"), batch)
     lens = torch.bincount(batch.seg, minlength=2)
     redi_loss(sums[:1], sums[1:], lens[:1], lens[1:], alpha=0.8).sum().backward()
     model.zero_grad(set_to_none=True)

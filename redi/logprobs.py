@@ -122,6 +122,76 @@ def chunked_token_logps(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return ChunkedLinearLogp.apply(h, weight, bias, targets, rows or chunk_rows(weight.shape[0]))
 
 
+SEQ_GRAD_BYTES = 2 * 2**30
+"""Largest (S, V, H) fp32 per-sequence weight-gradient buffer of :class:`ChunkedLinearSeqLogp` (2 GiB: a
+pair of sequences at Qwen2.5-1.5B's head); above it the per-token function recomputes logits in backward."""
+
+
+class ChunkedLinearSeqLogp(torch.autograd.Function):
+    """Per-sequence sums (S,) of log softmax(h W^T + b)[target], with the gradients formed in forward.
+
+    The upstream gradient of a sequence's sum is one number g_s for all its tokens, so the weight
+    gradient is sum_s g_s G_s with G_s = sum_{i in s} (onehot_i - p_i)^T h_i, and the hidden-state
+    gradient is g_s A_i with A_i = (onehot_i - p_i) W. Forward forms G (S, V, H) fp32 and A (N, H) one
+    chunk at a time; backward only scales and sums them: three matmuls over the head, as with full
+    logits, instead of four with recomputation, for S x V x H x 4 bytes of memory held until backward.
+    Inputs: h (N, H), weight (V, H), bias or None, targets (N,), seg (N,) sequence of each token, S, rows.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, seg, n_seqs, rows):
+        dt = _compute_dtype(h)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        n, v = h.shape[0], weight.shape[0]
+        f32 = dict(dtype=torch.float32, device=h.device)
+        sums = torch.zeros(n_seqs, **f32)
+        a = torch.empty_like(h) if need_h else None
+        g_w = torch.zeros(n_seqs, *weight.shape, **f32) if need_w else None
+        g_b = torch.zeros(n_seqs, v, **f32) if need_b else None
+        with torch.autocast(h.device.type, enabled=False), torch.no_grad():
+            w, b = weight.to(dt), None if bias is None else bias.to(dt)
+            for s in range(0, n, rows):
+                hc, t, sg = h[s:s + rows].to(dt), targets[s:s + rows, None], seg[s:s + rows]
+                z = F.linear(hc, w, b).float()  # (rows, V)
+                lse = torch.logsumexp(z, dim=-1, keepdim=True)
+                sums.index_add_(0, sg, (z.gather(1, t) - lse).squeeze(1))
+                dz = z.sub_(lse).exp_().neg_().scatter_add_(1, t, torch.ones_like(t, dtype=z.dtype))  # onehot - p
+                if need_b:
+                    g_b.index_add_(0, sg, dz)
+                dz = dz.to(dt)
+                if need_h:
+                    a[s:s + rows] = (dz @ w).to(h.dtype)
+                if need_w:
+                    cuts = [0, *(torch.nonzero(sg[1:] != sg[:-1]).flatten() + 1).tolist(), len(sg)]
+                    for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):  # runs of one sequence
+                        _accumulate_weight_grad(g_w[int(sg[lo])], dz[lo:hi], hc[lo:hi])
+        ctx.save_for_backward(a, g_w, g_b, seg)
+        ctx.w_dtype, ctx.b_dtype = weight.dtype, None if bias is None else bias.dtype
+        return sums
+
+    @staticmethod
+    def backward(ctx, gs):
+        a, g_w, g_b, seg = ctx.saved_tensors
+        gs = gs.float()
+        gh = None if a is None else (a.float() * gs[seg, None]).to(a.dtype)
+        gw = None if g_w is None else torch.tensordot(gs, g_w, dims=1).to(ctx.w_dtype)
+        gb = None if g_b is None else (gs @ g_b).to(ctx.b_dtype)
+        return gh, gw, gb, None, None, None, None
+
+
+def chunked_sequence_logps(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                           seg: torch.Tensor, n_seqs: int, rows: int | None = None) -> torch.Tensor:
+    """(S,) summed log-probs per sequence: :class:`ChunkedLinearSeqLogp` when gradients are needed and its
+    buffer fits :data:`SEQ_GRAD_BYTES`, else the per-token chunked function summed (no gradient work
+    under ``torch.no_grad``)."""
+    rows = rows or chunk_rows(weight.shape[0])
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, weight, bias))
+    if grad and n_seqs * weight.numel() * 4 <= SEQ_GRAD_BYTES:
+        return ChunkedLinearSeqLogp.apply(h, weight, bias, targets, seg, n_seqs, rows)
+    lp = ChunkedLinearLogp.apply(h, weight, bias, targets, rows)
+    return torch.zeros(n_seqs, dtype=lp.dtype, device=lp.device).index_add(0, seg, lp)
+
+
 @cache
 def liger_available() -> bool:
     """liger-kernel >= 0.8.5 importable (earlier releases give wrong weight grads for reduction="none")."""
@@ -156,12 +226,19 @@ def liger_token_logps(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 
 def head_token_logps(h: torch.Tensor, head: nn.Module, targets: torch.Tensor, kernel: str = "auto",
-                     rows: int | None = None) -> torch.Tensor:
-    """Log-probs of ``targets`` (N,) given hidden states (N, H) and the LM head; ``kernel`` in auto|liger|chunked."""
+                     rows: int | None = None, seg: torch.Tensor | None = None, n_seqs: int | None = None) -> torch.Tensor:
+    """Log-probs of ``targets`` (N,) given hidden states (N, H) and the LM head; ``kernel`` in auto|liger|chunked.
+
+    With ``seg`` (N,) and ``n_seqs``: the per-sequence sums (S,) instead.
+    """
     bias = getattr(head, "bias", None)
     if kernel == "liger" or (kernel == "auto" and h.is_cuda and liger_available()):
-        return liger_token_logps(h, head.weight, bias, targets)
-    return chunked_token_logps(h, head.weight, bias, targets, rows)
+        lp = liger_token_logps(h, head.weight, bias, targets)
+    elif seg is not None:
+        return chunked_sequence_logps(h, head.weight, bias, targets, seg, n_seqs, rows)
+    else:
+        lp = chunked_token_logps(h, head.weight, bias, targets, rows)
+    return lp if seg is None else torch.zeros(n_seqs, dtype=lp.dtype, device=lp.device).index_add(0, seg, lp)
 
 
 def _register_zero3(module: nn.Module, param: nn.Parameter) -> None:
@@ -182,8 +259,10 @@ class LogProbLM(nn.Module):
     ``kernel``: auto (Liger on CUDA when usable, else chunked) | liger | chunked; ``rows``: rows per
     chunk (default from :data:`CHUNK_BYTES`); ``split``: run packed sequences one by one (None = auto).
 
-    ``forward(input_ids (R, C), keep (N,), targets (N,), position_ids=None, attention_mask=None)``:
-    ``keep`` are flat positions (row * C + column) whose next-token prediction is ``targets``.
+    ``forward(input_ids (R, C), keep (N,), targets (N,), position_ids=None, attention_mask=None, seg=None,
+    n_seqs=None)``: ``keep`` are flat positions (row * C + column) whose next-token prediction is
+    ``targets``; returns (N,) log-probs, or with ``seg`` (N,) the (S,) per-sequence sums (cheaper in
+    backward, see :class:`ChunkedLinearSeqLogp`).
     On CUDA without flash-attention, packed rows are split at position-id restarts and every
     sequence runs as its own (1, L) forward with no mask (SDPA then uses its causal flash kernel,
     not a dense (C, C) block mask).
@@ -230,7 +309,8 @@ class LogProbLM(nn.Module):
         return device.type == "cuda" and not str(impl).startswith("flash")
 
     def forward(self, input_ids: torch.Tensor, keep: torch.Tensor, targets: torch.Tensor,
-                position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                seg: torch.Tensor | None = None, n_seqs: int | None = None) -> torch.Tensor:
         backbone = self.lm.get_decoder()
         if position_ids is not None and self.split_sequences(input_ids.device):
             h = _split_hidden(backbone, input_ids, position_ids, keep)  # (N, H)
@@ -238,7 +318,7 @@ class LogProbLM(nn.Module):
             kw = {"position_ids": position_ids} if position_ids is not None else {"attention_mask": attention_mask}
             hs = backbone(input_ids=input_ids, use_cache=False, **kw).last_hidden_state  # (R, C, H)
             h = hs.reshape(-1, hs.shape[-1]).index_select(0, keep)  # (N, H)
-        return head_token_logps(h, self.lm.get_output_embeddings(), targets, self.kernel, self.rows)
+        return head_token_logps(h, self.lm.get_output_embeddings(), targets, self.kernel, self.rows, seg, n_seqs)
 
 
 def _split_hidden(backbone, input_ids, position_ids, keep) -> torch.Tensor:

@@ -167,8 +167,9 @@ def token_logps(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
 
 
 def sequence_logps(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence SUMMED completion log-probs (S,) and completion lengths |y| incl. EOS (S,)."""
-    lp = token_logps(model, batch)  # (N,)
-    sums = torch.zeros(batch.n_seqs, dtype=lp.dtype, device=lp.device).index_add(0, batch.seg, lp)  # (S,)
+    """Per-sequence SUMMED completion log-probs (S,) fp32 and completion lengths |y| incl. EOS (S,)."""
+    lp_model = model if unwrap_logprob(model) is not None else LogProbLM(model)
+    sums = lp_model(batch.input_ids, batch.keep, batch.targets, position_ids=batch.position_ids,
+                    attention_mask=batch.attention_mask, seg=batch.seg, n_seqs=batch.n_seqs)  # (S,)
     lens = torch.bincount(batch.seg, minlength=batch.n_seqs)  # (S,)
     return sums, lens

@@ -6,7 +6,14 @@ import types
 import pytest
 import torch
 
-from redi.logprobs import ChunkedLinearLogp, LogProbLM, full_logits_token_logps, resolve_attn, unwrap_logprob
+from redi.logprobs import (
+    ChunkedLinearLogp,
+    ChunkedLinearSeqLogp,
+    LogProbLM,
+    full_logits_token_logps,
+    resolve_attn,
+    unwrap_logprob,
+)
 from redi.packing import Example, collate, row_budget, sequence_logps
 
 
@@ -31,17 +38,23 @@ def _grads(model) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("layout", ["packed_rows", "packed_one_row", "padded"])
-def test_chunked_equals_full_logits_values_and_gradients(tied, layout):
+@pytest.mark.parametrize("per", ["token", "sequence"])
+def test_chunked_equals_full_logits_values_and_gradients(tied, layout, per):
+    """Per token (recomputed in backward) and per sequence (gradients formed in forward), 7-row chunks."""
     m = _model(tied)
     packed = layout != "padded"
     b = collate(_examples(), packed=packed, pad_id=0, row_tokens=100 if layout == "packed_rows" else None)
-    w = torch.randn(b.targets.numel(), generator=torch.Generator().manual_seed(2))  # an arbitrary upstream gradient
+    n = b.targets.numel() if per == "token" else b.n_seqs
+    w = torch.randn(n, generator=torch.Generator().manual_seed(2))  # an arbitrary upstream gradient
+    seq = {"seg": b.seg, "n_seqs": b.n_seqs} if per == "sequence" else {}
     m.zero_grad()
     ref = full_logits_token_logps(m, b.input_ids, b.keep, b.targets, b.position_ids, b.attention_mask)
+    if per == "sequence":
+        ref = torch.zeros(b.n_seqs).index_add(0, b.seg, ref)
     (ref * w).sum().backward()
     g_ref = _grads(m)
     m.zero_grad()
-    lp = LogProbLM(m, kernel="chunked", rows=7)(b.input_ids, b.keep, b.targets, b.position_ids, b.attention_mask)
+    lp = LogProbLM(m, kernel="chunked", rows=7)(b.input_ids, b.keep, b.targets, b.position_ids, b.attention_mask, **seq)
     (lp * w).sum().backward()
     g = _grads(m)
     assert lp.dtype == torch.float32 and lp.shape == ref.shape
@@ -51,18 +64,25 @@ def test_chunked_equals_full_logits_values_and_gradients(tied, layout):
         assert (g[k] - g_ref[k]).abs().max().item() < 1e-5, k
 
 
-def test_linear_function_with_bias_matches_autograd():
+def test_linear_functions_with_bias_match_autograd():
     torch.manual_seed(0)
     h = torch.randn(11, 8, requires_grad=True)
     lin = torch.nn.Linear(8, 37)
     t = torch.randint(0, 37, (11,))
-    g = torch.randn(11)
+    seg = torch.tensor([0, 0, 0, 2, 2, 1, 1, 1, 1, 0, 0])  # runs of sequences, one sequence in two runs
+    g, gs = torch.randn(11), torch.randn(3)
     ref = torch.log_softmax(lin(h), -1).gather(1, t[:, None]).squeeze(1)
-    gh, gw, gb = torch.autograd.grad((ref * g).sum(), [h, lin.weight, lin.bias])
+    params = [h, lin.weight, lin.bias]
     out = ChunkedLinearLogp.apply(h, lin.weight, lin.bias, t, 4)
-    ch, cw, cb = torch.autograd.grad((out * g).sum(), [h, lin.weight, lin.bias])
     assert torch.allclose(out, ref, atol=1e-6)
-    for a, b in ((ch, gh), (cw, gw), (cb, gb)):
+    ref_g = torch.autograd.grad((ref * g).sum(), params, retain_graph=True)
+    for a, b in zip(torch.autograd.grad((out * g).sum(), params), ref_g, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    ref_s = torch.zeros(3).index_add(0, seg, ref)
+    out_s = ChunkedLinearSeqLogp.apply(h, lin.weight, lin.bias, t, seg, 3, 4)
+    assert torch.allclose(out_s, ref_s, atol=1e-6)
+    for a, b in zip(torch.autograd.grad((out_s * gs).sum(), params), torch.autograd.grad((ref_s * gs).sum(), params),
+                    strict=True):
         assert torch.allclose(a, b, atol=1e-6)
 
 
@@ -71,8 +91,8 @@ def test_only_completion_hidden_states_reach_the_head(monkeypatch):
     import redi.logprobs as L
 
     seen = []
-    real = L.chunked_token_logps
-    monkeypatch.setattr(L, "chunked_token_logps", lambda h, *a, **k: seen.append(h.shape[0]) or real(h, *a, **k))
+    real = L.head_token_logps
+    monkeypatch.setattr(L, "head_token_logps", lambda h, *a, **k: seen.append(h.shape[0]) or real(h, *a, **k))
     short, long = Example(tuple(range(10, 20)), 7), Example(tuple(range(30, 100)), 10)
     b = collate([short, long], packed=True, row_tokens=70)  # two rows of width 70
     assert b.input_ids.shape[0] == 2
