@@ -1,4 +1,4 @@
-"""Per-token completion log-probs without materialising (N, V) logits.
+"""Completion log-probs (per token or summed per sequence) without materialising (N, V) logits.
 
 :class:`LogProbLM` wraps a transformers causal LM. Its ``forward`` runs the backbone (the decoder
 without its LM head), gathers exactly the N hidden states that predict completion tokens (packed or
@@ -8,9 +8,13 @@ chunk, so the largest temporary is one chunk's (rows, V) logits instead of (N, V
 - CUDA with ``liger-kernel`` >= 0.8.5 installed: Liger's fused linear cross-entropy with
   ``reduction="none"`` (per-token -log p; Liger recomputes the chunk's logits in backward and
   folds in the per-token gradient; earlier releases computed wrong weight gradients for "none").
-- everywhere else: :class:`ChunkedLinearLogp`, our own autograd Function: forward keeps only the
-  (N,) log-sum-exp; backward recomputes each chunk's logits, forms ``g * (onehot - softmax)`` and
-  accumulates the two matmuls (grad of hidden, grad of the head weight in fp32).
+- everywhere else, our own autograd Functions. What the trainer asks for (``sequence_logps``) are
+  per-sequence sums, whose upstream gradient is one number per sequence: :class:`ChunkedLinearSeqLogp`
+  forms ``onehot - softmax`` per chunk in forward and keeps per-sequence weight gradients (S, V, H)
+  in fp32 plus the (N, H) hidden-state gradient, so backward only scales them (three head matmuls,
+  as full logits). When that buffer would exceed :data:`SEQ_GRAD_BYTES` (2 GiB: more than a pair at
+  Qwen's head), or per-token log-probs are asked for, :class:`ChunkedLinearLogp` keeps only the (N,)
+  log-sum-exp and recomputes each chunk's logits in backward (four head matmuls).
 
 Under autocast the head runs in the autocast dtype with fp32 log-softmax, as ``F.linear`` + ``.float()``
 does in the plain path; the weight gradient is accumulated in fp32 (the plain path rounds it to bf16).
