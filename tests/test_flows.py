@@ -246,3 +246,33 @@ def test_cli_library_path_records_a_stage_rerun_without_registering(first_run):
     rows = {r["stage"]: r for r in out["dag"]}
     assert {"download", "model", "evaluate[base]", "grade[base]"} <= set(rows)
     assert all(isinstance(r["seconds"], float) for r in rows.values())
+
+
+def test_library_lines_from_other_threads_reach_the_task_run(prefect_harness):
+    """A library log line emitted from a worker thread (grading pools, engine threads) still lands in its task run."""
+    import logging
+    import threading
+
+    from prefect import flow, task
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from tasks._common import run_logs
+
+    @task
+    def work() -> None:
+        with run_logs():
+            t = threading.Thread(target=lambda: logging.getLogger("redi.threadcheck").info("from a worker thread"))
+            t.start()
+            t.join()
+
+    @flow
+    def threads_flow() -> None:
+        work()
+
+    state = threads_flow(return_state=True)
+    _drain_logs()
+    with get_client(sync_client=True) as c:
+        logs = c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    line = [r for r in logs if r.name == "redi.threadcheck"]
+    assert [r.message for r in line] == ["from a worker thread"] and line[0].task_run_id is not None
