@@ -217,71 +217,77 @@ def test_launch_without_no_prefect_is_a_clear_error(tmp_path, monkeypatch, capsy
 # ------------------------------------------------------------------ the store's rank protocol (no model)
 
 _STORE_SCRIPT = r"""
-import json, os, sys, time
+import json, sys, time
 from pathlib import Path
 from redi import distributed
 from redi.artifacts import ArtifactStore, StageFailed
 
-root, mode = Path(sys.argv[1]), sys.argv[2]
+base = Path(sys.argv[1])
 distributed.init("cpu")
-store = ArtifactStore(root)
 rank = distributed.rank()
-calls = []
+for mode in ("main", "collective", "fail"):
+    root = base / mode
+    store = ArtifactStore(root)
+    calls = []
 
-def fn(out, work):
-    calls.append(rank)
-    if mode == "fail":
-        raise RuntimeError("broken stage")
-    # main: rank 0 is slow, rank 1 must wait for its publish; collective: rank 1 is slow, rank 0 must wait for its file
-    time.sleep(0.5 if (rank == 0) == (mode == "main") else 0.0)
-    (out / f"rank{rank}.txt").write_text(str(rank))
-    return {"rank_that_summarised": rank}
+    def fn(out, work):
+        calls.append(rank)
+        if mode == "fail":
+            raise RuntimeError("broken stage")
+        # main: rank 0 is slow, rank 1 must wait for its publish; collective: rank 1 is slow, rank 0 must wait
+        time.sleep(0.5 if (rank == 0) == (mode == "main") else 0.0)
+        (out / f"rank{rank}.txt").write_text(str(rank))
+        return {"rank_that_summarised": rank}
 
-try:
-    art = store.build("s", "k", fn, collective=mode == "collective")
-    res = {"path": art.path, "files": sorted(art.manifest["files"]), "summary": art.summary}
-except StageFailed as e:
-    res = {"error": str(e)}
-except RuntimeError as e:
-    res = {"raised": str(e)}
-res["calls"] = calls
-(root / f"result{rank}.json").write_text(json.dumps(res))
+    try:
+        art = store.build("s", "k", fn, collective=mode == "collective")
+        res = {"path": art.path, "files": sorted(art.manifest["files"]), "summary": art.summary}
+    except StageFailed as e:
+        res = {"error": str(e)}
+    except RuntimeError as e:
+        res = {"raised": str(e)}
+    res["calls"], res["root"] = calls, str(root)
+    (root / f"result{rank}.json").write_text(json.dumps(res))
 """
 
 
-def _store_run(tmp_path: Path, mode: str) -> list[dict]:
-    script = tmp_path / "store.py"
+@pytest.fixture(scope="module")
+def store_runs(tmp_path_factory) -> dict[str, list[dict]]:
+    """ArtifactStore.build under torchrun with 2 gloo processes, no model: {mode: [rank 0 result, rank 1 result]}."""
+    d = tmp_path_factory.mktemp("store")
+    script = d / "store.py"
     script.write_text(_STORE_SCRIPT)
-    root = tmp_path / "root"
-    root.mkdir()
+    base = d / "roots"
+    base.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
-           str(script), str(root), mode]
+           str(script), str(base)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env(OMP_NUM_THREADS="1"))
-    if mode != "fail":
-        assert p.returncode == 0, p.stderr[-4000:]
-    return [json.loads((root / f"result{r}.json").read_text()) for r in (0, 1)]
+    assert p.returncode == 0, p.stderr[-4000:]
+    return {m: [json.loads((base / m / f"result{r}.json").read_text()) for r in (0, 1)] for m in ("main", "collective", "fail")}
 
 
-def test_store_builds_on_rank_0_only_and_shares_the_artifact(tmp_path):
-    r0, r1 = _store_run(tmp_path, "main")
+def test_store_builds_on_rank_0_only_and_shares_the_artifact(store_runs):
+    r0, r1 = store_runs["main"]
     assert r0["calls"] == [0] and r1["calls"] == []  # rank 1 never built, never took the lock
     assert r0["path"] == r1["path"] and r1["files"] == ["rank0.txt"]
 
 
-def test_store_collective_build_runs_on_every_rank_and_publishes_once(tmp_path):
-    r0, r1 = _store_run(tmp_path, "collective")
+def test_store_collective_build_runs_on_every_rank_and_publishes_once(store_runs):
+    r0, r1 = store_runs["collective"]
     assert r0["calls"] == [0] and r1["calls"] == [1]
     assert r0["path"] == r1["path"]
     assert r1["files"] == ["rank0.txt", "rank1.txt"]  # rank 0 published after the slower rank 1 wrote
     assert r1["summary"] == {"rank_that_summarised": 0}
-    assert [p.name for p in (tmp_path / "root" / "s").iterdir() if not p.name.startswith(".")] == ["k"]
+    stage = Path(r0["path"]).parent
+    assert [p.name for p in stage.iterdir() if not p.name.startswith(".")] == ["k"]
 
 
-def test_store_failure_on_rank_0_is_reported_on_every_rank(tmp_path):
-    r0, r1 = _store_run(tmp_path, "fail")
+def test_store_failure_on_rank_0_is_reported_on_every_rank(store_runs):
+    r0, r1 = store_runs["fail"]
     assert r0["raised"] == "broken stage"
     assert "rank 0 failed to build it (RuntimeError: broken stage)" in r1["error"]
-    assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "root" / "s").iterdir())
+    left = [p.name for p in (Path(r0["root"]) / "s").iterdir()]
+    assert not [n for n in left if not n.startswith(".") or n.startswith(".tmp-")]  # nothing published or half-written
 
 
 # ------------------------------------------------------------------ backend helpers
