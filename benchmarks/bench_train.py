@@ -66,6 +66,22 @@ def setup(root: Path) -> tuple[Path, Path]:
     return root / "model", root / "pairs.parquet"
 
 
+def wide_head_model(model_dir: Path, vocab: int) -> Path:
+    """The same model with its embedding and head resized to ``vocab`` rows (the demo tokenizer uses the first
+    few hundred): the LM-head cost of a Qwen-sized vocabulary on the same data."""
+    import shutil
+
+    out = model_dir.parent / f"model_v{vocab}"
+    if not (out / "config.json").exists():
+        m = _load(model_dir)
+        m.resize_token_embeddings(vocab, mean_resizing=False)
+        m.save_pretrained(out)
+        for f in model_dir.iterdir():
+            if not f.name.startswith(("model", "config")) and f.is_file():
+                shutil.copy(f, out / f.name)
+    return out
+
+
 def _load(model_dir: Path):
     from transformers import AutoModelForCausalLM
 
@@ -318,11 +334,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "train.md")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--tokens-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--head-vocab", type=int, default=None,
+                    help="only stage 2, ours vs TRL SimPO, with the head resized to this vocabulary (e.g. 151936); "
+                    "writes its own section of --out")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     log.setLevel(logging.INFO)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model_dir, pairs = setup(args.work)
+    if args.head_vocab:
+        model_dir = wide_head_model(model_dir, args.head_vocab)
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child, model_dir, pairs, args.batch, 4)))
         return
@@ -331,6 +352,9 @@ def main() -> None:
         return
     threads = torch.get_num_threads()
     n_params = sum(p.numel() for p in _load(model_dir).parameters())
+    if args.head_vocab:
+        wide_head(args, model_dir, pairs, threads, n_params)
+        return
 
     log.info("stage 2: interleaving ours (packed, padded), TRL DPOTrainer and TRL CPOTrainer (SimPO)")
     with tempfile.TemporaryDirectory() as work:
@@ -368,10 +392,41 @@ def main() -> None:
     report = render(s2, mem, pk, args, threads, n_params) + render_tokens(toks)
     print(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    from bench_logprob_memory import sections  # keep the log-prob memory sections that script writes here
+    from bench_logprob_memory import sections  # keep the sections written by the other scripts / modes
 
-    kept = "".join(sections(args.out.read_text())) if args.out.exists() else ""
+    old = args.out.read_text() if args.out.exists() else ""
+    kept = "".join(sections(old) + sections(old, "## Stage 2 with a Qwen-sized head"))
     args.out.write_text(report.rstrip("\n") + "\n\n" + kept if kept else report)
+
+
+def wide_head(args, model_dir: Path, pairs: Path, threads: int, n_params: int) -> None:
+    """Stage 2 with a Qwen-sized head: ours (packed) vs TRL CPOTrainer-SimPO, alternated; memory per subprocess."""
+    from bench_logprob_memory import write_section
+
+    with tempfile.TemporaryDirectory() as work:
+        ours, simpo = Ours(model_dir, pairs, args.batch, True), TRLSimPO(model_dir, pairs, args.batch, Path(work))
+        s2 = interleave({"redi_packed": ours.step, "trl_simpo": simpo.step}, args.steps)
+        del ours, simpo
+    mem = {}
+    for m in s2:
+        r = subprocess.run([sys.executable, __file__, "--memory-child", m, "--work", str(args.work), "--batch",
+                            str(args.batch), "--head-vocab", str(args.head_vocab)], capture_output=True, text=True, check=True)
+        mem[m] = json.loads(r.stdout.strip().splitlines()[-1])
+    log.info("wide head: %s %s", s2, mem)
+    o, t = s2["redi_packed"], s2["trl_simpo"]
+    lines = [f"## Stage 2 with a Qwen-sized head: vocabulary {args.head_vocab:,} (`bench_train.py --head-vocab`)", "",
+             f"Measured {time.strftime('%Y-%m-%d %H:%M')}, torch threads {threads}; the same {WIDTH}-wide {LAYERS}-layer "
+             f"model with its embedding and head resized ({n_params / 1e6:.1f}M params), same pairs and tokenizer, "
+             f"{args.batch} pairs per step, {args.steps} alternated steps (medians); memory one subprocess per method.", "",
+             "| method | tokens/s | vs TRL SimPO | peak RSS GB | vs TRL SimPO | RSS growth in steps GB |", "|---|---|---|---|---|---|"]
+    for k, name in (("redi_packed", "ours: REDI, padding-free rows, chunked head"),
+                    ("trl_simpo", "TRL CPOTrainer, simpo, cpo_alpha=0 (full logits)")):
+        lines.append(f"| {name} | {s2[k]['tokens_per_s']:,.0f} | {s2[k]['tokens_per_s'] / t['tokens_per_s']:.2f}x | "
+                     f"{mem[k]['peak_rss_gb']:.2f} | {mem[k]['peak_rss_gb'] / mem['trl_simpo']['peak_rss_gb']:.2f}x | "
+                     f"{mem[k]['growth_gb']:.2f} |")
+    report = "\n".join(lines) + "\n"
+    print(report, f"ours/TRL tokens/s {o['tokens_per_s'] / t['tokens_per_s']:.2f}")
+    write_section(args.out, report)
 
 
 def render(s2: dict, mem: dict, pk: dict, args, threads: int, n_params: int) -> str:
