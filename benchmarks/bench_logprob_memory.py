@@ -12,8 +12,8 @@ bf16 autocast on CPU. One step = one pair (chosen + rejected, each ``T/2`` compl
 
 Each (method, T) runs in its own subprocess so peak RSS is clean: reported is the peak RSS during the
 step (sampled every 2 ms, and ``ru_maxrss``) minus the RSS right before it (model built, batch made).
-Speed: the same subprocesses, tokens/s of the step after one warm-up step (``--steps``), rounds
-alternated between methods. The full path cannot hold 19k tokens in 24 GB: it runs up to
+Speed: one more subprocess with one model that alternates full and chunked steps per size (after a
+warm-up step of each), ``--speed-rounds`` rounds, medians (separate processes mislead on a shared machine). The full path cannot hold 19k tokens in 24 GB: it runs up to
 ``--full-max`` tokens and its growth per token is fitted (least squares) and extrapolated.
 
 Usage: ``python benchmarks/bench_logprob_memory.py [--out docs/benchmarks/train.md]`` (replaces only its own
@@ -114,6 +114,28 @@ def child(method: str, tokens: int, layers: int, steps: int, checkpointing: bool
             "step_s": times, "tokens_per_s": n / (times[-1] if len(times) == 1 else statistics.median(times[1:]))}
 
 
+def speed_child(sizes: list[int], layers: int, rounds: int, checkpointing: bool) -> dict:
+    """One process, one model: full and chunked steps alternated per size (after a warm-up of each); medians."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("REDI_THREADS", "2")))
+    model = build_model(layers, checkpointing)
+    out = {}
+    for t in sizes:
+        batch = make_batch(t)
+        for m in ("full", "chunked"):  # warm-up
+            step(model, batch, m)
+        times: dict[str, list[float]] = {"full": [], "chunked": []}
+        for _ in range(rounds):
+            for m in times:
+                t0 = time.perf_counter()
+                step(model, batch, m)
+                times[m].append(time.perf_counter() - t0)
+        n = int(batch.targets.numel())
+        out[str(t)] = {m: n / statistics.median(v) for m, v in times.items()}
+    return out
+
+
 def run_child(method: str, tokens: int, layers: int, steps: int, checkpointing: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--child", method, str(tokens), "--layers", str(layers), "--steps", str(steps)]
     cmd += ["--checkpointing"] if checkpointing else []
@@ -140,7 +162,8 @@ def render(res: list[dict], args, a: float, b: float) -> str:
         f"Measured {time.strftime('%Y-%m-%d %H:%M')} on this CPU ({os.cpu_count()} cores, shared with other jobs). "
         f"Qwen2.5-1.5B-shaped model with {args.layers} decoder layer(s) (hidden {HIDDEN}, vocabulary {VOCAB:,}, tied "
         f"embeddings), fp32 weights, bf16 autocast, gradient checkpointing {'on' if args.checkpointing else 'off'}; one pair per step (two rows, 64-token prompts), forward + REDI loss + "
-        "backward. Growth = peak RSS during the step minus RSS before it; one subprocess per cell.",
+        "backward. Growth = peak RSS during the step minus RSS before it, one subprocess per cell; tokens/s from one "
+        f"process alternating full and chunked steps ({args.speed_rounds} rounds after a warm-up, medians).",
         "",
         "| completion tokens | full: growth GB | chunked: growth GB | chunked / full | full tokens/s | chunked tokens/s | chunked / full speed |",
         "|---|---|---|---|---|---|---|",
@@ -174,7 +197,13 @@ def main() -> None:
     ap.add_argument("--full-extra", default="2048", help="extra T for the full path's fit")
     ap.add_argument("--rounds", type=int, default=2, help="alternated rounds of the cells up to --full-max (speed)")
     ap.add_argument("--out", type=Path, default=None, help="write the markdown table here too")
+    ap.add_argument("--speed-rounds", type=int, default=3, help="alternated full/chunked steps per size in the speed process")
+    ap.add_argument("--speed-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.speed_child:
+        sizes_s = [int(x) for x in args.speed_child.split(",")]
+        print(json.dumps(speed_child(sizes_s, args.layers, args.speed_rounds, args.checkpointing)))
+        return
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]), args.layers, args.steps, args.checkpointing)))
         return
@@ -203,6 +232,15 @@ def main() -> None:
             r = run_child("chunked", t, args.layers, 1, args.checkpointing)
             print(json.dumps(r), flush=True)
             res.append(r)
+    speed_sizes = ",".join(str(t) for t in sizes if t <= args.full_max)
+    cmd = [sys.executable, __file__, "--speed-child", speed_sizes, "--layers", str(args.layers), "--speed-rounds",
+           str(args.speed_rounds)] + (["--checkpointing"] if args.checkpointing else [])
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    speed = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else {}
+    print(json.dumps(speed), flush=True)
+    for r in res:
+        if "error" not in r and str(r["tokens"]) in speed:
+            r["tokens_per_s"] = speed[str(r["tokens"])][r["method"]]
     pts = [(r["tokens"], r["growth_gb"]) for r in res if r.get("method") == "full" and "error" not in r]
     a, b = fit(pts) if len(pts) >= 2 else (0.0, 0.0)
     report = render(res, args, a, b)
