@@ -395,7 +395,7 @@ def main() -> None:
     from bench_logprob_memory import sections  # keep the sections written by the other scripts / modes
 
     old = args.out.read_text() if args.out.exists() else ""
-    kept = "".join(sections(old) + sections(old, "## Stage 2 with a Qwen-sized head"))
+    kept = "".join(sections(old) + sections(old, "## Stage 2 with a Qwen-sized head") + sections(old, "## Notes"))
     args.out.write_text(report.rstrip("\n") + "\n\n" + kept if kept else report)
 
 
