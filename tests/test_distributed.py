@@ -4,8 +4,9 @@
   ``accelerate launch --config_file ... -m redi.cli stage sft ...`` with the config's 8 GPUs replaced by 2 CPU
   processes: ``--multi_gpu`` goes through torchrun, each process joins over gloo). Before issue 11 every rank
   took the artifact lock and the launch deadlocked at the start of SFT.
-- the same for ``stage redi`` (loss redi and dpo), and ``redi stage`` with ``run.launcher=accelerate`` from one
-  process (the pipeline spawns the launch).
+- the same for ``stage redi`` (loss redi and dpo), and ``redi run`` with ``run.launcher=accelerate`` from one
+  process (the pipeline spawns the launch for each training stage).
+- the shipped FSDP / ZeRO-2 / ZeRO-3 configs on CPU (slow): kill, resume, save, DPO, all equal to DDP.
 - the artifact store's rank protocol on its own (two spawned gloo processes, no model).
 - the backend helpers of ``redi.train_backend`` (decay groups, update norm, DeepSpeed config) on literals.
 
@@ -119,18 +120,22 @@ def test_readme_stage2_launch_on_both_ranks(sft_launch, loss):
 
 
 @pytest.mark.slow
-def test_pipeline_accelerate_launcher_starts_two_processes(tmp_path):
-    """`redi stage sft` from ONE process with run.launcher=accelerate, num_processes=2: it spawns the launch."""
-    recipe = write_recipe(tmp_path, {"run.launcher": "accelerate", "run.num_processes": 2})
-    p = subprocess.run([sys.executable, "-m", "redi.cli", "stage", "sft", str(recipe), "--no-prefect"],
-                       capture_output=True, text=True, timeout=600,
+def test_redi_run_with_the_accelerate_launcher_trains_both_stages_in_two_processes(tmp_path):
+    """`redi run RECIPE --no-prefect` from ONE process with run.launcher=accelerate, num_processes=2: the pipeline
+    spawns `accelerate launch --multi_gpu --num_processes 2 -m redi.train` for SFT and for REDI, then evaluates."""
+    recipe = write_recipe(tmp_path, {"run.launcher": "accelerate", "run.num_processes": 2,
+                                     "redi.global_batch": 4, "redi.micro_batch": 2})
+    p = subprocess.run([sys.executable, "-m", "redi.cli", "run", str(recipe), "--no-prefect"],
+                       capture_output=True, text=True, timeout=900,
                        env=subprocess_env(OMP_NUM_THREADS="1", REDI_THREADS="1"))
     assert p.returncode == 0, p.stderr[-5000:]
     root = tmp_path / "artifacts"
-    folders = _published(root, "sft")
-    assert len(folders) == 1
-    _assert_two_ranks_trained(_manifest(folders[0])["summary"])
-    assert "--multi_gpu" in p.stderr  # the launch line the pipeline logs
+    for stage in ("sft", "redi"):
+        folders = _published(root, stage)
+        assert len(folders) == 1
+        _assert_two_ranks_trained(_manifest(folders[0])["summary"])
+    assert p.stderr.count("--multi_gpu") == 2  # the launch line the pipeline logs, once per training stage
+    assert len(_published(root, "grade")) == len(_published(root, "evaluate")) >= 1
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
