@@ -138,6 +138,23 @@ def test_redi_run_with_the_accelerate_launcher_trains_both_stages_in_two_process
     assert len(_published(root, "grade")) == len(_published(root, "evaluate")) >= 1
 
 
+@pytest.mark.slow
+def test_whole_dag_under_a_launch_evaluates_and_reports_on_rank_0(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2 -m redi.cli run RECIPE --no-prefect`: both training stages
+    on both ranks; evaluation, grading and the report by rank 0 alone, whose report the other rank receives."""
+    recipe = write_recipe(tmp_path, {"redi.global_batch": 4, "redi.micro_batch": 2})
+    p = _launch("run", str(recipe), "--no-prefect", timeout=900)
+    root = tmp_path / "artifacts"
+    for stage in ("sft", "redi"):
+        _assert_two_ranks_trained(_manifest(_published(root, stage)[0])["summary"])
+    for stage in ("download", "model", "verify", "sft", "redi"):
+        assert len(_published(root, stage)) == 1
+    n_eval = len(_published(root, "evaluate"))
+    assert n_eval == len(_published(root, "grade")) >= 1
+    assert p.stderr.count("redi.artifacts: built evaluate") == n_eval  # one build per model, by rank 0
+    assert p.stdout.count("Run folder:") == 1 and (root / "runs" / "tiny").is_dir()
+
+
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
