@@ -315,8 +315,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_study(args: argparse.Namespace) -> int:
     """`redi study RECIPE`: the `redi-study` flow (or redi.study directly with --no-prefect)."""
+    from . import distributed
     from .study import load_study, run_study
 
+    if distributed.launched():  # its training runs inside single-process stage builds: it would wait forever
+        raise RecipeError(f"redi study runs in one process, not under a launcher (WORLD_SIZE={distributed.world_size()}): "
+                          "run `redi study` directly")
     recipe, _ = load_study(args.recipe, list(args.overrides))  # a bad recipe fails here, before any work
     if args.no_prefect:
         rep = run_study(args.recipe, list(args.overrides), args.out)

@@ -234,6 +234,8 @@ def test_launch_without_no_prefect_is_a_clear_error(tmp_path, monkeypatch, capsy
     monkeypatch.setenv("RANK", "1")
     assert main(["stage", "sft", str(write_recipe(tmp_path))]) == 2
     assert "--no-prefect" in capsys.readouterr().err
+    assert main(["study", str(tmp_path), "--no-prefect"]) == 2
+    assert "not under a launcher" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ the store's rank protocol (no model)
