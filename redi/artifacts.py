@@ -18,6 +18,11 @@ takes locks, creates folders and publishes; the other ranks wait at a barrier an
 artifact (training stages run on every rank into the folders rank 0 made). ``run.artifact_root`` must then
 be visible to every node.
 
+A read-only root (a shared cache mounted read-only, a folder the user cannot write) serves cache hits
+without taking a lock; a stage that must be built fails with one line naming the folder. A build that
+runs out of space (``ENOSPC``) fails with one line naming the folder, the space needed and the space free
+(:class:`StorageError`), and its temporary folder is removed.
+
 The root is a local path. To share artifacts across machines, point ``run.artifact_root`` at a shared
 file system (NFS/Lustre), or sync folders to object storage with fsspec (``redi.artifacts.push`` /
 ``pull``; see docs/caching.md).
@@ -25,6 +30,7 @@ file system (NFS/Lustre), or sync folders to object storage with fsspec (``redi.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import json
@@ -190,6 +196,67 @@ class CorruptArtifact(RuntimeError):
     pass
 
 
+class StorageError(RuntimeError):
+    """A write under the artifact root failed for want of space, or the root is read-only and the artifact is
+    not cached. The message is one line naming the folder, the space needed and free, and the fix."""
+
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+_READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
+_MB = 1 << 20
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the file system of ``path`` (of its nearest existing parent when it does not exist)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 0
+
+
+def folder_bytes(path: Path) -> int:
+    """Bytes of the files under ``path`` (0 when absent)."""
+    total = 0
+    for p in Path(path).rglob("*"):
+        try:
+            total += p.stat().st_size if p.is_file() else 0
+        except OSError:
+            pass
+    return total
+
+
+def _is_disk_full(e: BaseException, folder: Path) -> bool:
+    """An ENOSPC/EDQUOT OSError, or an error of a C++ writer (torch.save: ``basic_ios::clear: iostream error``,
+    ``file write failed``; safetensors: ``os error 28``) raised while the folder's disk is (nearly) full."""
+    if isinstance(e, OSError):
+        return e.errno in _NO_SPACE
+    if type(e) is not RuntimeError and type(e).__name__ != "SafetensorError":
+        return False
+    text = str(e)
+    return any(t in text for t in ("No space left", "os error 28", "StorageFull")) or free_bytes(folder) < _MB
+
+
+def storage_error(e: BaseException, folder: Path, needed: int | None = None, written: int = 0) -> StorageError | None:
+    """A one-line :class:`StorageError` for a full disk or a read-only folder, else None (another error).
+
+    ``needed``: bytes the write needs (an estimate); None = unknown, then ``written`` (the bytes the failed
+    write had put down) is reported as a lower bound."""
+    if isinstance(e, StorageError):
+        return e
+    folder = Path(folder)
+    if isinstance(e, OSError) and e.errno in _READ_ONLY:
+        return StorageError(f"{folder} is not writable ({e.strerror}): set run.artifact_root to a writable folder")
+    if not _is_disk_full(e, folder):
+        return None
+    need = f"needs ~{max(needed, _MB) // _MB} MB" if needed is not None else \
+        f"needs more than the {written // _MB} MB written when it failed"
+    return StorageError(f"no space left in {folder} ({need}, {free_bytes(folder) // _MB} MB free): free space or "
+                        "set run.artifact_root elsewhere")
+
+
 def _file_table(folder: Path) -> dict[str, dict[str, Any]]:
     table = {}
     for p in sorted(folder.rglob("*")):
@@ -307,6 +374,35 @@ class ArtifactStore:
         locks.mkdir(parents=True, exist_ok=True)
         return FileLock(str(locks / f"{key}.lock"))
 
+    def _acquire(self, stage: str, key: str) -> FileLock | None:
+        """The key's lock, held; None when the root is read-only (EROFS, EACCES, EPERM): then only a cache hit
+        can be served, read without a lock (nobody can be writing a read-only folder)."""
+        try:
+            lock = self._lock(stage, key)
+            lock.acquire()
+        except OSError as e:
+            if e.errno not in _READ_ONLY:
+                raise
+            log.info("cache: %s is not writable (%s): %s %s is served from cache only", self.root, e.strerror, stage, key)
+            return None
+        return lock
+
+    def _read_only_hit(self, stage: str, key: str, refresh: bool) -> Artifact:
+        hit = None if refresh else self.lookup(stage, key)
+        if hit is None:
+            why = "--refresh asks to rebuild it" if refresh else "it is not cached"
+            raise StorageError(f"{self.root / stage} is not writable and {stage} {key} must be built ({why}): set "
+                               "run.artifact_root to a writable folder")
+        log.info("cache hit: %s %s (read-only root, no lock)", stage, key)
+        return hit
+
+    def _failed(self, e: BaseException, stage: str, tmp: Path) -> BaseException:
+        """The error to raise for a build that failed writing into ``tmp``: a one-line StorageError for a full
+        disk or a read-only folder, else ``e`` itself. Call before ``tmp`` is removed (its size is reported)."""
+        if not isinstance(e, Exception):
+            return e
+        return storage_error(e, self.root / stage, written=folder_bytes(tmp)) or e
+
     def _begin(self, stage: str, key: str, refresh: bool) -> Artifact | tuple[Path, Path]:
         """Under the key's lock: the cached artifact, or fresh (tmp, work) folders for a build."""
         if not refresh:
@@ -351,7 +447,10 @@ class ArtifactStore:
 
     def _build_local(self, fn: BuildFn, stage: str, key: str, config: Any, inputs: dict | None,
                      refresh: bool) -> Artifact:
-        with self._lock(stage, key):
+        lock = self._acquire(stage, key)
+        if lock is None:
+            return self._read_only_hit(stage, key, refresh)
+        try:
             begun = self._begin(stage, key, refresh)
             if isinstance(begun, Artifact):
                 return begun
@@ -359,10 +458,15 @@ class ArtifactStore:
             t0 = time.time()
             try:
                 summary = fn(tmp, work) or {}
-            except BaseException:
+                return self._publish(stage, key, tmp, work, summary, t0, config, inputs)
+            except BaseException as e:  # a failed build or publish leaves no folder a lookup would trust
+                err = self._failed(e, stage, tmp)
                 shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            return self._publish(stage, key, tmp, work, summary, t0, config, inputs)
+                if err is e:
+                    raise
+                raise err from e
+        finally:
+            lock.release()
 
     def _build_on_main(self, fn: BuildFn, stage: str, key: str, config: Any, inputs: dict | None,
                        refresh: bool) -> Artifact:
@@ -383,14 +487,20 @@ class ArtifactStore:
                           refresh: bool) -> Artifact:
         """Every rank runs ``fn`` (training); rank 0 alone locks, creates the folders and publishes."""
         main = distributed.is_main()
-        lock = self._lock(stage, key) if main else None
+        lock = self._acquire(stage, key) if main else None
         try:
             plan: dict[str, Any] | None = None
-            if main:
-                lock.acquire()
+            if main and lock is None:  # read-only root: a hit, or every rank fails with the same line
+                try:
+                    plan = {"artifact": self._read_only_hit(stage, key, refresh).to_dict()}
+                except StorageError as e:
+                    plan = {"error": str(e)}
+            elif main:
                 begun = self._begin(stage, key, refresh)
                 plan = {"artifact": begun.to_dict()} if isinstance(begun, Artifact) else {"dirs": [str(p) for p in begun]}
             plan = distributed.broadcast(plan)
+            if "error" in plan:
+                raise StorageError(plan["error"])
             if "artifact" in plan:
                 return self._received(plan["artifact"])
             tmp, work = (Path(p) for p in plan["dirs"])
@@ -400,10 +510,13 @@ class ArtifactStore:
             try:
                 summary = fn(tmp, work) or {}
                 distributed.barrier()  # every rank's files are written before rank 0 hashes and renames them
-            except BaseException:
+            except BaseException as e:
+                err = self._failed(e, stage, tmp)
                 if main:
                     shutil.rmtree(tmp, ignore_errors=True)
-                raise
+                if err is e:
+                    raise
+                raise err from e
             art = self._publish(stage, key, tmp, work, summary, t0, config, inputs).to_dict() if main else None
             return self._received(distributed.broadcast(art))
         finally:

@@ -26,8 +26,11 @@ What the loop does (paper App. C unless stated):
 - device: ``auto`` = CUDA if available (bf16 autocast where supported, fp32 master weights), else
   CPU in fp32. Threads from ``REDI_THREADS`` (else torch's default / ``OMP_NUM_THREADS``).
 - checkpoints: every ``save_steps`` into ``work_dir/checkpoint-<step>`` via ``accelerate.save_state``
-  (model, optimiser, scheduler, RNG) + ``trainer_state.json`` (step, signals, counts); a re-run with
-  the same work_dir resumes from the newest and ends with the same weights as an uninterrupted run.
+  (model, optimiser, scheduler, RNG) + ``trainer_state.json`` (step, signals, counts) + ``checksums.json``
+  (written last); a re-run with the same work_dir resumes from the newest one whose checksums match and
+  ends with the same weights as an uninterrupted run. Two are kept, so a corrupt newest one falls back to
+  the one before (or training starts over), with a warning naming the file. A full disk is one line
+  (:class:`redi.artifacts.StorageError`) and leaves no ``checkpoint-N.tmp``.
 - a non-finite loss stops training before the optimiser step, keeps the last good checkpoint and
   raises :class:`TrainingError` naming the step.
 - several processes (DDP, FSDP, DeepSpeed ZeRO-2/3): what differs per backend (DeepSpeed's batch and
@@ -50,6 +53,7 @@ from pathlib import Path
 
 import torch
 
+from .artifacts import folder_bytes, sha256_file, storage_error
 from .config.train import OptimConfig, SFTConfig, Stage2Config
 from .logprobs import LogProbLM, resolve_attn, unwrap_logprob
 from .losses import NEEDS_REFERENCE, get_loss
@@ -256,34 +260,121 @@ def precompute_reference(job: Job, model, acc) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
+CHECKSUMS = "checksums.json"
+"""Written last into a checkpoint (size and sha256 of every other file): a folder without it is no checkpoint."""
+KEEP_CHECKPOINTS = 2
+"""Checkpoints kept: the newest and the one before it, the fallback when the newest fails verification."""
+
+
+def _checkpoints(work_dir: Path) -> list[Path]:
+    """Renamed (complete) checkpoint folders, newest first; ``checkpoint-N.tmp`` is never one."""
+    cks = [p for p in work_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
+    return sorted(cks, key=lambda p: int(p.name.split("-", 1)[1]), reverse=True)
+
+
 def _latest_checkpoint(work_dir: Path) -> Path | None:
-    cks = [p for p in work_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists() and p.suffix != ".tmp"]
-    return max(cks, key=lambda p: int(p.name.split("-")[1]), default=None)
+    return next((p for p in _checkpoints(work_dir) if (p / CHECKSUMS).exists()), None)
+
+
+def _write_checksums(folder: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as ex:  # hashlib releases the GIL on large reads
+        digests = list(ex.map(sha256_file, files))
+    table = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": d} for p, d in zip(files, digests, strict=True)}
+    (folder / CHECKSUMS).write_text(json.dumps(table, indent=1))
+
+
+def verify_checkpoint(folder: Path) -> str | None:
+    """None when every file ``checksums.json`` lists has its size and sha256, else why not (naming the file)."""
+    path = folder / CHECKSUMS
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return f"{path} is missing or unreadable ({type(e).__name__})"
+    for rel, meta in table.items():
+        f = folder / rel
+        if not f.is_file():
+            return f"{f} is missing"
+        if f.stat().st_size != meta["size"]:
+            return f"{f} has {f.stat().st_size} bytes, {CHECKSUMS} says {meta['size']}"
+        if sha256_file(f) != meta["sha256"]:
+            return f"{f} does not match its sha256 in {CHECKSUMS}"
+    return None
+
+
+def _checkpoint_bytes(acc, work_dir: Path) -> int:
+    """Space a checkpoint needs: the newest one's size, else weights + two Adam moments of the local model."""
+    ck = _latest_checkpoint(work_dir)
+    if ck is not None:
+        return folder_bytes(ck)
+    return 3 * sum(p.numel() * p.element_size() for m in acc._models for p in m.parameters())
+
+
+def _save_failed(e: Exception, acc, job: Job, tmp: Path):
+    """Raise a one-line StorageError for a full disk / read-only work_dir (else ``e``); remove ``tmp`` first."""
+    err = storage_error(e, job.work_dir, _checkpoint_bytes(acc, job.work_dir))
+    shutil.rmtree(tmp, ignore_errors=True)  # never trusted (not renamed), but it holds the space
+    if err is None:
+        raise e
+    raise err from e
 
 
 def _save_checkpoint(acc, job: Job, step: int, signals: SignalLog) -> Path:
+    """Save into ``checkpoint-N.tmp``, then (rank 0) ``trainer_state.json``, then ``checksums.json`` last, then
+    rename to ``checkpoint-N`` and keep the newest :data:`KEEP_CHECKPOINTS`."""
     final = job.work_dir / f"checkpoint-{step}"
     tmp = job.work_dir / f"checkpoint-{step}.tmp"
     if acc.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp))
-    acc.wait_for_everyone()  # every rank's shard is written before rank 0 renames the folder
+    try:
+        acc.save_state(str(tmp))
+    except Exception as e:
+        _save_failed(e, acc, job, tmp)
+    acc.wait_for_everyone()  # every rank's shard is written before rank 0 hashes and renames the folder
     if acc.is_main_process:
         state = {"step": step, "fingerprint": job.fingerprint(), "signals": signals.records, "counts": job.counts}
-        (tmp / "trainer_state.json").write_text(json.dumps(state))
+        try:
+            (tmp / "trainer_state.json").write_text(json.dumps(state))
+            _write_checksums(tmp)
+        except Exception as e:
+            _save_failed(e, acc, job, tmp)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        for old in job.work_dir.glob("checkpoint-*"):
-            if old != final and old.suffix != ".tmp":
-                shutil.rmtree(old, ignore_errors=True)
+        for old in _checkpoints(job.work_dir)[KEEP_CHECKPOINTS:]:
+            shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
     return final
 
 
+def _good_checkpoint(work_dir: Path) -> Path | None:
+    """The newest checkpoint whose files match ``checksums.json``; each one that does not is removed with a
+    warning naming the file (a flipped bit must not resume into a different model under the same key)."""
+    bad = []
+    for ck in _checkpoints(work_dir):
+        why = verify_checkpoint(ck)
+        if why is None:
+            if bad:
+                log.warning("resuming from the previous good checkpoint %s", ck)
+            return ck
+        log.warning("checkpoint %s failed verification: %s; it is removed", ck, why)
+        shutil.rmtree(ck, ignore_errors=True)
+        bad.append(ck)
+    if bad:
+        log.warning("no good checkpoint left in %s: training starts over", work_dir)
+    return None
+
+
 def _resume(acc, job: Job) -> tuple[int, list[dict]]:
-    ck = _latest_checkpoint(job.work_dir)
+    """Verified by rank 0 (every file hashed once), the chosen folder broadcast to the other ranks."""
+    ck = _good_checkpoint(job.work_dir) if acc.is_main_process else None
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        ck = broadcast_object_list([ck])[0]
     if ck is None:
         return 0, []
     state = json.loads((ck / "trainer_state.json").read_text())

@@ -171,6 +171,67 @@ def test_killed_run_resumes_to_same_weights(env, tmp_path, monkeypatch):
     assert _max_diff(_weights(tmp_path / "full" / "model"), _weights(tmp_path / "part2" / "model")) < 1e-6
 
 
+def test_flipped_bit_in_a_checkpoint_falls_back_to_the_previous_one(env, tmp_path, monkeypatch, caplog):
+    """A resume verifies checksums.json: one flipped byte in checkpoint-4/model.safetensors is named, that
+    checkpoint is dropped, training resumes from checkpoint-2 and ends with the uninterrupted run's weights."""
+    d, data = env
+    cfg = SFTConfig(lr=3e-3, max_steps=6, global_batch=8, micro_batch=4, save_steps=2)
+    T.train_sft(cfg, d / "base", data["positives"], tmp_path / "full", tmp_path / "wfull", "cpu")
+    monkeypatch.setattr(T, "_KILL_AT_STEP", 4)
+    with pytest.raises(T._SimulatedKill):
+        T.train_sft(cfg, d / "base", data["positives"], tmp_path / "part", tmp_path / "w", "cpu")
+    assert sorted(p.name for p in (tmp_path / "w").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    for ck in ("checkpoint-2", "checkpoint-4"):
+        assert T.verify_checkpoint(tmp_path / "w" / ck) is None
+    weights = tmp_path / "w" / "checkpoint-4" / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # one bit, same size
+    weights.write_bytes(bytes(raw))
+    monkeypatch.setattr(T, "_KILL_AT_STEP", None)
+    with caplog.at_level("WARNING", logger="redi.train"):
+        s = T.train_sft(cfg, d / "base", data["positives"], tmp_path / "part2", tmp_path / "w", "cpu")
+    assert f"{weights} does not match its sha256" in caplog.text
+    assert "previous good checkpoint" in caplog.text
+    assert s["resumed_from_step"] == 2
+    assert _max_diff(_weights(tmp_path / "full" / "model"), _weights(tmp_path / "part2" / "model")) < 1e-6
+
+
+def test_corrupt_only_checkpoint_starts_over(env, tmp_path, monkeypatch, caplog):
+    d, data = env
+    cfg = SFTConfig(lr=3e-3, max_steps=2, global_batch=8, micro_batch=4, save_steps=1)
+    monkeypatch.setattr(T, "_KILL_AT_STEP", 1)
+    with pytest.raises(T._SimulatedKill):
+        T.train_sft(cfg, d / "base", data["positives"], tmp_path / "part", tmp_path / "w", "cpu")
+    (tmp_path / "w" / "checkpoint-1" / "trainer_state.json").write_text("{}")  # another size
+    monkeypatch.setattr(T, "_KILL_AT_STEP", None)
+    with caplog.at_level("WARNING", logger="redi.train"):
+        s = T.train_sft(cfg, d / "base", data["positives"], tmp_path / "o", tmp_path / "w", "cpu")
+    assert "checkpoint-1/trainer_state.json has 2 bytes" in caplog.text and "training starts over" in caplog.text
+    assert s["resumed_from_step"] == 0
+
+
+def test_full_disk_at_checkpoint_is_one_line_and_leaves_no_tmp(env, tmp_path, monkeypatch):
+    """ENOSPC while accelerate writes the checkpoint: a StorageError naming work_dir and the space, no .tmp left."""
+    import errno
+
+    from redi.artifacts import StorageError
+
+    d, data = env
+    real = T._write_checksums
+
+    def full(folder):
+        (folder / "partial").write_bytes(b"x" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "optimizer.bin"))
+
+    monkeypatch.setattr(T, "_write_checksums", full)
+    cfg = SFTConfig(lr=3e-3, max_steps=2, global_batch=8, micro_batch=4, save_steps=1)
+    with pytest.raises(StorageError, match=r"^no space left in .*/w \(needs ~\d+ MB, \d+ MB free\): free space or set "
+                                           r"run.artifact_root elsewhere$"):
+        T.train_sft(cfg, d / "base", data["positives"], tmp_path / "o", tmp_path / "w", "cpu")
+    assert not list((tmp_path / "w").glob("checkpoint-*"))
+    monkeypatch.setattr(T, "_write_checksums", real)
+
+
 # ------------------------------------------------------------------ bad input
 
 
