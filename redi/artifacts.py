@@ -251,10 +251,12 @@ def storage_error(e: BaseException, folder: Path, needed: int | None = None, wri
         return StorageError(f"{folder} is not writable ({e.strerror}): set run.artifact_root to a writable folder")
     if not _is_disk_full(e, folder):
         return None
-    need = f"needs ~{max(needed, _MB) // _MB} MB" if needed is not None else \
-        f"needs more than the {written // _MB} MB written when it failed"
-    return StorageError(f"no space left in {folder} ({need}, {free_bytes(folder) // _MB} MB free): free space or "
-                        "set run.artifact_root elsewhere")
+    free = f"{free_bytes(folder) // _MB} MB free"
+    if needed is not None:
+        free = f"needs ~{max(needed, _MB) // _MB} MB, {free}"
+    elif written:
+        free = f"needs more than the {written // _MB} MB written when it failed, {free}"
+    return StorageError(f"no space left in {folder} ({free}): free space or set run.artifact_root elsewhere")
 
 
 def _file_table(folder: Path) -> dict[str, dict[str, Any]]:

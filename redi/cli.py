@@ -157,6 +157,8 @@ def print_run(result: dict[str, Any], root: str, seconds: float) -> None:
     if rep:
         reg = ("registered for nightly evaluation: latest.json, results.md, results.png" if rep.get("registered", True)
                else "a stage rerun, not registered (pass --register to make it what nightly evaluates): results.md, results.png")
+        if rep.get("read_only"):
+            reg = "not written: the artifact root is read-only, so the run is not recorded or registered"
         print(f"\n{rep['table_markdown']}\n\nRun folder: {rep['run_dir']} ({reg})")
 
 
@@ -335,7 +337,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 USER_ERRORS = {  # module -> exception classes whose message already names the thing and the fix
     "redi.data": ("DataError",), "redi.generate": ("GenerationError",), "redi.benchmarks": ("BenchmarkError",),
-    "redi.split": ("LabelRuleError",), "redi.train": ("TrainingError",), "redi.artifacts": ("StageFailed", "CorruptArtifact"),
+    "redi.split": ("LabelRuleError",), "redi.train": ("TrainingError",), "redi.artifacts": ("StageFailed", "CorruptArtifact", "StorageError"),
 }
 _ERRNO_FIX = {
     errno.ENOSPC: "free space on that disk, or set run.artifact_root to a folder on another disk",
@@ -351,6 +353,10 @@ def user_error(e: BaseException) -> str | None:
         m = sys.modules.get(mod)  # not imported: its errors cannot have been raised
         if m is not None and isinstance(e, tuple(getattr(m, n) for n in names if hasattr(m, n))):
             return " ".join(str(e).split())
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) and e.filename:
+        from .artifacts import storage_error  # the folder, the space free, the fix
+
+        return str(storage_error(e, Path(e.filename).parent))
     if isinstance(e, OSError):
         where = f" {e.filename}" if e.filename else ""
         fix = _ERRNO_FIX.get(e.errno, "check the path and its permissions")

@@ -446,6 +446,8 @@ class Pipeline:
 
         h = self.recipe_hash()
         rdir = self.run_dir() if register else self.run_dir() / "stage-runs" / h
+        if not os.access(self.store.root, os.W_OK):  # a shared read-only cache: report, write nothing
+            return distributed.broadcast(self._read_only_report(grades, models, h, rdir))
         rdir.mkdir(parents=True, exist_ok=True)
         (rdir / "recipe.yaml").write_text(recipe_to_yaml(self.recipe))
         if register:
@@ -471,6 +473,22 @@ class Pipeline:
             log.info("report: stage rerun recorded in %s (not registered: runs/%s/latest.json unchanged)", rdir, self.recipe.run.name)
         return distributed.broadcast({"run_dir": str(rdir), "registered": register, "table_markdown": table.markdown,
                                       "table_rows": table.rows, "plot": str(rdir / "results.png")})
+
+    def _read_only_report(self, grades: dict[str, Artifact], models: dict[str, Artifact], h: str, rdir: Path) -> dict:
+        """The table of this run's grades, computed in memory: a read-only artifact root gets no results rows,
+        no ``runs/`` folder and no registration (logged)."""
+        import pandas as pd
+
+        from . import results
+
+        rows = [r for lab, g in grades.items() for r in results.rows_from_metrics(
+            json.loads(g.file("metrics.json").read_text()), run=self.recipe.run.name, label=self.result_label(lab),
+            model_key=models[lab].key, recipe_hash=h, eval_key=g.key, protocol=self.recipe.evaluate.hash_fields())]
+        table = results.comparison_table(pd.DataFrame(rows), paper=self.recipe.evaluate.protocol().name == results.PAPER_PROTOCOL)
+        log.warning("report: %s is not writable: results not recorded, %s not written, run not registered",
+                    self.store.root, rdir)
+        return {"run_dir": str(rdir), "registered": False, "read_only": True, "table_markdown": table.markdown,
+                "table_rows": table.rows, "plot": None}
 
     def _register(self, rdir: Path, models: dict[str, Artifact], grades: dict[str, Artifact]) -> None:
         """Write ``latest.json``: the run's latest models and grades (what nightly evaluation evaluates)."""

@@ -1,16 +1,21 @@
-"""Faults: SIGKILL mid-stage then rerun, two runs of one recipe at once, a corrupt artifact.
+"""Faults: SIGKILL mid-stage then rerun, two runs of one recipe at once, a corrupt artifact, a full disk,
+a read-only artifact root.
 
 The kill and concurrency tests run the real `redi` CLI (``--no-prefect``) in subprocesses on the
-tiny recipe, so they are marked slow (about a minute each on 2 busy cores).
+tiny recipe, so they are marked slow (about a minute each on 2 busy cores). The full disk is a real 400 kB
+tmpfs and the read-only root a real read-only bind mount: both need root (``mount``) and are skipped
+without it; ``tests/test_artifacts.py`` covers the same paths by injected errors everywhere.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -126,3 +131,93 @@ def test_sigterm_shuts_down_prefect_server_and_workers(tmp_path):
     psutil.wait_procs(children, timeout=30)
     alive = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert not alive, [" ".join(c.cmdline()[:4]) for c in alive]
+
+
+# ------------------------------------------------------------------ full disk, read-only root (real mounts)
+
+
+def _mount(*args: str) -> None:
+    p = subprocess.run(["mount", *args], capture_output=True, text=True)
+    if p.returncode:
+        pytest.skip(f"mount {' '.join(args)} is not allowed here (needs root): {p.stderr.strip()}")
+
+
+@contextmanager
+def _tmpfs(folder: Path, size: str):
+    folder.mkdir(parents=True, exist_ok=True)
+    _mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder))
+    try:
+        yield
+    finally:  # lazily: the tokenised data of a failed run may still be memory-mapped
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+@contextmanager
+def _read_only(folder: Path):
+    _mount("--bind", str(folder), str(folder))
+    try:
+        p = subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], capture_output=True, text=True)
+        if p.returncode:
+            pytest.skip(f"cannot remount read-only here: {p.stderr.strip()}")
+        with pytest.raises(OSError):  # really read-only, even for root
+            (folder / "probe").write_text("")
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def _one_line(capsys, argv: list[str]) -> str:
+    capsys.readouterr()
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    lines = re.findall(r"(?<![\w.])redi: [^\r\n]*", err)  # a progress bar may precede it on its line
+    assert "Traceback" not in err and len(lines) == 1, err
+    return lines[0]
+
+
+def test_full_disk_at_a_checkpoint_is_one_line_and_leaves_nothing_trusted(tmp_path, capsys):
+    """SFT on a 400 kB file system: torch's writer fails mid-checkpoint (a C++ iostream error, not an
+    OSError); the CLI says which folder is full and how much it needs; no checkpoint-N.tmp, no temp artifact."""
+    recipe = write_recipe(tmp_path)
+    assert main(["stage", "verify", str(recipe), "--no-prefect"]) == 0
+    sft = tmp_path / "artifacts" / "sft"
+    with _tmpfs(sft, "400k"):
+        line = _one_line(capsys, ["stage", "sft", str(recipe), "--no-prefect"])
+        assert line.startswith(f"redi: no space left in {sft}/.work-") and "MB free): free space or set run.artifact_root" in line
+        assert "needs ~" in line
+        assert not list(sft.glob(".work-*/checkpoint-*")) and not list(sft.glob(".tmp-*"))
+        assert main(["status", str(recipe), "--json"]) == 0
+        assert not {n["stage"]: n for n in json.loads(capsys.readouterr().out)}["sft"]["cached"]
+
+
+def test_read_only_root_serves_cache_hits_without_locks(tmp_path, capsys):
+    recipe = write_recipe(tmp_path)
+    assert main(["stage", "verify", str(recipe), "--no-prefect"]) == 0
+    root = tmp_path / "artifacts"
+    with _read_only(root):
+        capsys.readouterr()
+        assert main(["status", str(recipe), "--json"]) == 0
+        plan = {n["stage"]: n for n in json.loads(capsys.readouterr().out)}
+        assert all(plan[s]["cached"] for s in ("download", "model", "verify"))
+        assert main(["stage", "verify", str(recipe), "--no-prefect"]) == 0
+        out = capsys.readouterr().out
+        assert re.search(r"^verify\s+cache hit", out, re.M) and "built" not in out, out
+        line = _one_line(capsys, ["stage", "sft", str(recipe), "--no-prefect"])
+        assert line == (f"redi: {root}/sft is not writable and sft {plan['sft']['key']} must be built (it is not cached): "
+                        "set run.artifact_root to a writable folder")
+
+
+def test_redi_run_on_a_read_only_root_of_a_finished_run(tmp_path, capsys):
+    """The issue's case: `redi status` said 11/11 cached and `redi run` failed creating a lock file."""
+    recipe = write_recipe(tmp_path)
+    assert main(["run", str(recipe), "--no-prefect"]) == 0
+    root = tmp_path / "artifacts"
+    with _read_only(root):
+        capsys.readouterr()
+        assert main(["status", str(recipe), "--json"]) == 0
+        assert all(n["cached"] for n in json.loads(capsys.readouterr().out))
+        assert main(["run", str(recipe), "--no-prefect"]) == 0
+        out = capsys.readouterr().out
+        assert "built" not in out and "the artifact root is read-only" in out and "| redi |" in out
+        changed = write_recipe(tmp_path, {"redi.lr": 2e-6}, name="changed.yaml")
+        assert f"redi: {root}/redi is not writable and redi " in _one_line(capsys, ["run", str(changed), "--no-prefect"])
