@@ -190,3 +190,80 @@ def test_push_and_pull_through_fsspec(tmp_path):
     manifest = pull(url, tmp_path / "copy")
     assert manifest["key"] == "k"
     assert (tmp_path / "copy" / "sub" / "x.json").read_text() == (a.dir / "sub" / "x.json").read_text()
+
+
+# ------------------------------------------------------------------ full disk, read-only root (injected errors)
+
+
+def _enospc(path):
+    import errno
+
+    return OSError(errno.ENOSPC, "No space left on device", str(path))
+
+
+def test_enospc_in_a_build_is_one_line_and_leaves_nothing(tmp_path):
+    from redi.artifacts import StorageError
+
+    store = ArtifactStore(tmp_path)
+
+    def fn(out, work):
+        (out / "half.bin").write_bytes(b"x" * (3 << 20))
+        raise _enospc(out / "half.bin")
+
+    with pytest.raises(StorageError) as e:
+        store.build("verify", "k", fn)
+    assert str(e.value).startswith(f"no space left in {tmp_path / 'verify'} (needs more than the 3 MB written when it failed, ")
+    assert str(e.value).endswith(" MB free): free space or set run.artifact_root elsewhere")
+    assert isinstance(e.value.__cause__, OSError)
+    assert store.lookup("verify", "k") is None and not list((tmp_path / "verify").glob(".tmp-*"))
+
+
+def test_enospc_writing_the_manifest_leaves_nothing(tmp_path, monkeypatch):
+    import redi.artifacts as A
+
+    store = ArtifactStore(tmp_path)
+    real = Path.write_text
+
+    def full(self, *a, **k):
+        if self.name == "manifest.json":
+            real(self, "{")  # a partial write
+            raise _enospc(self)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(A.StorageError, match="no space left in"):
+        store.build("verify", "k", _writer("abc"))
+    monkeypatch.setattr(Path, "write_text", real)
+    assert not (tmp_path / "verify" / "k").exists() and not list((tmp_path / "verify").glob(".tmp-*"))
+    assert not store.build("verify", "k", _writer("abc")).cached  # the next run builds it
+
+
+def test_read_only_root_serves_hits_without_a_lock(tmp_path, monkeypatch, caplog):
+    import errno
+
+    from redi.artifacts import StorageError
+
+    store = ArtifactStore(tmp_path)
+    store.build("download", "k1", _writer("abc"))
+
+    def read_only(self, stage, key):
+        raise OSError(errno.EROFS, "Read-only file system", str(self.root / stage / ".locks"))
+
+    monkeypatch.setattr(ArtifactStore, "_lock", read_only)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with caplog.at_level("INFO", logger="redi.artifacts"):
+        hit = store.build("download", "k1", _writer("zzz"))
+    assert hit.cached and hit.summary == {"rows": 3} and "read-only root, no lock" in caplog.text
+    with pytest.raises(StorageError, match=rf"^{tmp_path / 'download'} is not writable and download k2 must be built "
+                                          r"\(it is not cached\): set run.artifact_root to a writable folder$"):
+        store.build("download", "k2", _writer("abc"))
+    with pytest.raises(StorageError, match="--refresh asks to rebuild it"):
+        store.build("download", "k1", _writer("abc"), refresh=True)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing created
+
+
+def test_cli_names_the_folder_of_an_oserror_enospc():
+    from redi.cli import user_error
+
+    line = user_error(_enospc("/nonexistent-x/artifacts/sft/model.safetensors"))
+    assert line.startswith("no space left in /nonexistent-x/artifacts/sft (") and " MB free): free space" in line
