@@ -9,7 +9,7 @@ Deployments (flow/deployment):
   redi-stage/{download,model,verify,sft,redi,evaluate}         one stage of any recipe (dropdown), upstream from cache
   nightly-eval/nightly                                         cron 03:00 UTC (REDI_NIGHTLY_CRON) over registered runs
   redi-eval/adhoc                                              any model folder or Hub id
-  redi-study/study-cpu                                         the CPU-scale study (issue 6)
+  redi-study/study-cpu                                         the CPU-scale study
 
 The run form of the pipeline deployments is pre-filled with the recipe's resolved fields (edit any
 of them, e.g. redi.alpha, before a run). Artifacts go to REDI_ARTIFACT_ROOT (default: ./artifacts
@@ -35,7 +35,6 @@ if str(REPO) not in sys.path:  # run as a script: make flows/ and tasks/ importa
 
 RECIPES = {"demo": REPO / "deployments" / "demo" / "recipe.yaml",
            "redi-qwen2.5-math-1.5b": REPO / "deployments" / "redi-qwen2.5-math-1.5b" / "recipe.yaml"}
-STAGES = ("download", "model", "verify", "sft", "redi", "evaluate")
 NIGHTLY_CRON = os.environ.get("REDI_NIGHTLY_CRON", "0 3 * * *")
 
 _SCHEDULER_CHECK = """
@@ -96,6 +95,7 @@ def build_deployments(artifact_root: str | None = None) -> list:
     from flows.pipeline import redi_pipeline
     from flows.stages import STAGE_FLOWS
     from flows.study import redi_study
+    from redi.dag import STAGES
 
     root = str(Path(artifact_root or os.environ.get("REDI_ARTIFACT_ROOT", "artifacts")).resolve())
     out = []

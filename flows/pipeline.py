@@ -1,6 +1,8 @@
 """Flows of the REDI DAG: ``redi-pipeline`` (the whole run) and ``redi-stage`` (one stage, upstream from cache).
 
-The flows only order tasks. Every task is a thin wrapper over :class:`redi.pipeline.Pipeline`, and
+The flows only order tasks, and not even that themselves: ``run_dag`` hands ``redi.dag.walk`` (the
+library's one walker over the table ``redi.dag.NODES``) a step that calls the node's Prefect task, so
+the UI shows one task per node. Every task is a thin wrapper over :class:`redi.pipeline.Pipeline`, and
 the content-addressed store decides what is a cache hit, so running a stage whose upstream is
 cached costs one checksum pass per upstream artifact.
 
@@ -20,19 +22,22 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 
+from redi import dag
 from redi.config import Recipe, RecipeError, apply_overrides, load_recipe
 from tasks.download import download
 from tasks.evaluate import evaluate
 from tasks.model import base_model
 from tasks.redi import stage2
-from tasks.report import dag_rows, publish, report
+from tasks.report import publish, report
 from tasks.sft import sft
 from tasks.verify import verify
 
-Stage = Literal["download", "model", "verify", "sft", "redi", "evaluate"]
-Label = Literal["base", "sft", "redi"]
-ORDER = ("download", "model", "verify", "sft", "redi", "evaluate")
-LABEL_NEEDS = {"base": "model", "sft": "sft", "redi": "redi"}
+Stage = Literal[dag.STAGES]  # type: ignore[valid-type]
+Label = Literal[dag.MODEL_LABELS]  # type: ignore[valid-type]
+TASKS = {"download": download, "model": base_model, "verify": verify, "sft": sft, "redi": stage2, "evaluate": evaluate}
+"""The Prefect task of each node of ``redi.dag.NODES``; called with (recipe, *upstream artifacts) or (recipe, label, model)."""
+if set(TASKS) != set(dag.STAGES):  # a node added to the table needs its task here
+    raise ImportError(f"flows.pipeline.TASKS {sorted(TASKS)} do not match the DAG's stages {list(dag.STAGES)}")
 
 HELP = {
     "overrides": "Recipe fields to change for this run, as dotted keys: {\"redi.alpha\": 1.0, \"evaluate.n_samples\": 8}. "
@@ -76,7 +81,7 @@ def resolve_recipe(recipe_path: str | None = None, recipe: Recipe | dict[str, An
         r = load_recipe(recipe_path, overrides or None)
     if refresh:
         try:
-            r.run.refresh = sorted(set(r.run.refresh) | set(refresh), key=ORDER.index)
+            r.run.refresh = sorted(set(r.run.refresh) | set(refresh), key=dag.STAGES.index)
         except Exception as e:
             raise RecipeError(f"refresh: {e}") from None
     return r
@@ -92,31 +97,20 @@ def run_dag(r: Recipe, until: str = "report", labels: list[str] | None = None, r
     t0 = time.time()
     rd = r.model_dump(mode="json", by_alias=True)
     labels = list(labels or r.evaluate.models)
-    if until in ("evaluate", "report"):
-        need = {"model"} | {LABEL_NEEDS[lab] for lab in labels}
-        last = max(ORDER.index(s) for s in need)
-    else:
-        last = ORDER.index(until)
-    arts: dict[str, dict[str, Any]] = {}
-    data = download(rd)
-    arts["download"] = data
-    if last >= 1:
-        arts["model"] = base_model(rd, data)
-    if last >= 2:
-        arts["verify"] = verify(rd, data, arts["model"])
-    if last >= 3:
-        arts["sft"] = sft(rd, arts["verify"], arts["model"])
-    if last >= 4:
-        arts["redi"] = stage2(rd, arts["verify"], arts["sft"])
+
+    def step(node: dag.Node, upstream: list[dict[str, Any]], label: str | None) -> dict[str, Any]:
+        task = TASKS[node.name]
+        return task(rd, label, *upstream) if node.per_label else task(rd, *upstream)
+
+    stages, evaluations = dag.walk(until, labels, step)
+    arts: dict[str, dict[str, Any]] = dict(stages)
+    for nodes in evaluations.values():  # evaluate[lab] (the samples) and grade[lab]
+        arts |= nodes
     rep = None
-    if until in ("evaluate", "report"):
-        grades = {}
-        for lab in labels:
-            nodes = evaluate(rd, lab, arts[LABEL_NEEDS[lab]])  # evaluate[lab] (the samples) and grade[lab]
-            arts |= nodes
-            grades[lab] = nodes[f"grade[{lab}]"]
-        rep = report(rd, {lab: arts[LABEL_NEEDS[lab]] for lab in labels}, grades, register)
-    rows = dag_rows(arts)
+    if evaluations:
+        grades = {lab: nodes[dag.node_name("grade", lab)] for lab, nodes in evaluations.items()}
+        rep = report(rd, {lab: stages[dag.LABEL_STAGE[lab]] for lab in labels}, grades, register or until == "report")
+    rows = dag.node_rows(arts)
     made = publish(r.run.name, rep, rows, round(time.time() - t0, 1))
     out = {"run": r.run.name, "artifacts": arts, "report": rep, "dag": rows, "prefect_artifacts": made,
            "seconds": round(time.time() - t0, 2)}

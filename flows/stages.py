@@ -18,6 +18,7 @@ from prefect import flow
 from pydantic import BaseModel, create_model
 
 from flows.pipeline import HELP, Label, Stage, documented, resolve_recipe, run_dag
+from redi import dag
 from redi.config import (
     DataConfig,
     EvaluateConfig,
@@ -72,7 +73,7 @@ EvaluateChanges = changes_model(EvaluateConfig, "evaluate")
 # (a None default hides them behind a type toggle).
 NO_DATA_CHANGES, NO_MODEL_CHANGES, NO_VERIFY_CHANGES = DataChanges(), ModelChanges(), VerifyChanges()
 NO_SFT_CHANGES, NO_REDI_CHANGES, NO_EVALUATE_CHANGES = SFTChanges(), RediChanges(), EvaluateChanges()
-SECTION = {"download": "data", "model": "model", "verify": "verify", "sft": "sft", "redi": "redi", "evaluate": "evaluate"}
+SECTION = {n.name: n.section for n in dag.NODES}
 
 
 def _dotted(tree: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -180,3 +181,6 @@ def evaluate_stage(recipe: RecipeName = "demo", overrides: dict[str, Any] | None
 
 STAGE_FLOWS = {"download": download_stage, "model": model_stage, "verify": verify_stage, "sft": sft_stage,
                "redi": redi_stage2, "evaluate": evaluate_stage}
+"""One typed form per node of ``redi.dag.NODES`` (each takes its node's config section)."""
+if list(STAGE_FLOWS) != list(dag.STAGES):  # a node added to the table needs its form here
+    raise ImportError(f"flows.stages.STAGE_FLOWS {list(STAGE_FLOWS)} do not match the DAG's stages {list(dag.STAGES)}")

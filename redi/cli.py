@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import STAGES, Recipe, RecipeError, load_recipe
+from .config import Recipe, RecipeError, load_recipe
+from .dag import NODES, STAGES, node_rows
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_RECIPE = REPO / "deployments" / "demo" / "recipe.yaml"
@@ -59,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("run", help="Run the whole DAG of a recipe.")
     sp.add_argument("recipe", help="Recipe YAML (or its folder).")
     common(sp)
-    sp = sub.add_parser("stage", help="Run one stage; its upstream comes from cache or is computed.")
+    sp = sub.add_parser("stage", help="Run one stage; its upstream comes from cache or is computed.",
+                        description="Run one stage; its upstream comes from cache or is computed. Stages: "
+                                    + "; ".join(f"{n.name}: {n.summary}" for n in NODES))
     sp.add_argument("stage", choices=STAGES)
     sp.add_argument("recipe", help="Recipe YAML (or its folder).")
     sp.add_argument("--labels", default=None, help="stage=evaluate: models to evaluate, e.g. base,redi (default: the recipe's).")
@@ -67,9 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stage=evaluate: register the result for nightly evaluation (rewrites runs/<name>/latest.json); "
                          "by default a stage rerun is recorded on its own.")
     common(sp)
-    sp = sub.add_parser("eval", help="Evaluate any model folder or Hub id; the result goes to the results store.")
+    from .benchmarks import REGISTRY
+
+    known = "; ".join(f"{s.name} ({s.description})" if s.description else s.name for s in REGISTRY.values())
+    sp = sub.add_parser("eval", help="Evaluate any model folder or Hub id; the result goes to the results store.",
+                        description="Evaluate any model folder or Hub id; the result goes to the results store. "
+                                    f"Registered benchmarks (redi.benchmarks.REGISTRY): {known}.")
     sp.add_argument("--model", required=True, help="A model folder (e.g. an sft artifact's model/) or a Hub id.")
-    sp.add_argument("--benchmarks", default=None, help="Comma-separated benchmark names (default: the recipe's).")
+    sp.add_argument("--benchmarks", default=None, help="Comma-separated benchmark names (default: the recipe's); registered: "
+                    f"{', '.join(REGISTRY)}; or any name given a file in evaluate.benchmark_paths.<name>.")
     sp.add_argument("--samples", type=int, default=None, help="Samples per problem (evaluate.n_samples).")
     sp.add_argument("--recipe", default=None, help="Recipe whose evaluate/run sections to start from (default: built-in defaults).")
     sp.add_argument("--name", default=None, help="Label of this model in the results store (default: the folder name).")
@@ -125,19 +134,6 @@ def table(rows: list[dict[str, Any]], cols: list[str]) -> str:
     return "\n".join(out)
 
 
-def _rows_from_artifacts(arts: dict[str, Any], timings: dict[str, float] | None = None) -> list[dict[str, Any]]:
-    """One row per DAG node; ``seconds`` is the time this run spent on it (``timings``, e.g. Pipeline.timings),
-    else the build time for a built node and 0 for a cache hit."""
-    rows = []
-    for name, a in arts.items():
-        d = a if isinstance(a, dict) else a.to_dict()
-        build_s = d.get("manifest", {}).get("seconds", 0.0)
-        secs = (timings or {}).get(name, d.get("run_seconds", 0.0 if d.get("cached") else build_s))
-        rows.append({"stage": name, "status": "cache hit" if d.get("cached") else "built", "seconds": secs,
-                     "key": d["key"], "path": d["path"]})
-    return rows
-
-
 def funnel_headline(md: str) -> str:
     """The first section of the verify stage's funnel.md: this run's positives and pairs beside the official ones."""
     parts = md.split("\n## ")
@@ -163,24 +159,14 @@ def print_run(result: dict[str, Any], root: str, seconds: float) -> None:
 
 
 # ------------------------------------------------------------------------------------------ commands
-def _run_library(r: Recipe, until: str, labels: list[str] | None, register: bool = False) -> dict[str, Any]:
+def run_library(r: Recipe, until: str, labels: list[str] | None, register: bool = False) -> dict[str, Any]:
+    """The DAG up to ``until`` without Prefect (``Pipeline.run_until``); the same result shape as the flows."""
     from .pipeline import Pipeline
 
     p = Pipeline(r)
-    report = None
-    if until == "report":
-        out = p.run()
-        report = out["report"]
-    elif until == "evaluate":
-        p.download()
-        models = {lab: p.model_artifact(lab) for lab in labels or r.evaluate.models}
-        grades = {lab: p.evaluate(lab, m) for lab, m in models.items()}
-        report = p.report(models, grades, register=register)
-    else:
-        fn = {"download": p.download, "model": p.base_model, "verify": p.verify, "sft": p.sft, "redi": p.stage2}[until]
-        fn()
-    arts = dict(p.nodes)  # every node built or taken from cache, evaluate[*] (the samples) included
-    return {"dag": _rows_from_artifacts(arts, p.timings), "report": report, "artifacts": {k: v.to_dict() for k, v in arts.items()}}
+    report = p.run_until(until, labels, register)["report"]
+    arts = {k: v.to_dict() for k, v in p.nodes.items()}  # every node built or taken from cache, evaluate[*] included
+    return {"dag": node_rows(arts, p.timings), "report": report, "artifacts": arts}
 
 
 def check_labels(labels: list[str] | None) -> list[str] | None:
@@ -205,7 +191,7 @@ def cmd_run(args: argparse.Namespace, r: Recipe, until: str, labels: list[str] |
                           "--no-prefect (every process would start its own Prefect run), or run `redi` once with "
                           "--set run.launcher=accelerate")
     if args.no_prefect:
-        result = _run_library(r, until, labels, bool(getattr(args, "register", False)))
+        result = run_library(r, until, labels, bool(getattr(args, "register", False)))
         if not distributed.is_main():  # rank 0 prints the table
             return 0
     else:

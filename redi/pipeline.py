@@ -1,5 +1,9 @@
 """The REDI DAG as plain Python: download -> model -> verify -> sft -> redi -> evaluate (-> grade) -> report.
 
+The nodes (order, inputs, config section, builder method, label) are the table in ``redi.dag``; this
+module builds them. ``Pipeline.run_until`` walks the table with ``redi.dag.walk`` (the one walker),
+calling ``Pipeline.build_node`` per node.
+
 Every stage is a content-addressed artifact (``redi.artifacts``): its key hashes the stage's own config
 fields (``hash_fields``), the keys of its upstream artifacts and the code version of the modules it runs.
 Keys are computed without running anything (``Pipeline.plan``), so ``redi status`` can say what is cached
@@ -22,7 +26,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from . import distributed
+from . import dag, distributed
 from .artifacts import Artifact, ArtifactStore, code_version, hash_obj, stage_key
 from .config import Recipe, recipe_to_yaml
 
@@ -53,8 +57,8 @@ def stage_code(*stages: str) -> str:
     mods = tuple(m for s in stages for m in STAGE_MODULES[s])
     exclude = STAGE_EXCLUDE.get(stages[0], DEFAULT_EXCLUDE) if len(stages) == 1 else DEFAULT_EXCLUDE
     return code_version(mods, exclude)
-MODEL_LABELS = ("base", "sft", "redi")
-LABEL_STAGE = {"base": "model", "sft": "sft", "redi": "redi"}  # which stage produces each evaluated model
+MODEL_LABELS = dag.MODEL_LABELS
+LABEL_STAGE = dag.LABEL_STAGE  # which stage produces each evaluated model
 DEMO_BENCHMARKS = ("demo_test", "demo_val")
 
 
@@ -211,10 +215,10 @@ class Pipeline:
         r = self.recipe
         if stage == "grade":
             return {"grade_timeout_s": r.evaluate.grade_timeout_s, "pass_k": r.evaluate.pass_k}
-        sections = {"download": r.data, "model": r.model, "verify": r.verify, "sft": r.sft, "redi": r.redi, "evaluate": r.evaluate}
+        section = getattr(r, dag.NODE[stage].section)
         if stage in ("verify", "sft", "redi"):  # they render training prompts
-            return {**sections[stage].hash_fields(), "prompt": r.prompt.hash_fields()}
-        return sections[stage].hash_fields()
+            return {**section.hash_fields(), "prompt": r.prompt.hash_fields()}
+        return section.hash_fields()
 
     def key(self, stage: str, label: str | None = None) -> str:
         cache = self.__dict__.setdefault("_keys", {})
@@ -265,9 +269,9 @@ class Pipeline:
 
     def plan(self) -> list[StagePlan]:
         """Every node the recipe's full run touches, with its key and whether a valid artifact is cached."""
-        nodes: list[tuple[str, str | None]] = [("download", None), ("model", None), ("verify", None), ("sft", None), ("redi", None)]
+        nodes: list[tuple[str, str | None]] = [(s, None) for s in dag.TRAIN_STAGES]
         for label in self.recipe.evaluate.models:
-            nodes += [("evaluate", label), ("grade", label)]
+            nodes += [(dag.EVAL_STAGE, label), ("grade", label)]
         out = []
         for stage, label in nodes:
             k = self.key(stage, label)
@@ -283,7 +287,7 @@ class Pipeline:
         inputs = {**self._upstream(stage, label), **(extra_inputs or {})}
         art = self.store.build(stage, k, fn, config=self._config(stage), inputs=inputs, refresh=self._refresh(stage),
                                collective=collective)
-        name = f"{stage}[{label}]" if label else stage
+        name = dag.node_name(stage, label)
         self.timings[name] = time.time() - t0
         self.nodes[name] = art
         log.info("%s %s: %s (%.1fs)", name, "cache hit" if art.cached else "built", art.path, self.timings[name])
@@ -378,7 +382,8 @@ class Pipeline:
         return art.dir if label == "base" else art.file("model")
 
     def model_artifact(self, label: str) -> Artifact:
-        return {"base": self.base_model, "sft": self.sft, "redi": self.stage2}[label]()
+        """The artifact of the stage that produces the model evaluated under ``label`` (built or from cache)."""
+        return getattr(self, dag.NODE[LABEL_STAGE[label]].builder)()
 
     def evaluate(self, label: str, model: Artifact | None = None) -> Artifact:
         """Generate and grade on every benchmark of the recipe; then ``grade`` re-grades if the grader changed."""
@@ -404,20 +409,35 @@ class Pipeline:
         return self._build("grade", fn, label)
 
     # ------------------------------------------------------------------ whole run
+    def build_node(self, node: dag.Node, upstream: list[Artifact], label: str | None = None) -> Artifact:
+        """Build (or take from cache) one node of ``redi.dag.NODES`` from its upstream artifacts: the walker's step."""
+        builder = getattr(self, node.builder)
+        return builder(label, *upstream) if node.per_label else builder(*upstream)
+
+    def run_until(self, until: str = "report", labels: list[str] | tuple[str, ...] | None = None,
+                  register: bool = False) -> dict[str, Any]:
+        """Run the DAG up to ``until`` (a stage, or ``report``) with ``redi.dag.walk``.
+
+        ``evaluate`` and ``report`` also evaluate ``labels`` (default: the recipe's ``evaluate.models``)
+        and report them; ``report`` always registers the run, ``evaluate`` only with ``register``.
+        Returns ``{"stages": {stage: Artifact}, "grades": {label: Artifact}, "report": ... or None}``;
+        ``self.nodes`` holds every node built or taken from cache, ``evaluate[*]`` included.
+        """
+        labels = list(labels or self.recipe.evaluate.models)
+        stages, grades = dag.walk(until, labels, self.build_node)
+        report = None
+        if grades:
+            report = self.report({lab: stages[LABEL_STAGE[lab]] for lab in grades}, grades,
+                                 register=register or until == "report")
+        return {"stages": stages, "grades": grades, "report": report}
+
     def run(self, labels: tuple[str, ...] | None = None) -> dict[str, Any]:
-        """The full DAG. Returns {stage name: artifact dict} plus the report."""
+        """The full DAG, reported and registered. Returns {stage: Artifact, "grades": {label: Artifact}, "report": ...}."""
         check_inputs(self.recipe)
         t0 = time.time()
-        data = self.download()
-        model = self.base_model(data)
-        verify = self.verify(data, model)
-        sft = self.sft(verify, model)
-        red = self.stage2(verify, sft)
-        models = {"base": model, "sft": sft, "redi": red}
-        grades = {lab: self.evaluate(lab, models[lab]) for lab in (labels or self.recipe.evaluate.models)}
-        report = self.report(models, grades, register=True)
-        report["seconds"] = round(time.time() - t0, 1)
-        return {"download": data, "model": model, "verify": verify, "sft": sft, "redi": red, "grades": grades, "report": report}
+        out = self.run_until("report", labels)
+        out["report"]["seconds"] = round(time.time() - t0, 1)
+        return {**out["stages"], "grades": out["grades"], "report": out["report"]}
 
     # ------------------------------------------------------------------ report
     def run_dir(self) -> Path:
@@ -425,6 +445,11 @@ class Pipeline:
 
     def results_path(self) -> Path:
         return Path(self.recipe.run.results_db) if self.recipe.run.results_db else self.store.root / "results"
+
+    def result_label(self, label: str) -> str:
+        """The name a model's results are reported under: the stage-2 model by its objective (``redi``, ``dpo``,
+        ``simpo``, ...: what produced it), every other model by its DAG label (``base``, ``sft``)."""
+        return self.recipe.redi.loss if LABEL_STAGE[label] == "redi" else label
 
     def recipe_hash(self) -> str:
         return hash_obj(self.recipe.model_dump(mode="json"))
@@ -457,7 +482,7 @@ class Pipeline:
         for lab, g in grades.items():
             metrics = json.loads(g.file("metrics.json").read_text())
             store.append_metrics(
-                run=self.recipe.run.name, label=lab, model_key=models[lab].key, recipe_hash=h,
+                run=self.recipe.run.name, label=self.result_label(lab), model_key=models[lab].key, recipe_hash=h,
                 eval_key=g.key, metrics=metrics, protocol=self.recipe.evaluate.hash_fields(), kind=kind,
             )
         df = store.load(run=self.recipe.run.name)

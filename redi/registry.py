@@ -133,7 +133,7 @@ def evaluate_registered(
                 out.append(NightlyResult(run.name, label, art.key, f"failed: {type(e).__name__}: {e}"))
                 continue
             metrics = json.loads(grade.file("metrics.json").read_text())
-            store.append_metrics(run=run.name, label=label, model_key=art.key, recipe_hash=run.latest.get("recipe_hash", ""),
+            store.append_metrics(run=run.name, label=pipe.result_label(label), model_key=art.key, recipe_hash=run.latest.get("recipe_hash", ""),
                                  eval_key=grade.key, metrics=metrics, protocol=recipe.evaluate.hash_fields(), kind=kind)
             out.append(NightlyResult(run.name, label, art.key, "cached" if grade.cached else "evaluated",
                                      grade.key, grade.path, metrics))

@@ -49,17 +49,17 @@ from pydantic import Field, ValidationError, model_validator
 from .artifacts import Artifact, code_version, hash_obj, stage_key
 from .config import EvaluateConfig, Recipe, RecipeError, SFTConfig, Stage2Config, apply_overrides, load_recipe
 from .config.base import StrictModel
+from .losses import OBJECTIVES
 from .pipeline import Pipeline, resolve_device, stage_code
 
 log = logging.getLogger(__name__)
 
-# Fields a method may set or search, per objective (anything else would not change the loss).
-METHOD_FIELDS: dict[str, set[str]] = {
-    "sft": {"lr"},
-    "redi": {"lr", "alpha", "neg_reweight_gamma"},
-    "dpo": {"lr", "beta"},
-    "simpo": {"lr", "beta", "gamma"},
-}
+CONTINUED_SFT = "sft"  # the `none` row: SFT continued on the positives (not a stage-2 objective)
+
+
+def method_fields() -> dict[str, set[str]]:
+    """Fields a method may set or search, per loss: each objective's ``search`` (redi.losses.OBJECTIVES), and lr for continued SFT."""
+    return {CONTINUED_SFT: {"lr"}, **{name: set(o.search) for name, o in OBJECTIVES.items()}}
 
 
 # ---------------------------------------------------------------------------------------- config
@@ -67,16 +67,20 @@ class MethodSpec(StrictModel):
     """One stage-2 method of the study: an objective, fixed fields and a grid searched on validation."""
 
     name: str = Field(..., min_length=1, description="Row label, e.g. `redi`, `redi-sym`, `dpo`, `simpo`, `none`.")
-    loss: Literal["sft", "redi", "dpo", "simpo"] = Field(..., description="`sft` = continued SFT on positives (the `none` row); else the stage-2 objective.")
+    loss: str = Field(..., description="`sft` = continued SFT on positives (the `none` row); else a stage-2 objective of "
+                      "redi.losses.OBJECTIVES (redi, dpo, simpo, ...).")
     fixed: dict[str, float] = Field(default_factory=dict, description="Fields set for every point, e.g. {alpha: 0.8}.")
     grid: dict[str, list[float]] = Field(default_factory=dict, description="Fields searched on validation (cartesian product), e.g. {lr: [1e-5, 1e-4]}.")
     final: bool = Field(True, description="Run on test over all seeds (false: a validation-only probe, e.g. an alpha sweep).")
 
     @model_validator(mode="after")
     def _fields(self) -> MethodSpec:
-        bad = (set(self.fixed) | set(self.grid)) - METHOD_FIELDS[self.loss]
+        allowed = method_fields()
+        if self.loss not in allowed:
+            raise ValueError(f"method {self.name!r}: unknown loss {self.loss!r}; valid: {', '.join(allowed)}")
+        bad = (set(self.fixed) | set(self.grid)) - allowed[self.loss]
         if bad:
-            raise ValueError(f"method {self.name!r} (loss {self.loss}): {sorted(bad)} not searchable; valid: {sorted(METHOD_FIELDS[self.loss])}")
+            raise ValueError(f"method {self.name!r} (loss {self.loss}): {sorted(bad)} not searchable; valid: {sorted(allowed[self.loss])}")
         if set(self.fixed) & set(self.grid):
             raise ValueError(f"method {self.name!r}: {sorted(set(self.fixed) & set(self.grid))} both fixed and searched")
         if any(not v for v in self.grid.values()):
@@ -452,7 +456,7 @@ class Study:
         """The stage config of one (method, setting, seed): the recipe's ``redi`` section with the point applied;
         for ``sft`` (the `none` row) the recipe's ``sft`` section with stage 2's steps, batch and schedule."""
         r2 = self.recipe.redi
-        if method.loss == "sft":
+        if method.loss == CONTINUED_SFT:
             sched = {k: getattr(r2, k) for k in ("global_batch", "micro_batch", "warmup_ratio", "schedule", "min_lr_ratio")}
             return SFTConfig.model_validate({**self.recipe.sft.model_dump(mode="json"), **sched, **params,
                                              "max_steps": steps, "seed": seed})
@@ -463,7 +467,7 @@ class Study:
               base: dict[str, Artifact], start: Artifact) -> PointResult:
         """Train (or take from cache) one stage-2 model from ``start`` and evaluate it on ``split``."""
         cfg = self.point_config(method, params, seed, self.stage2_steps(base["verify"]))
-        stage = "sft" if method.loss == "sft" else "redi"
+        stage = "sft" if method.loss == CONTINUED_SFT else "redi"
         art = self._train(stage, cfg, start, base["verify"])
         train_s = _build_seconds(art)
         signals = read_signals(art.dir / "signals.jsonl")
@@ -673,7 +677,8 @@ def _plot_curve(result: StudyResult, path: Path) -> None:
 
 
 def _hp(r: dict[str, Any]) -> str:
-    return _pstr({k: r[k] for k in ("lr", "alpha", "beta", "gamma") if k in r and r[k] is not None and r[k] == r[k]})
+    keys = dict.fromkeys(f for fields in method_fields().values() for f in sorted(fields))
+    return _pstr({k: r[k] for k in keys if k in r and r[k] is not None and r[k] == r[k]})
 
 
 def write_report(result: StudyResult, out: Path) -> dict[str, Any]:

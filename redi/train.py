@@ -56,7 +56,7 @@ import torch
 from .artifacts import folder_bytes, sha256_file, storage_error
 from .config.train import OptimConfig, SFTConfig, Stage2Config
 from .logprobs import LogProbLM, resolve_attn, unwrap_logprob
-from .losses import NEEDS_REFERENCE, get_loss
+from .losses import get_loss, objective
 from .packing import Example, collate, row_budget, sequence_logps
 from .prompts import DEFAULT_PROTOCOL
 from .signals import SignalLog
@@ -198,7 +198,7 @@ def _micro_loss(job: Job, model, idx: list[int], scale: float, loss_fn, ref_mode
     b = len(idx)
     parts = {"chosen_logps": sums[:b], "rejected_logps": sums[b:], "chosen_lengths": lens[:b],
              "rejected_lengths": lens[b:]}
-    if NEEDS_REFERENCE[job.cfg.loss]:
+    if objective(job.cfg.loss).needs_reference:
         parts["ref_chosen_logps"], parts["ref_rejected_logps"] = _reference(job, ref_model, batch, idx, dev)
     losses = loss_fn(parts, job.cfg)  # (B,)
     stats = {"loss": losses.sum().item(), "chosen": per_tok[:b].sum().item(), "rejected": per_tok[b:].sum().item()}
@@ -411,7 +411,7 @@ def run(job: Job) -> dict:
     total = total_steps(cfg, len(job.items))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, total))
     ref_model = None
-    needs_ref = job.kind == "stage2" and NEEDS_REFERENCE[cfg.loss]
+    needs_ref = job.kind == "stage2" and objective(cfg.loss).needs_reference
     if needs_ref and not cfg.precompute_ref:
         if is_deepspeed(acc) or is_fsdp(acc):
             raise ValueError(f"redi.precompute_ref=false keeps an unsharded reference copy, which {acc.distributed_type} "

@@ -28,22 +28,6 @@ def artifact_key(run: str, what: str) -> str:
     return f"{slug}-{what}"
 
 
-def dag_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per DAG node from the artifact dicts a flow collected ({node name: artifact dict}).
-
-    ``seconds`` is the time this run spent on the node (``run_seconds``: building it, or validating the
-    cached copy); ``build_s`` the time its artifact took when it was built (its manifest).
-    """
-    rows = []
-    for name, a in results.items():
-        m = a.get("manifest", {})
-        built_s = m.get("seconds", 0.0) or 0.0
-        rows.append({"stage": name, "key": a["key"], "status": "cache hit" if a.get("cached") else "built",
-                     "seconds": a.get("run_seconds", 0.0 if a.get("cached") else built_s), "build_s": built_s,
-                     "path": a["path"]})
-    return rows
-
-
 def dag_markdown(rows: list[dict[str, Any]], title: str, wall_s: float | None = None) -> str:
     lines = [f"## {title}", "", "| node | status | seconds (this run) | build s (artifact) | key | folder |",
              "|---|---|---:|---:|---|---|"]

@@ -1,5 +1,5 @@
-"""Fixtures of the orchestration layer (flows, CLI, deployments, faults): a tiny recipe, stand-ins for
-stage modules that do not exist yet, the Prefect test harness, and a `redi` launcher for subprocesses."""
+"""Fixtures of the orchestration layer (flows, CLI, deployments, faults): a tiny recipe that runs every real
+stage in seconds, the Prefect test harness, and a `redi` launcher for subprocesses."""
 
 from __future__ import annotations
 

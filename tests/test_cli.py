@@ -101,3 +101,16 @@ def test_stage_verify_prints_the_selection_beside_the_official_figures(tmp_path,
     out = capsys.readouterr().out
     assert "## Selected vs the official figures" in out and "| 77,629 |" in out and "| 53,175 |" in out
     assert "apply only to the full open-r1/OpenR1-Math-Raw" in out and "synthetic" in out  # this run's data is not Raw
+
+
+def test_eval_help_and_an_unknown_benchmark_list_the_registered_benchmarks(tmp_path, capsys):
+    from redi.benchmarks import REGISTRY
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert all(name in out for name in REGISTRY), out
+    recipe = write_recipe(tmp_path)
+    assert main(["eval", "--model", "Qwen/Qwen2.5-Math-1.5B", "--benchmarks", "mathh500", "--recipe", str(recipe), "--no-prefect"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown benchmark 'mathh500'" in err and all(name in err for name in REGISTRY) and "Traceback" not in err

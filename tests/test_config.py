@@ -87,3 +87,29 @@ def test_every_field_has_help_text():
                 walk(ann, f"{prefix}{name}.")
 
     walk(Recipe)
+
+
+def test_paths_in_a_recipe_file_are_relative_to_the_file(tmp_path, monkeypatch):
+    """A recipe runs the same from any folder: its relative paths resolve against its own folder, once, at load."""
+    folder = tmp_path / "recipes" / "mine"
+    (folder / "local-model").mkdir(parents=True)
+    (folder / "recipe.yaml").write_text(
+        "run: {artifact_root: ../../art, results_db: results, accelerate_config: acc.yaml}\n"
+        "data: {source: local, local_path: data/traces.jsonl}\n"
+        "model: {base: local-model}\n"
+        "evaluate: {benchmark_dir: /abs/bench, benchmark_paths: {mine: b.jsonl}}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    r = load_recipe("../recipes/mine")
+    assert r.run.artifact_root == str(tmp_path / "art")
+    assert (r.run.results_db, r.run.accelerate_config) == (str(folder / "results"), str(folder / "acc.yaml"))
+    assert r.data.local_path == str(folder / "data" / "traces.jsonl")
+    assert r.model.base == str(folder / "local-model")
+    assert r.evaluate.benchmark_dir == "/abs/bench"  # absolute: kept
+    assert r.evaluate.benchmark_paths == {"mine": str(folder / "b.jsonl")}
+    # Hub ids and `tiny` are not paths; command-line overrides are relative to the working directory
+    (folder / "recipe.yaml").write_text("model: {base: Qwen/Qwen2.5-Math-1.5B}\n")
+    assert load_recipe(folder / "recipe.yaml", ["run.artifact_root=here"]).model.base == "Qwen/Qwen2.5-Math-1.5B"
+    assert load_recipe(folder / "recipe.yaml", ["run.artifact_root=here"]).run.artifact_root == "here"
+    assert load_recipe(None, ["model.base=tiny"]).model.base == "tiny"

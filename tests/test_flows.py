@@ -235,13 +235,13 @@ def _drain_logs() -> None:
 
 def test_cli_library_path_records_a_stage_rerun_without_registering(first_run):
     """`redi stage evaluate --no-prefect` (the library alone): same rule, and the rows include evaluate[*]."""
-    from redi.cli import _run_library
+    from redi.cli import run_library
     from redi.config import load_recipe
 
     recipe, first, _ = first_run
     run_dir = Path(first["report"]["run_dir"])
     before = (run_dir / "latest.json").read_bytes()
-    out = _run_library(load_recipe(recipe, ["evaluate.n_samples=1"]), "evaluate", ["base"])
+    out = run_library(load_recipe(recipe, ["evaluate.n_samples=1"]), "evaluate", ["base"])
     assert (run_dir / "latest.json").read_bytes() == before and out["report"]["registered"] is False
     rows = {r["stage"]: r for r in out["dag"]}
     assert {"download", "model", "evaluate[base]", "grade[base]"} <= set(rows)

@@ -103,3 +103,107 @@ def test_selection_fields_rerun_verify_and_everything_trained_on_it(tmp_path, ov
 
 def test_decontamination_details_do_not_matter_when_it_is_off(tmp_path):
     assert _keys(tmp_path) == _keys(tmp_path, "verify.decontam_normalise=whitespace", "verify.decontam_benchmarks=[math500]")
+
+
+# ---------------------------------------------------------------------------------- the DAG table and its walker
+def test_plan_lists_the_dag_table_then_one_evaluation_per_label(tmp_path):
+    from redi import dag
+
+    names = list(_keys(tmp_path))
+    labels = load_recipe(None, BASE).evaluate.models
+    assert names == [*dag.TRAIN_STAGES, *(f"{s}[{lab}]" for lab in labels for s in ("evaluate", "grade"))]
+
+
+@pytest.mark.parametrize("until, labels, stages", [
+    ("download", ["base"], ["download"]),
+    ("verify", ["base"], ["download", "model", "verify"]),
+    ("redi", ["base"], ["download", "model", "verify", "sft", "redi"]),
+    ("evaluate", ["base"], ["download", "model"]),
+    ("evaluate", ["sft", "base"], ["download", "model", "verify", "sft"]),
+    ("report", ["base"], ["download", "model", "verify", "sft", "redi"]),
+])
+def test_walker_builds_exactly_the_upstream_in_order(until, labels, stages):
+    from redi import dag
+
+    calls = []
+
+    def step(node, upstream, label):
+        assert upstream == [f"<{u}>" for u in node.upstream] if not node.per_label else upstream == [f"<{dag.LABEL_STAGE[label]}>"]
+        calls.append(dag.node_name(node.name, label))
+        return f"<{node.name}>"
+
+    built, evaluated = dag.walk(until, labels, step)
+    assert list(built) == stages
+    wants_eval = until in ("evaluate", "report")
+    assert list(evaluated) == (labels if wants_eval else [])
+    assert calls == stages + ([f"evaluate[{lab}]" for lab in labels] if wants_eval else [])
+
+
+def test_walker_refuses_an_unknown_stage_or_label():
+    from redi import dag
+
+    with pytest.raises(ValueError, match="unknown stage 'train'"):
+        dag.walk("train", ["base"], lambda *a: None)
+    with pytest.raises(ValueError, match="unknown model labels"):
+        dag.walk("evaluate", ["dpo"], lambda *a: None)
+
+
+def test_every_stage_has_a_builder_a_config_section_and_a_refresh_name():
+    from redi import dag
+    from redi.config import Recipe
+
+    r = Recipe()
+    for node in dag.NODES:
+        assert callable(getattr(Pipeline, node.builder)), node
+        assert hasattr(r, node.section), node
+        assert set(node.upstream) <= set(dag.STAGES[:dag.STAGES.index(node.name)]), node  # upstream comes first
+    assert load_recipe(None, [f"run.refresh=[{','.join(dag.STAGES)}]"]).run.refresh == list(dag.STAGES)
+
+
+# ---------------------------------------------------------------------------------- objectives: one registry entry each
+def test_results_are_labelled_by_the_objective_that_produced_them(tmp_path):
+    for loss in ("redi", "dpo", "simpo"):
+        p = Pipeline(load_recipe(None, [*BASE, f"redi.loss={loss}"]), ArtifactStore(tmp_path))
+        assert [p.result_label(lab) for lab in ("base", "sft", "redi")] == ["base", "sft", loss]
+
+
+def sft_on_chosen(batch, cfg):
+    """A throwaway objective: length-normalised SFT on the chosen answer only (REDI with alpha = 0)."""
+    return -batch["chosen_logps"] / batch["chosen_lengths"].to(batch["chosen_logps"].dtype).clamp(min=1.0)
+
+
+def test_a_new_objective_is_one_registry_entry_and_runs_through_the_dag(tmp_path, monkeypatch):
+    """The one-place extension: register an Objective, and the config, its cache key, the study's methods and
+    stage `redi` of the DAG all take it (here on the tiny recipe, up to stage redi, nothing else edited)."""
+    import copy
+
+    from conftest_orchestration import TINY
+
+    from redi import losses
+    from redi.config import Recipe
+    from redi.study import MethodSpec
+
+    monkeypatch.setitem(losses.OBJECTIVES, "sft-chosen",
+                        losses.Objective("sft-chosen", sft_on_chosen, search=("lr",), summary="SFT on y_w, per token"))
+    tree = copy.deepcopy(TINY)
+    tree["run"]["artifact_root"] = str(tmp_path)
+    tree["redi"]["loss"] = "sft-chosen"
+    r = Recipe.model_validate(tree)
+    assert not {"alpha", "beta", "gamma", "neg_reweight_gamma", "precompute_ref"} & set(r.redi.hash_fields())
+    assert MethodSpec(name="sftc", loss="sft-chosen", grid={"lr": [1e-4]}).points() == [{"lr": 1e-4}]
+    with pytest.raises(ValueError, match="not searchable"):
+        MethodSpec(name="sftc", loss="sft-chosen", grid={"alpha": [0.5]})
+    p = Pipeline(r)
+    out = p.run_until("redi")
+    art = out["stages"]["redi"]
+    assert list(out["stages"]) == ["download", "model", "verify", "sft", "redi"] and not out["grades"]
+    assert art.summary["loss_type"] == "sft-chosen" and art.summary["steps"] == 2
+    assert art.manifest["config"]["loss"] == "sft-chosen"
+    assert p.result_label("redi") == "sft-chosen"
+
+
+def test_an_unknown_objective_is_refused_naming_the_valid_ones():
+    from redi.config import RecipeError
+
+    with pytest.raises(RecipeError, match=r"redi\.loss.*unknown stage-2 loss 'ipo'; valid: dpo, redi, simpo"):
+        load_recipe(None, ["redi.loss=ipo"])

@@ -1,5 +1,6 @@
 """redi.train / redi.packing / redi.signals on a tiny locally built model (CPU, a few steps each)."""
 
+import dataclasses
 import json
 import math
 import os
@@ -15,7 +16,7 @@ from _train_data import write_fixture
 from redi import train as T
 from redi.config import ModelConfig, SFTConfig, Stage2Config
 from redi.config.model import TinyModelConfig
-from redi.losses import LOSSES
+from redi.losses import OBJECTIVES
 from redi.packing import Example, collate, make_example, sequence_logps
 from redi.tinymodel import build_base_model
 
@@ -124,7 +125,7 @@ def _pair_logps(model_dir: Path, pairs_path: Path) -> tuple[float, float]:
     return pt[:16].mean().item(), pt[16:].mean().item()
 
 
-@pytest.mark.parametrize("loss", ["redi", "dpo", "simpo"])
+@pytest.mark.parametrize("loss", list(OBJECTIVES))
 def test_stage2_objectives_run(env, sft_run, loss, tmp_path):
     d, data = env
     cfg = Stage2Config(loss=loss, lr=1e-3, max_steps=4, warmup_ratio=0.0, beta=0.1 if loss == "dpo" else 2.0, **SMALL)
@@ -287,14 +288,14 @@ def test_tokenizer_without_chat_template_is_a_clear_error(env, tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(env, sft_run, tmp_path, monkeypatch):
     d, data = env
     calls = {"n": 0}
-    real = LOSSES["redi"]
+    real = OBJECTIVES["redi"].fn
 
     def poisoned(b, cfg):
         calls["n"] += 1
         out = real(b, cfg)
         return out * float("nan") if calls["n"] > 4 else out  # 2 micro-batches per step: NaN in step 3
 
-    monkeypatch.setitem(LOSSES, "redi", poisoned)
+    monkeypatch.setitem(OBJECTIVES, "redi", dataclasses.replace(OBJECTIVES["redi"], fn=poisoned))
     cfg = Stage2Config(lr=1e-4, max_steps=4, global_batch=8, micro_batch=4, save_steps=1)
     with pytest.raises(T.TrainingError, match=r"non-finite.*step 3.*checkpoint-2"):
         T.train_stage2(cfg, sft_run[1] / "model", data["pairs"], tmp_path / "o", tmp_path / "w", "cpu")

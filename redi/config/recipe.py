@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from ..dag import STAGES
 from .base import StrictModel
 from .data import DataConfig
 from .evaluate import EvaluateConfig
@@ -20,9 +21,6 @@ from .model import ModelConfig
 from .prompt import PromptConfig
 from .train import SFTConfig, Stage2Config
 from .verify import VerifyConfig
-
-STAGES = ("download", "model", "verify", "sft", "redi", "evaluate")
-"""Every cached stage of the DAG, in order. ``model`` builds the tiny base model (or resolves a Hub id)."""
 
 
 class RecipeError(ValueError):
@@ -39,7 +37,7 @@ class RunConfig(StrictModel):
     )
     results_db: str | None = Field(None, description="Results store (Parquet folder); None = <artifact_root>/results.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: CUDA when available, else CPU.")
-    refresh: list[Literal["download", "model", "verify", "sft", "redi", "evaluate"]] = Field(
+    refresh: list[Literal[STAGES]] = Field(  # type: ignore[valid-type]  # the stages of redi.dag.NODES
         default_factory=list, description="Stages to recompute even when a valid cached artifact exists."
     )
     threads: int | None = Field(None, ge=1, description="torch threads on CPU; None = torch's default.")
@@ -119,8 +117,44 @@ def _format_error(err: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
+RECIPE_PATHS: tuple[tuple[str, str], ...] = (
+    ("run", "artifact_root"), ("run", "results_db"), ("run", "accelerate_config"),
+    ("data", "local_path"), ("evaluate", "benchmark_dir"), ("model", "base"),
+)
+"""Recipe fields that are local paths: a relative one in a recipe file is relative to that file's folder."""
+
+
+def resolve_paths(tree: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make the relative paths of ``RECIPE_PATHS`` in ``tree`` (a recipe file's sections) relative to ``base``.
+
+    Absolute paths and ``~`` are kept. ``model.base`` is a path only when it starts with ``.`` or names an
+    existing folder beside the recipe: ``tiny`` and Hub ids (``Qwen/Qwen2.5-Math-1.5B``) are kept.
+    ``evaluate.benchmark_paths`` values are resolved the same way.
+    """
+    def resolve(value: str) -> str:
+        p = Path(value).expanduser()
+        return value if p.is_absolute() or value.startswith("~") else str((base / p).resolve())
+
+    for section, key in RECIPE_PATHS:
+        node = tree.get(section)
+        value = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(value, str) or not value:
+            continue
+        if (section, key) == ("model", "base") and not (value.startswith(".") or (base / value).is_dir()):
+            continue
+        node[key] = resolve(value)
+    ev = tree.get("evaluate")
+    if isinstance(ev, dict) and isinstance(ev.get("benchmark_paths"), dict):
+        ev["benchmark_paths"] = {k: resolve(v) if isinstance(v, str) else v for k, v in ev["benchmark_paths"].items()}
+    return tree
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Recipe:
-    """Defaults < the YAML file at `path` < `overrides`. Raises RecipeError naming any bad field."""
+    """Defaults < the YAML file at `path` < `overrides`. Raises RecipeError naming any bad field.
+
+    Relative paths in the file (``RECIPE_PATHS``) are relative to the file's folder, so a recipe runs the same
+    from any working directory; paths in ``overrides`` (the command line) are relative to the working directory.
+    """
     tree: dict[str, Any] = {}
     origin = "defaults"
     if path is not None:
@@ -135,6 +169,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | dict[str,
             raise RecipeError(f"recipe {p} is not valid YAML: {e}") from e
         if not isinstance(tree, dict):
             raise RecipeError(f"recipe {p} must be a mapping of sections, got {type(tree).__name__}")
+        resolve_paths(tree, p.absolute().parent)
         origin = str(p)
     if overrides:
         apply_overrides(tree, overrides)

@@ -1,11 +1,12 @@
-"""Configs of the training stages: ``sft`` (stage 1) and ``redi`` (stage 2: redi | dpo | simpo)."""
+"""Configs of the training stages: ``sft`` (stage 1) and ``redi`` (stage 2: an objective of ``redi.losses.OBJECTIVES``)."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from ..losses import OBJECTIVES, objective, objective_fields
 from .base import StrictModel
 
 
@@ -60,9 +61,14 @@ class SFTConfig(OptimConfig):
 
 
 class Stage2Config(OptimConfig):
-    """Stage 2 from the SFT checkpoint: the REDI objective, or the DPO / SimPO baselines (same data, same schedule)."""
+    """Stage 2 from the SFT checkpoint: the REDI objective, or the DPO / SimPO baselines (same data, same schedule).
 
-    loss: Literal["redi", "dpo", "simpo"] = Field("redi", description="Objective: `redi` (Eq. 5), `dpo` (Eq. 2, reference = the SFT model), `simpo` (Eq. 3).")
+    ``loss`` names an objective of ``redi.losses.OBJECTIVES``; the fields that belong to other objectives
+    are left out of the cache key (``hash_fields``).
+    """
+
+    loss: str = Field("redi", description="Objective (registered in redi.losses.OBJECTIVES): "
+                      + "; ".join(f"`{o.name}` ({o.summary})" for o in OBJECTIVES.values()) + ".")
     lr: float = Field(1e-6, gt=0, description="Peak learning rate (paper REDI: 1e-6; DPO best 2e-7; SimPO best 5e-7).")
     epochs: float = Field(1.0, gt=0, description="Epochs (paper: 1).")
     global_batch: int = Field(32, ge=1, description="Pairs per optimiser step (paper: 32).")
@@ -79,25 +85,26 @@ class Stage2Config(OptimConfig):
     collapse_drop: float | None = Field(None, gt=0, description="Also warn when it falls more than this (nats/token) below its value at the first step: "
                                         "the signal relative to the run's own start, for SFT starts that sit below the absolute threshold.")
 
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, v: str) -> str:
+        objective(v)  # unknown: "unknown stage-2 loss 'x'; valid: redi, dpo, simpo"
+        return v
+
     @model_validator(mode="after")
     def _loss_fields(self) -> Stage2Config:
-        if self.loss != "redi" and self.neg_reweight_gamma is not None:
-            raise ValueError("redi.neg_reweight_gamma only applies to loss 'redi'")
+        """An optional (None by default) field of another objective cannot be set: it would be silently ignored."""
+        own = set(objective(self.loss).fields)
+        for f in sorted(objective_fields() - own):
+            if f in type(self).model_fields and type(self).model_fields[f].default is None and getattr(self, f) is not None:
+                raise ValueError(f"redi.{f} does not apply to loss {self.loss!r}")
         return self
 
     def hash_fields(self) -> dict:
         d = super().hash_fields()
         d.pop("collapse_threshold")
         d.pop("collapse_drop")
-        # Fields that the chosen objective ignores do not change the artifact.
-        if self.loss != "redi":
-            d.pop("alpha")
-            d.pop("neg_reweight_gamma")
-        if self.loss == "redi":
-            d.pop("beta")
-            d.pop("gamma")
-        if self.loss != "simpo":
-            d.pop("gamma", None)
-        if self.loss != "dpo":
-            d.pop("precompute_ref")
+        # Fields of the other objectives do not change the artifact.
+        for f in objective_fields() - set(objective(self.loss).fields):
+            d.pop(f, None)
         return d

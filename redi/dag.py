@@ -1,0 +1,131 @@
+"""The REDI DAG as one table, and the one walker over it.
+
+    download -> model -> verify -> sft -> redi -> evaluate[label] (-> grade[label]) -> report
+
+``NODES`` is the only place the stages are listed: their order, inputs, recipe section, the
+:class:`redi.pipeline.Pipeline` method that builds each, and the model label under which a stage's
+artifact is evaluated. ``Pipeline`` (plan, run, one stage), the CLI (``run``, ``stage``, ``status``,
+the summary table), the Prefect flows, ``deployments/serve.py`` and the recipe's ``run.refresh``
+vocabulary are derived from it; :func:`walk` is the only code that orders the nodes of a run (the
+library passes the Pipeline's builders, the flow passes one Prefect task per node).
+
+This module is pure data and imports nothing from the rest of the package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Node:
+    """One stage of the DAG.
+
+    ``upstream``: the stages whose artifacts the builder takes, in the builder's positional order.
+    ``section``: the recipe section that configures it (``Recipe.<section>``). ``builder``: the
+    ``Pipeline`` method that builds it. ``label``: the model label its artifact is evaluated under
+    (``evaluate.models``), if it produces a model. ``per_label``: built once per evaluated model,
+    from that model's stage (``evaluate``: it also produces ``grade[label]``).
+    """
+
+    name: str
+    upstream: tuple[str, ...]
+    section: str
+    builder: str
+    label: str | None = None
+    per_label: bool = False
+    summary: str = ""
+
+
+NODES: tuple[Node, ...] = (
+    Node("download", (), "data", "download", summary="the teacher traces (Hub, local files or the offline synthetic teacher)"),
+    Node("model", ("download",), "model", "base_model", label="base", summary="the base model (built for `tiny`, else loaded and saved)"),
+    Node("verify", ("download", "model"), "verify", "verify", summary="label every trace, filter, decontaminate, split into positives and pairs"),
+    Node("sft", ("verify", "model"), "sft", "sft", label="sft", summary="stage 1: SFT on the positive traces"),
+    Node("redi", ("verify", "sft"), "redi", "stage2", label="redi",
+         summary="stage 2 from the SFT model with the recipe's objective (redi.loss: redi, dpo, simpo, ...)"),
+    Node("evaluate", (), "evaluate", "evaluate", per_label=True,
+         summary="sample and grade one model on the recipe's benchmarks (nodes evaluate[label] and grade[label])"),
+)
+
+NODE: dict[str, Node] = {n.name: n for n in NODES}
+STAGES: tuple[str, ...] = tuple(n.name for n in NODES)
+"""Every cached stage, in order: the vocabulary of ``redi stage``, ``--refresh`` and ``run.refresh``."""
+MODEL_LABELS: tuple[str, ...] = tuple(n.label for n in NODES if n.label)
+LABEL_STAGE: dict[str, str] = {n.label: n.name for n in NODES if n.label}
+"""Which stage produces the model evaluated under each label."""
+TRAIN_STAGES: tuple[str, ...] = tuple(n.name for n in NODES if not n.per_label)
+EVAL_STAGE: str = next(n.name for n in NODES if n.per_label)
+UNTIL = (*STAGES, "report")
+"""What a run can stop after: a stage, or ``report`` (the whole DAG, reported)."""
+
+
+def node_name(stage: str, label: str | None = None) -> str:
+    """``sft``, or ``evaluate[base]`` for a per-label node."""
+    return f"{stage}[{label}]" if label else stage
+
+
+def closure(targets: Iterable[str]) -> list[str]:
+    """The stages ``targets`` need (themselves included), in table order."""
+    need: set[str] = set()
+    todo = list(targets)
+    while todo:
+        s = todo.pop()
+        if s not in need:
+            need.add(s)
+            todo.extend(NODE[s].upstream)
+    return [s for s in STAGES if s in need]
+
+
+def needed(until: str, labels: Sequence[str]) -> list[str]:
+    """The model-building stages a run up to ``until`` builds, in order.
+
+    ``report``: every stage (the whole DAG); ``evaluate``: what the evaluated ``labels`` need; a
+    stage: that stage and its upstream.
+    """
+    if until not in UNTIL:
+        raise ValueError(f"unknown stage {until!r}; valid: {', '.join(UNTIL)}")
+    if until == "report":
+        return list(TRAIN_STAGES)
+    if until == EVAL_STAGE:
+        return closure(LABEL_STAGE[lab] for lab in labels)
+    return closure([until])
+
+
+def walk(until: str, labels: Sequence[str], step: Callable[[Node, list[Any], str | None], Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run the DAG up to ``until`` through ``step(node, upstream results, label)``; the one walker.
+
+    Returns ``(stages, evaluations)``: ``{stage: step result}`` for every model-building stage run, in
+    order, and ``{label: step result}`` of the evaluation node of each label (only for ``until`` in
+    ``evaluate`` / ``report``). The caller reports.
+    """
+    bad = [lab for lab in labels if lab not in LABEL_STAGE]
+    if bad:
+        raise ValueError(f"unknown model labels {bad}; valid: {', '.join(MODEL_LABELS)}")
+    stages: dict[str, Any] = {}
+    for name in needed(until, labels):
+        node = NODE[name]
+        stages[name] = step(node, [stages[u] for u in node.upstream], None)
+    evaluations: dict[str, Any] = {}
+    if until in (EVAL_STAGE, "report"):
+        for lab in labels:
+            evaluations[lab] = step(NODE[EVAL_STAGE], [stages[LABEL_STAGE[lab]]], lab)
+    return stages, evaluations
+
+
+def node_rows(artifacts: dict[str, dict[str, Any]], timings: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """One summary row per DAG node from ``{node name: artifact dict}`` (``Artifact.to_dict()``).
+
+    ``seconds`` is the time this run spent on the node (``timings[name]``, else the dict's ``run_seconds``,
+    else the build time for a built node and 0 for a cache hit); ``build_s`` the time the artifact took
+    when it was built (its manifest).
+    """
+    rows = []
+    for name, a in artifacts.items():
+        built_s = a.get("manifest", {}).get("seconds", 0.0) or 0.0
+        secs = (timings or {}).get(name, a.get("run_seconds", 0.0 if a.get("cached") else built_s))
+        rows.append({"stage": name, "key": a["key"], "status": "cache hit" if a.get("cached") else "built",
+                     "seconds": secs, "build_s": built_s, "path": a["path"]})
+    return rows
