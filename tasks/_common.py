@@ -29,6 +29,47 @@ PROGRESS_EVERY_S = 30.0  # bars without a total: a line this often
 _ARTIFACT_FIELDS = {f.name for f in fields(Artifact)}
 
 
+_NETWORK_MODULES = ("requests", "urllib3", "httpx", "httpcore", "aiohttp", "fsspec", "huggingface_hub")
+_RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+def is_network_error(e: BaseException) -> bool:
+    """A connection failure, time-out or HTTP 408/429/5xx, here or in the chain of causes: what a retry can fix.
+
+    A user error (a ``DataError``, ``RecipeError``, a full disk, a 404, ...) is not one, even when raised
+    while handling one: the chain is followed only through errors that are not themselves the user's."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if type(e).__name__ == "OfflineModeIsEnabled":  # a ConnectionError, but HF_HUB_OFFLINE=1 stays set
+            return False
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status is not None:
+            return status in _RETRY_STATUS
+        if isinstance(e, (ConnectionError, TimeoutError)) or type(e).__name__ in ("gaierror", "ConnectTimeout", "ReadTimeout"):
+            return True
+        if type(e).__module__.split(".")[0] in _NETWORK_MODULES and type(e).__name__.endswith(
+                ("ConnectionError", "Timeout", "TimeoutError", "ProtocolError", "TransportError", "NetworkError")):
+            return True
+        if _is_user_error(e):
+            return False
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _is_user_error(e: BaseException) -> bool:
+    from redi.cli import user_error  # the CLI's one-line errors: bad data, recipe, paths, disk, ...
+
+    return isinstance(e, (ValueError, KeyError)) or user_error(e) is not None
+
+
+def retry_on_network_errors(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn`` of the tasks with retries: retry only a network error (bad data,
+    a bad recipe, a full disk or any other user error fails at once: a retry would fail the same way)."""
+    exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    return isinstance(exc, BaseException) and is_network_error(exc)
+
+
 def pipeline_for(recipe: dict[str, Any], stage: str) -> Pipeline:
     """A Pipeline whose ``run.refresh`` keeps only ``stage``.
 

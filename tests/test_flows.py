@@ -276,3 +276,72 @@ def test_library_lines_from_other_threads_reach_the_task_run(prefect_harness):
         logs = c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
     line = [r for r in logs if r.name == "redi.threadcheck"]
     assert [r.message for r in line] == ["from a worker thread"] and line[0].task_run_id is not None
+
+
+def test_only_network_errors_are_retried():
+    import errno
+
+    import requests
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+    from prefect.states import Failed
+
+    from redi.artifacts import StorageError
+    from redi.config import RecipeError
+    from redi.data import DataError
+    from tasks._common import is_network_error, retry_on_network_errors
+
+    def resp(code):
+        r = requests.Response()
+        r.status_code = code
+        return r
+
+    def chained(outer, inner):
+        try:
+            raise inner
+        except BaseException:
+            try:
+                raise outer from inner
+            except BaseException as e:
+                return e
+
+    retried = [ConnectionError("reset"), TimeoutError("slow"), requests.ConnectionError("dns"), requests.ReadTimeout("t"),
+               requests.HTTPError("503", response=resp(503)), requests.HTTPError("429", response=resp(429)),
+               chained(RuntimeError("download failed"), requests.ConnectionError("reset"))]
+    failed_at_once = [DataError("bad rows"), RecipeError("bad recipe"), StorageError("no space left in /x"),
+                      OSError(errno.ENOSPC, "No space left on device", "/x/f"), requests.HTTPError("404", response=resp(404)),
+                      LocalEntryNotFoundError("not cached"), OfflineModeIsEnabled("offline"), KeyError("foo"),
+                      ValueError("bad"), chained(DataError("bad rows"), ConnectionError("reset")), RuntimeError("bug")]
+    assert [is_network_error(e) for e in retried] == [True] * len(retried)
+    assert [is_network_error(e) for e in failed_at_once] == [False] * len(failed_at_once)
+    assert retry_on_network_errors(None, None, Failed(data=requests.ConnectionError("x")))
+    assert not retry_on_network_errors(None, None, Failed(data=DataError("x")))
+
+
+def test_download_task_retries_a_network_error_but_not_bad_data(prefect_harness, tmp_path, monkeypatch):
+    """The real download task and its retry settings (delays set to 0): a DataError fails after one attempt,
+    a ConnectionError is tried 1 + 2 times."""
+    import yaml
+    from prefect import flow
+
+    from redi.data import DataError
+    from redi.pipeline import Pipeline
+    from tasks.download import download
+
+    tree = yaml.safe_load(write_recipe(tmp_path).read_text())
+    calls: list[str] = []
+    task = download.with_options(retry_delay_seconds=0)
+
+    @flow
+    def one() -> None:
+        task(tree)
+
+    for exc, attempts in ((DataError("rows.jsonl: missing column 'answer'"), 1), (ConnectionError("connection reset"), 3)):
+        calls.clear()
+
+        def failing(self, *a, _exc=exc, **k):
+            calls.append(type(_exc).__name__)
+            raise _exc
+
+        monkeypatch.setattr(Pipeline, "download", failing)
+        state = one(return_state=True)
+        assert state.is_failed() and len(calls) == attempts, (exc, calls)
