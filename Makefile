@@ -12,8 +12,11 @@ $(VENV)/.installed: pyproject.toml scripts/install.sh
 
 install: $(VENV)/.installed
 
+# Real benchmark copies (<dir>/<name>/test.jsonl) for the demo's MATH-500 column, if a folder is given or found.
+BENCHMARK_DIR ?= $(wildcard ../shared/data)
+
 demo: install        ## the full pipeline on the embedded default (offline, CPU)
-	$(VENV)/bin/redi demo
+	REDI_BENCHMARK_DIR="$${REDI_BENCHMARK_DIR:-$(BENCHMARK_DIR)}" $(VENV)/bin/redi demo
 
 test: install        ## the default test run (CI): everything not marked slow
 	$(VENV)/bin/pytest

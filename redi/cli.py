@@ -1,6 +1,6 @@
 """The ``redi`` command: run the pipeline, one stage, any model's evaluation, status, deployments.
 
-    redi demo                                  the whole offline demo (deployments/demo/recipe.yaml)
+    redi demo                                  the whole offline demo (redi/recipes/demo.yaml, shipped with the package)
     redi run RECIPE.yaml [--set k=v ...]       the whole DAG of a recipe
     redi stage STAGE RECIPE.yaml [--set ...]   one stage; upstream from cache (or computed)
     redi eval --model PATH_OR_HUB_ID --benchmarks math500,aime24 --samples N [--set evaluate.x=y]
@@ -35,7 +35,7 @@ from .config import Recipe, RecipeError, load_recipe
 from .dag import NODES, STAGES, node_rows
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_RECIPE = REPO / "deployments" / "demo" / "recipe.yaml"
+DEMO_RECIPE = Path(__file__).resolve().parent / "recipes" / "demo.yaml"  # package data: `redi demo` runs from any folder
 EXIT_BAD_INPUT = 2
 
 
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="Recompute this stage even if cached (repeatable).")
             sp.add_argument("--no-prefect", action="store_true", help="Call the library directly, without Prefect.")
 
-    sp = sub.add_parser("demo", help="Run the whole offline demo recipe (deployments/demo/recipe.yaml).")
+    sp = sub.add_parser("demo", help="Run the whole offline demo recipe (redi/recipes/demo.yaml; artifacts in ./artifacts).")
     common(sp)
     sp = sub.add_parser("run", help="Run the whole DAG of a recipe.")
     sp.add_argument("recipe", help="Recipe YAML (or its folder).")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest_orchestration import REPO, redi_argv, subprocess_env, write_recipe
@@ -114,3 +115,18 @@ def test_eval_help_and_an_unknown_benchmark_list_the_registered_benchmarks(tmp_p
     assert main(["eval", "--model", "Qwen/Qwen2.5-Math-1.5B", "--benchmarks", "mathh500", "--recipe", str(recipe), "--no-prefect"]) == 1
     err = capsys.readouterr().err
     assert "unknown benchmark 'mathh500'" in err and all(name in err for name in REGISTRY) and "Traceback" not in err
+
+
+def test_the_demo_recipe_ships_inside_the_package_and_loads_from_any_folder(tmp_path, monkeypatch):
+    import redi
+    from redi.cli import DEMO_RECIPE
+    from redi.config import load_recipe
+
+    assert DEMO_RECIPE.is_file() and DEMO_RECIPE.parent.parent == Path(redi.__file__).resolve().parent
+    assert (REPO / "deployments" / "demo" / "recipe.yaml").resolve() == DEMO_RECIPE  # the deployment is the same file
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("REDI_ARTIFACT_ROOT", raising=False)
+    r = load_recipe(DEMO_RECIPE)
+    assert r.run.name == "demo" and r.run.artifact_root == "artifacts"  # the working directory's, as documented
+    tomls = (REPO / "pyproject.toml").read_text()
+    assert '"recipes/*.yaml"' in tomls and (Path(redi.__file__).parent / "py.typed").exists()
