@@ -108,6 +108,34 @@ def test_corrupt_artifact_is_rebuilt(tmp_path, capsys):
     assert traces.read_bytes() == good  # deterministic rebuild
 
 
+def test_corrupt_model_weights_and_manifest_are_rebuilt(tmp_path, capsys):
+    """One flipped bit in the SFT model's weights and a manifest cut short: both found by the next lookup
+    and rebuilt (the SFT rebuild deterministic: the same weights, byte for byte)."""
+    recipe = write_recipe(tmp_path)
+    assert main(["stage", "sft", str(recipe), "--no-prefect"]) == 0
+    root = tmp_path / "artifacts"
+    sft = next(p for p in (root / "sft").iterdir() if not p.name.startswith("."))
+    verify = next(p for p in (root / "verify").iterdir() if not p.name.startswith("."))
+    weights = sft / "model" / "model.safetensors"
+    good = weights.read_bytes()
+    raw = bytearray(good)
+    raw[len(raw) // 2] ^= 0x04
+    weights.write_bytes(bytes(raw))
+    manifest = verify / "manifest.json"
+    manifest.write_text(manifest.read_text()[:-40])
+    capsys.readouterr()
+    assert main(["status", str(recipe), "--json"]) == 0
+    plan = {n["stage"]: n for n in json.loads(capsys.readouterr().out)}
+    assert plan["download"]["cached"] and plan["model"]["cached"]
+    assert not plan["verify"]["cached"] and not plan["sft"]["cached"]
+    assert main(["stage", "sft", str(recipe), "--no-prefect"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^verify\s+built", out, re.M) and re.search(r"^sft\s+built", out, re.M), out
+    validate(sft)
+    validate(verify)
+    assert weights.read_bytes() == good
+
+
 @pytest.mark.slow
 def test_sigterm_shuts_down_prefect_server_and_workers(tmp_path):
     """`kill <pid>` (SIGTERM) on a Prefect run unwinds like Ctrl-C: exit 143 and no orphaned temporary
