@@ -214,3 +214,28 @@ def test_split_path_gives_sdpa_no_mask(monkeypatch):
     with torch.no_grad():
         LogProbLM(m, split=False)(b.input_ids, b.keep, b.targets, b.position_ids)
     assert calls and not any(no_mask for no_mask, _ in calls)  # packed rows: a block-diagonal mask (the CPU layout)
+
+
+def test_liger_glue_with_a_stand_in_kernel(monkeypatch):
+    """No CUDA here: a stand-in with liger_fused_linear_cross_entropy's signature checks our call (reduction none,
+    -nll, keyword arguments) and the per-sequence sums built from it; the real kernel runs only on a GPU."""
+    import torch.nn.functional as F
+
+    seen = {}
+
+    def fake(input, weight, target, bias=None, reduction="mean", accum_dtype=None, **kw):
+        seen.update(reduction=reduction, accum_dtype=accum_dtype, extra=kw)
+        return F.cross_entropy(F.linear(input, weight, bias).float(), target, reduction=reduction)
+
+    pkg = types.ModuleType("liger_kernel.transformers.functional")
+    pkg.liger_fused_linear_cross_entropy = fake
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", types.ModuleType("liger_kernel.transformers"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", pkg)
+    m = _model(False).eval()
+    b = collate(_examples(), packed=True, row_tokens=100)
+    with torch.no_grad():
+        ref, _ = sequence_logps(LogProbLM(m, kernel="chunked"), b)
+        got, _ = sequence_logps(LogProbLM(m, kernel="liger"), b)
+    assert torch.allclose(got, ref, atol=1e-4)
+    assert seen == {"reduction": "none", "accum_dtype": torch.float32, "extra": {}}
