@@ -12,7 +12,6 @@ from redi.logprobs import (
     LogProbLM,
     full_logits_token_logps,
     resolve_attn,
-    unwrap_logprob,
 )
 from redi.packing import Example, collate, row_budget, sequence_logps
 
