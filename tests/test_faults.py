@@ -73,6 +73,49 @@ def test_sigkill_during_training_then_rerun_resumes(tmp_path):
     assert not list((root / "sft").glob(".tmp-*")) and not list((root / "sft").glob(".work-*"))
 
 
+_KILL_CASES = {  # stage -> (overrides that make it last a few seconds, the command that runs it)
+    "download": ({"data.synth.n_train": 20000}, ["stage", "download"]),
+    "verify": ({"data.synth.n_train": 2000}, ["run"]),
+    "redi": ({"redi.max_steps": 40}, ["run"]),
+    "evaluate": ({"evaluate.n_samples": 8, "evaluate.max_new_tokens": 256}, ["run"]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", list(_KILL_CASES))
+def test_sigkill_during_a_stage_then_rerun(tmp_path, stage):
+    """kill -9 of the whole process group while ``stage`` builds (its temp folder exists), then the same
+    command again: nothing half-written is in place after the kill, the rerun takes the upstream stages
+    from cache, builds the killed one and leaves no temp or work folder. (SFT: the test above.)"""
+    overrides, cmd = _KILL_CASES[stage]
+    recipe = write_recipe(tmp_path, overrides)
+    root = tmp_path / "artifacts"
+    env = subprocess_env()
+    proc = subprocess.Popen(redi_argv(*cmd, str(recipe), "--no-prefect"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for(lambda: any((root / stage).glob(".tmp-*")), proc, timeout=300)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    before = _status(recipe)
+    assert not before[stage if stage != "evaluate" else "evaluate[base]"]["cached"]
+    assert not [p for p in (root / stage).iterdir() if not p.name.startswith(".")]  # nothing half-written in place
+
+    p = subprocess.run(redi_argv(*cmd, str(recipe), "--no-prefect"), capture_output=True, text=True, env=env, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    killed = stage if stage != "evaluate" else "evaluate[base]"
+    assert re.search(rf"^{re.escape(killed)}\s+built", p.stdout, re.M), p.stdout
+    for up in ("download", "model", "verify", "sft")[: ("download", "verify", "redi", "evaluate").index(stage) + 1]:
+        if up != stage and up in before and before[up]["cached"]:
+            assert re.search(rf"^{up}\s+cache hit", p.stdout, re.M), (up, p.stdout)
+    after = _status(recipe)
+    validate(Path(after[killed]["path"]))
+    assert not list(root.glob("*/.tmp-*")) and not list(root.glob("*/.work-*"))
+
+
 @pytest.mark.slow
 def test_two_runs_of_one_recipe_at_once_share_one_artifact(tmp_path):
     recipe = write_recipe(tmp_path)
