@@ -1,4 +1,4 @@
-"""Resumable evaluation: how much of the generation a kill at about half costs (issue 15), in ONE run.
+"""Resumable evaluation: how much of the generation a kill at about half costs, in ONE run.
 
 1. ``full``: an uninterrupted ``redi.evaluate.evaluate_model`` (vLLM backend) over N MATH-500 problems.
 2. ``killed``: the same evaluation in a child process with a work folder, SIGKILLed (its engines die with

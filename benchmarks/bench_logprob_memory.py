@@ -6,7 +6,7 @@ bf16 autocast on CPU. One step = one pair (chosen + rejected, each ``T/2`` compl
 64-token prompt, one row each), forward + REDI loss + backward, no optimiser.
 
 - ``full``: ``redi.logprobs.full_logits_token_logps``, the model's own forward with
-  ``logits_to_keep`` then ``.float()`` + ``logsumexp`` (what ``redi.packing`` did before issue 11).
+  ``logits_to_keep`` then ``.float()`` + ``logsumexp`` (the former ``redi.packing`` path).
 - ``chunked``: ``redi.packing.sequence_logps`` through ``redi.logprobs.LogProbLM`` (``kernel="chunked"``),
   what the trainer runs on CPU: per-sequence sums with the head's gradients formed in forward.
 

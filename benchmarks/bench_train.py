@@ -43,7 +43,7 @@ from redi.tinymodel import build_base_model, load_tokenizer  # noqa: E402
 from redi.train import load_pair_examples  # noqa: E402
 
 log = logging.getLogger("bench_train")
-WIDTH, LAYERS, HEADS = 256, 4, 4  # ~6M params with the demo tokenizer (environment.md's TRL measurement size)
+WIDTH, LAYERS, HEADS = 256, 4, 4  # ~6M params with the demo tokenizer
 
 
 def setup(root: Path) -> tuple[Path, Path]:

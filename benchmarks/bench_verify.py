@@ -31,7 +31,7 @@ COT = ROOT.parent / "shared" / "data" / "qwen25math_cot_samples" / "test.jsonl"
 
 
 def _cot_items() -> list[tuple[str, str]]:
-    """The 800 real Qwen2.5-Math CoT samples (LaTeX answers), if ../shared/data is beside the checkout."""
+    """The 800 real Qwen2.5-Math CoT samples (LaTeX answers), if a copy is found ($REDI_BENCHMARK_DIR)."""
     import json
 
     rows = [json.loads(line) for line in COT.read_text().splitlines() if line.strip()]

@@ -1,4 +1,4 @@
-"""Flow ``redi-study``: the CPU-scale study of issue 6 (deployments/study-cpu), as ordered tasks.
+"""Flow ``redi-study``: the CPU-scale study (deployments/study-cpu), as ordered tasks.
 
 SFT rounds until the validation plateau -> per-method validation search -> final runs on test over
 seeds -> report. The decisions (plateau, best setting) are the library's pure functions

@@ -262,9 +262,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _overrides_dict(items: list[str]) -> dict[str, Any]:
-    from .config.recipe import _split
+    from .config.recipe import split_override
 
-    return dict(_split(o) for o in items)
+    return dict(split_override(o) for o in items)
 
 
 def cmd_nightly(args: argparse.Namespace) -> int:

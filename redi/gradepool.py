@@ -40,7 +40,7 @@ from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from . import verify
-from .verify import Verdict, _safe_grade
+from .verify import Verdict, grade_or_none
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def warm() -> None:
     included, is forked warm; and in each worker, where it is free once warm.
     """
     for response, gold in _WARM_ITEMS:
-        _safe_grade(response, gold)
+        grade_or_none(response, gold)
 
 
 def _token_counter(tokenizer_json: str | None):
@@ -149,7 +149,7 @@ def _worker_loop(conn, beat, tokenizer_json: str | None, share: bool) -> None:
         for j, (response, gold) in enumerate(items):
             beat[0] = k0 + j
             beat[1] = time.monotonic()
-            out.append(_safe_grade(response, gold) if count is None else (_safe_grade(response, gold), count(response)))
+            out.append(grade_or_none(response, gold) if count is None else (grade_or_none(response, gold), count(response)))
             beat[1] = 0.0
             now = time.monotonic()
             if now - last >= FLUSH_S or (now - last >= SHARE_S and verify.share_pending()):

@@ -81,7 +81,8 @@ def go_offline() -> None:
             dc.HF_DATASETS_OFFLINE = True
 
 
-def resolve_device(device: str) -> str:
+def auto_device(device: str) -> str:
+    """``run.device``: ``auto`` -> cuda when available, else cpu (redi.train.resolve_device also picks the dtype)."""
     if device != "auto":
         return device
     import torch
@@ -164,14 +165,15 @@ class Pipeline:
 
             torch.set_num_threads(recipe.run.threads)
         if distributed.launched():  # one of N processes of `accelerate launch -m redi.cli ...`: join them first
-            distributed.init(resolve_device(recipe.run.device))
+            distributed.init(auto_device(recipe.run.device))
 
     # ------------------------------------------------------------------ keys (no work done)
     @cached_property
     def _code(self) -> dict[str, str]:
         return {s: stage_code(s) for s in STAGE_MODULES}
 
-    def _refresh(self, stage: str) -> bool:
+    def refreshing(self, stage: str) -> bool:
+        """Whether ``run.refresh`` asks to rebuild ``stage`` (``grade`` follows ``evaluate``)."""
         return stage in self.recipe.run.refresh or (stage == "grade" and "evaluate" in self.recipe.run.refresh)
 
     def _upstream(self, stage: str, label: str | None = None) -> dict[str, Any]:
@@ -285,7 +287,7 @@ class Pipeline:
         k = self.key(stage, label)
         t0 = time.time()
         inputs = {**self._upstream(stage, label), **(extra_inputs or {})}
-        art = self.store.build(stage, k, fn, config=self._config(stage), inputs=inputs, refresh=self._refresh(stage),
+        art = self.store.build(stage, k, fn, config=self._config(stage), inputs=inputs, refresh=self.refreshing(stage),
                                collective=collective)
         name = dag.node_name(stage, label)
         self.timings[name] = time.time() - t0
@@ -345,7 +347,7 @@ class Pipeline:
         from . import train
 
         run = self.recipe.run
-        device = resolve_device(run.device)
+        device = auto_device(run.device)
         if run.launcher == "inprocess" or distributed.launched():
             if run.launcher == "accelerate":
                 log.info("already launched as %d processes: training in them (run.launcher ignored)",

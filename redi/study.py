@@ -1,4 +1,4 @@
-"""The CPU-scale study (issue 6): from one SFT checkpoint at its validation plateau, does REDI beat
+"""The CPU-scale study: from one SFT checkpoint at its validation plateau, does REDI beat
 continued SFT, DPO and SimPO?
 
 Built on :class:`redi.pipeline.Pipeline` and the stage entry points, never around them:
@@ -41,7 +41,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -50,7 +50,7 @@ from .artifacts import Artifact, code_version, hash_obj, stage_key
 from .config import EvaluateConfig, Recipe, RecipeError, SFTConfig, Stage2Config, apply_overrides, load_recipe
 from .config.base import StrictModel
 from .losses import OBJECTIVES
-from .pipeline import Pipeline, resolve_device, stage_code
+from .pipeline import Pipeline, auto_device, stage_code
 
 log = logging.getLogger(__name__)
 
@@ -248,32 +248,16 @@ def collapse_check(signals: list[dict[str, Any]], threshold: float) -> dict[str,
             "final": vals[-1], "min": min(vals)}
 
 
-_SIGNAL_KEYS = {
-    "chosen_logp": ("chosen_logp_per_token", "chosen_logp", "logp_chosen", "chosen_logps"),
-    "rejected_logp": ("rejected_logp_per_token", "rejected_logp", "logp_rejected", "rejected_logps"),
-    "update_norm": ("update_norm", "param_update_norm", "delta_norm"),
-    "loss": ("loss",),
-    "lr": ("lr", "learning_rate"),
-    "collapsed": ("collapsed",),
-}
+SIGNAL_FIELDS = ("chosen_logp", "rejected_logp", "update_norm", "loss", "lr", "collapsed")
+"""The fields of the trainer's signals.jsonl records (redi.signals) the study reads."""
 
 
 def read_signals(path: Path) -> list[dict[str, Any]]:
-    """The trainer's ``signals.jsonl`` with the fields the study plots under fixed names."""
-    out = []
+    """The step records of the trainer's ``signals.jsonl``, reduced to ``step`` and ``SIGNAL_FIELDS``."""
     if not path.exists():
-        return out
-    for i, line in enumerate(path.read_text().splitlines()):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if "step" not in row and "event" in row:  # non-step records (warnings, summaries)
-            continue
-        rec: dict[str, Any] = {"step": row.get("step", i + 1)}
-        for name, cands in _SIGNAL_KEYS.items():
-            rec[name] = next((row[c] for c in cands if c in row and row[c] is not None), None)
-        out.append(rec)
-    return out
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{"step": row["step"], **{k: row.get(k) for k in SIGNAL_FIELDS}} for row in rows]
 
 
 # ---------------------------------------------------------------------------------------- results
@@ -339,7 +323,7 @@ class Study:
         self.recipe, self.cfg = recipe, cfg
         self.pipe = pipeline or Pipeline(recipe)
         self.store = self.pipe.store
-        self.device = resolve_device(recipe.run.device)
+        self.device = auto_device(recipe.run.device)
         self.timings: dict[str, float] = {}
         # Code versions are read once: a source file edited mid-study must not split one method's models
         # over two keys (the Pipeline caches them the same way).

@@ -1,6 +1,6 @@
 """The offline synthetic teacher: Open-R1-schema rows for problems with exactly-known answers.
 
-Two learnable families (the "easy" family of the CPU pilot, see /work/shared/pilot-cpu.md):
+Two learnable families (sized for a tiny model on a CPU; docs/training.md, demo sizing):
 
 - ``word``: 2-4 step word problems. Start value 2-30, every correct intermediate value in
   [1, max_value], second operands single-digit. Steps: buy b boxes of c, sell b bags of c, give

@@ -9,7 +9,7 @@ Tiny model (``cfg.base == "tiny"``):
   (problem + Open-R1 suffix) and traces. Its normaliser, pre-tokenizer (Qwen2's regex, which splits
   every digit into its own token), BPE settings and decoder are exactly those that transformers'
   ``Qwen2Tokenizer`` rebuilds, so ``AutoTokenizer`` (and hence vLLM) and ``load_tokenizer`` give
-  identical ids — the "tokenizer reload trap" (environment.md) cannot bite. Special tokens:
+  identical ids — a tokenizer reloaded by vLLM cannot give other ids than training's. Special tokens:
   ``<|endoftext|>`` (pad), ``<|im_start|>``, ``<|im_end|>`` (EOS), ``<think>``, ``</think>``.
 - model: ``Qwen2ForCausalLM`` from scratch, tied embeddings, grouped-query attention, sized by
   ``cfg.tiny``; saved in **float32**: CPU training runs in fp32 and stage 2's small learning rates

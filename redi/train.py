@@ -1,7 +1,7 @@
 """The training stages: SFT on positive traces (stage 1), then REDI / DPO / SimPO on pairs (stage 2).
 
 A compact trainer of our own on torch + accelerate, one loop for SFT and all three stage-2 objectives.
-Why not TRL (1.16, see environment.md): its DPOTrainer has no padding-free mode ("temporarily
+Why not TRL (1.16; measurements in docs/benchmarks/train.md): its DPOTrainer has no padding-free mode ("temporarily
 unavailable"), builds or needs a reference model even for objectives that have none, and its
 SimPO lives in ``trl.experimental.cpo``, which materialises full (B, L, V) logits; we would need
 three trainers with three sets of pitfalls (bf16 and gradient checkpointing on by default, renamed
@@ -48,6 +48,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,17 +78,13 @@ __all__ = ["train_sft", "train_stage2", "TrainingError", "load_sft_examples", "l
 
 log = logging.getLogger(__name__)
 
-_KILL_AT_STEP: int | None = int(os.environ["REDI_TEST_KILL_AT_STEP"]) if os.environ.get("REDI_TEST_KILL_AT_STEP") else None
-"""Tests only: raise _SimulatedKill right after the checkpoint of this step (simulates a killed run; the env
-variable reaches the processes of a multi-process launch)."""
+CHECKPOINT_HOOKS: list[Callable[[int], None]] = []
+"""Called with the step number right after each checkpoint is saved, on every rank. A hook that raises stops
+training there as a kill would (the checkpoint stays; the next run resumes from it)."""
 
 
 class TrainingError(RuntimeError):
     """Training cannot continue (non-finite loss, bad data); the message names the cause."""
-
-
-class _SimulatedKill(RuntimeError):
-    pass
 
 
 # ------------------------------------------------------------------------------------------ setup
@@ -497,8 +494,8 @@ def _loop(job, acc, model, optimizer, base_optimizer, scheduler, ref_model, loss
             log.info("%s step %d/%d %s", job.kind, step + 1, total, _fmt(rec))
         if (step + 1) % cfg.save_steps == 0 or step + 1 == total:
             _save_checkpoint(acc, job, step + 1, signals)
-            if _KILL_AT_STEP is not None and step + 1 == _KILL_AT_STEP:
-                raise _SimulatedKill(f"simulated kill after step {step + 1}")
+            for hook in CHECKPOINT_HOOKS:
+                hook(step + 1)
     bar.close()
     return mine_total
 

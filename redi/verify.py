@@ -68,7 +68,7 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def normalise_answer(ans: str) -> str:
+def rewrite_for_math_verify(ans: str) -> str:
     """Rewrite answer forms Math-Verify's LaTeX reader gets wrong into LaTeX it reads right."""
     ans = ans.strip().rstrip(".").strip().strip("$").strip()
     m = _E_NOTATION.match(ans)
@@ -115,7 +115,7 @@ def _whole_match(parsed: list, text: str) -> bool:
 def _parse_answer(ans: str) -> tuple:
     mv = _mv()
     latex, expr, _ = _configs()
-    norm = normalise_answer(ans)
+    norm = rewrite_for_math_verify(ans)
     if not norm:
         return ()
     order = (expr, latex) if _PLAIN_EXPR.match(norm) else (latex, expr)
@@ -289,7 +289,8 @@ def _grade(response: str, gold: str) -> Verdict:
     return _verify(gold_c, pred_c)
 
 
-def _safe_grade(response: str, gold: str) -> Verdict:
+def grade_or_none(response: str, gold: str) -> Verdict:
+    """``_grade``, with any exception of the grader turned into None (unjudgeable), for worker processes."""
     try:
         return _grade(response, gold)
     except Exception:  # noqa: BLE001 - a grader bug must not kill the worker; the item is unjudgeable

@@ -119,7 +119,7 @@ def stage_run_name(stage: str) -> Callable[..., str]:
         try:
             pipe = pipeline_for(parameters["recipe"], stage)
             nodes = [("evaluate", label), ("grade", label)] if stage == "evaluate" else [(stage, None)]
-            hit = all(pipe.store.lookup(s, pipe.key(s, lab)) is not None and not pipe._refresh(s) for s, lab in nodes)
+            hit = all(pipe.store.lookup(s, pipe.key(s, lab)) is not None and not pipe.refreshing(s) for s, lab in nodes)
         except Exception:  # the name is feedback only; the task itself reports any real problem
             return title
         return f"{title} [{'cache hit' if hit else 'building'}]"
@@ -133,7 +133,7 @@ def _check_cache(pipe: Pipeline, nodes: list[tuple[str, str | None]]) -> dict[st
     for stage, label in nodes:
         name = f"{stage}[{label}]" if label else stage
         key = pipe.key(stage, label)
-        refresh = pipe._refresh(stage)
+        refresh = pipe.refreshing(stage)
         hit = pipe.store.lookup(stage, key) is not None and not refresh
         out[name] = hit
         if not hit:  # a hit is logged by the library a moment later; a build only when it ends

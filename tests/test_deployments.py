@@ -4,7 +4,6 @@ deployment's, every recipe under deployments/ loads, and serve.py builds every d
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import yaml
@@ -79,7 +78,7 @@ def test_serve_builds_every_deployment(tmp_path):
     assert set(schema["definitions"]["Recipe"]["properties"]) == {"run", "data", "model", "prompt", "verify", "sft", "redi", "evaluate"}
 
 
-# ---------------------------------------------------------------------------------- the run forms (issue 18)
+# ---------------------------------------------------------------------------------- the run forms
 @pytest.fixture(scope="module")
 def forms(prefect_harness, tmp_path_factory) -> dict[str, dict]:
     """Every served deployment registered with a real (temporary) API, read back: {flow/name: parameter schema}."""

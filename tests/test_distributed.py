@@ -2,8 +2,8 @@
 
 - ``accelerate launch --multi_gpu --num_processes 2 -m redi.cli stage sft RECIPE --no-prefect`` (the README's
   ``accelerate launch --config_file ... -m redi.cli stage sft ...`` with the config's 8 GPUs replaced by 2 CPU
-  processes: ``--multi_gpu`` goes through torchrun, each process joins over gloo). Before issue 11 every rank
-  took the artifact lock and the launch deadlocked at the start of SFT.
+  processes: ``--multi_gpu`` goes through torchrun, each process joins over gloo). (Were every rank to take
+  the artifact lock, the launch would deadlock at the start of SFT.)
 - the same for ``stage redi`` (loss redi and dpo), and ``redi run`` with ``run.launcher=accelerate`` from one
   process (the pipeline spawns the launch for each training stage).
 - the shipped FSDP / ZeRO-2 / ZeRO-3 configs on CPU (slow): kill, resume, save, DPO, all equal to DDP.

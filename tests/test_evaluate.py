@@ -165,7 +165,7 @@ def test_evaluate_model_end_to_end_vllm(tiny, tmp_path):
     assert summary["timings"]["engine_startup_s"] > 0
 
 
-# ---------------------------------------------------------------- resumable evaluation (issue 15)
+# ---------------------------------------------------------------- resumable evaluation
 
 _CHILD = """
 import json, sys

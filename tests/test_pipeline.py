@@ -50,8 +50,8 @@ def test_knobs_that_do_not_change_results_keep_every_key(tmp_path):
 @pytest.mark.parametrize("stage", ["download", "verify", "sft", "redi", "evaluate"])
 def test_refresh_is_per_stage(tmp_path, stage):
     p = Pipeline(load_recipe(None, [*BASE, f"run.refresh=[{stage}]"]), ArtifactStore(tmp_path))
-    assert p._refresh(stage)
-    assert not any(p._refresh(s) for s in ("download", "verify", "sft", "redi", "evaluate") if s != stage)
+    assert p.refreshing(stage)
+    assert not any(p.refreshing(s) for s in ("download", "verify", "sft", "redi", "evaluate") if s != stage)
 
 
 @pytest.mark.slow

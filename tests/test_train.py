@@ -155,17 +155,27 @@ def test_dpo_precomputed_reference_matches_live_reference(env, sft_run, tmp_path
 
 
 # ------------------------------------------------------------------ resume
+class Killed(RuntimeError):
+    """Stands for a kill right after a checkpoint (raised by a redi.train.CHECKPOINT_HOOKS hook)."""
+
+
+def kill_after(n: int):
+    def hook(step: int) -> None:
+        if step == n:
+            raise Killed(f"simulated kill after step {step}")
+    return hook
+
 
 
 def test_killed_run_resumes_to_same_weights(env, tmp_path, monkeypatch):
     d, data = env
     cfg = SFTConfig(lr=3e-3, max_steps=6, global_batch=8, micro_batch=4, save_steps=3)
     T.train_sft(cfg, d / "base", data["positives"], tmp_path / "full", tmp_path / "wfull", "cpu")
-    monkeypatch.setattr(T, "_KILL_AT_STEP", 3)
-    with pytest.raises(T._SimulatedKill):
+    monkeypatch.setattr(T, "CHECKPOINT_HOOKS", [kill_after(3)])
+    with pytest.raises(Killed):
         T.train_sft(cfg, d / "base", data["positives"], tmp_path / "part", tmp_path / "wpart", "cpu")
     assert (tmp_path / "wpart" / "checkpoint-3").exists()
-    monkeypatch.setattr(T, "_KILL_AT_STEP", None)
+    monkeypatch.setattr(T, "CHECKPOINT_HOOKS", [])
     s = T.train_sft(cfg, d / "base", data["positives"], tmp_path / "part2", tmp_path / "wpart", "cpu")
     assert s["resumed_from_step"] == 3
     assert len((tmp_path / "part2" / "signals.jsonl").read_text().splitlines()) == 6
@@ -178,8 +188,8 @@ def test_flipped_bit_in_a_checkpoint_falls_back_to_the_previous_one(env, tmp_pat
     d, data = env
     cfg = SFTConfig(lr=3e-3, max_steps=6, global_batch=8, micro_batch=4, save_steps=2)
     T.train_sft(cfg, d / "base", data["positives"], tmp_path / "full", tmp_path / "wfull", "cpu")
-    monkeypatch.setattr(T, "_KILL_AT_STEP", 4)
-    with pytest.raises(T._SimulatedKill):
+    monkeypatch.setattr(T, "CHECKPOINT_HOOKS", [kill_after(4)])
+    with pytest.raises(Killed):
         T.train_sft(cfg, d / "base", data["positives"], tmp_path / "part", tmp_path / "w", "cpu")
     assert sorted(p.name for p in (tmp_path / "w").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     for ck in ("checkpoint-2", "checkpoint-4"):
@@ -188,7 +198,7 @@ def test_flipped_bit_in_a_checkpoint_falls_back_to_the_previous_one(env, tmp_pat
     raw = bytearray(weights.read_bytes())
     raw[len(raw) // 2] ^= 0x01  # one bit, same size
     weights.write_bytes(bytes(raw))
-    monkeypatch.setattr(T, "_KILL_AT_STEP", None)
+    monkeypatch.setattr(T, "CHECKPOINT_HOOKS", [])
     with caplog.at_level("WARNING", logger="redi.train"):
         s = T.train_sft(cfg, d / "base", data["positives"], tmp_path / "part2", tmp_path / "w", "cpu")
     assert f"{weights} does not match its sha256" in caplog.text
@@ -200,11 +210,11 @@ def test_flipped_bit_in_a_checkpoint_falls_back_to_the_previous_one(env, tmp_pat
 def test_corrupt_only_checkpoint_starts_over(env, tmp_path, monkeypatch, caplog):
     d, data = env
     cfg = SFTConfig(lr=3e-3, max_steps=2, global_batch=8, micro_batch=4, save_steps=1)
-    monkeypatch.setattr(T, "_KILL_AT_STEP", 1)
-    with pytest.raises(T._SimulatedKill):
+    monkeypatch.setattr(T, "CHECKPOINT_HOOKS", [kill_after(1)])
+    with pytest.raises(Killed):
         T.train_sft(cfg, d / "base", data["positives"], tmp_path / "part", tmp_path / "w", "cpu")
     (tmp_path / "w" / "checkpoint-1" / "trainer_state.json").write_text("{}")  # another size
-    monkeypatch.setattr(T, "_KILL_AT_STEP", None)
+    monkeypatch.setattr(T, "CHECKPOINT_HOOKS", [])
     with caplog.at_level("WARNING", logger="redi.train"):
         s = T.train_sft(cfg, d / "base", data["positives"], tmp_path / "o", tmp_path / "w", "cpu")
     assert "checkpoint-1/trainer_state.json has 2 bytes" in caplog.text and "training starts over" in caplog.text

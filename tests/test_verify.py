@@ -13,7 +13,7 @@ import pytest
 import sympy
 
 from redi.gradepool import GradingPool, grade_many
-from redi.verify import _grade, grade, last_boxed, normalise_answer, parse_answer
+from redi.verify import _grade, grade, last_boxed, parse_answer, rewrite_for_math_verify
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 if not SHARED.exists():
@@ -78,11 +78,11 @@ def test_last_boxed_brace_matching():
     assert last_boxed("\\fbox{5}") == "5"
 
 
-def test_normalise_answer():
-    assert normalise_answer("4.5e33") == "4.5\\times 10^{33}"
-    assert normalise_answer("1e-5") == "1\\times 10^{-5}"
-    assert normalise_answer("np.arcsin(10/13)") == "\\arcsin(10/13)"
-    assert normalise_answer("(-\\infty, 0) \\cup\\{1\\}$.") == "(-\\infty, 0) \\cup\\{1\\}"
+def test_rewrite_for_math_verify():
+    assert rewrite_for_math_verify("4.5e33") == "4.5\\times 10^{33}"
+    assert rewrite_for_math_verify("1e-5") == "1\\times 10^{-5}"
+    assert rewrite_for_math_verify("np.arcsin(10/13)") == "\\arcsin(10/13)"
+    assert rewrite_for_math_verify("(-\\infty, 0) \\cup\\{1\\}$.") == "(-\\infty, 0) \\cup\\{1\\}"
 
 
 def test_parse_answer_rejects_partial_expression():

@@ -86,7 +86,7 @@ def _parse_value(raw: str) -> Any:
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
     """Set dotted keys (``redi.alpha=1.0`` or ``{"redi.alpha": 1.0}``) in a nested dict, in place."""
-    items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides]
+    items = overrides.items() if isinstance(overrides, dict) else [split_override(o) for o in overrides]
     for key, value in items:
         parts = key.split(".")
         node = tree
@@ -99,7 +99,8 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str] | dict[str, Any])
     return tree
 
 
-def _split(item: str) -> tuple[str, Any]:
+def split_override(item: str) -> tuple[str, Any]:
+    """``"redi.alpha=1.0"`` -> ``("redi.alpha", 1.0)`` (the value read as YAML)."""
     if "=" not in item:
         raise RecipeError(f"override {item!r} must look like section.field=value (e.g. redi.alpha=1.0)")
     k, v = item.split("=", 1)

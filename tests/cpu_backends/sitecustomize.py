@@ -7,6 +7,9 @@ DeepSpeed's CPU accelerator both run over gloo, so with this shim the trainer's 
 paths (prepare, the sharded reference, update norms from sharded optimiser state, sharded checkpoints,
 resume, the gathered final save) run here, 2 processes on CPU. Only the state's distributed type is
 changed; nothing of the trainer is replaced.
+
+With ``REDI_TEST_KILL_AT_STEP=N`` it also registers a ``redi.train.CHECKPOINT_HOOKS`` hook that raises right
+after checkpoint N in every process (a kill at a known point, for the resume checks).
 """
 
 import os
@@ -32,3 +35,14 @@ if os.environ.get("REDI_TEST_CPU_BACKEND") and int(os.environ.get("WORLD_SIZE", 
             self.deepspeed_plugins = plugin
 
     _st.AcceleratorState.__init__ = _init
+
+if os.environ.get("REDI_TEST_KILL_AT_STEP"):  # stop every process of a launch right after this step's checkpoint
+    _kill_at = int(os.environ["REDI_TEST_KILL_AT_STEP"])
+
+    def _kill_hook(step: int) -> None:
+        if step == _kill_at:
+            raise RuntimeError(f"simulated kill after step {step}")
+
+    import redi.train as _train
+
+    _train.CHECKPOINT_HOOKS.append(_kill_hook)
