@@ -113,3 +113,14 @@ def test_paths_in_a_recipe_file_are_relative_to_the_file(tmp_path, monkeypatch):
     assert load_recipe(folder / "recipe.yaml", ["run.artifact_root=here"]).model.base == "Qwen/Qwen2.5-Math-1.5B"
     assert load_recipe(folder / "recipe.yaml", ["run.artifact_root=here"]).run.artifact_root == "here"
     assert load_recipe(None, ["model.base=tiny"]).model.base == "tiny"
+
+
+def test_label_rule_choices_are_the_registered_rules():
+    """VerifyConfig.label_rule's Literal must list exactly redi.selection.LABEL_RULES (a new rule is one entry there
+    plus its name here; this test catches one without the other)."""
+    import typing
+
+    from redi.config import VerifyConfig
+    from redi.selection import LABEL_RULES
+
+    assert set(typing.get_args(VerifyConfig.model_fields["label_rule"].annotation)) == set(LABEL_RULES)

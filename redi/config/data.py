@@ -33,7 +33,7 @@ class SynthConfig(StrictModel):
 
 
 class DataConfig(StrictModel):
-    """Stage 1 of the DAG: ``download``. Normalises any source into one row per (problem, generation)."""
+    """Stage ``download`` of the DAG (redi.dag.NODES). Normalises any source into one row per (problem, generation)."""
 
     source: Literal["synthetic", "hub", "local"] = Field(
         "synthetic", description="`synthetic`: the project's offline teacher; `hub`: datasets.load_dataset; `local`: parquet/jsonl/datasets folder."

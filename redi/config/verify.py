@@ -10,7 +10,7 @@ from .base import StrictModel
 
 
 class VerifyConfig(StrictModel):
-    """Stage 2 of the DAG: label every trace, filter as in the paper, write positives and pairs."""
+    """Stage `verify` of the DAG (redi.dag.NODES): label every trace, filter as in the paper, write positives and pairs."""
 
     label_rule: Literal["math_verify", "dataset", "landmv", "landmv_both_wrong"] = Field(
         "math_verify",
