@@ -268,9 +268,9 @@ class LogProbLM(nn.Module):
     n_seqs=None)``: ``keep`` are flat positions (row * C + column) whose next-token prediction is
     ``targets``; returns (N,) log-probs, or with ``seg`` (N,) the (S,) per-sequence sums (cheaper in
     backward, see :class:`ChunkedLinearSeqLogp`).
-    On CUDA without flash-attention, packed rows are split at position-id restarts and every
-    sequence runs as its own (1, L) forward with no mask (SDPA then uses its causal flash kernel,
-    not a dense (C, C) block mask).
+    On CUDA without flash-attention, packed rows are split at position-id restarts (padded rows at
+    their padding) and every sequence runs as its own (1, L) forward with no mask (SDPA then uses its
+    causal flash kernel, not a dense (C, C) block or padding mask).
     """
 
     def __init__(self, lm: nn.Module, kernel: str = "auto", rows: int | None = None, split: bool | None = None):
@@ -317,13 +317,22 @@ class LogProbLM(nn.Module):
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 seg: torch.Tensor | None = None, n_seqs: int | None = None) -> torch.Tensor:
         backbone = self.lm.get_decoder()
-        if position_ids is not None and self.split_sequences(input_ids.device):
+        if self.split_sequences(input_ids.device):
+            if position_ids is None:  # right-padded rows: the padding becomes its own (skipped) segment
+                position_ids = _padded_positions(attention_mask)
             h = _split_hidden(backbone, input_ids, position_ids, keep)  # (N, H)
         else:
             kw = {"position_ids": position_ids} if position_ids is not None else {"attention_mask": attention_mask}
             hs = backbone(input_ids=input_ids, use_cache=False, **kw).last_hidden_state  # (R, C, H)
             h = hs.reshape(-1, hs.shape[-1]).index_select(0, keep)  # (N, H)
         return head_token_logps(h, self.lm.get_output_embeddings(), targets, self.kernel, self.rows, seg, n_seqs)
+
+
+def _padded_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of right-padded rows (B, L): 0..n-1 over the real tokens, restarting at 0 on the padding."""
+    cols = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    n = mask.sum(1, keepdim=True)
+    return torch.where(cols < n, cols, cols - n)
 
 
 def _split_hidden(backbone, input_ids, position_ids, keep) -> torch.Tensor:

@@ -102,13 +102,14 @@ def test_only_completion_hidden_states_reach_the_head(monkeypatch):
     assert b.input_ids.shape[0] * cols.numel() == 126
 
 
-def test_split_sequences_path_equals_rows_path():
-    """The CUDA path without flash-attention (each packed sequence alone, no mask), forced on CPU."""
+@pytest.mark.parametrize("packed", [True, False])
+def test_split_sequences_path_equals_rows_path(packed):
+    """The CUDA path without flash-attention (each sequence alone, no mask), forced on CPU; packed or padded rows."""
     m = _model(True).eval()
-    b = collate(_examples(), packed=True, row_tokens=100)
+    b = collate(_examples(), packed=packed, row_tokens=100)
     with torch.no_grad():
-        rows = LogProbLM(m, split=False)(b.input_ids, b.keep, b.targets, b.position_ids)
-        alone = LogProbLM(m, split=True)(b.input_ids, b.keep, b.targets, b.position_ids)
+        rows = LogProbLM(m, split=False)(b.input_ids, b.keep, b.targets, b.position_ids, b.attention_mask)
+        alone = LogProbLM(m, split=True)(b.input_ids, b.keep, b.targets, b.position_ids, b.attention_mask)
     assert torch.allclose(rows, alone, atol=1e-5)
 
 
