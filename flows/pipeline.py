@@ -137,7 +137,7 @@ def redi_pipeline(
 @flow(name="redi-stage", description="One stage of the REDI DAG; its upstream is taken from cache (or computed).")
 @documented("One stage of a recipe; upstream from cache. stage=evaluate evaluates `labels` and records the result.",
             "stage", "overrides", "refresh", "recipe_path", "recipe", "labels", "register_run",
-            extra={"stage": "The stage to run: download, model, verify, sft, redi or evaluate."})
+            extra={"stage": "The stage to run: " + ", ".join(dag.STAGES) + "."})
 def redi_stage(
     stage: Stage,
     overrides: dict[str, Any] | None = None,

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from ..dag import MODEL_LABELS
 from ..prompts import DEFAULT_PROTOCOL, PROTOCOLS, PromptProtocol, get_protocol
 from .base import StrictModel
 
@@ -28,8 +29,8 @@ class EvaluateConfig(StrictModel):
         default_factory=dict, description="Pinned Hub revisions (commit sha) per benchmark, for Hub-loaded benchmarks: {name: revision}."
     )
     skip_missing: bool = Field(True, description="Skip (and report) a benchmark that cannot be loaded instead of failing the stage.")
-    models: list[Literal["base", "sft", "redi"]] = Field(
-        default_factory=lambda: ["base", "sft", "redi"], description="Which models of the run the pipeline evaluates."
+    models: list[Literal[MODEL_LABELS]] = Field(  # type: ignore[valid-type]  # the labels of redi.dag.NODES
+        default_factory=lambda: list(MODEL_LABELS), description="Which models of the run the pipeline evaluates."
     )
     n_samples: int = Field(16, ge=1, description="Samples per problem (paper final tables: 16; intermediate: 4).")
     temperature: float = Field(0.6, ge=0, description="Sampling temperature (paper: 0.6).")

@@ -65,7 +65,7 @@ class Recipe(StrictModel):
     prompt: PromptConfig = Field(default_factory=PromptConfig, description="The training prompt protocol (verify, sft, redi).")
     verify: VerifyConfig = Field(default_factory=VerifyConfig, description="Stage `verify`.")
     sft: SFTConfig = Field(default_factory=SFTConfig, description="Stage `sft`.")
-    redi: Stage2Config = Field(default_factory=Stage2Config, description="Stage `redi` (objective redi | dpo | simpo).")
+    redi: Stage2Config = Field(default_factory=Stage2Config, description="Stage `redi`: stage 2 with an objective of redi.losses.OBJECTIVES (redi, dpo, simpo, ...).")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Stage `evaluate`.")
 
     @model_validator(mode="after")
