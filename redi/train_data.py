@@ -3,10 +3,13 @@
 - prompts: ``redi.prompts.render_prompt`` with the run's training protocol (``prompt.train``); completions:
   the trace + ``redi.prompts.completion_terminator`` (Qwen2.5-Math: ``<|im_end|>\n<|endoftext|>``, as the
   official data; the tiny model: ``<|im_end|>``), the terminator counted in ``|y|``.
-- SFT: positives -> (prompt, completion) examples; over-long ones truncated at the end (counted).
-- stage 2: pairs -> (chosen, rejected) examples; pairs with chosen == rejected and pairs whose prompt is
-  longer than ``max_prompt_length`` are dropped (counted, the paper's 800-token rule); over-long
-  sequences truncated keep_end (the paper's truncation mode; counted).
+- SFT: positives -> (prompt, completion) examples; over-long ones truncated at the end (counted). The loss
+  covers the completion only (paper App. C), or every token with ``sft.loss_on_prompt`` (the official run:
+  TRL's padding-free collator on chat messages masks nothing).
+- stage 2: pairs -> (chosen, rejected) examples; pairs with chosen == rejected are dropped; a prompt longer
+  than ``max_prompt_length`` drops its pair or, with ``long_prompts: truncate``, keeps its last
+  ``max_prompt_length`` tokens as the official TRL fork does (counted either way); over-long sequences
+  truncated keep_end (the paper's truncation mode; counted).
 - storage: tokenised once per (data file, tokenizer, protocol, lengths) into an Arrow file of int32 ids
   (``work_dir/tokens``), memory-mapped by every rank: ~4 bytes of shared host RAM per token instead of
   Python int tuples (~36 bytes per token per rank). Built by local rank 0 only.
@@ -192,7 +195,8 @@ def load_sft_examples(cfg: SFTConfig, tok, positives_path: Path, prompt_protocol
 
     Returns a :class:`TokenTable` (memory-mapped from ``cache_dir`` when given, built there once) and the counts.
     """
-    key = _key("sft", tok, positives_path, prompt_protocol, max_length=cfg.max_length)
+    key = _key("sft", tok, positives_path, prompt_protocol, max_length=cfg.max_length,
+               loss_on_prompt=cfg.loss_on_prompt)
     table = _cached(cache_dir, key, lambda: _build_sft(cfg, tok, positives_path, prompt_protocol))
     return table, table.counts
 
@@ -216,7 +220,7 @@ def _build_sft(cfg: SFTConfig, tok, positives_path: Path, prompt_protocol: str) 
         comps = _encode(tok, [c + end for c in part["completion"].astype(str)])
         for p, c in zip(prompts, comps, strict=True):
             ex, cut = make_example(p, c, tok.eos_token_id, cfg.max_length, keep="start")
-            out.add(ex)
+            out.add(Example(ex.ids, 0) if cfg.loss_on_prompt else ex)
             truncated += cut
         out.flush()
     counts.update(examples=len(df), truncated=truncated)
@@ -231,7 +235,7 @@ def load_pair_examples(cfg: Stage2Config, tok, pairs_path: Path, prompt_protocol
     ``cache_dir`` when given, and the counts.
     """
     key = _key("pairs", tok, pairs_path, prompt_protocol, max_length=cfg.max_length,
-               max_prompt_length=cfg.max_prompt_length)
+               max_prompt_length=cfg.max_prompt_length, long_prompts=cfg.long_prompts)
     table = _cached(cache_dir, key, lambda: _build_pairs(cfg, tok, pairs_path, prompt_protocol))
     return PairTable(table), table.counts
 
@@ -249,8 +253,11 @@ def _build_pairs(cfg: Stage2Config, tok, pairs_path: Path, prompt_protocol: str)
     for s in range(0, len(df), _BATCH_ROWS):
         part = df.iloc[s:s + _BATCH_ROWS]
         prompts = _encode(tok, [render_prompt(tok, p, prompt_protocol) for p in part["problem"]])
-        keep = [len(p) <= cfg.max_prompt_length for p in prompts]
-        long_prompts += keep.count(False)
+        long = [len(p) > cfg.max_prompt_length for p in prompts]
+        long_prompts += sum(long)
+        if cfg.long_prompts == "truncate":  # the official fork keeps the prompt's last max_prompt_length tokens
+            prompts = [p[-cfg.max_prompt_length:] for p in prompts]
+        keep = [cfg.long_prompts == "truncate" or not x for x in long]
         prompts = [p for p, k in zip(prompts, keep, strict=True) if k]
         chosen = _encode(tok, [c + end for c, k in zip(part["chosen"].astype(str), keep, strict=True) if k])
         rejected = _encode(tok, [r + end for r, k in zip(part["rejected"].astype(str), keep, strict=True) if k])
@@ -262,12 +269,12 @@ def _build_pairs(cfg: Stage2Config, tok, pairs_path: Path, prompt_protocol: str)
             truncated += tc + tr
             n += 1
         out.flush()
-    counts["dropped_long_prompt"] = long_prompts
+    counts["truncated_long_prompt" if cfg.long_prompts == "truncate" else "dropped_long_prompt"] = long_prompts
     counts.update(examples=n, truncated_sequences=truncated)
     if not n:
         raise ValueError(f"stage 2: no pairs left in {pairs_path} ({counts['rows']} rows; "
                          f"{counts['dropped_identical']} with chosen == rejected, "
-                         f"{counts['dropped_long_prompt']} with a prompt > {cfg.max_prompt_length} tokens)")
+                         f"{counts.get('dropped_long_prompt', 0)} with a prompt > {cfg.max_prompt_length} tokens)")
     return out.table(counts)
 
 

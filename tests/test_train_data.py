@@ -77,3 +77,34 @@ def test_other_ranks_wait_for_local_rank_zero(env, tmp_path, monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     mapped, _ = D.load_sft_examples(SFTConfig(), tok, data["positives"], cache_dir=tmp_path)
     _same(built, mapped)
+
+
+def test_sft_loss_on_prompt_puts_every_token_but_the_first_in_the_loss(env):
+    """sft.loss_on_prompt (the official run's collator masks nothing): same ids, prompt_len 0, so |y| = all tokens."""
+    d, data, tok = env
+    plain, _ = D.load_sft_examples(SFTConfig(max_length=100), tok, data["positives"])
+    full, _ = D.load_sft_examples(SFTConfig(max_length=100, loss_on_prompt=True), tok, data["positives"])
+    assert len(plain) == len(full)
+    for a, b in zip(plain, full, strict=True):
+        assert list(a.ids) == list(b.ids) and a.prompt_len > 0 and b.prompt_len == 0
+        assert b.completion_len == len(b.ids) > a.completion_len
+
+
+def test_long_prompts_drop_or_truncate_keeping_the_end(env):
+    """redi.long_prompts: `drop` removes the pair; `truncate` keeps the prompt's last max_prompt_length tokens
+    (the official TRL fork's prompt_input_ids[-max_prompt_length:]) and keeps every pair."""
+    d, data, tok = env
+    pairs = pd.read_parquet(data["pairs"])
+    n_prompt = [len(tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"]) for p in pairs["problem"]]
+    limit = sorted(n_prompt)[len(n_prompt) // 2]  # about half the prompts are longer
+    longer = sum(n > limit for n in n_prompt)
+    assert 0 < longer < len(pairs)
+    dropped, c1 = D.load_pair_examples(Stage2Config(max_length=400, max_prompt_length=limit), tok, data["pairs"])
+    cut, c2 = D.load_pair_examples(Stage2Config(max_length=400, max_prompt_length=limit, long_prompts="truncate"),
+                                   tok, data["pairs"])
+    assert c1["dropped_long_prompt"] == c2["truncated_long_prompt"] == longer
+    assert len(dropped) == len(pairs) - longer and len(cut) == len(pairs)
+    for i, (chosen, _) in enumerate(cut):
+        full = tok(render_prompt(tok, pairs["problem"][i]), add_special_tokens=False)["input_ids"]
+        assert chosen.prompt_len == min(len(full), limit)
+        assert list(chosen.ids[:chosen.prompt_len]) == full[-chosen.prompt_len:]

@@ -58,6 +58,7 @@ class SFTConfig(OptimConfig):
     global_batch: int = Field(128, ge=1, description="Global batch (paper: 128).")
     max_length: int = Field(32768, ge=16, description="Longest prompt+completion in tokens; longer examples are truncated (counted in the manifest).")
     packing: bool = Field(True, description="Padding-free packing: examples concatenated into one row with position ids reset per example.")
+    loss_on_prompt: bool = Field(False, description="Also put the loss on prompt tokens. Off: completion-only loss (paper App. C). On: the official SFT run (TRL padding_free, DataCollatorWithFlattening on chat messages), whose loss covers every token of the rendered conversation.")
 
 
 class Stage2Config(OptimConfig):
@@ -77,7 +78,8 @@ class Stage2Config(OptimConfig):
     gamma: float = Field(1.0, ge=0, description="SimPO target margin (paper best: 1).")
     neg_reweight_gamma: float | None = Field(None, ge=0, description="Official-code option, off by default: scale the REDI negative term by exp(gamma * logp_l/|y_l|).")
     precompute_ref: bool = Field(True, description="DPO: compute reference log-probs once before training instead of keeping a reference copy.")
-    max_prompt_length: int = Field(800, ge=1, description="Pairs with a longer prompt are dropped (paper: 800).")
+    max_prompt_length: int = Field(800, ge=1, description="Longest prompt in tokens (paper: 800); what happens to a longer one: long_prompts.")
+    long_prompts: Literal["drop", "truncate"] = Field("drop", description="A pair whose prompt exceeds max_prompt_length: `drop` it (counted), or `truncate` the prompt to its last max_prompt_length tokens (the official TRL fork: prompt_input_ids[-max_prompt_length:]).")
     max_length: int = Field(19800, ge=16, description="Longest prompt+completion; longer ones are truncated keeping the end (paper: 19800, keep_end).")
     packing: bool = Field(True, description="Padding-free packing of chosen and rejected sequences.")
     collapse_threshold: float = Field(-0.1, lt=0, description="Warn when the mean per-token chosen log-prob falls below this (the paper's collapse signal); "
