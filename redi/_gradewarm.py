@@ -1,13 +1,13 @@
 """Imported by the grading pool's forkserver only: it warms Math-Verify there once, so every worker forks warm,
-and imports the parent's main script there (see ``redi.gradepool._context``) so workers need not re-import it.
+and imports the parent's main script there (see ``redi.gradeworker.start_context``) so workers need not re-import it.
 
-Not for import elsewhere: importing it runs :func:`redi.gradepool.warm` (~0.5 s).
+Not for import elsewhere: importing it runs :func:`redi.gradeworker.warm` (~0.5 s).
 """
 
 import os
 from multiprocessing import process, spawn
 
-from .gradepool import warm
+from .gradeworker import warm
 
 _main = os.environ.get("REDI_FORKSERVER_MAIN")
 if _main and not os.path.exists(_main):

@@ -13,7 +13,8 @@ answer once parsed, ~1-15 ms for a new LaTeX answer) or the parent, not the work
 for the parent), results come back as one list per chunk (or every ``FLUSH_S`` on a slow chunk),
 messages are sent by a feeder thread per worker (a full pipe never blocks the scheduler, which must
 stay free to enforce deadlines), and the parent touches chunks, never single items. Workers fork warm
-from a forkserver (``redi._gradewarm``).
+from a forkserver (``redi._gradewarm``). This module is the parent side (the pool, its batches, its
+scheduler thread, the process's shared pool); the loop each worker runs is :mod:`redi.gradeworker`.
 
 Workers share their caches: what one worker parsed or graded reaches the others within ~10-20 ms
 (``redi.verify`` "Caches": results carry the worker's new entries, the scheduler forwards them, workers
@@ -26,9 +27,7 @@ sorted by answer so that equal answers met in one worker, 1.25-1.45x the CPU of 
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
-import sys
 import threading
 import time
 from collections import deque
@@ -39,8 +38,13 @@ from multiprocessing.connection import wait as mp_wait
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
-from . import verify
-from .verify import Verdict, grade_or_none
+from .gradeworker import FLUSH_S, POLL_S, SHARE_S, default_workers, start_context, warm, worker_main
+from .verify import Verdict
+
+__all__ = [
+    "CHUNK_MAX", "CHUNK_MIN", "FLUSH_S", "IDLE_POLL_S", "POLL_S", "SHARE_S", "START_TIMEOUT_S", "Batch", "GradingPool",
+    "PoolStats", "default_workers", "grade_many", "shared_pool", "warm",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -52,122 +56,10 @@ CHUNK_MIN, CHUNK_MAX = 8, 512
 """Items per message to a worker: a quarter of the queue per worker within these bounds (big chunks when
 much is queued: fewer messages; small ones on a short queue: every worker gets some). Two are queued
 per worker."""
-FLUSH_S = 0.05
-"""A worker sends the results it holds at the end of each chunk, or once this long has passed ..."""
-SHARE_S = 0.01
-"""... or this long when it holds new cache entries for the other workers (redi.verify "Caches")."""
-POLL_S = 0.005
-"""A worker looks for the other workers' cache entries between items this often."""
 _STOP = object()
 
 
-# ----------------------------------------------------------------------------- worker side
-
-_WARM_ITEMS = [("\\boxed{12}", "12"), ("\\boxed{\\frac{1}{2}}", "0.5"), ("\\boxed{x^2+1}", "x^2+1"),
-               ("\\boxed{\\sqrt{2}\\pi}", "\\pi\\sqrt{2}"), ("\\boxed{(1, 2]}", "(1,2]"), ("the final answer is 5", "5")]
-
-
-def warm() -> None:
-    """Pay Math-Verify's and SymPy's first-use costs (~0.1-0.2 s per kind of answer) once.
-
-    Called in the forkserver (``redi._gradewarm`` is preloaded there), so every worker, replacements
-    included, is forked warm; and in each worker, where it is free once warm.
-    """
-    for response, gold in _WARM_ITEMS:
-        grade_or_none(response, gold)
-
-
-def _token_counter(tokenizer_json: str | None):
-    """``text -> number of tokens`` with a ``tokenizers`` tokenizer (no special tokens, no truncation), or None."""
-    if tokenizer_json is None:
-        return None
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the workers are the parallelism
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_str(tokenizer_json)
-    tok.no_truncation()
-    tok.no_padding()
-
-    def count(text) -> int | None:
-        if not isinstance(text, str):
-            return 0
-        try:
-            return len(tok.encode(text, add_special_tokens=False).ids)
-        except Exception:  # noqa: BLE001 - unknown here; the caller counts it with transformers' tokenizer
-            return None
-
-    return count
-
-
-def _worker_main(conn, beat, tokenizer_json: str | None = None, share: bool = True) -> None:
-    """Worker loop: receive chunks ``(first_key, [(response, gold), ...])`` (item j has key first_key + j),
-    send ``(first_key, [verdict, ...], fresh)`` for consecutive runs of them (with a tokenizer:
-    ``[(verdict, tokens of the response), ...]``), where ``fresh`` holds the cache entries this worker
-    computed meanwhile (``redi.verify.share_take``). Messages ``(None, entries)`` carry
-    the other workers' entries (``redi.verify.share_put``); they are read between items (every POLL_S), so
-    that a string parsed by one worker reaches the others within ~SHARE_S + POLL_S.
-
-    ``beat[0]`` = key of the item being graded, ``beat[1]`` = when it started (``time.monotonic``,
-    system-wide on Linux) or 0.0 between items. Exits on None or EOF, and quietly (no traceback) when the
-    parent is gone (a broken pipe) or on Ctrl-C, which the parent handles: it stops the workers itself.
-    """
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        _worker_loop(conn, beat, tokenizer_json, share)
-    except (OSError, EOFError):  # the pipe to the parent: BrokenPipeError, ConnectionResetError, EBADF
-        pass
-
-
-def _worker_loop(conn, beat, tokenizer_json: str | None, share: bool) -> None:
-    warm()
-    count = _token_counter(tokenizer_json)
-    if share:  # a lone worker has nobody to share with (exporting costs ~0.1 ms per new answer string)
-        verify.share_start()
-    try:
-        conn.send(("ready", None))  # the parent times a worker's items only once it is ready
-    except (BrokenPipeError, OSError):
-        return
-    chunks: deque = deque()  # chunks read while polling for cache entries
-    while True:
-        if chunks:
-            msg = chunks.popleft()
-        else:
-            try:
-                msg = conn.recv()
-            except (EOFError, OSError):
-                return
-        if msg is None:
-            return
-        k0, items = msg
-        if k0 is None:
-            verify.share_put(items)
-            continue
-        out, first = [], k0
-        last = polled = time.monotonic()
-        for j, (response, gold) in enumerate(items):
-            beat[0] = k0 + j
-            beat[1] = time.monotonic()
-            out.append(grade_or_none(response, gold) if count is None else (grade_or_none(response, gold), count(response)))
-            beat[1] = 0.0
-            now = time.monotonic()
-            if now - last >= FLUSH_S or (now - last >= SHARE_S and verify.share_pending()):
-                conn.send((first, out, verify.share_take()))
-                out, first, last = [], k0 + j + 1, now
-            if now - polled >= POLL_S:
-                polled = now
-                try:
-                    while conn.poll():
-                        m = conn.recv()
-                        if m is not None and m[0] is None:
-                            verify.share_put(m[1])
-                        else:
-                            chunks.append(m)
-                except (EOFError, OSError):
-                    return
-        if out:
-            conn.send((first, out, verify.share_take()))
+# ----------------------------------------------------------------------------- worker processes
 
 
 def _feeder(conn, q: deque, ready: threading.Event) -> None:
@@ -186,41 +78,6 @@ def _feeder(conn, q: deque, ready: threading.Event) -> None:
                     conn.send(msg)
             except (OSError, ValueError):  # worker gone: the scheduler notices through its sentinel
                 return
-
-
-_forkserver_owner: int | None = None  # the process that started the forkserver
-
-
-def _context() -> mp.context.BaseContext:
-    """forkserver with math_verify imported and warmed (cheap worker starts, safe in threaded parents); spawn elsewhere.
-
-    CPython 3.11's forkserver never receives the main script's path (it asks for ``main_path``, the
-    preparation data calls it ``init_main_from_path``), so its ``__main__`` preload is a no-op and every
-    worker re-imports the main script after the fork (0.5 s for a script that imports pandas). The path
-    goes through ``REDI_FORKSERVER_MAIN`` instead and ``redi._gradewarm`` imports it in the forkserver.
-
-    A process forked from one that started the forkserver (a data-loader worker calling ``grade``) cannot
-    use it (multiprocessing fails with ChildProcessError), so it spawns its workers.
-    """
-    global _forkserver_owner
-    if "forkserver" not in mp.get_all_start_methods() or _forkserver_owner not in (None, os.getpid()):
-        return mp.get_context("spawn")
-    _forkserver_owner = os.getpid()
-    main = sys.modules.get("__main__")
-    path = getattr(main, "__file__", None)
-    if path and getattr(main.__spec__, "name", None) is None:  # the path multiprocessing's children will import
-        os.environ["REDI_FORKSERVER_MAIN"] = os.path.normpath(os.path.join(mp.process.ORIGINAL_DIR or "", path))
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["redi._gradewarm"])
-    return ctx
-
-
-def default_workers() -> int:
-    """All cores this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - macOS
-        return max(1, os.cpu_count() or 1)
 
 
 # ----------------------------------------------------------------------------- parent side
@@ -339,7 +196,7 @@ class GradingPool:
         self.timeout_s = float(timeout_s)
         self.tokenizer_json = tokenizer_json
         self.stats = PoolStats()
-        self._ctx = _context()
+        self._ctx = start_context()
         self._pending: deque = deque()  # _Seg not yet sent
         self._retry: deque = deque()  # _Seg of a killed worker, sent first
         self._queued = 0  # items in _pending + _retry
@@ -430,7 +287,7 @@ class GradingPool:
     def _start_worker(self) -> _Slot:
         parent, child = self._ctx.Pipe(duplex=True)
         beat = self._ctx.RawArray("d", 2)
-        proc = self._ctx.Process(target=_worker_main, args=(child, beat, self.tokenizer_json, self.n > 1), daemon=True, name="redi-grader")
+        proc = self._ctx.Process(target=worker_main, args=(child, beat, self.tokenizer_json, self.n > 1), daemon=True, name="redi-grader")
         proc.start()
         child.close()
         self.stats.started += 1
