@@ -3,7 +3,8 @@
 What is selected, and how it follows the official REDI scripts, is :mod:`redi.selection` (label rules,
 problem identity, filters, positives and pairs, the funnel report). This module runs the stage: grading,
 token counts (the official length study's counting included: :func:`prompt_lengths`,
-:func:`official_response_lengths`, :func:`pair_length_drops`), reading and writing.
+:func:`official_response_lengths`, :func:`pair_length_drops`), reading and writing. The token counting is
+:mod:`redi.lengths`, the batch grader :mod:`redi.tracegrader`; this module holds the streaming passes.
 
 Labels are computed by :class:`redi.gradepool.GradingPool` (worker processes, hard per-trace deadline),
 locally or fanned out in shards over a Dask cluster (``executor="dask"``); both give the same labels.
@@ -30,6 +31,15 @@ import pyarrow.parquet as pq
 
 from .config.verify import VerifyConfig
 from .decontam import Decontaminator
+from .lengths import (  # noqa: F401 - re-exported: redi.split is the stage's public face
+    SAMPLE_CHECK,
+    official_response_lengths,
+    pair_length_drops,
+    prompt_lengths,
+    render_prompt,
+    render_prompts,
+    response_lengths,
+)
 from .prompts import DEFAULT_PROTOCOL
 from .selection import (  # noqa: F401 - re-exported: redi.split is the stage's public face
     FILTER_ORDER,
@@ -47,227 +57,12 @@ from .selection import (  # noqa: F401 - re-exported: redi.split is the stage's 
     rule_math_verify,
     select,
 )
+from .tracegrader import Grader
 
 logger = logging.getLogger(__name__)
 
 LIGHT_COLUMNS = ["problem_id", "row_id", "gen_index", "answer", "source", "problem_is_valid", "finish_reason",
                  "reasoning_complete", "label_math_verify", "label_llama", "source_row", "source_gen"]
-
-
-# ----------------------------------------------------------------------------- grading
-
-
-def _grade_shard(items: list[tuple[str, str]], timeout_s: float, tokenizer_json: str | None = None) -> tuple[list, dict]:
-    """One shard on one machine: a 1-process GradingPool (hard deadlines) -> (results, pool stats)."""
-    from .gradepool import grade_many
-
-    stats: dict = {}
-    return grade_many(items, workers=1, timeout_s=timeout_s, progress=False, stats=stats, tokenizer_json=tokenizer_json), stats
-
-
-def _dask_client(address: str | None):
-    import dask
-    from dask.distributed import Client, LocalCluster
-
-    if address:
-        return Client(address), None
-    # Grading workers are child processes: dask's worker processes must not be daemonic.
-    with dask.config.set({"distributed.worker.daemon": False}):
-        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None)
-    return Client(cluster), cluster
-
-
-class Grader:
-    """Labels (trace, gold) items batch by batch with redi.verify, in a local process pool or sharded over a
-    Dask cluster (same labels). ``submit`` queues a batch and returns at once, so the next batch is read
-    while this one is graded; ``result`` waits for it. With ``tokenizer_json`` the same workers also count
-    each trace's tokens and results are ``(verdict, tokens)``. Use as a context manager."""
-
-    def __init__(self, cfg: VerifyConfig, tokenizer_json: str | None = None):
-        self.cfg = cfg
-        self.stats: Counter = Counter()
-        self._pool = self._client = self._cluster = None
-        self._tok = tokenizer_json
-        self._extra = 0  # items of count(): not traces
-        if cfg.executor == "dask":
-            self._client, self._cluster = _dask_client(cfg.dask_address)
-            if tokenizer_json is not None:  # sent to every Dask worker once, not with every shard
-                self._tok = self._client.scatter(tokenizer_json, broadcast=True)
-        else:
-            from .gradepool import GradingPool
-
-            self._pool = GradingPool(cfg.workers, cfg.timeout_s, tokenizer_json)
-
-    def submit(self, items: list[tuple[str, str]]):
-        if self._pool is not None:
-            return self._pool.map_async(items)
-        shards = [items[i : i + self.cfg.shard_size] for i in range(0, len(items), self.cfg.shard_size)]
-        return self._client.map(_grade_shard, shards, timeout_s=self.cfg.timeout_s, tokenizer_json=self._tok, pure=False)
-
-    def count(self, texts: list[str]) -> list[int | None]:
-        """Tokens of each text, counted by the workers (needs ``tokenizer_json``; None: killed at the deadline);
-        these items are not counted in ``stats``."""
-        from tqdm.auto import tqdm
-
-        self._extra += len(texts)
-        handle = self.submit([(t, None) for t in texts])  # no gold: nothing to grade
-        if self._pool is not None:  # a local pool's Batch counts its items as they come back
-            with tqdm(total=len(texts), desc="counting prompt tokens", unit="prompt", mininterval=1.0) as bar:
-                while not handle.wait(0.5):
-                    bar.update(handle.done - bar.n)
-                bar.update(handle.done - bar.n)
-        return [n for _, n in self.result(handle)]
-
-    def result(self, handle) -> list:
-        if self._pool is not None:
-            return handle.result()
-        out = []
-        for verdicts, st in (f.result() for f in handle):
-            out += verdicts
-            self.stats.update({k: v for k, v in st.items() if isinstance(v, int)})
-        return out
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
-            self.stats.update({k: v for k, v in vars(self._pool.stats).items() if isinstance(v, int)})
-        self.stats["done"] -= self._extra
-        if self._client is not None:
-            self._client.close()
-        if self._cluster is not None:
-            self._cluster.close()
-
-    def __enter__(self) -> Grader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-# ----------------------------------------------------------------------------- token lengths
-
-
-def _token_lengths(tokenizer, texts: list[str], batch: int = 512) -> list[int]:
-    out: list[int] = []
-    for i in range(0, len(texts), batch):
-        out += [len(ids) for ids in tokenizer(texts[i : i + batch], add_special_tokens=False)["input_ids"]]
-    return out
-
-
-def render_prompt(tokenizer, problem: str, protocol: str = DEFAULT_PROTOCOL, generation_prompt: bool = True) -> str:
-    """The training prompt of ``problem`` (``redi.prompts.render_prompt`` under the training ``protocol``). Without the
-    generation prompt: the protocol's messages in the chat template only, as the official length study renders
-    a prompt (``apply_chat_template(prompt_msgs, add_generation_prompt=False)``). The stage's one prompt renderer."""
-    from . import prompts
-
-    if generation_prompt:
-        return prompts.render_prompt(tokenizer, problem, protocol)
-    return tokenizer.apply_chat_template(prompts.get_protocol(protocol).messages(problem), tokenize=False,
-                                         add_generation_prompt=False)
-
-
-def _template_split(render: Callable[[str], str]) -> tuple[str, str] | None:
-    """(text before, text after) the inserted string when ``render`` inserts it verbatim (checked with two probes
-    that start and end with whitespace, so a template that trims is caught), else None."""
-    a, b = " \n\x00probe\x00", "\t\x00other probe\x00 "
-    ra, rb = render(a), render(b)
-    if ra.count(a) == 1 and rb == ra.replace(a, b):
-        pre, post = ra.split(a)
-        return pre, post
-    return None
-
-
-def render_prompts(tokenizer, problems: list[str], protocol: str = DEFAULT_PROTOCOL, generation_prompt: bool = True) -> list[str]:
-    """:func:`render_prompt` of every problem, rendering the chat template once when it inserts the problem
-    verbatim (:func:`_template_split`, then checked on the first 32 problems); otherwise once per problem
-    (jinja, ~50 us each)."""
-    def one(p: str) -> str:
-        return render_prompt(tokenizer, p, protocol, generation_prompt)
-
-    split = _template_split(one)
-    if split is not None:
-        out = [split[0] + p + split[1] for p in problems]
-        if all(out[i] == one(p) for i, p in enumerate(problems[:32])):
-            return out
-    return [one(p) for p in problems]
-
-
-def prompt_lengths(tokenizer, problems: list[str], count: Callable[[list[str]], list[int]] | None = None,
-                   protocol: str = DEFAULT_PROTOCOL, official: bool = False) -> list[int]:
-    """Prompt tokens of each problem under the training ``protocol``. Default: the full training prompt (chat
-    template + generation prompt), as training sees it. ``official``: as ``study_length_distribution.py``
-    counts, the chat template without the generation prompt, + 1.
-
-    ``count``: counts tokens elsewhere (the grading workers, :meth:`Grader.count`); its counts of the first
-    SAMPLE_CHECK prompts are checked against ``tokenizer``'s, and on any difference all are counted here."""
-    texts = render_prompts(tokenizer, problems, protocol, generation_prompt=not official)
-    plus = 1 if official else 0
-    if count is None:
-        return [n + plus for n in _token_lengths(tokenizer, texts)]
-    got = count(texts)
-    missing = [i for i, n in enumerate(got) if n is None]  # killed at the deadline: count them here
-    for i, n in zip(missing, _token_lengths(tokenizer, [texts[i] for i in missing]), strict=True):
-        got[i] = n
-    if got[:SAMPLE_CHECK] != _token_lengths(tokenizer, texts[:SAMPLE_CHECK]):
-        logger.warning("verify: tokenizer.json and the transformers tokenizer count prompt tokens differently; counting "
-                       "them with the transformers tokenizer in this process")
-        got = _token_lengths(tokenizer, texts)
-    return [n + plus for n in got]
-
-
-def response_lengths(tokenizer, traces: list[str]) -> list[int]:
-    """Tokens of each trace + 1 (the ``response_tokens`` column; the trace-level limit of
-    ``length_filter: traces_before_selection``)."""
-    return [n + 1 for n in _token_lengths(tokenizer, traces)]
-
-
-def _render_response(tokenizer, trace: str) -> str:
-    """A response as ``study_length_distribution.py`` renders it: the chat template of the assistant message alone,
-    without generation prompt (with Qwen2.5-Math's template this includes its default system turn)."""
-    return tokenizer.apply_chat_template([{"role": "assistant", "content": trace}], tokenize=False, add_generation_prompt=False)
-
-
-def official_response_lengths(tokenizer, traces: list[str], response_tokens: list[int]) -> list[int]:
-    """``study_length_distribution.py``'s chosen_len / rejected_len: tokens of :func:`_render_response` + 1.
-
-    Computed as ``response_tokens`` (the trace's own tokens + 1, counted by the workers) + the template's tokens
-    around the message when the template inserts the trace verbatim and the trace starts with no whitespace
-    (nothing then merges across the boundary; checked on the first 32 traces against the full rendering, which is
-    used for every trace on any difference); a trace that starts with whitespace is always counted rendered."""
-    split = _template_split(lambda t: _render_response(tokenizer, t))
-    if split is None:
-        return [n + 1 for n in _token_lengths(tokenizer, [_render_response(tokenizer, t) for t in traces])]
-    pre, post = split
-    around = _token_lengths(tokenizer, [pre + post])[0]
-    out = [n + around for n in response_tokens]
-    exact = [i for i, t in enumerate(traces) if i < 32 or t[:1].isspace()]
-    for i, n in zip(exact, _token_lengths(tokenizer, [pre + traces[i] + post for i in exact]), strict=True):
-        if out[i] != n + 1 and not traces[i][:1].isspace():
-            logger.warning("verify: the chat template's tokens do not add up around a response; counting every selected "
-                           "pair's responses rendered in full")
-            return [m + 1 for m in _token_lengths(tokenizer, [pre + t + post for t in traces])]
-        out[i] = n + 1
-    return out
-
-
-def pair_length_drops(pairs: pd.DataFrame, df: pd.DataFrame, info: pd.DataFrame, cfg: VerifyConfig, tokenizer,
-                      texts: dict[int, tuple[str, str]]) -> pd.Series:
-    """``length_filter: pairs_after_selection`` (official ``study_length_distribution.py``): why each selected pair
-    is dropped ('' = kept): ``prompt_too_long`` (prompt_len > max_prompt_tokens) or ``response_too_long`` (chosen_len
-    or rejected_len > max_response_tokens), counted as :func:`prompt_lengths` (official) and
-    :func:`official_response_lengths` count them."""
-    out = np.full(len(pairs), "", dtype=object)
-    if not len(pairs):
-        return pd.Series(out, dtype=object)
-    if cfg.max_response_tokens is not None:
-        pos = np.concatenate([pairs["_pos"].to_numpy(), pairs["_pos_r"].to_numpy()]).astype(np.int64)
-        counted = df["response_tokens"].to_numpy(dtype=np.int64)[pos].tolist()  # df rows are in traces.parquet order
-        n = official_response_lengths(tokenizer, [texts[int(i)][1] for i in pos], counted)
-        long = np.asarray(n).reshape(2, -1).max(axis=0) > cfg.max_response_tokens
-        out[long] = "response_too_long"
-    if cfg.max_prompt_tokens is not None:
-        out[info.loc[pairs["problem_id"], "prompt_tokens"].to_numpy() > cfg.max_prompt_tokens] = "prompt_too_long"
-    return pd.Series(out, dtype=object)
 
 
 # ----------------------------------------------------------------------------- agreement
@@ -513,9 +308,6 @@ def _finish(grader: Grader, light: pd.DataFrame, handle, traces: list | None, ba
     light["label_ours"] = pd.Series(verdicts, index=light.index, dtype=object)
     bar.update(base + len(light) - bar.n)
 
-
-SAMPLE_CHECK = 256
-"""Traces whose worker token counts are checked against the transformers tokenizer's own."""
 
 
 def _tokenizer_json(tokenizer_dir) -> str | None:
