@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 SAMPLES_FILE = "samples.parquet"
 METRICS_FILE = "metrics.json"
 PROGRESS_FILE = "generation.jsonl"
+ENGINE_LOG = "engine.log"  # the vLLM engines' stdout/stderr (redi.generate.open_generator)
 
 SAMPLE_FILE_COLUMNS: dict[str, str] = {
     **G.SAMPLE_COLUMNS,
@@ -276,7 +278,8 @@ def evaluate_model(cfg: EvaluateConfig, model_dir: Path, out_dir: Path, extra_pa
     """Stage entry point (see the module docstring). Returns the metrics summary (also metrics.json).
 
     ``work``: the stage's work folder; generation progress is saved there and reused by a rerun
-    (:class:`GenerationLog`). None: nothing is saved."""
+    (:class:`GenerationLog`). None: nothing is saved. The vLLM engines' own output (INFO lines, library
+    warnings) goes to ``engine.log`` in ``work`` (else ``out_dir``), not to the console."""
     t0 = time.time()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     tokenizer = G.load_eval_tokenizer(model_dir)  # missing folder / chat template: error before any engine
@@ -295,7 +298,9 @@ def evaluate_model(cfg: EvaluateConfig, model_dir: Path, out_dir: Path, extra_pa
     # The grading workers start (and import Math-Verify) while the engine starts: both are ready together.
     # No engine at all when an earlier attempt generated everything.
     def engine() -> Any:
-        return G.open_generator(cfg, model_dir, tokenizer) if len(resumed) < len(flat) else contextlib.nullcontext()
+        if len(resumed) == len(flat):
+            return contextlib.nullcontext()
+        return G.open_generator(cfg, model_dir, tokenizer, log_path=Path(work or out_dir) / ENGINE_LOG)
 
     with GradingPool(cfg.grade_workers, cfg.grade_timeout_s) as pool, engine() as gen:
         startup = time.time() - t_start
@@ -318,6 +323,8 @@ def evaluate_model(cfg: EvaluateConfig, model_dir: Path, out_dir: Path, extra_pa
                     "resumed_problems": stats["resumed_problems"], "generated_problems": stats["generated_problems"],
                     "samples_per_s": round(len(samples) / run_s, 3) if run_s else None, "total_s": round(time.time() - t0, 2)},
     }
+    if work is not None and (Path(work) / ENGINE_LOG).exists():  # the work folder goes after success: keep the log
+        shutil.copy(Path(work) / ENGINE_LOG, out_dir / ENGINE_LOG)
     log.info("evaluate %s: %d samples, average pass@1 %.4f (%.1f samples/s)", label, len(samples),
              summary["average"].get("pass@1", float("nan")), summary["timings"]["samples_per_s"] or 0)
     return write_outputs(out_dir, samples, summary)

@@ -219,8 +219,12 @@ class Generator:
         self.close()
 
 
-def open_generator(cfg: EvaluateConfig, model_dir: Path, tokenizer: Any | None = None) -> Generator:
-    """The backend the config names, started for `model_dir` (checked first: no engine for a bad path)."""
+def open_generator(cfg: EvaluateConfig, model_dir: Path, tokenizer: Any | None = None, log_path: Path | None = None) -> Generator:
+    """The backend the config names, started for `model_dir` (checked first: no engine for a bad path).
+
+    ``log_path``: vLLM engines write their stdout/stderr there (appended; vLLM's INFO and warnings, library
+    warnings, tracebacks) instead of the console; a failure's error quotes its last lines. None: a file in
+    the engines' temporary cache folder, deleted on close."""
     check_model_dir(model_dir)
     tokenizer = tokenizer or load_eval_tokenizer(model_dir)
     if cfg.backend == "hf":
@@ -228,7 +232,7 @@ def open_generator(cfg: EvaluateConfig, model_dir: Path, tokenizer: Any | None =
             raise GenerationError(f"evaluate.data_parallel_size={cfg.data_parallel_size} needs backend=vllm "
                                   "(the transformers backend runs one process on one device): set it to 1")
         return HFGenerator(cfg, model_dir, tokenizer)
-    return VLLMGenerator(cfg, model_dir, tokenizer)
+    return VLLMGenerator(cfg, model_dir, tokenizer, log_path)
 
 
 # ---------------------------------------------------------------- transformers backend
@@ -451,6 +455,15 @@ def _engine_main(conn: Any) -> None:
         pass
 
 
+def log_tail(path: Path, lines: int = 15) -> str:
+    """Suffix of an error message: where the engine log is, and its last lines."""
+    try:
+        text = Path(path).read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return f" (engine log {path}: unreadable)"
+    return f" (engine log {path}; its last lines:\n" + "\n".join(text) + ")"
+
+
 def _pythonpath() -> str:
     """The engine process imports this very package, wherever it was imported from."""
     root = str(Path(__file__).resolve().parents[1])
@@ -460,8 +473,15 @@ def _pythonpath() -> str:
 class _Engine:
     """One engine child process (``python -m redi.generate``) in its own session, behind a socketpair."""
 
-    def __init__(self, index: int, model_dir: Path, kwargs: dict, env: dict[str, str]):
+    def __init__(self, index: int, model_dir: Path, kwargs: dict, env: dict[str, str], log_path: Path):
         self.index, self.outstanding, self.returned = index, 0, 0  # problems queued on it / returned by it
+        self.log_path = log_path
+        with open(log_path, "ab") as log_file:  # the child keeps its own descriptor
+            log_file.write(f"---- engine {index}: {model_dir} ({time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode())
+            log_file.flush()
+            self._spawn(model_dir, kwargs, env, log_file)
+
+    def _spawn(self, model_dir: Path, kwargs: dict, env: dict[str, str], log_file: Any) -> None:
         # A plain subprocess (not multiprocessing's spawn, which re-imports the caller's __main__), in its
         # own session/process group, talking over a socketpair wrapped as a multiprocessing Connection.
         mine, theirs = socket.socketpair()
@@ -469,6 +489,7 @@ class _Engine:
         self.proc: subprocess.Popen | None = subprocess.Popen(
             [sys.executable, "-m", "redi.generate", str(theirs.fileno())], pass_fds=(theirs.fileno(),),
             start_new_session=True, env={**os.environ, **env, "PYTHONPATH": _pythonpath()},
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
         )
         theirs.close()
         self.conn.send((str(model_dir), kwargs, os.getpid()))
@@ -477,11 +498,16 @@ class _Engine:
         while not self.conn.poll(1.0):
             if self.proc is None or self.proc.poll() is not None:
                 code = None if self.proc is None else self.proc.returncode
-                raise GenerationError(f"vLLM engine {self.index} process died (exit code {code}); see its log above")
+                raise GenerationError(f"vLLM engine {self.index} process died (exit code {code}){self.log_tail()}")
         try:
-            return self.conn.recv()
+            kind, payload = self.conn.recv()
         except EOFError:
-            raise GenerationError(f"vLLM engine {self.index} closed its pipe unexpectedly") from None
+            raise GenerationError(f"vLLM engine {self.index} closed its pipe unexpectedly{self.log_tail()}") from None
+        return (kind, payload + self.log_tail()) if kind == "error" else (kind, payload)
+
+    def log_tail(self, lines: int = 15) -> str:
+        """Where the engine's log is, with its last lines (for an error message)."""
+        return log_tail(self.log_path, lines)
 
     def ask_stop(self) -> None:
         try:
@@ -512,19 +538,21 @@ class VLLMGenerator(Generator):
 
     backend = "vllm"
 
-    def __init__(self, cfg: EvaluateConfig, model_dir: Path, tokenizer: Any):
+    def __init__(self, cfg: EvaluateConfig, model_dir: Path, tokenizer: Any, log_path: Path | None = None):
         super().__init__(cfg, model_dir, tokenizer)
         self.engines: list[_Engine] = []
         cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
         plan = engine_plan(cfg, visible_gpus(), cores)  # a bad GPU count fails here, before anything starts
         self._cache = Path(os.environ.get("REDI_VLLM_CACHE") or tempfile.mkdtemp(prefix="redi-vllm-"))
         self._own_cache = "REDI_VLLM_CACHE" not in os.environ
+        self.log_path = Path(log_path) if log_path is not None else self._cache / "engine.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         release_cuda_memory()
         t0 = time.time()
         try:  # all engines start at once; each loads the model and reports ready
             for i, env in enumerate(plan):  # own compile caches: engines start together and would race on one
                 cache_env = vllm_env(cfg, self._cache / f"engine{i}")
-                self.engines.append(_Engine(i, model_dir, engine_kwargs(cfg, self.ctx), {**cache_env, **env}))
+                self.engines.append(_Engine(i, model_dir, engine_kwargs(cfg, self.ctx), {**cache_env, **env}, self.log_path))
             for e in self.engines:
                 kind, info = e.recv()
                 if kind != "ready":
@@ -533,8 +561,8 @@ class VLLMGenerator(Generator):
             self.close()
             raise
         self.startup_s = time.time() - t0
-        log.info("%d vLLM engine(s) for %s ready in %.1f s (pids %s)", len(self.engines), model_dir, self.startup_s,
-                 [e.proc.pid for e in self.engines if e.proc])
+        log.info("%d vLLM engine(s) for %s ready in %.1f s (pids %s; engine log %s)", len(self.engines), model_dir,
+                 self.startup_s, [e.proc.pid for e in self.engines if e.proc], self.log_path)
 
     def _stream(self, requests: list[Request], params: dict) -> Iterator[list[tuple[int, list[tuple[list[int], str]]]]]:
         """Keep every engine's queue at ``gen_chunk_prompts`` problems from one shared queue; yield each
@@ -559,7 +587,7 @@ class VLLMGenerator(Generator):
                 for e in self.engines:
                     if e.proc is None or e.proc.poll() is not None:  # died: its last word, else recv() raises
                         kind, payload = e.recv()
-                        raise GenerationError(payload if kind == "error" else f"vLLM engine {e.index} stopped with work left")
+                        raise GenerationError(payload if kind == "error" else f"vLLM engine {e.index} stopped with work left{e.log_tail()}")
             for conn in ready:
                 e = by_conn[conn]
                 kind, payload = e.recv()

@@ -529,14 +529,31 @@ def _fmt(rec: dict) -> str:
     return " ".join(f"{k}={rec[k]:.4g}" for k in keys if rec.get(k) is not None)
 
 
+def saved_state(state: dict, save_dtype: str) -> dict:
+    """The causal LM's state dict as saved: the wrapper's ``lm.`` prefix removed, floating tensors cast to
+    ``save_dtype`` (``auto`` outside a recipe: float32). The official runs save bf16, the dtype they are
+    evaluated in; an fp32 file served in bf16 is rounded by vLLM at load time to the same values."""
+    dtype = getattr(torch, "float32" if save_dtype == "auto" else save_dtype)
+    return {k.removeprefix("lm."): v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _set_config_dtype(model_dir: Path, dtype: torch.dtype) -> None:
+    """config.json names the dtype of the saved weights (save_pretrained writes the in-memory model's)."""
+    path = model_dir / "config.json"
+    config = json.loads(path.read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def _save_outputs(job: Job, acc, model, signals: SignalLog) -> None:
     acc.wait_for_everyone()
     state = acc.get_state_dict(model)
     if acc.is_main_process:
         out = job.out_dir / "model"
         wrapper = unwrap_logprob(acc.unwrap_model(model))  # the LogProbLM; its causal LM is saved
-        state = {k.removeprefix("lm."): v for k, v in state.items()}
+        state = saved_state(state, job.cfg.save_dtype)
         wrapper.lm.save_pretrained(out, state_dict=state, safe_serialization=True)
+        _set_config_dtype(out, next(v.dtype for v in state.values() if v.is_floating_point()))
         job.tok.save_pretrained(out)
         if (job.model_dir / MARKER).exists():
             shutil.copy(job.model_dir / MARKER, out / MARKER)

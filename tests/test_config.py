@@ -124,3 +124,12 @@ def test_label_rule_choices_are_the_registered_rules():
     from redi.selection import LABEL_RULES
 
     assert set(typing.get_args(VerifyConfig.model_fields["label_rule"].annotation)) == set(LABEL_RULES)
+
+
+def test_save_dtype_auto_is_the_evaluation_dtype_written_out():
+    """The trained models are saved in the dtype they are served in; `auto` is resolved so the key hashes it."""
+    r = Recipe()
+    assert (r.sft.save_dtype, r.redi.save_dtype) == ("bfloat16", "bfloat16")  # evaluate.dtype defaults to bf16
+    r = Recipe(evaluate={"dtype": "auto"}, redi={"save_dtype": "float16"})
+    assert (r.sft.save_dtype, r.redi.save_dtype) == ("float32", "float16")  # explicit values are kept
+    assert Recipe(evaluate={"dtype": "float32"}).sft.hash_fields()["save_dtype"] == "float32"

@@ -233,3 +233,39 @@ def test_two_cpu_engines_give_one_engines_samples(tiny):
     assert len(one) == 30 and one == two
     assert len({s["text"] for s in one if s["problem_id"] == "p0"}) == 3  # the n samples of a problem differ
     assert len({s["text"] for s in one if s["sample_index"] == 0}) > 5  # and so do problems
+
+
+def test_log_tail_names_the_log_and_quotes_its_last_lines(tmp_path):
+    log = tmp_path / "engine.log"
+    log.write_text("".join(f"line {i}\n" for i in range(40)))
+    tail = G.log_tail(log, lines=3)
+    assert str(log) in tail and "line 37\nline 38\nline 39)" in tail and "line 36" not in tail
+    assert "unreadable" in G.log_tail(tmp_path / "missing.log")
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_evaluation_console_is_clean(tmp_path):
+    """`redi stage evaluate` with vLLM: the console has stage progress and the summary, no engine chatter,
+    no traceback; the engines' output is in each evaluation's engine.log; trained models are saved in bf16."""
+    import subprocess
+
+    from conftest_orchestration import redi_argv, subprocess_env, write_recipe
+
+    recipe = write_recipe(tmp_path, {"evaluate.backend": "vllm", "evaluate.dtype": "bfloat16"})
+    p = subprocess.run(redi_argv("stage", "evaluate", str(recipe)), capture_output=True, text=True, cwd=tmp_path,
+                       env=subprocess_env(OMP_NUM_THREADS="1"), timeout=900)
+    console = p.stdout + p.stderr
+    assert p.returncode == 0, console[-3000:]
+    assert "Traceback" not in console and "Attempted to load weight" not in console
+    assert "evaluate[redi]" in console and "engine log" in console
+    logs = list((tmp_path / "artifacts" / "evaluate").glob("*/engine.log"))
+    assert len(logs) == 3 and all("---- engine 0" in f.read_text() for f in logs)
+    import torch
+    from safetensors import safe_open
+
+    for stage in ("sft", "redi"):
+        (model,) = (tmp_path / "artifacts" / stage).glob("*/model/model.safetensors")
+        with safe_open(str(model), "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+        assert '"dtype": "bfloat16"' in (model.parent / "config.json").read_text()

@@ -375,3 +375,11 @@ def test_two_process_gloo_matches_one_process(env, tmp_path):
     l1 = [json.loads(x)["loss"] for x in (tmp_path / "o1" / "signals.jsonl").read_text().splitlines()]
     l2 = [json.loads(x)["loss"] for x in (tmp_path / "o2" / "signals.jsonl").read_text().splitlines()]
     assert l1 == pytest.approx(l2, rel=1e-5)
+
+
+def test_saved_state_casts_floating_weights_and_drops_the_wrapper_prefix():
+    state = {"lm.w": torch.tensor([1.0 + 2**-12, 3.0]), "lm.idx": torch.tensor([1, 2])}
+    out = T.saved_state(state, "bfloat16")
+    assert out["w"].dtype == torch.bfloat16 and out["w"].tolist() == [1.0, 3.0]  # rounded to bf16's 8-bit mantissa
+    assert out["idx"].dtype == torch.int64
+    assert T.saved_state(state, "auto")["w"].dtype == torch.float32

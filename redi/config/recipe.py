@@ -75,6 +75,15 @@ class Recipe(StrictModel):
             self.evaluate.prompt_protocol = self.prompt.train
         return self
 
+    @model_validator(mode="after")
+    def _save_dtype(self) -> Recipe:
+        """``save_dtype: auto`` is the dtype the evaluation serves in, written out so the stage key hashes it."""
+        served = "float32" if self.evaluate.dtype == "auto" else self.evaluate.dtype
+        for section in (self.sft, self.redi):
+            if section.save_dtype == "auto":
+                section.save_dtype = served
+        return self
+
 
 def _parse_value(raw: str) -> Any:
     """`--set` values are YAML scalars/lists: `1e-6`, `true`, `[math500, aime24]`, `null`."""

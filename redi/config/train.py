@@ -30,6 +30,10 @@ class OptimConfig(StrictModel):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (saves memory).")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="`auto`: bf16 on CUDA with bf16 support, else fp32.")
     save_steps: int = Field(200, ge=1, description="Checkpoint every N optimiser steps (a killed run resumes from the last one).")
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype of the saved final model (checkpoints for resuming stay float32). `auto`: the dtype the "
+        "evaluation serves it in (evaluate.dtype; float32 when that is auto), resolved in the recipe, so the key hashes it.",
+    )
     log_steps: int = Field(50, ge=1, description="Write a log line every N steps (signals.jsonl and the progress bar get every step). Does not change results.")
     pack_tokens: int | None = Field(
         512, ge=16, description="CPU packing: token budget of one packed row (sequences packed first-fit; a longer one gets its own row). "
