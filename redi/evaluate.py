@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 SAMPLES_FILE = "samples.parquet"
 METRICS_FILE = "metrics.json"
 PROGRESS_FILE = "generation.jsonl"
+LENGTHS_PLOT = "lengths.png"
 ENGINE_LOG = "engine.log"  # the vLLM engines' stdout/stderr (redi.generate.open_generator)
 
 SAMPLE_FILE_COLUMNS: dict[str, str] = {
@@ -96,7 +97,9 @@ def benchmark_table_metrics(df: pd.DataFrame, cfg: EvaluateConfig) -> dict:
     verdicts = [[None if pd.isna(v) else bool(v) for v in row] for row in _matrix(df, "verdict")]
     answers = [[None if pd.isna(a) else a for a in row] for row in _matrix(df, "extracted")]
     m = M.benchmark_metrics(verdicts, answers, _matrix(df, "finish_reason"), maj_ks=cfg.pass_k)
-    m["mean_completion_tokens"] = float(df["completion_tokens"].mean())
+    lengths = M.length_stats(df["completion_tokens"].tolist(), df["finish_reason"].tolist())
+    m.update(lengths)
+    m["mean_completion_tokens"] = lengths["completion_tokens_mean"]  # the name earlier metrics.json files carry
     return m
 
 
@@ -139,12 +142,45 @@ def _grading_summary(stats: dict) -> dict:
 
 
 def write_outputs(out_dir: Path, samples: pd.DataFrame, summary: dict) -> dict:
-    """samples.parquet + metrics.json (the summary) into out_dir."""
+    """samples.parquet + metrics.json (the summary) + lengths.png (response-length histogram) into out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     cols = list(SAMPLE_FILE_COLUMNS)
     samples[cols].to_parquet(out_dir / SAMPLES_FILE, index=False)
     (out_dir / METRICS_FILE).write_text(json.dumps(summary, indent=2, sort_keys=False, default=str))
+    length_histogram(samples, out_dir / LENGTHS_PLOT, summary.get("label") or "", summary.get("protocol", {}).get("max_new_tokens"))
     return summary
+
+
+def length_histogram(samples: pd.DataFrame, path: Path, label: str = "", limit: int | None = None) -> Path:
+    """One model's completion lengths: a histogram per benchmark (one panel each, shared bins), samples that
+    hit the token limit stacked in red, the mean and p90 marked (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    groups = list(samples.groupby("benchmark", sort=False))
+    top = max(int(samples["completion_tokens"].max() or 0), limit or 0, 1)
+    bins = np.linspace(0, top, min(40, top) + 1)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(6.4, 1.2 + 1.7 * len(groups)), squeeze=False, sharex=True)
+    for ax, (bench, g) in zip(axes[:, 0], groups, strict=True):
+        cut = g["finish_reason"] == "length"
+        ax.hist([g.loc[~cut, "completion_tokens"], g.loc[cut, "completion_tokens"]], bins=bins, stacked=True,
+                color=["#4c72b0", "#c44e52"], label=["stopped (EOS)", "truncated (token limit)"])
+        stats = M.length_stats(g["completion_tokens"].tolist(), g["finish_reason"].tolist())
+        for key, style in (("completion_tokens_mean", "-"), ("completion_tokens_p90", "--")):
+            ax.axvline(stats[key], color="black", linestyle=style, linewidth=1)
+        ax.set_title(f"{bench}: mean {stats['completion_tokens_mean']:.0f}, p50 {stats['completion_tokens_p50']:.0f}, "
+                     f"p90 {stats['completion_tokens_p90']:.0f} tokens, {100 * stats['truncated_share']:.0f}% truncated", fontsize=9)
+        ax.set_ylabel("samples")
+    axes[0, 0].legend(fontsize=8, loc="upper right")
+    axes[-1, 0].set_xlabel("completion tokens (solid line: mean, dashed: p90)")
+    fig.suptitle(f"response length{f' of {label}' if label else ''}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def regrade(samples_path: Path, cfg: EvaluateConfig, out_dir: Path) -> dict:

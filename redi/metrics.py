@@ -19,6 +19,10 @@ Inputs are per benchmark, one row per problem and one column per sample index (`
 - **no_answer**: share of samples with no extractable final answer (``redi.verify.last_boxed`` finds no
   ``\\boxed{}``; the extraction is the grader's own, done by ``redi.evaluate``).
 - **truncated**: share of samples that hit the token limit (finish reason ``length``).
+- **response length** (:func:`length_stats`): mean, median (p50) and 90th percentile (p90, linear
+  interpolation, numpy's default) of the completion tokens over all P x n samples, beside the truncated
+  share. The paper reports mean response length; the percentiles show whether a change in the mean is a
+  shift of the whole distribution or a tail of samples running into the token limit.
 - **ungraded**: share of samples the grader could not judge (verdict None: grader timeout or gold
   that does not parse). They stay in every denominator and count as wrong.
 
@@ -139,6 +143,19 @@ def benchmark_metrics(
     return out
 
 
+def length_stats(completion_tokens: Sequence[int], finish_reasons: Sequence[str | None]) -> dict:
+    """Response-length statistics of one benchmark (or one model's samples): mean, p50, p90 of the completion
+    tokens and the share that hit the token limit (finish reason ``length``)."""
+    if len(completion_tokens) != len(finish_reasons):
+        raise ValueError(f"{len(completion_tokens)} token counts but {len(finish_reasons)} finish reasons")
+    if not len(completion_tokens):
+        raise ValueError("no samples to measure (completion_tokens is empty)")
+    t = np.asarray(completion_tokens, dtype=float)
+    return {"completion_tokens_mean": float(t.mean()), "completion_tokens_p50": float(np.percentile(t, 50)),
+            "completion_tokens_p90": float(np.percentile(t, 90)),
+            "truncated_share": sum(r == "length" for r in finish_reasons) / len(t)}
+
+
 def _shares(name: str, count: int, total: int) -> dict:
     return {f"n_{name}": int(count), f"{name}_share": count / total if total else 0.0}
 
@@ -152,7 +169,8 @@ def macro_average(per_benchmark: dict[str, dict]) -> dict:
     if not per_benchmark:
         return {}
     mets = list(per_benchmark.values())
-    rate_keys = [k for k in mets[0] if (k.startswith(("pass@", "maj@")) or k.endswith("_share")) and not k.endswith(("_sem", "_per_index"))]
+    rate_keys = [k for k in mets[0] if (k.startswith(("pass@", "maj@", "completion_tokens_mean")) or k.endswith("_share"))
+                 and not k.endswith(("_sem", "_per_index"))]
     common = [k for k in rate_keys if all(k in m for m in mets)]
     out: dict = {k: float(np.mean([m[k] for m in mets])) for k in common}
     out["n_benchmarks"] = len(mets)

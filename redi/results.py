@@ -47,6 +47,9 @@ COLUMNS: dict[str, str] = {
     "maj@n": "majority vote over the n samples",
     "no_answer_share": "samples without an extractable answer",
     "truncated_share": "samples that hit the token limit",
+    "completion_tokens_mean": "mean completion tokens per sample (response length)",
+    "completion_tokens_p50": "median completion tokens (none in the average row: a mean of medians is no median)",
+    "completion_tokens_p90": "90th percentile of completion tokens (none in the average row)",
     "ungraded_share": "samples the grader could not judge (timeouts; counted wrong)",
     "n_problems": "problems evaluated",
     "n_samples": "samples per problem (n)",
@@ -96,6 +99,7 @@ def rows_from_metrics(metrics: dict, *, run: str, label: str, model_key: str = "
             "pass@n": m.get(f"pass@{n}") if n else None, "maj@n": m.get(f"maj@{n}") if n else None,
             "no_answer_share": m.get("no_answer_share"), "truncated_share": m.get("truncated_share"),
             "ungraded_share": m.get("ungraded_share"), "n_problems": m.get("n_problems"), "n_samples": n,
+            **{k: m.get(k) for k in ("completion_tokens_mean", "completion_tokens_p50", "completion_tokens_p90")},
             "temperature": proto.get("temperature"), "top_p": proto.get("top_p"), "max_new_tokens": proto.get("max_new_tokens"),
             "metrics_json": json.dumps({k: v for k, v in m.items() if not k.endswith("_per_index")}, default=str),
         })
@@ -215,12 +219,47 @@ def comparison_table(df: pd.DataFrame, metric: str = "pass@1", paper: bool = Fal
             paper_frame.append(pd.Series({b: ref.get(b) for b in benches}, name=f"paper: {name}", dtype=float))
     if paper_frame:
         frame = pd.concat([frame, pd.DataFrame(paper_frame)])
+    lengths = length_table(cells, models, benches) if metric == "pass@1" else None
+    if lengths is not None:
+        frame = pd.concat([frame, lengths.frame], axis=1)
     n = cells["n_samples"].dropna()
     note = f"\n\n{metric} over {int(n.iloc[0])} samples per problem; ± = SEM over sample indices." if len(n) and n.nunique() == 1 else ""
     if PAPER_AVG in benches:
         note += "\n\nAvg (paper's 5) = mean of math500, aime24, amc, minerva_math, olympiadbench (the paper's Avg); Avg = every benchmark evaluated."
     if paper_frame:
         note += "\n\npaper: the paper's final table (arXiv 2505.24850 v1, pass@1 over 16 samples; its AMC23 column is our amc)."
+    return Table(frame, "\n".join(lines) + note + (f"\n\n{lengths.markdown}" if lengths is not None else ""), rows)
+
+
+def length_table(cells: pd.DataFrame, models: list[str], benches: list[str]) -> Table | None:
+    """Response length per model and benchmark: "mean / p90 tokens, truncated %" (markdown) and numeric
+    ``<benchmark> tokens mean|p90`` and ``<benchmark> truncated %`` columns (CSV). None when no row has lengths
+    (results recorded before they were measured)."""
+    if "completion_tokens_mean" not in cells or cells["completion_tokens_mean"].isna().all():
+        return None
+    benches = [b for b in benches if b in set(cells["benchmark"])]
+
+    def pivot(col: str) -> pd.DataFrame:
+        return cells.pivot(index="model", columns="benchmark", values=col).reindex(index=models, columns=benches).astype(float)
+
+    mean, p90, cut = pivot("completion_tokens_mean"), pivot("completion_tokens_p90"), pivot("truncated_share")
+    frame = pd.concat([mean.round(1).add_suffix(" tokens mean"), p90.round(1).add_suffix(" tokens p90"),
+                       (100 * cut).round(2).add_suffix(" truncated %")], axis=1)
+
+    def cell(m: str, b: str) -> str:
+        if pd.isna(mean.at[m, b]):
+            return "–"
+        p = "" if pd.isna(p90.at[m, b]) else f" / {p90.at[m, b]:.0f}"
+        return f"{mean.at[m, b]:.0f}{p} ({100 * cut.at[m, b]:.0f}%)"
+
+    names = [_col_name(b) for b in benches]
+    lines = ["| Model (response tokens: mean / p90 (truncated)) | " + " | ".join(names) + " |", "|---|" + "---|" * len(benches)]
+    rows = []
+    for m in models:
+        txt = [cell(m, b) for b in benches]
+        lines.append(f"| {m} | " + " | ".join(txt) + " |")
+        rows.append({"model": m, **dict(zip(names, txt, strict=True))})
+    note = "\n\nCompletion tokens per sample; the Avg column is the mean over benchmarks (no p90: a mean of p90s is none)."
     return Table(frame, "\n".join(lines) + note, rows)
 
 

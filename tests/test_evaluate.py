@@ -259,3 +259,18 @@ def test_resume_after_sigkill_vllm_two_engines(tiny, tmp_path):
     assert again["timings"]["resumed_problems"] == saved and again["timings"]["generated_problems"] == 40 - saved
     _same_samples(tmp_path / "full" / E.SAMPLES_FILE, tmp_path / "again" / E.SAMPLES_FILE)
     assert again["benchmarks"] == full["benchmarks"]
+
+
+def test_length_statistics_and_histogram_from_literal_samples(tmp_path):
+    rows = [{"benchmark": b, "problem_id": f"p{i // 2}", "sample_index": i % 2, "verdict": i % 3 == 0, "extracted": "1",
+             "completion_tokens": t, "finish_reason": "length" if t >= 64 else "stop"}
+            for b, toks in (("x", [5, 15, 25, 64]), ("y", [40, 64, 64, 64])) for i, t in enumerate(toks)]
+    df = pd.DataFrame(rows)
+    m = E.compute_metrics(df, EvaluateConfig(n_samples=2))
+    x, y = m["benchmarks"]["x"], m["benchmarks"]["y"]
+    assert (x["completion_tokens_mean"], x["completion_tokens_p50"], x["truncated_share"]) == (27.25, 20.0, 0.25)
+    assert x["completion_tokens_p90"] == pytest.approx(52.3)  # 25 + 0.7 * (64 - 25)
+    assert (y["completion_tokens_mean"], y["truncated_share"]) == (58.0, 0.75)
+    assert m["average"]["completion_tokens_mean"] == pytest.approx(42.625)
+    png = E.length_histogram(df, tmp_path / "lengths.png", "sft", limit=64)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000

@@ -9,6 +9,7 @@ import pytest
 
 from redi.metrics import (
     benchmark_metrics,
+    length_stats,
     macro_average,
     majority_correct,
     normalize_answer,
@@ -91,3 +92,23 @@ def test_macro_average():
     # per-index averaged: [0.5, 0.25] -> std 0.125 / sqrt(2)
     assert avg["pass@1_sem"] == pytest.approx(0.125 / math.sqrt(2))
     assert avg["n_benchmarks"] == 2
+
+
+def test_length_stats_hand_computed():
+    toks = [10, 20, 30, 40, 100]
+    m = length_stats(toks, ["stop", "stop", "stop", "stop", "length"])
+    assert m["completion_tokens_mean"] == 40.0 and m["completion_tokens_p50"] == 30.0
+    assert m["completion_tokens_p90"] == pytest.approx(76.0)  # linear: 40 + 0.6 * (100 - 40)
+    assert m["truncated_share"] == 0.2
+    with pytest.raises(ValueError, match="token counts but"):
+        length_stats([1, 2], ["stop"])
+    with pytest.raises(ValueError, match="empty"):
+        length_stats([], [])
+
+
+def test_macro_average_of_lengths_takes_means_not_percentiles():
+    a = {**benchmark_metrics([[T]], [["1"]], [["stop"]]), **length_stats([10], ["stop"])}
+    b = {**benchmark_metrics([[F]], [["2"]], [["length"]]), **length_stats([30], ["length"])}
+    avg = macro_average({"a": a, "b": b})
+    assert avg["completion_tokens_mean"] == 20.0 and avg["truncated_share"] == 0.5
+    assert "completion_tokens_p90" not in avg  # a mean of p90s is no p90

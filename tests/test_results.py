@@ -126,3 +126,20 @@ def test_history_plot_time_axis_shows_dates(spacing_s, pattern):
         labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
         assert len(labels) >= 2 and all(re.match(pattern, x) for x in labels), labels
     R._plt().close(fig)
+
+
+def test_response_lengths_in_the_table_and_csv(tmp_path):
+    m = _metrics(0.5, 0.1)
+    m["benchmarks"]["math500"].update(completion_tokens_mean=812.4, completion_tokens_p50=700.0, completion_tokens_p90=1530.0)
+    m["benchmarks"]["aime24"].update(completion_tokens_mean=2100.0, completion_tokens_p50=2000.0, completion_tokens_p90=3900.0)
+    m["average"].update(completion_tokens_mean=1456.2, truncated_share=0.05)
+    s = R.ResultsStore(tmp_path / "results")
+    s.append_metrics(run="r", label="sft", model_key="m", recipe_hash="h", eval_key="e", metrics=m)
+    old = R.ResultsStore(tmp_path / "old")  # rows recorded before lengths were measured: no length table
+    old.append_metrics(run="r", label="sft", model_key="m", recipe_hash="h", eval_key="e", metrics=_metrics(0.5, 0.1))
+    assert "response tokens" not in R.comparison_table(old.load()).markdown
+    t = R.comparison_table(s.load())
+    assert "| Model (response tokens: mean / p90 (truncated)) | math500 | aime24 | Avg |" in t.markdown
+    assert "| sft | 812 / 1530 (5%) | 2100 / 3900 (5%) | 1456 (5%) |" in t.markdown
+    assert t.frame.loc["sft", "math500 tokens p90"] == 1530.0 and t.frame.loc["sft", "aime24 truncated %"] == 5.0
+    assert t.frame.loc["sft", "math500"] == 50.0  # pass@1 columns unchanged
