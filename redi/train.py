@@ -46,6 +46,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -77,6 +78,18 @@ __all__ = ["train_sft", "train_stage2", "TrainingError", "load_sft_examples", "l
            "step_indices", "total_steps", "resolve_device", "main"]
 
 log = logging.getLogger(__name__)
+
+
+def _tied_head_notice(record: logging.LogRecord) -> bool:
+    """False for accelerate's "Removed shared tensor {'lm.lm_head.weight'}" at every checkpoint: the head is tied
+    to the embeddings (``tie_word_embeddings``), stored once and tied again on load (resume is tested), so
+    the warning says nothing; any other shared tensor is still reported."""
+    msg = record.getMessage()
+    return not (msg.startswith("Removed shared tensor {") and set(re.findall(r"'([^']+)'", msg.split("}")[0]))
+                <= {"lm.lm_head.weight", "lm_head.weight"})
+
+
+logging.getLogger("accelerate.utils.other").addFilter(_tied_head_notice)
 
 CHECKPOINT_HOOKS: list[Callable[[int], None]] = []
 """Called with the step number right after each checkpoint is saved, on every rank. A hook that raises stops

@@ -383,3 +383,14 @@ def test_saved_state_casts_floating_weights_and_drops_the_wrapper_prefix():
     assert out["w"].dtype == torch.bfloat16 and out["w"].tolist() == [1.0, 3.0]  # rounded to bf16's 8-bit mantissa
     assert out["idx"].dtype == torch.int64
     assert T.saved_state(state, "auto")["w"].dtype == torch.float32
+
+
+def test_tied_head_notice_is_dropped_other_shared_tensors_are_not():
+    import logging
+
+    def rec(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("accelerate.utils.other", logging.WARNING, "", 0, msg, None, None)
+
+    assert not T._tied_head_notice(rec("Removed shared tensor {'lm.lm_head.weight'} while saving. This should be OK"))
+    assert T._tied_head_notice(rec("Removed shared tensor {'lm.lm_head.weight', 'lm.model.norm.weight'} while saving."))
+    assert T._tied_head_notice(rec("something else"))
