@@ -360,7 +360,8 @@ def evaluate_model(cfg: EvaluateConfig, model_dir: Path, out_dir: Path, extra_pa
                     "samples_per_s": round(len(samples) / run_s, 3) if run_s else None, "total_s": round(time.time() - t0, 2)},
     }
     if work is not None and (Path(work) / ENGINE_LOG).exists():  # the work folder goes after success: keep the log
-        shutil.copy(Path(work) / ENGINE_LOG, out_dir / ENGINE_LOG)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(work) / ENGINE_LOG, Path(out_dir) / ENGINE_LOG)
     log.info("evaluate %s: %d samples, average pass@1 %.4f (%.1f samples/s)", label, len(samples),
              summary["average"].get("pass@1", float("nan")), summary["timings"]["samples_per_s"] or 0)
     return write_outputs(out_dir, samples, summary)
