@@ -48,8 +48,9 @@ class Example:
 
     @property
     def completion_len(self) -> int:
-        """``|y|``: completion tokens including the EOS."""
-        return len(self.ids) - self.prompt_len
+        """``|y|``: the tokens the loss scores: completion tokens including the EOS (every token but the first
+        when ``prompt_len`` is 0, since the first token of a sequence is never predicted)."""
+        return len(self.ids) - max(self.prompt_len, 1)
 
 
 def make_example(prompt_ids: Sequence[int], completion_ids: Sequence[int], eos_id: int, max_length: int,

@@ -122,6 +122,10 @@ def _stepped_tensors(acc, optimizer: torch.optim.Optimizer):
             yield p, group, optimizer.state
 
 
+_NORM_SLICE = 1 << 24
+"""Elements per slice of the update-norm computation (a few 64 MiB fp32 temporaries at a time)."""
+
+
 def adam_update_norm(acc, optimizer: torch.optim.Optimizer) -> float | None:
     """L2 norm of the update the last optimiser step made, from its AdamW state (see the module docstring).
 
@@ -139,13 +143,15 @@ def adam_update_norm(acc, optimizer: torch.optim.Optimizer) -> float | None:
             continue
         step = float(st["step"])
         bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
-        m, v = _local(st["exp_avg"]).float(), _local(st["exp_avg_sq"]).float()
-        a = (m / bc1) / (v.sqrt() / math.sqrt(bc2) + eps)
-        upd = lr * a
-        if wd:
-            before = (_local(p.detach()).float() + lr * a) / (1 - lr * wd)
-            upd = upd + (lr * wd) * before
-        sq += upd.double().pow(2).sum().to(dev)
+        m_all, v_all, p_all = (_local(t).reshape(-1) for t in (st["exp_avg"], st["exp_avg_sq"], p.detach()))
+        for s in range(0, m_all.numel(), _NORM_SLICE):  # a ZeRO partition is one flat tensor: bound the temporaries
+            m, v = m_all[s:s + _NORM_SLICE].float(), v_all[s:s + _NORM_SLICE].float()
+            a = (m / bc1) / (v.sqrt() / math.sqrt(bc2) + eps)
+            upd = lr * a
+            if wd:
+                before = (p_all[s:s + _NORM_SLICE].float() + lr * a) / (1 - lr * wd)
+                upd = upd + (lr * wd) * before
+            sq += upd.pow(2).sum(dtype=torch.float64).to(dev)
         seen = True
     if state_is_sharded(acc):  # every rank holds a disjoint shard: sum the squares (and whether any was seen)
         t = acc.reduce(torch.cat([sq, torch.tensor([float(seen)], dtype=torch.float64, device=dev)]), reduction="sum")

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import socket
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -143,11 +144,11 @@ def _tokenizer_fingerprint(tok) -> str:
 
 
 def _file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
+    """sha256 of the data file, from redi.fingerprint's cache while its size and mtime are unchanged (every rank,
+    every start and resume would otherwise read the whole file again)."""
+    from .fingerprint import file_sha256
+
+    return file_sha256(path)
 
 
 def _cached(cache_dir: Path | None, key: dict, build: Callable[[], TokenTable]) -> TokenTable:
@@ -163,7 +164,7 @@ def _cached(cache_dir: Path | None, key: dict, build: Callable[[], TokenTable]) 
     if not path.exists():
         if os.environ.get("LOCAL_RANK", "0") == "0":
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+            tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")  # local rank 0 of every node
             t0 = time.time()
             build().write(tmp)
             os.replace(tmp, path)

@@ -57,7 +57,9 @@ def test_chunked_equals_full_logits_values_and_gradients(tied, layout, per):
     (lp * w).sum().backward()
     g = _grads(m)
     assert lp.dtype == torch.float32 and lp.shape == ref.shape
-    assert (lp - ref).abs().max().item() < 1e-5
+    # 1e-5 per token; a sequence's sum of L token log-probs (fp32, summed in another order) gets L x 1e-5
+    tol = 1e-5 * (torch.bincount(b.seg, minlength=b.n_seqs).float() if per == "sequence" else torch.ones(n))
+    assert ((lp - ref).abs() <= tol).all(), (lp - ref).abs().max().item()
     assert g.keys() == g_ref.keys()
     for k in g:
         assert (g[k] - g_ref[k]).abs().max().item() < 1e-5, k

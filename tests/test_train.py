@@ -64,7 +64,8 @@ def test_make_example_truncation():
     ex, cut = make_example([1, 2, 3], [4, 5], eos_id=9, max_length=10)
     assert not cut and ex.ids == (1, 2, 3, 4, 5, 9) and ex.completion_len == 3
     ex, cut = make_example([1, 2, 3], [4, 5, 6, 7], eos_id=9, max_length=4, keep="end")
-    assert cut and ex.ids == (5, 6, 7, 9) and ex.prompt_len == 0 and ex.completion_len == 4
+    # the whole prompt cut: the first token is never predicted, so 3 of the 4 tokens are scored
+    assert cut and ex.ids == (5, 6, 7, 9) and ex.prompt_len == 0 and ex.completion_len == 3
     ex, cut = make_example([1, 2, 3], [4, 5, 6, 7], eos_id=9, max_length=5, keep="start")
     assert cut and ex.ids == (1, 2, 3, 4, 5) and ex.completion_len == 2
 

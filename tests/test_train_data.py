@@ -80,14 +80,14 @@ def test_other_ranks_wait_for_local_rank_zero(env, tmp_path, monkeypatch):
 
 
 def test_sft_loss_on_prompt_puts_every_token_but_the_first_in_the_loss(env):
-    """sft.loss_on_prompt (the official run's collator masks nothing): same ids, prompt_len 0, so |y| = all tokens."""
+    """sft.loss_on_prompt (the official run's collator masks nothing): same ids, prompt_len 0, so |y| = all tokens but the first."""
     d, data, tok = env
     plain, _ = D.load_sft_examples(SFTConfig(max_length=100), tok, data["positives"])
     full, _ = D.load_sft_examples(SFTConfig(max_length=100, loss_on_prompt=True), tok, data["positives"])
     assert len(plain) == len(full)
     for a, b in zip(plain, full, strict=True):
         assert list(a.ids) == list(b.ids) and a.prompt_len > 0 and b.prompt_len == 0
-        assert b.completion_len == len(b.ids) > a.completion_len
+        assert b.completion_len == len(b.ids) - 1 > a.completion_len  # the first token is never predicted
 
 
 def test_long_prompts_drop_or_truncate_keeping_the_end(env):

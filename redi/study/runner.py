@@ -86,14 +86,16 @@ class Study:
             upstream = {"verify": verify.key, "sft": start.key}
         else:
             upstream = {"verify": verify.key, "model": start.key if start.stage == "model" else f"{start.stage}:{start.key}"}
-        key = stage_key(stage, cfg.hash_fields(), upstream, self.codes[stage])
+        protocol = self.recipe.prompt.train
+        config = {**cfg.hash_fields(), "prompt": self.recipe.prompt.hash_fields()}  # as Pipeline keys sft / redi
+        key = stage_key(stage, config, upstream, self.codes[stage])
         if stage == "sft":
             def fn(out: Path, work: Path) -> dict:
-                return train.train_sft(cfg, start_dir, verify.file("positives.parquet"), out, work, self.device)
+                return train.train_sft(cfg, start_dir, verify.file("positives.parquet"), out, work, self.device, protocol)
         else:
             def fn(out: Path, work: Path) -> dict:
-                return train.train_stage2(cfg, start_dir, verify.file("pairs.parquet"), out, work, self.device)
-        return self.store.build(stage, key, fn, config=cfg.hash_fields(), inputs={**upstream, "start_dir": str(start_dir)},
+                return train.train_stage2(cfg, start_dir, verify.file("pairs.parquet"), out, work, self.device, protocol)
+        return self.store.build(stage, key, fn, config=config, inputs={**upstream, "start_dir": str(start_dir)},
                                 refresh=stage in self.recipe.run.refresh)
 
     def sft_round_config(self, r: int) -> SFTConfig:
