@@ -112,62 +112,37 @@ class Ours:
         return b.n_tokens
 
 
+def _trl_pairs(model_dir: Path, pairs_path: Path):
+    """The tokenizer and the pairs as a TRL preference dataset (prompts rendered as our trainer renders them)."""
+    import pandas as pd
+    from datasets import Dataset
+
+    tok = load_tokenizer(model_dir)
+    df = pd.read_parquet(pairs_path)
+    return tok, Dataset.from_dict({"prompt": [render_prompt(tok, p) for p in df.problem],
+                                   "chosen": list(df.chosen), "rejected": list(df.rejected)})
+
+
 class TRLDPO:
     """TRL 1.16 DPOTrainer's own compute_loss (reference copy, padded batches), plain AdamW step."""
 
     def __init__(self, model_dir: Path, pairs_path: Path, batch: int, work: Path):
-        import pandas as pd
-        from datasets import Dataset
         from trl import DPOConfig, DPOTrainer
 
-        tok = load_tokenizer(model_dir)
-        df = pd.read_parquet(pairs_path)
-        ds = Dataset.from_dict({"prompt": [render_prompt(tok, p) for p in df.problem],
-                                "chosen": list(df.chosen), "rejected": list(df.rejected)})
+        tok, ds = _trl_pairs(model_dir, pairs_path)
         args = DPOConfig(output_dir=str(work / "trl"), per_device_train_batch_size=batch, learning_rate=1e-6,
                          bf16=False, gradient_checkpointing=False, max_length=2048, report_to=[], logging_steps=10**6,
                          save_strategy="no", use_cpu=True, beta=0.1, precompute_ref_log_probs=False,
                          dataloader_num_workers=0, seed=0)
-        self.trainer = DPOTrainer(model=_load(model_dir), args=args, train_dataset=ds, processing_class=tok)
+        self._start(DPOTrainer(model=_load(model_dir), args=args, train_dataset=ds, processing_class=tok))
+
+    def _start(self, trainer) -> None:
+        self.trainer = trainer
         self.trainer.create_optimizer()
         self.it = iter(self.trainer.get_train_dataloader())
 
     def step(self) -> int:
-        try:
-            batch = next(self.it)
-        except StopIteration:
-            self.it = iter(self.trainer.get_train_dataloader())
-            batch = next(self.it)
-        model = self.trainer.model
-        loss = self.trainer.compute_loss(model, batch)
-        loss.backward()
-        self.trainer.optimizer.step()
-        self.trainer.optimizer.zero_grad(set_to_none=True)
-        return int(sum(v.sum().item() for k, v in batch.items() if k.endswith("attention_mask")))
-
-
-class TRLSimPO:
-    """TRL 1.16's fastest reference-free trainer: ``trl.experimental.cpo.CPOTrainer`` with ``loss_type="simpo"``,
-    ``cpo_alpha=0`` (pure SimPO, no NLL term), its own compute_loss (padded batches, full logits), plain AdamW step."""
-
-    def __init__(self, model_dir: Path, pairs_path: Path, batch: int, work: Path):
-        import pandas as pd
-        from datasets import Dataset
-        from trl.experimental.cpo import CPOConfig, CPOTrainer
-
-        tok = load_tokenizer(model_dir)
-        df = pd.read_parquet(pairs_path)
-        ds = Dataset.from_dict({"prompt": [render_prompt(tok, p) for p in df.problem],
-                                "chosen": list(df.chosen), "rejected": list(df.rejected)})
-        args = CPOConfig(output_dir=str(work / "trl_cpo"), per_device_train_batch_size=batch, learning_rate=1e-6,
-                         bf16=False, gradient_checkpointing=False, max_length=2048, report_to=[], logging_steps=10**6,
-                         save_strategy="no", use_cpu=True, loss_type="simpo", cpo_alpha=0.0, beta=2.0, simpo_gamma=1.0,
-                         dataloader_num_workers=0, seed=0)
-        self.trainer = CPOTrainer(model=_load(model_dir), args=args, train_dataset=ds, processing_class=tok)
-        self.trainer.create_optimizer()
-        self.it = iter(self.trainer.get_train_dataloader())
-
-    def step(self) -> int:
+        """One step through the trainer's own compute_loss; returns the real (unpadded) tokens of the batch."""
         try:
             batch = next(self.it)
         except StopIteration:
@@ -177,6 +152,29 @@ class TRLSimPO:
         loss.backward()
         self.trainer.optimizer.step()
         self.trainer.optimizer.zero_grad(set_to_none=True)
+        return self._tokens(batch)
+
+    @staticmethod
+    def _tokens(batch) -> int:
+        return int(sum(v.sum().item() for k, v in batch.items() if k.endswith("attention_mask")))
+
+
+class TRLSimPO(TRLDPO):
+    """TRL 1.16's fastest reference-free trainer: ``trl.experimental.cpo.CPOTrainer`` with ``loss_type="simpo"``,
+    ``cpo_alpha=0`` (pure SimPO, no NLL term), its own compute_loss (padded batches, full logits), plain AdamW step."""
+
+    def __init__(self, model_dir: Path, pairs_path: Path, batch: int, work: Path):
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+        tok, ds = _trl_pairs(model_dir, pairs_path)
+        args = CPOConfig(output_dir=str(work / "trl_cpo"), per_device_train_batch_size=batch, learning_rate=1e-6,
+                         bf16=False, gradient_checkpointing=False, max_length=2048, report_to=[], logging_steps=10**6,
+                         save_strategy="no", use_cpu=True, loss_type="simpo", cpo_alpha=0.0, beta=2.0, simpo_gamma=1.0,
+                         dataloader_num_workers=0, seed=0)
+        self._start(CPOTrainer(model=_load(model_dir), args=args, train_dataset=ds, processing_class=tok))
+
+    @staticmethod
+    def _tokens(batch) -> int:  # CPO's chosen / rejected rows already hold the prompt
         return int(batch["chosen_attention_mask"].sum().item() + batch["rejected_attention_mask"].sum().item())
 
 

@@ -259,12 +259,17 @@ def storage_error(e: BaseException, folder: Path, needed: int | None = None, wri
     return StorageError(f"no space left in {folder} ({free}): free space or set run.artifact_root elsewhere")
 
 
-def _file_table(folder: Path) -> dict[str, dict[str, Any]]:
-    table = {}
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            table[p.relative_to(folder).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
-    return table
+def file_table(folder: Path, skip: str = MANIFEST) -> dict[str, dict[str, Any]]:
+    """{relative path: {size, sha256}} of every file under ``folder`` but ``skip`` (the table's own file).
+
+    Hashed by a few threads: hashlib releases the GIL on large reads (checkpoints, model weights)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != skip)
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as ex:
+        digests = list(ex.map(sha256_file, files))
+    return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": d}
+            for p, d in zip(files, digests, strict=True)}
 
 
 _VALIDATED: dict[str, tuple] = {}
@@ -434,7 +439,7 @@ class ArtifactStore:
             "summary": summary,
             "versions": library_versions(),
             "host": platform.node(),
-            "files": _file_table(tmp),
+            "files": file_table(tmp),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         final = self.dir(stage, key)

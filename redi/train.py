@@ -55,7 +55,7 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import folder_bytes, sha256_file, storage_error
+from .artifacts import file_table, folder_bytes, sha256_file, storage_error
 from .config.train import OptimConfig, SFTConfig, Stage2Config
 from .logprobs import LogProbLM, resolve_attn, unwrap_logprob
 from .losses import get_loss, objective
@@ -287,13 +287,7 @@ def _latest_checkpoint(work_dir: Path) -> Path | None:
 
 
 def _write_checksums(folder: Path) -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as ex:  # hashlib releases the GIL on large reads
-        digests = list(ex.map(sha256_file, files))
-    table = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": d} for p, d in zip(files, digests, strict=True)}
-    (folder / CHECKSUMS).write_text(json.dumps(table, indent=1))
+    (folder / CHECKSUMS).write_text(json.dumps(file_table(folder, skip=CHECKSUMS), indent=1))
 
 
 def verify_checkpoint(folder: Path) -> str | None:

@@ -39,6 +39,17 @@ def _wait_for(pred, proc: subprocess.Popen, timeout: float) -> None:
         time.sleep(0.05)
 
 
+def _kill_group_when(pred, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """kill -9 the process group of ``proc`` once ``pred()`` holds (and in any case before returning)."""
+    try:
+        _wait_for(pred, proc, timeout=timeout)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 @pytest.mark.slow
 def test_sigkill_during_training_then_rerun_resumes(tmp_path):
     recipe = write_recipe(tmp_path, {"sft.max_steps": 12, "sft.save_steps": 1})
@@ -46,16 +57,10 @@ def test_sigkill_during_training_then_rerun_resumes(tmp_path):
     env = subprocess_env(REDI_FAKE_STAGE_SLEEP="0.5")
     proc = subprocess.Popen(redi_argv("run", str(recipe), "--no-prefect"), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        # kill -9 once SFT has written its first complete checkpoint (mid-stage); a "checkpoint-N.tmp" being
-        # written does not count: killed then, the rerun rightly starts from scratch (the test used to race there)
-        _wait_for(lambda: any(c.suffix != ".tmp" and (c / "trainer_state.json").exists()
-                              for c in (root / "sft").glob(".work-*/checkpoint-*")), proc, timeout=300)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    # kill -9 once SFT has written its first complete checkpoint (mid-stage); a "checkpoint-N.tmp" being
+    # written does not count: killed then, the rerun rightly starts from scratch (the test used to race there)
+    _kill_group_when(lambda: any(c.suffix != ".tmp" and (c / "trainer_state.json").exists()
+                                 for c in (root / "sft").glob(".work-*/checkpoint-*")), proc)
     before = _status(recipe)
     assert all(before[s]["cached"] for s in ("download", "model", "verify"))
     assert not before["sft"]["cached"] and not Path(before["sft"]["path"]).exists()  # nothing half-written in place
@@ -93,13 +98,7 @@ def test_sigkill_during_a_stage_then_rerun(tmp_path, stage):
     env = subprocess_env()
     proc = subprocess.Popen(redi_argv(*cmd, str(recipe), "--no-prefect"), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        _wait_for(lambda: any((root / stage).glob(".tmp-*")), proc, timeout=300)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    _kill_group_when(lambda: any((root / stage).glob(".tmp-*")), proc)
     before = _status(recipe)
     assert not before[stage if stage != "evaluate" else "evaluate[base]"]["cached"]
     assert not [p for p in (root / stage).iterdir() if not p.name.startswith(".")]  # nothing half-written in place
