@@ -2,8 +2,8 @@
 
 1. Content fingerprints (redi.fingerprint): a cache hit (one stat per file) vs hashing the bytes again,
    on one big file and on a folder of small files.
-2. The public grader (redi.verify.grade, bounded by a worker process) vs the unbounded in-process core
-   (redi.verify._grade) on the same items; and the time to give up on ``9^{9^{9^{9}}}``.
+2. The public grader (redi.grader.grade, bounded by a worker process) vs the unbounded in-process core
+   (redi.grader._grade) on the same items; and the time to give up on ``9^{9^{9^{9}}}``.
 3. The hostile download input of tests/_bad_rows.py: kinds, rows kept, time.
 
 Usage: python benchmarks/bench_faults.py [--mb 512]
@@ -46,7 +46,7 @@ def bench_fingerprint(tmp: Path, mb: int) -> list[str]:
 
 
 def bench_grade() -> list[str]:
-    from redi.verify import _grade, grade
+    from redi.grader import _grade, grade
 
     items = [(f"<think>step {i}</think> so \\boxed{{\\frac{{{i}}}{{{i % 7 + 1}}}}}", f"{i}/{i % 7 + 1}") for i in range(300)]
     t0 = time.perf_counter()

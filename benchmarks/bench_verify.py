@@ -149,11 +149,11 @@ def _measure(fn) -> tuple[float, float, object]:
 
 
 def bench_stage(n_train: int, tmp: Path, rounds: int, spin_pool) -> str:
-    """The whole verify stage (redi.split.verify_and_split: read, grade and count tokens, filter, split, write)
+    """The whole verify stage (redi.verify.verify_and_split: read, grade and count tokens, filter, split, write)
     with 1 worker and with all cores, interleaved; best of `rounds` each."""
     from redi.config.verify import VerifyConfig
-    from redi.split import verify_and_split
     from redi.tinymodel import _training_texts, train_tokenizer
+    from redi.verify import verify_and_split
 
     download(DataConfig(synth=SynthConfig(n_train=n_train, n_val=0, n_test=0, traces_per_problem=4)), tmp, progress=False)
     tok = tmp / "tok"

@@ -1,5 +1,5 @@
 """Flows outside one recipe's DAG: ``nightly-eval`` (every registered run's latest models) and
-``redi-eval`` (any model folder or Hub id). The library side is ``redi.registry``."""
+``redi-eval`` (any model folder or Hub id). The library side is ``redi.runs``."""
 
 from __future__ import annotations
 
@@ -46,10 +46,10 @@ def nightly_eval(
 
 @task(name="evaluate-model", cache_policy=NONE)
 def _evaluate_model(model: str, recipe: dict[str, Any], name: str | None) -> dict[str, Any]:
-    from redi import registry
+    from redi import runs
     from redi.config import Recipe
 
-    return registry.evaluate_external(model, Recipe.model_validate(recipe), name)
+    return runs.evaluate_external(model, Recipe.model_validate(recipe), name)
 
 
 @flow(name="redi-eval", description="Evaluate any model folder or Hub id on benchmarks; append to the results store.")
@@ -65,7 +65,7 @@ def redi_eval(model: str, overrides: dict[str, Any] | None = None, recipe_path: 
 
     r = resolve_recipe(recipe_path, None, overrides)
     res = _evaluate_model(model, r.model_dump(mode="json", by_alias=True), name)
-    from redi.registry import metrics_rows
+    from redi.runs import metrics_rows
 
     rows = metrics_rows(res["metrics"])
     key = artifact_key(name or r.run.name, "eval")

@@ -242,16 +242,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_names(r.evaluate.benchmarks, r.evaluate, DEMO_BENCHMARKS if r.data.source == "synthetic" else ())
     t0 = time.time()
     if args.no_prefect:
-        from . import registry
+        from . import runs
 
-        res = registry.evaluate_external(args.model, r, args.name)
+        res = runs.evaluate_external(args.model, r, args.name)
     else:
         prefect_env(r.run.artifact_root)
         from flows.nightly import redi_eval
 
         ov = _overrides_dict(args.overrides) | ({"run.refresh": list(args.refresh)} if args.refresh else {})
         res = redi_eval(model=args.model, recipe_path=args.recipe, overrides=ov, name=args.name)
-    from .registry import metrics_rows
+    from .runs import metrics_rows
 
     rows = [{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()} for row in metrics_rows(res["metrics"])]
     cols = list(dict.fromkeys(c for row in rows for c in row))
@@ -277,10 +277,10 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     if args.no_prefect:
         from dataclasses import asdict
 
-        from . import registry
+        from . import runs
 
-        tonight = [asdict(x) for x in registry.evaluate_registered(args.artifact_root, None, ov, runs)]
-        hist = registry.nightly_history(args.artifact_root)
+        tonight = [asdict(x) for x in runs.evaluate_registered(args.artifact_root, None, ov, runs)]
+        hist = runs.nightly_history(args.artifact_root)
     else:
         prefect_env(args.artifact_root)
         from flows.nightly import nightly_eval
@@ -323,7 +323,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 USER_ERRORS = {  # module -> exception classes whose message already names the thing and the fix
     "redi.data": ("DataError",), "redi.generate": ("GenerationError",), "redi.benchmarks": ("BenchmarkError",),
-    "redi.split": ("LabelRuleError",), "redi.train": ("TrainingError",), "redi.artifacts": ("StageFailed", "CorruptArtifact", "StorageError"),
+    "redi.verify": ("LabelRuleError",), "redi.train": ("TrainingError",), "redi.artifacts": ("StageFailed", "CorruptArtifact", "StorageError"),
 }
 _ERRNO_FIX = {
     errno.ENOSPC: "free space on that disk, or set run.artifact_root to a folder on another disk",

@@ -56,8 +56,8 @@ ENGINE_LOG = "engine.log"  # the vLLM engines' stdout/stderr (redi.generate.open
 SAMPLE_FILE_COLUMNS: dict[str, str] = {
     **G.SAMPLE_COLUMNS,
     "gold": "the benchmark's gold answer",
-    "extracted": "the sample's final answer (last \\boxed{}, redi.verify.last_boxed) or None",
-    "verdict": "redi.verify.grade: True / False / None (grader timeout, crash or unparseable gold: counts as wrong)",
+    "extracted": "the sample's final answer (last \\boxed{}, redi.grader.last_boxed) or None",
+    "verdict": "redi.grader.grade: True / False / None (grader timeout, crash or unparseable gold: counts as wrong)",
 }
 
 
@@ -119,7 +119,7 @@ def protocol(cfg: EvaluateConfig) -> dict:
 
 
 def _extract(text: str) -> str | None:
-    from .verify import last_boxed
+    from .grader import last_boxed
 
     return last_boxed(text) if isinstance(text, str) else None
 

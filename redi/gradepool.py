@@ -1,4 +1,4 @@
-"""Worker processes that run :func:`redi.verify.grade` under a hard per-item deadline enforced from outside.
+"""Worker processes that run :func:`redi.grader.grade` under a hard per-item deadline enforced from outside.
 
 Math-Verify's own timeouts use ``signal.alarm`` (main thread only), so the grader runs with them off
 and this pool enforces the deadline instead: each worker publishes in shared memory which item it is
@@ -17,7 +17,7 @@ from a forkserver (``redi._gradewarm``). This module is the parent side (the poo
 scheduler thread, the process's shared pool); the loop each worker runs is :mod:`redi.gradeworker`.
 
 Workers share their caches: what one worker parsed or graded reaches the others within ~10-20 ms
-(``redi.verify`` "Caches": results carry the worker's new entries, the scheduler forwards them, workers
+(``redi.grader`` "Caches": results carry the worker's new entries, the scheduler forwards them, workers
 read them between items), so N workers do about the work of one (two workers on the 100k synthetic
 traces parsed 1,004 answer strings for 974 distinct ones; without sharing, and even with each batch
 sorted by answer so that equal answers met in one worker, 1.25-1.45x the CPU of one worker).
@@ -38,8 +38,8 @@ from multiprocessing.connection import wait as mp_wait
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
+from .grader import Verdict
 from .gradeworker import FLUSH_S, POLL_S, SHARE_S, default_workers, start_context, warm, worker_main
-from .verify import Verdict
 
 __all__ = [
     "CHUNK_MAX", "CHUNK_MIN", "FLUSH_S", "IDLE_POLL_S", "POLL_S", "SHARE_S", "START_TIMEOUT_S", "Batch", "GradingPool",
@@ -171,7 +171,7 @@ class PoolStats:
     timeouts: int = 0
     crashes: int = 0
     started: int = 0
-    shared: int = 0  # cache entries forwarded from one worker to another (redi.verify "Caches")
+    shared: int = 0  # cache entries forwarded from one worker to another (redi.grader "Caches")
     timeout_examples: list = field(default_factory=list)
 
 
@@ -223,7 +223,7 @@ class GradingPool:
     def map_async(self, items: Iterable[tuple[str, str]]) -> Batch:
         """Queue a batch of (response, gold) items; the returned :class:`Batch` fills in input order.
 
-        Items go out in input order: the workers share what they parse and grade (``redi.verify``,
+        Items go out in input order: the workers share what they parse and grade (``redi.grader``,
         "Caches"), so equal answers need not meet in one worker (the pool used to sort each batch by
         final answer for that: 0.16 s of the parent's CPU for 100,000 traces, taken from the workers on
         a 2-core machine).
@@ -494,7 +494,7 @@ _shared_lock = threading.Lock()
 
 
 def shared_pool(timeout_s: float) -> GradingPool:
-    """The process's one-worker pool behind :func:`redi.verify.grade` (started on first use, closed at exit;
+    """The process's one-worker pool behind :func:`redi.grader.grade` (started on first use, closed at exit;
     replaced when another deadline is asked for or the pool failed; a forked child starts its own: the
     parent's scheduler thread does not exist there)."""
     global _shared, _shared_pid

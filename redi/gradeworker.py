@@ -1,10 +1,10 @@
 """The grading workers: how :class:`redi.gradepool.GradingPool` starts them (:func:`start_context`) and
 the loop each one runs (:func:`worker_main`).
 
-It grades chunks of ``(response, gold)`` items with :func:`redi.verify.grade_or_none`, publishes in a shared
+It grades chunks of ``(response, gold)`` items with :func:`redi.grader.grade_or_none`, publishes in a shared
 heartbeat which item it is on and since when (the parent enforces the deadline from outside), optionally
 counts each response's tokens, and exchanges its new cache entries with the other workers
-(``redi.verify`` "Caches"). :func:`warm` pays Math-Verify's first-use costs; the forkserver preloads it
+(``redi.grader`` "Caches"). :func:`warm` pays Math-Verify's first-use costs; the forkserver preloads it
 (``redi._gradewarm``) so workers fork warm.
 """
 
@@ -16,13 +16,13 @@ import sys
 import time
 from collections import deque
 
-from . import verify
-from .verify import grade_or_none
+from . import grader
+from .grader import grade_or_none
 
 FLUSH_S = 0.05
 """A worker sends the results it holds at the end of each chunk, or once this long has passed ..."""
 SHARE_S = 0.01
-"""... or this long when it holds new cache entries for the other workers (redi.verify "Caches")."""
+"""... or this long when it holds new cache entries for the other workers (redi.grader "Caches")."""
 POLL_S = 0.005
 """A worker looks for the other workers' cache entries between items this often."""
 
@@ -102,8 +102,8 @@ def worker_main(conn, beat, tokenizer_json: str | None = None, share: bool = Tru
     """Worker loop: receive chunks ``(first_key, [(response, gold), ...])`` (item j has key first_key + j),
     send ``(first_key, [verdict, ...], fresh)`` for consecutive runs of them (with a tokenizer:
     ``[(verdict, tokens of the response), ...]``), where ``fresh`` holds the cache entries this worker
-    computed meanwhile (``redi.verify.share_take``). Messages ``(None, entries)`` carry
-    the other workers' entries (``redi.verify.share_put``); they are read between items (every POLL_S), so
+    computed meanwhile (``redi.grader.share_take``). Messages ``(None, entries)`` carry
+    the other workers' entries (``redi.grader.share_put``); they are read between items (every POLL_S), so
     that a string parsed by one worker reaches the others within ~SHARE_S + POLL_S.
 
     ``beat[0]`` = key of the item being graded, ``beat[1]`` = when it started (``time.monotonic``,
@@ -123,7 +123,7 @@ def _worker_loop(conn, beat, tokenizer_json: str | None, share: bool) -> None:
     warm()
     count = token_counter(tokenizer_json)
     if share:  # a lone worker has nobody to share with (exporting costs ~0.1 ms per new answer string)
-        verify.share_start()
+        grader.share_start()
     try:
         conn.send(("ready", None))  # the parent times a worker's items only once it is ready
     except (BrokenPipeError, OSError):
@@ -141,7 +141,7 @@ def _worker_loop(conn, beat, tokenizer_json: str | None, share: bool) -> None:
             return
         k0, items = msg
         if k0 is None:
-            verify.share_put(items)
+            grader.share_put(items)
             continue
         out, first = [], k0
         last = polled = time.monotonic()
@@ -151,8 +151,8 @@ def _worker_loop(conn, beat, tokenizer_json: str | None, share: bool) -> None:
             out.append(grade_or_none(response, gold) if count is None else (grade_or_none(response, gold), count(response)))
             beat[1] = 0.0
             now = time.monotonic()
-            if now - last >= FLUSH_S or (now - last >= SHARE_S and verify.share_pending()):
-                conn.send((first, out, verify.share_take()))
+            if now - last >= FLUSH_S or (now - last >= SHARE_S and grader.share_pending()):
+                conn.send((first, out, grader.share_take()))
                 out, first, last = [], k0 + j + 1, now
             if now - polled >= POLL_S:
                 polled = now
@@ -160,10 +160,10 @@ def _worker_loop(conn, beat, tokenizer_json: str | None, share: bool) -> None:
                     while conn.poll():
                         m = conn.recv()
                         if m is not None and m[0] is None:
-                            verify.share_put(m[1])
+                            grader.share_put(m[1])
                         else:
                             chunks.append(m)
                 except (EOFError, OSError):
                     return
         if out:
-            conn.send((first, out, verify.share_take()))
+            conn.send((first, out, grader.share_take()))

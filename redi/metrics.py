@@ -16,7 +16,7 @@ Inputs are per benchmark, one row per problem and one column per sample index (`
   (:func:`normalize_answer`) are equal; samples with no extractable answer do not vote; ties go to the
   answer seen first. The vote is correct when the winning group's first sample was graded correct.
   A problem where no sample has an answer counts as wrong.
-- **no_answer**: share of samples with no extractable final answer (``redi.verify.last_boxed`` finds no
+- **no_answer**: share of samples with no extractable final answer (``redi.grader.last_boxed`` finds no
   ``\\boxed{}``; the extraction is the grader's own, done by ``redi.evaluate``).
 - **truncated**: share of samples that hit the token limit (finish reason ``length``).
 - **response length** (:func:`length_stats`): mean, median (p50) and 90th percentile (p90, linear

@@ -38,14 +38,14 @@ log = logging.getLogger(__name__)
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "download": ("redi.data",),
     "model": ("redi.tinymodel",),
-    "verify": ("redi.split",),
+    "verify": ("redi.verify",),
     "sft": ("redi.train",),
     "redi": ("redi.train",),
     "evaluate": ("redi.evaluate",),
-    "grade": ("redi.verify", "redi.gradepool", "redi.metrics"),
+    "grade": ("redi.grader", "redi.gradepool", "redi.metrics"),
 }
 STAGE_EXCLUDE: dict[str, tuple[str, ...]] = {
-    "evaluate": ("redi.config", "redi.verify", "redi.gradepool", "redi.metrics", "redi.results"),
+    "evaluate": ("redi.config", "redi.grader", "redi.gradepool", "redi.metrics", "redi.results"),
 }
 DEFAULT_EXCLUDE = ("redi.config",)
 
@@ -324,13 +324,13 @@ class Pipeline:
         return out
 
     def verify(self, data: Artifact | None = None, model: Artifact | None = None) -> Artifact:
-        from . import split
+        from . import verify as verify_stage
 
         data = data or self.download()
         model = model or self.base_model(data)
 
         def fn(out: Path, work: Path) -> dict:
-            return split.verify_and_split(self.recipe.verify, data.file("traces.parquet"), model.dir, out, self.decontam_problems(),
+            return verify_stage.verify_and_split(self.recipe.verify, data.file("traces.parquet"), model.dir, out, self.decontam_problems(),
                                           prompt_protocol=self.recipe.prompt.train, source=data.summary)
 
         return self._build("verify", fn)

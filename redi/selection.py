@@ -1,13 +1,13 @@
 """What the verify stage selects: label rules, problem identity, trace filters, positives and pairs, and
 the funnel report beside the official figures. Pure functions of the light per-trace table (no texts, no
-tokenizer); redi.split grades, counts tokens, reads and writes.
+tokenizer); redi.verify grades, counts tokens, reads and writes.
 
 Order of the trace filters (a trace is dropped at the first that fails; counts after each step go into
 the summary's ``funnel``): problem_is_valid -> excluded sources -> no gold answer (``require_answer``)
 -> decontamination (``decontaminate: remove``) -> prompt length -> reasoning complete / finish reason ->
 response length -> a label exists. The two length steps are trace filters only under
 ``length_filter: traces_before_selection``; under ``pairs_after_selection`` they drop selected pairs
-(``redi.split.pair_length_drops``).
+(``redi.verify.pair_length_drops``).
 
 The official REDI behaviour (``Tim-Siu/reinforcement-distillation`` @ dda07d2, ``experiments_trl/``),
 selected field by field (the paper recipe sets all of them; docs/data.md argues each one):
@@ -49,7 +49,7 @@ class LabelRuleError(ValueError):
 
 
 def rule_math_verify(ours: pd.Series, df: pd.DataFrame) -> pd.Series:
-    """MATH_VERIFY: our own grade (redi.verify.grade) of the trace's final answer against the gold."""
+    """MATH_VERIFY: our own grade (redi.grader.grade) of the trace's final answer against the gold."""
     return ours
 
 

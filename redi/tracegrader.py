@@ -29,7 +29,7 @@ def _dask_client(address: str | None):
 
 
 class Grader:
-    """Labels (trace, gold) items batch by batch with redi.verify, in a local process pool or sharded over a
+    """Labels (trace, gold) items batch by batch with redi.grader, in a local process pool or sharded over a
     Dask cluster (same labels). ``submit`` queues a batch and returns at once, so the next batch is read
     while this one is graded; ``result`` waits for it. With ``tokenizer_json`` the same workers also count
     each trace's tokens and results are ``(verdict, tokens)``. Use as a context manager."""

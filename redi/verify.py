@@ -1,298 +1,356 @@
-"""The one grader of the project: Math-Verify on the final answer, with a hard deadline from outside.
+"""Stage ``verify``: label every trace, filter, write positives (SFT) and pairs (stage 2), and a funnel report.
 
-``grade(response, gold)`` is used both to label teacher traces (``redi.split``) and to grade
-evaluation samples (``redi.evaluate``). It returns ``True`` / ``False``, or ``None`` when the gold
-cannot be parsed at all (the example cannot be judged, as Open-R1's accuracy reward does).
+What is selected, and how it follows the official REDI scripts, is :mod:`redi.selection` (label rules,
+problem identity, filters, positives and pairs, the funnel report). This module runs the stage: grading,
+token counts (the official length study's counting included: :func:`prompt_lengths`,
+:func:`official_response_lengths`, :func:`pair_length_drops`), reading and writing. The token counting is
+:mod:`redi.lengths`, the batch grader :mod:`redi.tracegrader`; this module holds the streaming passes.
 
-How an answer is read (both sides go through the same ``parse_answer`` so that
-``grade("\\boxed{" + gold + "}", gold)`` holds for every benchmark gold):
-
-1. Response: the content of the LAST ``\\boxed{...}`` (brace-matched, linear time), as Open-R1's
-   evaluations (boxed_match_priority=0, rightmost match first). Without any ``\\boxed``, Math-Verify's
-   anchored extraction (``final answer is ...``, ``answer: ...``) on the whole response; no
-   anchor-free fallback, so a truncated trace whose last number happens to equal the gold is not
-   counted as correct.
-2. An answer string is normalised (``4.5e33`` -> ``4.5\\times 10^{33}``, ``np.arcsin(x)`` ->
-   ``\\arcsin(x)``, a trailing ``$.`` dropped, plain ``-1./3`` read as an expression), then parsed as
-   ``$answer$`` with ``LatexExtractionConfig`` and, failing that, with ``ExprExtractionConfig``
-   (whole-string matches only). The raw string is
-   kept as a last candidate, so two answers that neither parser understands match only when they are
-   identical strings.
-3. Equivalence: ``math_verify.verify(gold_candidates, pred_candidates)`` (any pair matching).
-
-Math-Verify's own timeouts use ``signal.alarm`` (main thread only), so they are disabled here
-(``parsing_timeout=None``, ``timeout_seconds=None``) and the deadline is enforced by
-:class:`redi.gradepool.GradingPool`: each item runs in a worker process; a worker past its deadline
-is killed and replaced, its item gets ``None`` and is counted. The public :func:`grade` is bounded the
-same way (one shared worker process, killed at ``timeout_s``), on any thread: a signal cannot bound
-it, because SymPy evaluates ``9^{9^{9^{9}}}`` inside one C big-integer power that holds the interpreter
-(a ``SIGALRM`` deadline of 3 s had not fired after 120 s; docs/faults.md). The unbounded core
-``_grade`` is private: only the grading workers call it.
+Labels are computed by :class:`redi.gradepool.GradingPool` (worker processes, hard per-trace deadline),
+locally or fanned out in shards over a Dask cluster (``executor="dask"``); both give the same labels.
+The same workers count each trace's tokens (the other per-trace work of this stage, ~75 us per short
+synthetic trace, more than grading it) with the tokenizer's ``tokenizer.json``; the counts are checked
+against the transformers tokenizer on a sample and recounted with it on any difference.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-import pickle
-import re
-from functools import lru_cache
-from itertools import islice
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config.verify import VerifyConfig
+from .decontam import Decontaminator
+from .lengths import (  # noqa: F401 - re-exported: redi.verify is the stage's public face
+    SAMPLE_CHECK,
+    official_response_lengths,
+    pair_length_drops,
+    prompt_lengths,
+    render_prompt,
+    render_prompts,
+    response_lengths,
+)
+from .prompts import DEFAULT_PROTOCOL
+from .selection import (  # noqa: F401 - re-exported: redi.verify is the stage's public face
+    FILTER_ORDER,
+    LABEL_RULES,
+    OFFICIAL_FIGURES,
+    LabelRuleError,
+    apply_identity,
+    assemble,
+    filter_reasons,
+    funnel,
+    funnel_report,
+    rule_dataset,
+    rule_landmv,
+    rule_landmv_both_wrong,
+    rule_math_verify,
+    select,
+)
+from .tracegrader import Grader
 
 logger = logging.getLogger(__name__)
 
-Verdict = bool | None
-
-_E_NOTATION = re.compile(r"^\s*([+-]?\d+(?:\.\d*)?|[+-]?\.\d+)\s*[eE]\s*([+-]?\d+)\s*$")
-_PLAIN_EXPR = re.compile(r"^[\d\s.+\-*/()]+$")  # "-1./3", "10/13": python arithmetic, not LaTeX
-_NP_FUNC = re.compile(r"\b(?:np|numpy|math)\.(arcsin|arccos|arctan|sin|cos|tan|log|exp|sqrt|pi)\b")
-_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+LIGHT_COLUMNS = ["problem_id", "row_id", "gen_index", "answer", "source", "problem_is_valid", "finish_reason",
+                 "reasoning_complete", "label_math_verify", "label_llama", "source_row", "source_gen"]
 
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox``) in `text`, brace-matched; None if absent/unclosed.
-
-    Linear in len(text) from the last opening, so a 100 kB or deeply nested box cannot blow up.
-    """
-    starts = [m.end() for m in _BOXED.finditer(text)]
-    for start in reversed(starts):
-        depth, i = 1, start
-        while i < len(text):
-            c = text[i]
-            if c == "{":
-                depth += 1
-            elif c == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[start:i].strip()
-            i += 1
-    return None
+# ----------------------------------------------------------------------------- agreement
 
 
-def rewrite_for_math_verify(ans: str) -> str:
-    """Rewrite answer forms Math-Verify's LaTeX reader gets wrong into LaTeX it reads right."""
-    ans = ans.strip().rstrip(".").strip().strip("$").strip()
-    m = _E_NOTATION.match(ans)
-    if m:
-        return f"{m.group(1)}\\times 10^{{{int(m.group(2))}}}"
-    ans = _NP_FUNC.sub(lambda mm: "\\pi" if mm.group(1) == "pi" else "\\" + mm.group(1), ans)
-    return ans
+def _verdict_key(v) -> str:
+    return "None" if v is None or pd.isna(v) else str(bool(v))
 
 
-def _mv():
-    """Math-Verify, imported lazily (workers preload it; importing the module stays cheap)."""
-    import math_verify
-    import math_verify.grader
-    import math_verify.parser
-
-    # Deadlines are enforced by GradingPool, so Math-Verify's "timeout disabled" warning is noise.
-    math_verify.parser.TIMEOUT_WARNING_SHOWN = True
-    math_verify.grader.TIMEOUT_WARNING_SHOWN = True
-    return math_verify
-
-
-@lru_cache(maxsize=1)
-def _configs():
-    mv = _mv()
-    latex = [mv.LatexExtractionConfig(boxed_match_priority=0)]
-    expr = [mv.ExprExtractionConfig()]
-    anchored = [
-        mv.LatexExtractionConfig(boxed_match_priority=0, try_extract_without_anchor=False),
-        mv.ExprExtractionConfig(try_extract_without_anchor=False),
-    ]
-    return latex, expr, anchored
-
-
-def _sympy_only(parsed: list) -> list:
-    return [p for p in parsed if not isinstance(p, str)]
-
-
-def _whole_match(parsed: list, text: str) -> bool:
-    """Math-Verify returns [value, matched_text]: accept an expression only if it spans the whole answer."""
-    strs = [p for p in parsed if isinstance(p, str)]
-    return bool(strs) and re.sub(r"\s", "", strs[-1]) == re.sub(r"\s", "", text)
-
-
-def _parse_answer(ans: str) -> tuple:
-    mv = _mv()
-    latex, expr, _ = _configs()
-    norm = rewrite_for_math_verify(ans)
-    if not norm:
-        return ()
-    order = (expr, latex) if _PLAIN_EXPR.match(norm) else (latex, expr)
-    for cfg in order:
-        if cfg is latex:
-            got = _sympy_only(mv.parse(f"${norm}$", cfg, parsing_timeout=None))
-        else:
-            parsed = mv.parse(norm, cfg, parsing_timeout=None)
-            got = _sympy_only(parsed) if _whole_match(parsed, norm) else []
-        if got:
-            return (*got, norm)
-    return (norm,)
-
-
-def parse_answer(ans: str) -> tuple:
-    """Candidates for one answer string: parsed SymPy objects first, then the raw string (never raises).
-
-    LaTeX first (the answer wrapped in ``$...$``); plain arithmetic (``-1./3``) is read as an
-    expression first, because LaTeX reads ``1.`` as 1. An expression parse counts only if it spans
-    the whole answer (otherwise ``\\hbar \\omega(v+1/2)`` would be read as ``2``). Cached (see "Caches").
-    """
-    got = _parsed.get(ans)
-    if got is not None:
-        return got
-    blob = _imported.pop(ans, None)
-    got = pickle.loads(blob) if blob is not None else _parse_answer(ans)
-    if len(ans) <= CACHE_KEY_MAX:
-        _remember(_parsed, ans, got, PARSE_CACHE_MAX)
-        if blob is None and _fresh is not None:
-            blob = _portable(got)
-            if blob is not None:
-                _fresh.append((0, ans, blob))
-    return got
-
-
-def _verify(gold_c: tuple, pred_c: list) -> bool:
-    return bool(_mv().verify(list(gold_c), pred_c, timeout_seconds=None))
-
-
-def _grade_boxed(box: str, gold: str) -> Verdict:
-    """Verdict for a boxed answer string; cached (see "Caches"), because several traces of one problem
-    mostly box the same answer and Math-Verify's ``verify`` costs ~40-150 us even on parsed integers."""
-    key = (box, gold)
-    v = _verdicts.get(key, _MISS)
-    if v is not _MISS:
-        return v
-    gold_c = parse_answer(gold)
-    if not gold_c:
-        v = None
-    else:
-        pred_c = list(parse_answer(box))
-        v = _verify(gold_c, pred_c) if pred_c else False
-    if len(box) + len(gold) <= CACHE_KEY_MAX:
-        _remember(_verdicts, key, v, VERDICT_CACHE_MAX)
-        if _fresh is not None:
-            _fresh.append((1, key, v))
-    return v
-
-
-# ----------------------------------------------------------------------------- caches
-# Caches. Parsing an answer string costs ~1 ms (SymPy) and a verdict ~40-150 us, while the traces of a
-# dataset box few distinct answers (the demo's 16,000 traces: ~600 strings, ~2,500 (answer, gold)
-# pairs), so both are memoised per process: ``parse_answer`` by string, ``_grade_boxed`` by (box, gold).
-# Both are pure functions of their strings, so a cache changes no verdict. Strings longer than
-# CACHE_KEY_MAX are not cached (a 100 kB box is not worth keeping; nothing unbounded is kept).
-#
-# Grading workers (redi.gradepool) also *share* what they computed: each worker exports its new
-# entries (``share_take``) with its results, the pool forwards them to the other workers at once, and
-# they adopt them (``share_put``) between items, so a string parsed by one worker is rarely parsed again
-# by another (without this, two workers on the demo traces spent 1.25-1.45x the CPU of one: both parsed
-# nearly every answer; with it, 3 % of the strings were parsed twice). A parse result travels pickled and only if unpickling gives back an object
-# structurally equal (SymPy ``==``: same classes, same argument order, same symbol assumptions) to the
-# one this worker parsed (``_portable``): SymPy re-sorts the arguments of an unevaluated ``Add`` or
-# ``Mul`` on unpickling, so such results are not shared and every worker parses them itself. A verdict
-# therefore never depends on which worker parsed a string.
-
-CACHE_KEY_MAX = 2000
-PARSE_CACHE_MAX = 16384
-VERDICT_CACHE_MAX = 131072
-_MISS = object()
-_parsed: dict[str, tuple] = {}
-_verdicts: dict[tuple[str, str], Verdict] = {}
-_imported: dict[str, bytes] = {}  # parse results pickled by other workers, unpickled on first use
-_fresh: list | None = None  # entries computed here since the last share_take (None: not sharing)
-
-
-def _remember(cache: dict, key, value, cap: int) -> None:
-    """Insert, evicting the oldest quarter when full (dicts keep insertion order)."""
-    if len(cache) >= cap:
-        try:
-            for old in list(islice(cache, cap // 4)):
-                cache.pop(old, None)
-        except RuntimeError:  # another thread inserted meanwhile (grade() called from threads): evict next time
-            pass
-    cache[key] = value
-
-
-def _portable(cands: tuple) -> bytes | None:
-    """Pickled candidates if they unpickle structurally equal (see "Caches"), else None (not shared)."""
-    try:
-        blob = pickle.dumps(cands, protocol=pickle.HIGHEST_PROTOCOL)
-        return blob if pickle.loads(blob) == cands else None
-    except Exception:  # noqa: BLE001 - an unpicklable result is simply not shared
-        return None
-
-
-def share_start() -> None:
-    """Record new cache entries from now on, for :func:`share_take` (grading workers only)."""
-    global _fresh
-    _fresh = []
-
-
-def share_pending() -> bool:
-    """Are there entries for :func:`share_take`?"""
-    return bool(_fresh)
-
-
-def share_take() -> list:
-    """Cache entries computed here since the last call: ``(0, answer, pickled candidates)`` and
-    ``(1, (box, gold), verdict)``."""
-    if not _fresh:
-        return []
-    out = _fresh[:]
-    _fresh.clear()
+def _verdict_keys(s: pd.Series) -> np.ndarray:
+    """``_verdict_key`` of every value, vectorised: "True" / "False" / "None" (None, NaN, NA)."""
+    known = s.notna().to_numpy()
+    out = np.full(len(s), "None", dtype=object)
+    out[known] = np.where(s[known].astype(bool).to_numpy(), "True", "False")
     return out
 
 
-def share_put(entries: list) -> None:
-    """Adopt cache entries another worker computed (parse results are unpickled on first use)."""
-    for kind, key, value in entries:
-        if kind == 0:
-            if key not in _parsed:
-                _remember(_imported, key, value, PARSE_CACHE_MAX)
-        elif key not in _verdicts:
-            _remember(_verdicts, key, value, VERDICT_CACHE_MAX)
+def disagreements(ours: pd.Series, theirs: pd.Series) -> pd.Series:
+    """Mask of rows where our label and the dataset's known label differ."""
+    a, b = _verdict_keys(ours), _verdict_keys(theirs)
+    return pd.Series((a != b) & (b != "None"), index=ours.index)
 
 
-GRADE_TIMEOUT_S = 5.0
-"""Deadline of one public :func:`grade` call (the evaluation default, ``evaluate.grade_timeout_s``)."""
+def agreement(ours: pd.Series, theirs: pd.Series, examples: pd.DataFrame) -> tuple[dict, str]:
+    """Confusion matrix of our labels vs the dataset's Math-Verify labels, and a markdown report.
+
+    ``examples``: disagreeing rows to show (row_id, answer, label_ours, label_math_verify, trace)."""
+    key = _verdict_key
+    cm = Counter(zip(_verdict_keys(ours).tolist(), _verdict_keys(theirs).tolist(), strict=True))
+    both = sum(n for (a, b), n in cm.items() if a != "None" and b != "None")
+    same = cm[("True", "True")] + cm[("False", "False")]
+    summary = {"confusion": {f"ours={a},dataset={b}": n for (a, b), n in sorted(cm.items())},
+               "comparable": both, "agree": same, "agreement": round(same / both, 4) if both else None}
+    lines = ["# Label agreement: redi.grader.grade vs the dataset's Math-Verify label", "",
+             f"Comparable traces (both labels known): {both}; agreement: {summary['agreement']}", "",
+             "| ours \\ dataset | True | False | None |", "|---|---|---|---|"]
+    for a in ("True", "False", "None"):
+        lines.append(f"| {a} | " + " | ".join(str(cm[(a, b)]) for b in ("True", "False", "None")) + " |")
+    if len(examples):
+        lines += ["", "## Examples of disagreements", "", "| row_id | gold | ours | dataset | end of trace |", "|---|---|---|---|---|"]
+        for _, r in examples.iterrows():
+            tail = str(r["trace"])[-120:].replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| {r['row_id']} | {r['answer']} | {key(r['label_ours'])} | {key(r['label_math_verify'])} | {tail} |")
+    return summary, "\n".join(lines) + "\n"
 
 
-def grade(response: str, gold: str, timeout_s: float = GRADE_TIMEOUT_S) -> Verdict:
-    """True/False: is the response's final answer equivalent to `gold`; None if `gold` cannot be parsed
-    or the grading ran past `timeout_s` seconds.
+# ----------------------------------------------------------------------------- entry point
 
-    Safe on any input: the work runs in a grading worker process (one per process, shared by every
-    call, started on first use in ~1 s) that is killed and replaced at the deadline. For many items
-    :func:`redi.gradepool.grade_many` grades in parallel and is far cheaper per item.
+
+def _problem_info(probs: pd.DataFrame, tokenizer, cfg: VerifyConfig, decontam_problems: dict[str, list[str]],
+                  count: Callable[[list[str]], list[int]] | None = None,
+                  protocol: str = DEFAULT_PROTOCOL) -> tuple[pd.DataFrame, dict]:
+    """Per problem (``probs``: problem_id, problem; one row each): contaminated?, prompt tokens (``count``: see
+    :func:`prompt_lengths`)."""
+    on = cfg.decontaminate != "off"
+    dec = Decontaminator(decontam_problems if on else {}, cfg.decontam_ngram, cfg.decontam_normalise)
+    hits = [dec.hits(p) for p in probs["problem"]] if dec.index else [[] for _ in range(len(probs))]
+    per_bench = Counter(b for h in hits for b in h)
+    official = cfg.length_filter == "pairs_after_selection"
+    plen = (prompt_lengths(tokenizer, probs["problem"].tolist(), count, protocol, official) if cfg.max_prompt_tokens is not None
+            else [0] * len(probs))
+    info = pd.DataFrame({"contaminated": [bool(h) for h in hits], "prompt_tokens": plen}, index=probs["problem_id"].values)
+    flagged = int(sum(bool(h) for h in hits))
+    dsum = {"mode": cfg.decontaminate, "normalise": cfg.decontam_normalise, "ngram": cfg.decontam_ngram,
+            "checked_benchmarks": sorted(decontam_problems) if on else [], "problems_flagged": flagged,
+            "problems_removed": flagged if cfg.decontaminate == "remove" else 0, "per_benchmark": dict(per_bench)}
+    return info, dsum
+
+
+READ_ROWS = 16384
+"""Traces read, graded and written per batch: memory holds two such batches of texts, never the file."""
+ADDED = {"problem_key": pa.string(), "label_ours": pa.bool_(), "label": pa.bool_(), "response_tokens": pa.int64(),
+         "prompt_tokens": pa.int64(), "filter_reason": pa.string()}
+"""Columns verify adds to each trace in labelled.parquet, with their types (``problem_key``: the problem as this
+run identifies it, :func:`apply_identity`; it is the ``problem_id`` of positives and pairs)."""
+
+
+def _batches(path: Path, columns: list[str] | None = None):
+    """(first row, pyarrow RecordBatch) of traces.parquet, READ_ROWS at a time."""
+    pos = 0
+    for rb in pq.ParquetFile(path).iter_batches(batch_size=READ_ROWS, columns=columns):
+        yield pos, rb
+        pos += rb.num_rows
+
+
+def _light(rb: pa.RecordBatch, pos: int, cfg: VerifyConfig) -> pd.DataFrame:
+    """The small columns of a batch (everything but texts) with each row's position in the file, problems
+    identified as ``cfg.problem_identity`` says (:func:`apply_identity`)."""
+    names = [c for c in LIGHT_COLUMNS if c in rb.schema.names]
+    df = rb.select(names).to_pandas()
+    for c in LIGHT_COLUMNS:
+        if c not in df:
+            df[c] = None
+    df["_pos"] = range(pos, pos + rb.num_rows)
+    return apply_identity(df, cfg)
+
+
+def _check_rule(cfg: VerifyConfig, traces_path: Path) -> None:
+    """Refuse a label rule whose columns are missing or empty, before any grading."""
+    if cfg.label_rule == "math_verify":
+        return
+    names = pq.ParquetFile(traces_path).schema_arrow.names
+    needed = [c for c in ("label_llama", "label_math_verify") if c in names]
+    sample = pq.read_table(traces_path, columns=needed).to_pandas() if needed else pd.DataFrame()
+    LABEL_RULES[cfg.label_rule](pd.Series([None] * len(sample), dtype=object), sample)
+
+
+def verify_and_split(cfg: VerifyConfig, traces_path: Path, tokenizer_dir: Path, out_dir: Path,
+                     decontam_problems: dict[str, list[str]], prompt_protocol: str = DEFAULT_PROTOCOL,
+                     source: dict | None = None) -> dict:
+    """Label, filter and split ``traces_path``; write labelled/positives/pairs parquet, agreement.md and funnel.md.
+
+    ``source``: the download stage's summary (where the traces came from), for the funnel report's comparison
+    with the official figures.
+
+    Streams: pass 1 reads the traces in batches of READ_ROWS, grades each while the next is read and
+    tokenised, and keeps only the small columns; pass 2 reads them again to write labelled.parquet batch
+    by batch and to pick the texts of the selected positives and pairs. Memory holds the small columns of
+    every trace, the problem texts and two batches of traces, never the whole file.
+
+    Returns the summary: counts at every filter step (``funnel``), label counts, grading stats,
+    decontamination per benchmark, agreement with the dataset's labels, timings.
     """
-    if not isinstance(gold, str) or not isinstance(response, str):
-        return None
-    from .gradepool import shared_pool
+    from tqdm.auto import tqdm
 
-    return shared_pool(timeout_s).submit(response, gold).result()
+    from .tinymodel import load_tokenizer
+
+    t0 = time.monotonic()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = pq.ParquetFile(traces_path)
+    n_rows, names = meta.metadata.num_rows, meta.schema_arrow.names
+    if n_rows == 0:
+        raise ValueError(f"{traces_path} holds no traces")
+    _check_rule(cfg, traces_path)
+
+    # pass 1: grade and count tokens (workers) while reading the next batch (here)
+    counting = cfg.max_response_tokens is not None or cfg.max_prompt_tokens is not None
+    tok_json = _tokenizer_json(tokenizer_dir) if counting else None
+    lights, problems, sample = [], {}, []
+    t_grade = time.monotonic()
+    with ThreadPoolExecutor(1) as ex, Grader(cfg, tok_json) as grader, tqdm(total=n_rows, desc="grading traces", unit="trace",
+                                                                            mininterval=1.0) as bar:
+        # Loading the transformers tokenizer overlaps with grading when transformers is imported already (as in a
+        # pipeline run); otherwise the import (~7 s of CPU, holding the GIL) would starve the pool's scheduler
+        # threads (a 100k-trace pass 1 took 13-14 s instead of ~2 s), so it waits for the end of pass 1 unless
+        # the tokens must be counted here.
+        early = "transformers" in sys.modules or (tok_json is None and cfg.max_response_tokens is not None)
+        tok_future = ex.submit(load_tokenizer, tokenizer_dir) if early else None
+
+        @functools.cache
+        def tokenizer():
+            return tok_future.result() if tok_future is not None else load_tokenizer(tokenizer_dir)
+
+        prev = None
+        for pos, rb in _batches(traces_path, [c for c in names if c in {"problem", "trace", *LIGHT_COLUMNS}]):
+            cols = rb.schema.names
+            traces, answers = rb.column(cols.index("trace")).to_pylist(), rb.column(cols.index("answer")).to_pylist()
+            handle = grader.submit(list(zip(traces, answers, strict=True)))
+            light = _light(rb, pos, cfg)
+            if cfg.max_response_tokens is None:
+                light["response_tokens"] = 0
+            elif tok_json is None:  # no tokenizer.json to hand to the workers: count here
+                light["response_tokens"] = response_lengths(tokenizer(), traces)
+            if not sample:
+                sample = traces[:SAMPLE_CHECK]
+            first = ~light["problem_id"].duplicated().to_numpy()
+            ptexts = rb.column(cols.index("problem")).filter(pa.array(first)).to_pylist()
+            for pid, text in zip(light["problem_id"].to_numpy()[first], ptexts, strict=True):
+                problems.setdefault(pid, text)
+            if prev is not None:
+                _finish(grader, *prev, bar, tokenizer)
+            prev = (light, handle, traces if tok_json is not None else None)
+            lights.append(light)
+            del traces, answers, rb
+        _finish(grader, *prev, bar, tokenizer)
+        t_grade = time.monotonic() - t_grade
+        tok = tokenizer()
+        if tok_json is not None:
+            _check_counts(tok, sample, lights[0]["response_tokens"].tolist()[: len(sample)], traces_path, lights)
+        probs = pd.DataFrame({"problem_id": list(problems), "problem": list(problems.values())})
+        info, dsum = _problem_info(probs, tok, cfg, decontam_problems, grader.count if tok_json is not None else None,
+                                   prompt_protocol)
+    df = pd.concat(lights, ignore_index=True)
+    df["problem_key"] = df["problem_id"]
+    df["label"] = LABEL_RULES[cfg.label_rule](df["label_ours"], df)
+    df["prompt_tokens"] = info.loc[df["problem_id"], "prompt_tokens"].to_numpy()
+    df["filter_reason"] = filter_reasons(df, cfg, info)
+    pos_rows, pair_rows = select(df, cfg)
+    dis = df.loc[disagreements(df["label_ours"], df["label_math_verify"])].head(8)
+
+    # pass 2: labelled.parquet, and the texts of what was selected
+    needed = set(pos_rows["_pos"]) | set(pair_rows["_pos"]) | set(pair_rows["_pos_r"]) | set(dis["_pos"])
+    texts = _write_labelled(traces_path, df, out_dir / "labelled.parquet", needed, n_rows)
+    n_selected = len(pair_rows)
+    drops = Counter()
+    if cfg.length_filter == "pairs_after_selection" and (cfg.max_prompt_tokens is not None or cfg.max_response_tokens is not None):
+        why = pair_length_drops(pair_rows, df, info, cfg, tok, texts)
+        drops = Counter(w for w in why if w)
+        pair_rows = pair_rows[(why == "").to_numpy()].reset_index(drop=True)
+    pos, pairs = assemble(pos_rows, pair_rows, texts)
+    pos.to_parquet(out_dir / "positives.parquet", index=False)
+    pairs.to_parquet(out_dir / "pairs.parquet", index=False)
+    examples = dis.assign(trace=[texts[int(i)][1] for i in dis["_pos"]])
+    agree, md = agreement(df["label_ours"], df["label_math_verify"], examples)
+    (out_dir / "agreement.md").write_text(md)
+    summary = {
+        "label_rule": cfg.label_rule, "traces": len(df), "problems": int(df["problem_id"].nunique()),
+        "funnel": funnel(df), "filter_counts": {k: int(v) for k, v in Counter(df["filter_reason"]).items() if k},
+        "labels": {str(k): int(v) for k, v in Counter(map(str, df["label"].tolist())).items()},
+        "grading": {**dict(grader.stats), "seconds": round(t_grade, 2), "traces_per_s": round(len(df) / max(t_grade, 1e-9), 1),
+                    "executor": cfg.executor},
+        "decontamination": {**dsum, "positives_flagged": int(info.loc[pos["problem_id"], "contaminated"].sum()),
+                            "pairs_flagged": int(info.loc[pairs["problem_id"], "contaminated"].sum())},
+        "positives": len(pos), "pairs": len(pairs),
+        "selection": {"positives": len(pos), "pairs_selected": n_selected, "pairs_dropped": dict(drops), "pairs": len(pairs),
+                      "length_filter": cfg.length_filter},
+        "agreement": agree, "seconds": round(time.monotonic() - t0, 2),
+    }
+    summary["official"], text = funnel_report(summary, cfg, prompt_protocol, source)
+    (out_dir / "funnel.md").write_text(text)
+    logger.info("verify: %d traces -> %d positives, %d pairs (%s)", len(df), len(pos), len(pairs), cfg.label_rule)
+    return summary
 
 
-def _grade(response: str, gold: str) -> Verdict:
-    """The grader itself, with no deadline: run only inside a grading worker (redi.gradepool)."""
-    if not isinstance(gold, str) or not isinstance(response, str):
-        return None
-    box = last_boxed(response)
-    if box is not None:
-        return _grade_boxed(box, gold)
-    gold_c = parse_answer(gold)
-    if not gold_c:
-        return None
-    _, _, anchored = _configs()
-    pred_c = list(_mv().parse(response, anchored, parsing_timeout=None))
-    if not pred_c:
-        return False
-    return _verify(gold_c, pred_c)
+def _finish(grader: Grader, light: pd.DataFrame, handle, traces: list | None, bar, tokenizer: Callable) -> None:
+    """Wait for a batch's results (advancing the progress bar); store its labels (and token counts, when the
+    workers counted them: ``traces`` given; ``tokenizer()`` counts those the workers could not) in its light table."""
+    base = bar.n
+    if not isinstance(handle, list):  # a local pool's Batch counts its items as they come back (dask: per batch)
+        while not handle.wait(0.5):
+            bar.update(base + handle.done - bar.n)
+    results = grader.result(handle)
+    if traces is None:
+        verdicts = results
+    else:
+        verdicts = [r[0] for r in results]
+        lengths = [None if r[1] is None else r[1] + 1 for r in results]  # + EOS, as response_lengths
+        missing = [i for i, n in enumerate(lengths) if n is None]  # killed at the deadline: count them here
+        for i, n in zip(missing, response_lengths(tokenizer(), [traces[i] for i in missing]) if missing else [], strict=True):
+            lengths[i] = n
+        light["response_tokens"] = lengths
+    light["label_ours"] = pd.Series(verdicts, index=light.index, dtype=object)
+    bar.update(base + len(light) - bar.n)
 
 
-def grade_or_none(response: str, gold: str) -> Verdict:
-    """``_grade``, with any exception of the grader turned into None (unjudgeable), for worker processes."""
+
+def _tokenizer_json(tokenizer_dir) -> str | None:
+    """The folder's ``tokenizer.json`` (a fast tokenizer the workers can load without transformers), or None."""
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    return path.read_text() if path.is_file() else None
+
+
+def _check_counts(tok, sample: list, counted: list[int], traces_path: Path, lights: list[pd.DataFrame]) -> None:
+    """The workers count tokens with the bare ``tokenizer.json``; if transformers' tokenizer (the one training
+    uses) counts a sample differently (say, special tokens known only to tokenizer_config.json), recount every
+    trace with it here, with a warning: slower, never wrong."""
+    if response_lengths(tok, sample) == counted:
+        return
+    logger.warning("verify: tokenizer.json and the transformers tokenizer count tokens differently; recounting every "
+                   "trace with the transformers tokenizer in this process")
+    for light, (_, rb) in zip(lights, _batches(traces_path, ["trace"]), strict=True):
+        light["response_tokens"] = response_lengths(tok, rb.column(0).to_pylist())
+
+
+def _write_labelled(traces_path: Path, df: pd.DataFrame, out: Path, needed: set[int], n_rows: int) -> dict[int, tuple[str, str]]:
+    """Every trace with verify's columns (ADDED) to ``out``, batch by batch; returns {row: (problem, trace)} of `needed`."""
+    from tqdm.auto import tqdm
+
+    texts: dict[int, tuple[str, str]] = {}
+    writer = None
     try:
-        return _grade(response, gold)
-    except Exception:  # noqa: BLE001 - a grader bug must not kill the worker; the item is unjudgeable
-        logger.debug("grade raised", exc_info=True)
-        return None
+        for pos, rb in tqdm(_batches(traces_path), desc="writing labelled traces", unit="batch",
+                            total=-(-n_rows // READ_ROWS), mininterval=1.0):
+            part = df.iloc[pos : pos + rb.num_rows]
+            table = pa.Table.from_batches([rb])
+            for name, typ in ADDED.items():
+                table = table.append_column(pa.field(name, typ), pa.Array.from_pandas(part[name], type=typ))
+            if writer is None:
+                writer = pq.ParquetWriter(out, table.schema, compression="zstd")
+            writer.write_table(table)
+            want = [p for p in range(pos, pos + rb.num_rows) if p in needed]
+            if want:
+                cols = rb.schema.names
+                problem, trace = rb.column(cols.index("problem")), rb.column(cols.index("trace"))
+                for p in want:
+                    texts[p] = (problem[p - pos].as_py(), trace[p - pos].as_py())
+    finally:
+        if writer is not None:
+            writer.close()
+    return texts

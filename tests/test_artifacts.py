@@ -175,8 +175,8 @@ def test_code_version_follows_package_imports_transitively():
     train = module_closure(["redi.train"], ["redi.config"])
     assert {"redi.train", "redi.losses", "redi.packing", "redi.prompts"} <= set(train)
     assert not any(m.startswith("redi.config") for m in train)
-    ev = module_closure(["redi.evaluate"], ["redi.config", "redi.verify", "redi.metrics"])
-    assert "redi.generate" in ev and "redi.verify" not in ev  # the grader is keyed by the grade step
+    ev = module_closure(["redi.evaluate"], ["redi.config", "redi.grader", "redi.metrics"])
+    assert "redi.generate" in ev and "redi.grader" not in ev  # the grader is keyed by the grade step
 
 
 def test_push_and_pull_through_fsspec(tmp_path):

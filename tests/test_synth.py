@@ -11,7 +11,7 @@ import pytest
 from redi import synth
 from redi.config.data import SynthConfig
 from redi.gradepool import grade_many
-from redi.verify import grade, last_boxed
+from redi.grader import grade, last_boxed
 
 SMALL = SynthConfig(n_train=300, n_val=40, n_test=60, traces_per_problem=4, seed=3)
 

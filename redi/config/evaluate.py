@@ -12,7 +12,7 @@ from .base import StrictModel
 
 
 class EvaluateConfig(StrictModel):
-    """Stage 5: sample n completions per problem with vLLM, grade with redi.verify.grade, compute pass@k."""
+    """Stage 5: sample n completions per problem with vLLM, grade with redi.grader.grade, compute pass@k."""
 
     benchmarks: list[str] = Field(
         default_factory=lambda: ["math500", "aime24", "amc", "minerva_math", "olympiadbench", "aime25", "gsm8k"],

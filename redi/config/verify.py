@@ -14,7 +14,7 @@ class VerifyConfig(StrictModel):
 
     label_rule: Literal["math_verify", "dataset", "landmv", "landmv_both_wrong"] = Field(
         "math_verify",
-        description="`math_verify`: our own grading (redi.verify.grade); `dataset`: the dataset's Math-Verify label; "
+        description="`math_verify`: our own grading (redi.grader.grade); `dataset`: the dataset's Math-Verify label; "
         "`landmv`: the paper's rule (official clean_base_shuffled_dpo.py): correct iff the Llama judge AND Math-Verify say "
         "correct, every other trace incorrect; `landmv_both_wrong`: the verifier-signal ablation "
         "(ablation_verifier_signal.py): incorrect only if neither says correct, a disagreement unlabelled. "
