@@ -1,9 +1,10 @@
 """Stage ``download``: any teacher-trace source -> ``traces.parquet`` (one row per (problem, generation)).
 
-Sources: the Hugging Face Hub (``open-r1/OpenR1-Math-220k`` configs default/extended/all, and
-``open-r1/OpenR1-Math-Raw``, the set the paper used) streamed with ``datasets.load_dataset(...,
-streaming=True)``; local parquet / jsonl files, folders of them, or a ``datasets`` save_to_disk
-folder; or the offline synthetic teacher (``redi.synth``), whose rows go through the same normaliser.
+Sources are the entries of ``redi.sources.SOURCES`` (``data.source``): the Hugging Face Hub
+(``open-r1/OpenR1-Math-220k`` configs default/extended/all, and ``open-r1/OpenR1-Math-Raw``, the set the
+paper used) streamed with ``datasets.load_dataset(..., streaming=True)``; local parquet / jsonl files,
+folders of them, or a ``datasets`` save_to_disk folder; or the offline synthetic teacher (``redi.synth``).
+Every source's rows go through the same normaliser (this module).
 
 Schemas (auto-detected per row from its columns; see docs/data.md for the column lists):
 
@@ -38,14 +39,12 @@ drops them where a gold is wanted (``verify.require_answer``).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import re
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +53,10 @@ import pyarrow.parquet as pq
 
 from .config.data import DataConfig
 from .schema import TRACE_COLUMNS, stable_id
+from .sources import BadRow, DataError, Unreadable, get_source
+
+__all__ = ["BadRow", "DataError", "TRACE_SCHEMA", "BadRows", "TraceWriter", "detect_schema", "download", "normalise_row",
+           "normalise_stream"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,14 +74,6 @@ FLAT_TRACE_KEYS = ("trace", "generation", "completion", "response")
 MAX_BAD_IDS = 200
 MAX_BAD_IDS_PER_REASON = 5
 BATCH_TRACES = 2048
-
-
-class DataError(ValueError):
-    """The download stage cannot produce any usable trace; the message says what to do."""
-
-
-class BadRow(ValueError):
-    """One source row that cannot be used; the message is the reason (counted in the summary)."""
 
 
 # ----------------------------------------------------------------------------- schema detection
@@ -224,182 +219,6 @@ def normalise_row(row: dict, schema: str) -> tuple[dict, list[dict], int]:
     return head, traces, skipped
 
 
-# ----------------------------------------------------------------------------- sources
-
-
-_ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
-
-
-class Unreadable(BadRow):
-    """A whole file or parquet row group that cannot be read (named in the summary, the others are read)."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(reason)
-        self.detail = detail
-
-
-def _json_row(line: bytes) -> dict | BadRow:
-    """One jsonl line as a dict, or the BadRow saying why it is not one."""
-    try:
-        obj = json.loads(line)  # bytes: a UTF-8 BOM is accepted, invalid UTF-8 raises UnicodeDecodeError
-    except UnicodeDecodeError:
-        return BadRow("not valid UTF-8")
-    except json.JSONDecodeError as e:
-        return BadRow(f"invalid JSON ({e.msg})")
-    except RecursionError:
-        return BadRow("invalid JSON (nested too deeply)")
-    if not isinstance(obj, dict):
-        return BadRow("not a JSON object")
-    if _ESCAPED_SURROGATE.search(line):  # "\ud800" decodes to a lone surrogate, which no UTF-8 writer accepts
-        try:
-            json.dumps(obj, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            return BadRow("lone surrogate escape (not valid Unicode)")
-    return obj
-
-
-def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict | BadRow]]:
-    try:
-        f = path.open("rb")
-    except OSError as e:
-        yield path.name, Unreadable("unreadable file", f"{path}: {e.strerror or e}")
-        return
-    with f:
-        for i, line in enumerate(f):
-            if line.strip():
-                yield f"{path.name}:{i + 1}", _json_row(line)
-
-
-def _one_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
-
-
-def _rows_of(batch: pa.RecordBatch) -> list[dict | BadRow]:
-    """A batch as rows; a row whose strings are not valid UTF-8 becomes a BadRow, the others are kept."""
-    try:
-        return batch.to_pylist()
-    except UnicodeDecodeError:
-        out: list[dict | BadRow] = []
-        for j in range(batch.num_rows):
-            try:
-                out.append(batch.slice(j, 1).to_pylist()[0])
-            except UnicodeDecodeError:
-                out.append(BadRow("not valid UTF-8"))
-        return out
-
-
-def _iter_parquet(path: Path) -> Iterator[tuple[str, dict | BadRow]]:
-    """Rows of a parquet file, row group by row group: an unreadable file or row group is reported, not raised."""
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:  # ArrowInvalid (not parquet, truncated), OSError: the file is named, the others are read
-        yield path.name, Unreadable("unreadable parquet file", f"{path}: {_one_line(e)}")
-        return
-    i = 0
-    for g in range(pf.num_row_groups):
-        first = i
-        try:
-            for batch in pf.iter_batches(batch_size=256, row_groups=[g]):
-                for row in _rows_of(batch):
-                    yield f"{path.name}:{i}", row
-                    i += 1
-        except Exception as e:  # a corrupt page: the rest of this row group is lost, the next ones are read
-            lost = pf.metadata.row_group(g).num_rows - (i - first)
-            yield f"{path.name}:row group {g}", Unreadable(
-                "unreadable parquet row group", f"{path} row group {g} ({lost} rows): {_one_line(e)}")
-            i = first + pf.metadata.row_group(g).num_rows
-
-
-def _iter_saved_dataset(path: Path, split: str) -> Iterator[tuple[str, dict]]:
-    import datasets
-
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except Exception as e:  # a missing or corrupt arrow file, a broken state.json: one line naming the folder
-        raise DataError(f"cannot read the datasets folder {path} ({_one_line(e)}); save it again with "
-                        "Dataset.save_to_disk, or point data.local_path at parquet/jsonl files") from None
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise DataError(f"{path} is a datasets folder without split {split!r} (has {sorted(ds)}); set data.hub_split")
-        ds = ds[split]
-    for i, row in enumerate(ds):  # memory-mapped Arrow: rows are read lazily
-        yield f"{path.name}[{i}]", row
-
-
-def _is_saved_dataset(path: Path) -> bool:
-    return (path / "dataset_dict.json").exists() or (path / "state.json").exists()
-
-
-def _data_files(path: Path) -> list[Path]:
-    files = sorted(p for p in path.rglob("*") if p.suffix in (".parquet", ".jsonl") and p.is_file())
-    if not files:
-        raise DataError(f"no .parquet or .jsonl files under {path}: point data.local_path at a file, a folder of them or a datasets save_to_disk folder")
-    return files
-
-
-def iter_local(path: str | Path, split: str = "train") -> Iterator[tuple[str, dict | None]]:
-    """(row id, row) from a parquet/jsonl file, a folder of them, or a datasets save_to_disk folder."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise DataError(f"data.local_path {str(p)!r} does not exist: set data.local_path to a parquet/jsonl file or folder, or use data.source=synthetic (`redi demo`)")
-    if p.is_dir() and _is_saved_dataset(p):
-        yield from _iter_saved_dataset(p, split)
-        return
-    for f in ([p] if p.is_file() else _data_files(p)):
-        if f.suffix == ".parquet":
-            yield from _iter_parquet(f)
-        elif f.suffix in (".jsonl", ".json"):
-            yield from _iter_jsonl(f)
-        else:
-            raise DataError(f"unsupported file type {f.suffix!r} ({f}): use .parquet or .jsonl")
-
-
-def resolve_revision(hub_id: str, revision: str | None) -> str:
-    """The commit sha of `revision` (None = main) on the Hub, or ``"unresolved"`` when offline."""
-    try:
-        from huggingface_hub import HfApi
-
-        return HfApi().dataset_info(hub_id, revision=revision, timeout=10).sha or "unresolved"
-    except Exception as e:  # offline, unreachable, unknown repo: the load itself reports the error
-        logger.info("could not resolve the revision of %s (%s)", hub_id, type(e).__name__)
-        return revision or "unresolved"
-
-
-def iter_hub(cfg: DataConfig, revision: str | None) -> Iterator[tuple[str, dict]]:
-    """(row id, row) streamed from the Hub; one clear DataError line when it cannot be reached."""
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(cfg.hub_id, cfg.hub_config, split=cfg.hub_split, revision=revision, streaming=True)
-        it = iter(ds)
-        first = next(it, None)
-    except Exception as e:
-        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise DataError(
-            f"cannot load {cfg.hub_id} ({cfg.hub_config}, {cfg.hub_split}) from the Hugging Face Hub: {msg}. "
-            "Offline? Use data.source=local with data.local_path=<parquet/jsonl/folder>, or `redi demo` (synthetic data)."
-        ) from None
-    if first is None:
-        return
-    yield f"{cfg.hub_split}[0]", first
-    i = 1
-    while True:
-        try:
-            row = next(it)
-        except StopIteration:
-            return
-        except Exception as e:  # the connection dropped mid-stream: one line, not a traceback
-            raise DataError(f"the Hub stream of {cfg.hub_id} broke after {i} rows ({_one_line(e)}); run the download "
-                            "stage again (it restarts), or download the files and use data.source=local") from None
-        yield f"{cfg.hub_split}[{i}]", row
-        i += 1
-
-
-def iter_synthetic(rows: Iterable[dict]) -> Iterator[tuple[str, dict]]:
-    for i, row in enumerate(rows):
-        yield f"synthetic[{i}]", row
-
-
 # ----------------------------------------------------------------------------- writing
 
 
@@ -523,31 +342,6 @@ def normalise_stream(rows: Iterable[tuple[str, dict | None]], schema: str, write
 # ----------------------------------------------------------------------------- entry point
 
 
-def _write_benchmarks(out_dir: Path, val: list[dict], test: list[dict]) -> dict:
-    bdir = out_dir / "benchmarks"
-    bdir.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("demo_val", val), ("demo_test", test)):
-        with (bdir / f"{name}.jsonl").open("w") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    return {"demo_val": len(val), "demo_test": len(test)}
-
-
-def _source_rows(cfg: DataConfig, out_dir: Path, info: dict) -> Iterator[tuple[str, dict | None]]:
-    if cfg.source == "synthetic":
-        from . import synth
-
-        train, val, test = synth.generate(cfg.synth)
-        info["benchmarks"] = _write_benchmarks(out_dir, val, test)
-        return iter_synthetic(train)
-    if cfg.source == "local":
-        info["local_path"] = str(Path(cfg.local_path).expanduser().resolve())
-        return iter_local(cfg.local_path, cfg.hub_split)
-    rev = resolve_revision(cfg.hub_id, cfg.revision)
-    info.update(hub_id=cfg.hub_id, hub_config=cfg.hub_config, hub_split=cfg.hub_split, revision=rev, revision_requested=cfg.revision)
-    return iter_hub(cfg, cfg.revision or (rev if rev != "unresolved" else None))
-
-
 def download(cfg: DataConfig, out_dir: Path, progress: bool = True) -> dict:
     """Write ``out_dir/traces.parquet`` (TRACE_COLUMNS) from cfg's source; return the summary.
 
@@ -561,7 +355,8 @@ def download(cfg: DataConfig, out_dir: Path, progress: bool = True) -> dict:
     info: dict = {"source": cfg.source}
     writer, bad = TraceWriter(out_dir / "traces.parquet"), BadRows()
     try:
-        n_rows, schemas = normalise_stream(_source_rows(cfg, out_dir, info), cfg.schema_, writer, bad, cfg.max_rows, progress)
+        rows = get_source(cfg.source).rows(cfg, out_dir, info)
+        n_rows, schemas = normalise_stream(rows, cfg.schema_, writer, bad, cfg.max_rows, progress)
     finally:
         writer.close()
     if writer.n_traces == 0:

@@ -93,15 +93,11 @@ def auto_device(device: str) -> str:
 def check_inputs(recipe: Recipe) -> None:
     """One-line errors, before any work, for inputs a run would otherwise trip over late: a missing
     ``data.local_path`` (found at download), an unknown benchmark name (found at evaluation, after training)."""
-    from . import benchmarks
+    from . import benchmarks, sources
 
-    if recipe.data.source == "local":
-        p = Path(recipe.data.local_path).expanduser()
-        if not p.exists():
-            from .data import DataError
-
-            raise DataError(f"data.local_path {str(p)!r} does not exist: set data.local_path to a parquet/jsonl file or "
-                            "folder, or use data.source=synthetic (`redi demo`)")
+    src = sources.get_source(recipe.data.source)
+    if src.check is not None:
+        src.check(recipe.data)
     extra = DEMO_BENCHMARKS if recipe.data.source == "synthetic" else ()
     names = list(recipe.evaluate.benchmarks)
     if recipe.verify.decontaminate not in (False, "off"):
@@ -179,7 +175,10 @@ class Pipeline:
     def _upstream(self, stage: str, label: str | None = None) -> dict[str, Any]:
         r = self.recipe
         if stage == "download":
-            return {"local_data": self._local_fingerprint(r.data.local_path, data=True)} if r.data.source == "local" else {}
+            from .sources import get_source
+
+            key_inputs = get_source(r.data.source).key_inputs
+            return key_inputs(r.data) if key_inputs else {}
         if stage == "model":
             if r.model.base == "tiny":
                 return {"download": self.key("download")}
@@ -199,19 +198,11 @@ class Pipeline:
         raise ValueError(f"unknown stage {stage!r}")
 
     @staticmethod
-    def _local_fingerprint(path: str | Path, data: bool = False) -> str:
-        """Content fingerprint of a local input (redi.fingerprint): a changed file is a new key; a data folder
-        counts only the files the download stage reads. Missing: a stable marker (the stage reports it)."""
-        from .fingerprint import fingerprint
+    def _local_fingerprint(path: str | Path) -> str:
+        """Content fingerprint of a local model folder (a changed file is a new key; missing: a stable marker)."""
+        from .sources import input_fingerprint
 
-        p = Path(path).expanduser()
-        include = None
-        if data and p.is_dir() and not ((p / "dataset_dict.json").exists() or (p / "state.json").exists()):
-            include = lambda f: f.suffix in (".parquet", ".jsonl")  # noqa: E731 - as redi.data._data_files
-        try:
-            return fingerprint(p, include)
-        except OSError as e:
-            return f"unavailable:{type(e).__name__}"
+        return input_fingerprint(path)
 
     def _config(self, stage: str) -> Any:
         r = self.recipe

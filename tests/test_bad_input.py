@@ -238,7 +238,7 @@ def test_a_hub_stream_that_breaks_is_one_line(tmp_path, monkeypatch):
         raise ConnectionError("Connection reset by peer")
 
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: rows())
-    monkeypatch.setattr("redi.data.resolve_revision", lambda hub_id, rev: "abc")
+    monkeypatch.setattr("redi.sources.resolve_revision", lambda hub_id, rev: "abc")
     with pytest.raises(DataError) as e:
         download(DataConfig(source="hub", hub_id="open-r1/OpenR1-Math-220k"), tmp_path / "o", progress=False)
     assert "broke after 1 rows" in str(e.value) and "ConnectionError" in str(e.value) and "\n" not in str(e.value)

@@ -155,3 +155,53 @@ def test_flat_rows(tmp_path):
     rows = _table(tmp_path / "o")
     assert s["problems"] == 1 and [r["gen_index"] for r in rows] == [0, 1, 2]  # a repeated problem numbers on
     assert [r["label_math_verify"] for r in rows] == [False, True, False]
+
+
+def _csv_rows(cfg, out_dir, info):
+    """A throwaway source: flat rows (problem, answer, trace) from a CSV file at data.local_path."""
+    import csv
+
+    info["csv"] = cfg.local_path
+    with open(cfg.local_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return ((f"csv:{i + 2}", r) for i, r in enumerate(rows))
+
+
+def test_a_new_data_source_is_one_registry_entry_and_runs_through_the_dag(tmp_path, monkeypatch):
+    """The one-place extension: register a DataSource, and the config (its choices, its required field, its
+    key fields), the download stage, the download key (its local input) and the up-front check all take it."""
+    import copy
+
+    from conftest_orchestration import TINY
+
+    from redi import sources
+    from redi.config import Recipe
+    from redi.pipeline import Pipeline, check_inputs
+
+    def missing(cfg):
+        if not Path(cfg.local_path).exists():
+            raise DataError(f"data.local_path {cfg.local_path} does not exist")
+
+    monkeypatch.setitem(sources.SOURCES, "csv", sources.DataSource(
+        "csv", _csv_rows, "a CSV file of flat rows", fields=("local_path",), requires=("local_path",),
+        key_inputs=lambda cfg: {"csv": sources.input_fingerprint(cfg.local_path)}, check=missing))
+    assert "csv" in DataConfig.model_json_schema()["properties"]["source"]["enum"]
+    with pytest.raises(ValueError, match="data.local_path is required when data.source is 'csv'"):
+        DataConfig(source="csv")
+    path = tmp_path / "traces.csv"
+    path.write_text("problem,answer,trace\n" + "".join(f"What is {i}+1?,{i + 1},so \\boxed{{{i + 1}}}\n" for i in range(30)))
+    cfg = DataConfig(source="csv", local_path=str(path))
+    assert set(cfg.hash_fields()) == {"source", "local_path", "schema", "max_rows"}  # no synth, no hub fields
+    tree = copy.deepcopy(TINY)
+    tree["run"]["artifact_root"] = str(tmp_path / "a")
+    tree["data"] = {"source": "csv", "local_path": str(path)}
+    p = Pipeline(Recipe.model_validate(tree))
+    art = p.run_until("download")["stages"]["download"]
+    assert art.summary["traces"] == 30 and art.summary["csv"] == str(path) and art.summary["schemas"] == {"flat": 30}
+    assert art.manifest["inputs"]["csv"] == sources.input_fingerprint(path)
+    key = p.key("download")
+    path.write_text(path.read_text().replace("What is 0+1", "What is 0 + 1"))
+    assert Pipeline(p.recipe).key("download") != key  # the local input is in the key
+    path.unlink()
+    with pytest.raises(DataError, match="does not exist"):
+        check_inputs(p.recipe)

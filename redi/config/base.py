@@ -3,9 +3,11 @@ every field documented (``Field(description=...)``)."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 
 class StrictModel(BaseModel):
@@ -20,3 +22,29 @@ class StrictModel(BaseModel):
         (worker counts, progress bars, log intervals), so that changing them keeps the cache valid.
         """
         return self.model_dump(mode="json")
+
+
+@dataclass(frozen=True)
+class _Choices:
+    """JSON-schema marker: the field's ``enum`` is the registry's names at the time the schema is made."""
+
+    registry: Mapping[str, Any]
+
+    def __get_pydantic_json_schema__(self, core_schema: Any, handler: Any) -> dict[str, Any]:
+        schema = handler(core_schema)
+        schema["enum"] = list(self.registry)
+        return schema
+
+
+def registered(registry: Mapping[str, Any], what: str) -> Any:
+    """A ``str`` field type whose valid values are the keys of `registry` (read at validation time, so an entry
+    registered after import is valid at once); the JSON schema (recipe forms) lists them as its ``enum``.
+    An unknown value fails naming `what` and the registered names. This is how a config field follows an
+    extension registry (data sources, label rules) without importing the code behind it."""
+
+    def check(v: str) -> str:
+        if v not in registry:
+            raise ValueError(f"unknown {what} {v!r}; registered: {', '.join(registry)}")
+        return v
+
+    return Annotated[str, AfterValidator(check), _Choices(registry)]

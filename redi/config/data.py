@@ -6,7 +6,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .base import StrictModel
+from ..sources import SOURCES, get_source, source_fields
+from .base import StrictModel, registered
 
 
 class SynthConfig(StrictModel):
@@ -35,12 +36,13 @@ class SynthConfig(StrictModel):
 class DataConfig(StrictModel):
     """Stage ``download`` of the DAG (redi.dag.NODES). Normalises any source into one row per (problem, generation)."""
 
-    source: Literal["synthetic", "hub", "local"] = Field(
-        "synthetic", description="`synthetic`: the project's offline teacher; `hub`: datasets.load_dataset; `local`: parquet/jsonl/datasets folder."
+    source: registered(SOURCES, "data source") = Field(  # type: ignore[valid-type]  # a name of redi.sources.SOURCES
+        "synthetic", description="Where the traces come from (registered in redi.sources.SOURCES): "
+        + "; ".join(f"`{s.name}`: {s.summary}" for s in SOURCES.values()) + "."
     )
     hub_id: str = Field("open-r1/OpenR1-Math-220k", description="Hub dataset id (`open-r1/OpenR1-Math-220k` or `open-r1/OpenR1-Math-Raw`, the paper's).")
     hub_config: str | None = Field("default", description="Hub dataset config (`default`, `extended`, `all` for OpenR1-Math-220k).")
-    hub_split: str = Field("train", description="Split to load.")
+    hub_split: str = Field("train", description="Split to load (source=hub; source=local: the split of a `datasets` save_to_disk folder).")
     revision: str | None = Field(None, description="Pinned Hub revision (commit sha); recorded in the manifest. None = the Hub's main, resolved and recorded at download time.")
     local_path: str | None = Field(None, description="A parquet/jsonl file, a folder of them, or a `datasets` save_to_disk folder (source=local).")
     schema_: Literal["auto", "openr1-220k", "openr1-raw", "flat"] = Field(
@@ -53,15 +55,14 @@ class DataConfig(StrictModel):
 
     @model_validator(mode="after")
     def _source(self) -> DataConfig:
-        if self.source == "local" and not self.local_path:
-            raise ValueError("data.local_path is required when data.source is 'local'")
+        for f in get_source(self.source).requires:
+            if getattr(self, f) in (None, ""):
+                raise ValueError(f"data.{f} is required when data.source is {self.source!r}")
         return self
 
     def hash_fields(self) -> dict:
+        """Fields that only other sources read (``redi.sources.DataSource.fields``) are left out."""
         d = self.model_dump(mode="json", by_alias=True)
-        if self.source != "synthetic":
-            d.pop("synth")
-        if self.source != "hub":
-            for k in ("hub_id", "hub_config", "hub_split", "revision"):
-                d.pop(k)
+        for f in source_fields() - set(get_source(self.source).fields):
+            d.pop(f)
         return d
