@@ -28,6 +28,9 @@ False), so an error that cancels out is labelled correct, as a real verifier wou
 Llama judge (``correctness_llama``) flips the truth with probability ``judge_noise``, so the
 ``landmv`` rule differs from ``math_verify`` as in the paper's data.
 
+``style: realistic`` writes the same problems' traces with varied wording, strategies, detours and
+early errors instead (:mod:`redi.synth_realistic`); ``terse`` (the default) is the format above.
+
 Deterministic: ``random.Random(seed)`` drives everything; the same config gives byte-identical rows.
 Val/test problems carry no traces and never share a problem text with a training problem.
 """
@@ -287,7 +290,13 @@ def generate(cfg: SynthConfig) -> tuple[list[dict], list[dict], list[dict]]:
     train_p, val_p, test_p = probs[: cfg.n_train], probs[cfg.n_train : cfg.n_train + cfg.n_val], probs[cfg.n_train + cfg.n_val :]
     train = []
     for p in train_p:
-        traces = [make_trace(p, _kind(rng, cfg.error_rate), rng, cfg.equiv_form_rate) for _ in range(cfg.traces_per_problem)]
+        if cfg.style == "realistic":
+            from . import synth_realistic
+
+            habit: dict[str, int] = {}
+            traces = [synth_realistic.make_trace(p, _kind(rng, cfg.error_rate), habit, rng, cfg.equiv_form_rate) for _ in range(cfg.traces_per_problem)]
+        else:
+            traces = [make_trace(p, _kind(rng, cfg.error_rate), rng, cfg.equiv_form_rate) for _ in range(cfg.traces_per_problem)]
         judge = [t["correct"] != (rng.random() < cfg.judge_noise) for t in traces]
         train.append(openr1_row(p, traces, judge, cfg.seed))
 

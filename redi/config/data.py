@@ -25,6 +25,9 @@ class SynthConfig(StrictModel):
     equiv_form_rate: float = Field(0.1, ge=0.0, le=1.0, description="Share of correct traces whose boxed answer is in another but equivalent form (\\frac{84}{2}, 42.0, x = 42).")
     judge_noise: float = Field(0.03, ge=0.0, le=0.5, description="Probability that the simulated Llama-judge label (correctness_llama) disagrees with the truth.")
     seed: int = Field(0, description="Seed of the generator: the same seed gives byte-identical data.")
+    style: Literal["terse", "realistic"] = Field(
+        "terse", description="`terse`: one fixed line per step (a negative shares ~95 % of its characters with a positive); "
+        "`realistic`: varied wording, strategies, detours, early errors (redi.synth_realistic; the same problems for a seed).")
 
     @model_validator(mode="after")
     def _steps(self) -> SynthConfig:
@@ -65,4 +68,6 @@ class DataConfig(StrictModel):
         d = self.model_dump(mode="json", by_alias=True)
         for f in source_fields() - set(get_source(self.source).fields):
             d.pop(f)
+        if "synth" in d and self.synth.style == "terse":
+            d["synth"].pop("style")  # terse keys stay those of recipes written before synth.style existed
         return d
