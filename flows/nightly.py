@@ -46,10 +46,10 @@ def nightly_eval(
 
 @task(name="evaluate-model", cache_policy=NONE)
 def _evaluate_model(model: str, recipe: dict[str, Any], name: str | None) -> dict[str, Any]:
-    from redi import runs
+    from redi import runs as run_registry
     from redi.config import Recipe
 
-    return runs.evaluate_external(model, Recipe.model_validate(recipe), name)
+    return run_registry.evaluate_external(model, Recipe.model_validate(recipe), name)
 
 
 @flow(name="redi-eval", description="Evaluate any model folder or Hub id on benchmarks; append to the results store.")

@@ -242,9 +242,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_names(r.evaluate.benchmarks, r.evaluate, DEMO_BENCHMARKS if r.data.source == "synthetic" else ())
     t0 = time.time()
     if args.no_prefect:
-        from . import runs
+        from . import runs as run_registry
 
-        res = runs.evaluate_external(args.model, r, args.name)
+        res = run_registry.evaluate_external(args.model, r, args.name)
     else:
         prefect_env(r.run.artifact_root)
         from flows.nightly import redi_eval
@@ -277,10 +277,10 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     if args.no_prefect:
         from dataclasses import asdict
 
-        from . import runs
+        from . import runs as run_registry
 
-        tonight = [asdict(x) for x in runs.evaluate_registered(args.artifact_root, None, ov, runs)]
-        hist = runs.nightly_history(args.artifact_root)
+        tonight = [asdict(x) for x in run_registry.evaluate_registered(args.artifact_root, None, ov, runs)]
+        hist = run_registry.nightly_history(args.artifact_root)
     else:
         prefect_env(args.artifact_root)
         from flows.nightly import nightly_eval

@@ -15,23 +15,23 @@ from prefect.cache_policies import NONE
 @task(name="evaluate-registered", cache_policy=NONE)
 def evaluate_registered(artifact_root: str, evaluate: dict[str, Any] | None, evaluate_overrides: dict[str, Any] | None,
                         runs: list[str] | None, labels: list[str] | None, results_db: str | None) -> list[dict[str, Any]]:
-    from redi import runs
+    from redi import runs as run_registry
     from redi.config import EvaluateConfig
 
     from ._common import run_logs
 
     cfg = EvaluateConfig.model_validate(evaluate) if evaluate is not None else None
     with run_logs():  # the library's lines (cache hit / built, progress, summaries) go to this run's logs
-        res = runs.evaluate_registered(artifact_root, cfg, evaluate_overrides, runs, labels, results_db)
+        res = run_registry.evaluate_registered(artifact_root, cfg, evaluate_overrides, runs, labels, results_db)
     return [asdict(r) for r in res]
 
 
 @task(name="publish-history", cache_policy=NONE)
 def publish_history(artifact_root: str, results_db: str | None, tonight: list[dict[str, Any]]) -> dict[str, Any]:
     """Table + markdown of tonight's results and of the whole nightly history, and the history plot."""
-    from redi import runs
+    from redi import runs as run_registry
 
-    hist = runs.nightly_history(artifact_root, results_db)
+    hist = run_registry.nightly_history(artifact_root, results_db)
     rows = [{k: r[k] for k in ("run", "label", "status", "model_key", "eval_key")} |
             {"pass@1": (r.get("metrics") or {}).get("average", {}).get("pass@1")} for r in tonight]
     create_table_artifact(rows or [{"run": "(no registered runs)"}], key="nightly-tonight",

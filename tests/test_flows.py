@@ -140,14 +140,14 @@ def test_nightly_eval_appends_history_and_publishes(first_run):
 def test_nightly_skips_a_missing_model_instead_of_retraining(tmp_path, prefect_harness):
     import json
 
-    from redi import runs
+    from redi import runs as run_registry
 
     run_dir = tmp_path / "artifacts" / "runs" / "ghost"
     run_dir.mkdir(parents=True)
     write_recipe(run_dir.parent.parent.parent, name="ghost.yaml")
     (run_dir / "recipe.yaml").write_text((tmp_path / "ghost.yaml").read_text())
     (run_dir / "latest.json").write_text(json.dumps({"run": "ghost", "models": {"sft": {"key": "0" * 16, "stage": "sft"}}}))
-    res = runs.evaluate_registered(tmp_path / "artifacts")
+    res = run_registry.evaluate_registered(tmp_path / "artifacts")
     assert [(r.run, r.label, r.status) for r in res] == [("ghost", "sft", "skipped: model artifact missing or corrupt")]
     assert not (tmp_path / "artifacts" / "sft").exists()
 
