@@ -40,7 +40,7 @@ from redi.losses import redi_loss  # noqa: E402
 from redi.packing import Example, collate, sequence_logps  # noqa: E402
 from redi.prompts import render_prompt  # noqa: E402
 from redi.tinymodel import build_base_model, load_tokenizer  # noqa: E402
-from redi.train import load_pair_examples  # noqa: E402
+from redi.train_data import load_pair_examples  # noqa: E402
 
 log = logging.getLogger("bench_train")
 WIDTH, LAYERS, HEADS = 256, 4, 4  # ~6M params with the demo tokenizer

@@ -5,7 +5,7 @@ Why not TRL (1.16; measurements in docs/benchmarks/train.md): its DPOTrainer has
 unavailable"), builds or needs a reference model even for objectives that have none, and its
 SimPO lives in ``trl.experimental.cpo``, which materialises full (B, L, V) logits; we would need
 three trainers with three sets of pitfalls (bf16 and gradient checkpointing on by default, renamed
-fields). Here one ~400-line loop does SFT and all three losses (``redi.losses``), padding-free
+fields). Here one loop does SFT and all three losses (``redi.losses``), padding-free
 (``redi.packing``), REDI and SimPO never load a reference, and DPO precomputes the reference
 log-probs once. ``benchmarks/bench_train.py`` measures it against TRL's DPOTrainer.
 
@@ -25,8 +25,8 @@ What the loop does (paper App. C unless stated):
   exact under gradient accumulation and under several processes (a 2-process run matches 1 process).
 - device: ``auto`` = CUDA if available (bf16 autocast where supported, fp32 master weights), else
   CPU in fp32. Threads from ``REDI_THREADS`` (else torch's default / ``OMP_NUM_THREADS``).
-- checkpoints: every ``save_steps`` into ``work_dir/checkpoint-<step>`` via ``accelerate.save_state``
-  (model, optimiser, scheduler, RNG) + ``trainer_state.json`` (step, signals, counts) + ``checksums.json``
+- checkpoints (:mod:`redi.train_checkpoints`): every ``save_steps`` into ``work_dir/checkpoint-<step>`` via
+  ``accelerate.save_state`` (model, optimiser, scheduler, RNG) + ``trainer_state.json`` (step, signals, counts) + ``checksums.json``
   (written last); a re-run with the same work_dir resumes from the newest one whose checksums match and
   ends with the same weights as an uninterrupted run. Two are kept, so a corrupt newest one falls back to
   the one before (or training starts over), with a warning naming the file. A full disk is one line
@@ -37,6 +37,8 @@ What the loop does (paper App. C unless stated):
   clipping, decay groups by name, the update norm from the optimiser state, the DPO reference through
   the prepared model, sharded over ranks) is in ``redi.train_backend``; docs/training.md lists what is
   tested on CPU per backend.
+- outputs (:mod:`redi.train_report`): the step records, ``out_dir/model`` in ``save_dtype``, the signals and
+  the summary dict.
 """
 
 from __future__ import annotations
@@ -46,23 +48,21 @@ import json
 import logging
 import math
 import os
-import re
-import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .artifacts import file_table, folder_bytes, sha256_file, storage_error
 from .config.train import OptimConfig, SFTConfig, Stage2Config
-from .logprobs import LogProbLM, resolve_attn, unwrap_logprob
+from .logprobs import LogProbLM, resolve_attn
 from .losses import get_loss, objective
-from .packing import Example, collate, row_budget, sequence_logps
+from .packing import Batch, Example, collate, row_budget, sequence_logps
 from .prompts import DEFAULT_PROTOCOL
 from .signals import SignalLog
-from .tinymodel import MARKER, load_tokenizer
+from .tinymodel import load_tokenizer
 from .train_backend import (
     adam_update_norm,
     check_backend,
@@ -72,24 +72,23 @@ from .train_backend import (
     is_fsdp,
     param_count,
 )
+from .train_checkpoints import TRAINER_STATE, choose_checkpoint, latest_checkpoint, save_checkpoint
 from .train_data import load_pair_examples, load_sft_examples, lr_factor, step_indices, total_steps
+from . import tracking, train_kept
+from .train_report import format_record, rank_report, save_outputs, step_record, summary
 
-__all__ = ["train_sft", "train_stage2", "TrainingError", "load_sft_examples", "load_pair_examples", "lr_factor",
-           "step_indices", "total_steps", "resolve_device", "main"]
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = ["CHECKPOINT_HOOKS", "Job", "TrainingError", "main", "precompute_reference", "resolve_device", "run",
+           "train_sft", "train_stage2"]
 
 log = logging.getLogger(__name__)
 
 
-def _tied_head_notice(record: logging.LogRecord) -> bool:
-    """False for accelerate's "Removed shared tensor {'lm.lm_head.weight'}" at every checkpoint: the head is tied
-    to the embeddings (``tie_word_embeddings``), stored once and tied again on load (resume is tested), so
-    the warning says nothing; any other shared tensor is still reported."""
-    msg = record.getMessage()
-    return not (msg.startswith("Removed shared tensor {") and set(re.findall(r"'([^']+)'", msg.split("}")[0]))
-                <= {"lm.lm_head.weight", "lm_head.weight"})
-
-
-logging.getLogger("accelerate.utils.other").addFilter(_tied_head_notice)
+LossFn = Callable[[dict[str, torch.Tensor], Any], torch.Tensor]
+"""A stage-2 objective: per-pair losses (B,) from the log-prob parts and the config."""
 
 CHECKPOINT_HOOKS: list[Callable[[int], None]] = []
 """Called with the step number right after each checkpoint is saved, on every rank. A hook that raises stops
@@ -103,7 +102,7 @@ class TrainingError(RuntimeError):
 # ------------------------------------------------------------------------------------------ setup
 
 
-def _check_template(tok, model_dir: Path) -> None:
+def _check_template(tok: PreTrainedTokenizerBase, model_dir: Path) -> None:
     if not getattr(tok, "chat_template", None):
         raise ValueError(f"tokenizer in {model_dir} has no chat template: build the base model with "
                          "model.chat_template set (redi.prompts.CHATML_TEMPLATE is the Qwen-style one)")
@@ -130,7 +129,7 @@ def _set_threads() -> None:
         torch.set_num_threads(int(n))
 
 
-def _make_accelerator(dev: str, mixed_precision: str, grad_accum: int):
+def _make_accelerator(dev: str, mixed_precision: str, grad_accum: int) -> Accelerator:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
@@ -159,7 +158,7 @@ def _load_model(model_dir: Path, cfg: OptimConfig, dev: str = "cpu") -> LogProbL
     return LogProbLM(model)
 
 
-def _optimizer(model, cfg: OptimConfig) -> torch.optim.Optimizer:
+def _optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     groups = decay_groups(model, cfg.weight_decay)  # by name: no decay on biases and norm weights
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
 
@@ -177,11 +176,10 @@ class Job:
     out_dir: Path
     work_dir: Path
     device: str
-    items: list
-    counts: dict
-    tok: object
+    items: Sequence[Any]  # SFT: Example; stage 2: (chosen, rejected) Example pairs
+    counts: dict[str, Any]
+    tok: PreTrainedTokenizerBase
     ref_logps: torch.Tensor | None = None  # (n_pairs, 2) DPO reference, precomputed
-    extra: dict = field(default_factory=dict)
 
     def fingerprint(self) -> str:
         blob = json.dumps({"kind": self.kind, "cfg": self.cfg.hash_fields(), "n": len(self.items)}, sort_keys=True)
@@ -195,7 +193,8 @@ def _sequences(job: Job, idx: list[int]) -> list[Example]:
     return [job.items[i][0] for i in idx] + [job.items[i][1] for i in idx]
 
 
-def _micro_loss(job: Job, model, idx: list[int], scale: float, loss_fn, ref_model) -> tuple[torch.Tensor, dict]:
+def _micro_loss(job: Job, model: torch.nn.Module, idx: list[int], scale: float, loss_fn: LossFn | None,
+                ref_model: torch.nn.Module | None) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of one micro-batch (already scaled for the global step) and its signal sums."""
     dev = next(model.parameters()).device
     batch = collate(_sequences(job, idx), job.cfg.packing, job.tok.pad_token_id, row_budget(dev, job.cfg.pack_tokens)).to(dev)
@@ -215,7 +214,8 @@ def _micro_loss(job: Job, model, idx: list[int], scale: float, loss_fn, ref_mode
     return losses.sum() * scale, stats
 
 
-def _reference(job: Job, ref_model, batch, idx: list[int], dev) -> tuple[torch.Tensor, torch.Tensor]:
+def _reference(job: Job, ref_model: torch.nn.Module | None, batch: Batch, idx: list[int],
+               dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     if job.ref_logps is not None:
         ref = job.ref_logps[idx].to(dev)
         return ref[:, 0], ref[:, 1]
@@ -224,7 +224,7 @@ def _reference(job: Job, ref_model, batch, idx: list[int], dev) -> tuple[torch.T
     return sums[: len(idx)], sums[len(idx):]
 
 
-def precompute_reference(job: Job, model, acc) -> torch.Tensor:
+def precompute_reference(job: Job, model: torch.nn.Module, acc: Accelerator) -> torch.Tensor:
     """DPO: summed log-probs of every (chosen, rejected) under the starting (SFT) model, (n, 2) float64.
 
     Runs through the PREPARED model before the first step, so FSDP (ranks that loaded no weights with
@@ -267,121 +267,15 @@ def precompute_reference(job: Job, model, acc) -> torch.Tensor:
     return out
 
 
-# ------------------------------------------------------------------------------------------ checkpoints
+# ------------------------------------------------------------------------------------------ resume
 
 
-CHECKSUMS = "checksums.json"
-"""Written last into a checkpoint (size and sha256 of every other file): a folder without it is no checkpoint."""
-KEEP_CHECKPOINTS = 2
-"""Checkpoints kept: the newest and the one before it, the fallback when the newest fails verification."""
-
-
-def _checkpoints(work_dir: Path) -> list[Path]:
-    """Renamed (complete) checkpoint folders, newest first; ``checkpoint-N.tmp`` is never one."""
-    cks = [p for p in work_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
-    return sorted(cks, key=lambda p: int(p.name.split("-", 1)[1]), reverse=True)
-
-
-def _latest_checkpoint(work_dir: Path) -> Path | None:
-    return next((p for p in _checkpoints(work_dir) if (p / CHECKSUMS).exists()), None)
-
-
-def _write_checksums(folder: Path) -> None:
-    (folder / CHECKSUMS).write_text(json.dumps(file_table(folder, skip=CHECKSUMS), indent=1))
-
-
-def verify_checkpoint(folder: Path) -> str | None:
-    """None when every file ``checksums.json`` lists has its size and sha256, else why not (naming the file)."""
-    path = folder / CHECKSUMS
-    try:
-        table = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        return f"{path} is missing or unreadable ({type(e).__name__})"
-    for rel, meta in table.items():
-        f = folder / rel
-        if not f.is_file():
-            return f"{f} is missing"
-        if f.stat().st_size != meta["size"]:
-            return f"{f} has {f.stat().st_size} bytes, {CHECKSUMS} says {meta['size']}"
-        if sha256_file(f) != meta["sha256"]:
-            return f"{f} does not match its sha256 in {CHECKSUMS}"
-    return None
-
-
-def _checkpoint_bytes(acc, work_dir: Path) -> int:
-    """Space a checkpoint needs: the newest one's size, else weights + two Adam moments of the local model."""
-    ck = _latest_checkpoint(work_dir)
-    if ck is not None:
-        return folder_bytes(ck)
-    return 3 * sum(p.numel() * p.element_size() for m in acc._models for p in m.parameters())
-
-
-def _save_failed(e: Exception, acc, job: Job, tmp: Path):
-    """Raise a one-line StorageError for a full disk / read-only work_dir (else ``e``); remove ``tmp`` first."""
-    err = storage_error(e, job.work_dir, _checkpoint_bytes(acc, job.work_dir))
-    shutil.rmtree(tmp, ignore_errors=True)  # never trusted (not renamed), but it holds the space
-    if err is None:
-        raise e
-    raise err from e
-
-
-def _save_checkpoint(acc, job: Job, step: int, signals: SignalLog) -> Path:
-    """Save into ``checkpoint-N.tmp``, then (rank 0) ``trainer_state.json``, then ``checksums.json`` last, then
-    rename to ``checkpoint-N`` and keep the newest :data:`KEEP_CHECKPOINTS`."""
-    final = job.work_dir / f"checkpoint-{step}"
-    tmp = job.work_dir / f"checkpoint-{step}.tmp"
-    if acc.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    acc.wait_for_everyone()
-    try:
-        acc.save_state(str(tmp))
-    except Exception as e:
-        _save_failed(e, acc, job, tmp)
-    acc.wait_for_everyone()  # every rank's shard is written before rank 0 hashes and renames the folder
-    if acc.is_main_process:
-        state = {"step": step, "fingerprint": job.fingerprint(), "signals": signals.records, "counts": job.counts}
-        try:
-            (tmp / "trainer_state.json").write_text(json.dumps(state))
-            _write_checksums(tmp)
-        except Exception as e:
-            _save_failed(e, acc, job, tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for old in _checkpoints(job.work_dir)[KEEP_CHECKPOINTS:]:
-            shutil.rmtree(old, ignore_errors=True)
-    acc.wait_for_everyone()
-    return final
-
-
-def _good_checkpoint(work_dir: Path) -> Path | None:
-    """The newest checkpoint whose files match ``checksums.json``; each one that does not is removed with a
-    warning naming the file (a flipped bit must not resume into a different model under the same key)."""
-    bad = []
-    for ck in _checkpoints(work_dir):
-        why = verify_checkpoint(ck)
-        if why is None:
-            if bad:
-                log.warning("resuming from the previous good checkpoint %s", ck)
-            return ck
-        log.warning("checkpoint %s failed verification: %s; it is removed", ck, why)
-        shutil.rmtree(ck, ignore_errors=True)
-        bad.append(ck)
-    if bad:
-        log.warning("no good checkpoint left in %s: training starts over", work_dir)
-    return None
-
-
-def _resume(acc, job: Job) -> tuple[int, list[dict]]:
-    """Verified by rank 0 (every file hashed once), the chosen folder broadcast to the other ranks."""
-    ck = _good_checkpoint(job.work_dir) if acc.is_main_process else None
-    if acc.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        ck = broadcast_object_list([ck])[0]
+def _resume(acc: Accelerator, job: Job) -> tuple[int, list[dict[str, Any]]]:
+    """The step and signal records to continue from (0, [] without a good checkpoint); loads the state into ``acc``."""
+    ck = choose_checkpoint(acc, job.work_dir)
     if ck is None:
         return 0, []
-    state = json.loads((ck / "trainer_state.json").read_text())
+    state = json.loads((ck / TRAINER_STATE).read_text())
     if state["fingerprint"] != job.fingerprint():
         raise TrainingError(f"{ck} was written by a different config or dataset (fingerprint {state['fingerprint']} "
                             f"!= {job.fingerprint()}): use an empty work_dir")
@@ -393,7 +287,7 @@ def _resume(acc, job: Job) -> tuple[int, list[dict]]:
 # ------------------------------------------------------------------------------------------ loop
 
 
-def run(job: Job) -> dict:
+def run(job: Job) -> dict[str, Any]:
     """The training loop shared by both stages. Returns the summary dict."""
     cfg = job.cfg
     _set_threads()
@@ -413,6 +307,7 @@ def run(job: Job) -> dict:
     n_params = param_count(model)
     optimizer = _optimizer(model, cfg)
     total = total_steps(cfg, len(job.items))
+    job.extra["keep_steps"] = train_kept.kept_steps(cfg, total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, total))
     ref_model = None
     needs_ref = job.kind == "stage2" and objective(cfg.loss).needs_reference
@@ -435,26 +330,18 @@ def run(job: Job) -> dict:
     t_train = time.time()
     mine = _loop(job, acc, model, optimizer, base_optimizer, scheduler, ref_model, loss_fn, signals, start, total, per_rank)
     train_s = time.time() - t_train
-    _save_outputs(job, acc, model, signals)
-    summary = _summary(job, signals, start, total, train_s, dev, mp, world, n_params)
-    summary["ranks"] = _rank_report(acc, mine, total - start)
-    return summary
+    save_outputs(job, acc, model, signals)
+    train_kept.publish(job, acc, job.extra["keep_steps"])
+    out = summary(job, signals, start, total, train_s, dev, mp, world, n_params)
+    out["kept_checkpoints"] = job.extra["keep_steps"]
+    out["ranks"] = rank_report(acc, mine, total - start)
+    return out
 
 
-def _rank_report(acc, mine: dict, steps: int) -> list[dict]:
-    """What each process of the run trained (proof that every rank took part), gathered to all ranks."""
-    import platform
-
-    from accelerate.utils import gather_object
-
-    me = {"rank": acc.process_index, "pid": os.getpid(), "host": platform.node(), "steps": steps, **mine}
-    log.info("rank %d/%d (pid %d) trained %d steps: %d sequences, %d tokens", acc.process_index, acc.num_processes,
-             me["pid"], steps, mine["sequences"], mine["tokens"])
-    return sorted(gather_object([me]) if acc.num_processes > 1 else [me], key=lambda r: r["rank"])
-
-
-def _loop(job, acc, model, optimizer, base_optimizer, scheduler, ref_model, loss_fn, signals, start, total,
-          per_rank) -> dict:
+def _loop(job: Job, acc: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+          base_optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+          ref_model: torch.nn.Module | None, loss_fn: LossFn | None, signals: SignalLog, start: int, total: int,
+          per_rank: int) -> dict[str, int]:
     """The optimiser steps ``start..total``; returns what this rank trained on ({sequences, tokens})."""
     from tqdm.auto import tqdm
 
@@ -493,100 +380,39 @@ def _loop(job, acc, model, optimizer, base_optimizer, scheduler, ref_model, loss
                     upd = adam_update_norm(acc, base_optimizer)  # before the scheduler moves the lr
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-        rec = _record(job, acc, step, sums, idx, denom, gn, lr, upd, time.time() - t0)
+        tokens = sum(len(e.ids) for e in _sequences(job, idx))
+        rec = step_record(job, acc, step, sums, len(idx), tokens, denom, gn, lr, upd, time.time() - t0)
         signals.add(rec)
+        if acc.is_main_process:  # the same values as signals.jsonl, to run.report_to's trackers (none: no-op)
+            tracking.log_signals(rec)
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", chosen=f"{rec['chosen_logp']:.3f}")
         if (step + 1) % cfg.log_steps == 0:
-            log.info("%s step %d/%d %s", job.kind, step + 1, total, _fmt(rec))
+            log.info("%s step %d/%d %s", job.kind, step + 1, total, format_record(rec))
+        if step + 1 in job.extra["keep_steps"]:  # before the step's resume checkpoint: a kill between them loses nothing
+            train_kept.export_step(job, acc, model, step + 1)
         if (step + 1) % cfg.save_steps == 0 or step + 1 == total:
-            _save_checkpoint(acc, job, step + 1, signals)
+            save_checkpoint(acc, job.work_dir, step + 1, {"step": step + 1, "fingerprint": job.fingerprint(),
+                                                          "signals": signals.records, "counts": job.counts})
             for hook in CHECKPOINT_HOOKS:
                 hook(step + 1)
     bar.close()
     return mine_total
 
 
-def _check_finite(acc, finite: bool, step: int, work_dir: Path) -> None:
+def _check_finite(acc: Accelerator, finite: bool, step: int, work_dir: Path) -> None:
     flag = acc.reduce(torch.tensor([0.0 if finite else 1.0], device=acc.device), reduction="sum")
     if float(flag) > 0:
-        ck = _latest_checkpoint(work_dir)
+        ck = latest_checkpoint(work_dir)
         raise TrainingError(f"non-finite (NaN/inf) loss at optimiser step {step + 1}: training stopped before the "
                             f"update; last good checkpoint: {ck or 'none yet'} (lower the lr, check the data)")
-
-
-def _record(job, acc, step, sums, idx, denom, gn, lr, update_norm, dt) -> dict:
-    """Reduce the micro-batch sums over processes into one step record."""
-    t = acc.reduce(torch.tensor([sums["loss"], sums["chosen"], sums["rejected"]], dtype=torch.float64,
-                                device=acc.device), reduction="sum").tolist()
-    n_seq = len(idx)
-    tokens = sum(len(e.ids) for e in _sequences(job, idx))
-    rec = {"step": step + 1, "epoch": round((step + 1) * job.cfg.global_batch / len(job.items), 4),
-           "loss": t[0] / denom, "chosen_logp": t[1] / n_seq, "rejected_logp": None, "margin": None,
-           "grad_norm": None if gn is None else float(gn), "update_norm": update_norm, "lr": lr,
-           "tokens": tokens, "tokens_per_s": tokens / max(dt, 1e-9)}
-    if job.kind == "stage2":
-        rec["rejected_logp"] = t[2] / n_seq
-        rec["margin"] = rec["chosen_logp"] - rec["rejected_logp"]
-    return rec
-
-
-def _fmt(rec: dict) -> str:
-    keys = ("loss", "chosen_logp", "rejected_logp", "grad_norm", "update_norm", "lr", "tokens_per_s")
-    return " ".join(f"{k}={rec[k]:.4g}" for k in keys if rec.get(k) is not None)
-
-
-def saved_state(state: dict, save_dtype: str) -> dict:
-    """The causal LM's state dict as saved: the wrapper's ``lm.`` prefix removed, floating tensors cast to
-    ``save_dtype`` (``auto`` outside a recipe: float32). The official runs save bf16, the dtype they are
-    evaluated in; an fp32 file served in bf16 is rounded by vLLM at load time to the same values."""
-    dtype = getattr(torch, "float32" if save_dtype == "auto" else save_dtype)
-    return {k.removeprefix("lm."): v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-
-
-def _set_config_dtype(model_dir: Path, dtype: torch.dtype) -> None:
-    """config.json names the dtype of the saved weights (save_pretrained writes the in-memory model's)."""
-    path = model_dir / "config.json"
-    config = json.loads(path.read_text())
-    config["dtype"] = str(dtype).removeprefix("torch.")
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def _save_outputs(job: Job, acc, model, signals: SignalLog) -> None:
-    acc.wait_for_everyone()
-    state = acc.get_state_dict(model)
-    if acc.is_main_process:
-        out = job.out_dir / "model"
-        wrapper = unwrap_logprob(acc.unwrap_model(model))  # the LogProbLM; its causal LM is saved
-        state = saved_state(state, job.cfg.save_dtype)
-        wrapper.lm.save_pretrained(out, state_dict=state, safe_serialization=True)
-        _set_config_dtype(out, next(v.dtype for v in state.values() if v.is_floating_point()))
-        job.tok.save_pretrained(out)
-        if (job.model_dir / MARKER).exists():
-            shutil.copy(job.model_dir / MARKER, out / MARKER)
-        signals.write_jsonl(job.out_dir / "signals.jsonl")
-        title = f"{job.kind} ({getattr(job.cfg, 'loss', 'sft')}) lr={job.cfg.lr:g}"
-        signals.plot(job.out_dir / "signals.png", title)
-    acc.wait_for_everyone()
-
-
-def _summary(job, signals, start, total, train_s, dev, mp, world, n_params) -> dict:
-    recs = signals.records
-    new = recs[start:]
-    tok_s = sum(r["tokens"] for r in new) / max(sum(r["tokens"] / r["tokens_per_s"] for r in new), 1e-9) if new else None
-    return {
-        "stage": job.kind, "loss_type": getattr(job.cfg, "loss", "sft"), "counts": job.counts, "steps": total,
-        "resumed_from_step": start, "epochs": recs[-1]["epoch"] if recs else 0.0, "train_seconds": round(train_s, 2),
-        "tokens": sum(r["tokens"] for r in recs), "tokens_per_s": tok_s, "device": dev, "mixed_precision": mp,
-        "world_size": world, "params": n_params, "first": recs[0] if recs else None, "last": recs[-1] if recs else None,
-        "collapse_steps": signals.collapse_steps,
-    }
 
 
 # ------------------------------------------------------------------------------------------ entry points
 
 
-def _prepare(cfg: OptimConfig, model_dir: Path, out_dir: Path, work_dir: Path):
+def _prepare(cfg: OptimConfig, model_dir: Path, out_dir: Path,
+             work_dir: Path) -> tuple[Path, Path, Path, PreTrainedTokenizerBase]:
     model_dir, out_dir, work_dir = Path(model_dir), Path(out_dir), Path(work_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -598,7 +424,7 @@ def _prepare(cfg: OptimConfig, model_dir: Path, out_dir: Path, work_dir: Path):
 
 
 def train_sft(cfg: SFTConfig, model_dir: Path, positives_path: Path, out_dir: Path, work_dir: Path,
-              device: str, prompt_protocol: str = DEFAULT_PROTOCOL) -> dict:
+              device: str, prompt_protocol: str = DEFAULT_PROTOCOL) -> dict[str, Any]:
     """Stage 1: SFT on positive traces (completion-only loss). Writes out_dir/{model, signals.jsonl, signals.png}."""
     model_dir, out_dir, work_dir, tok = _prepare(cfg, model_dir, out_dir, work_dir)
     items, counts = load_sft_examples(cfg, tok, Path(positives_path), prompt_protocol, cache_dir=work_dir / "tokens")
@@ -607,7 +433,7 @@ def train_sft(cfg: SFTConfig, model_dir: Path, positives_path: Path, out_dir: Pa
 
 
 def train_stage2(cfg: Stage2Config, sft_model_dir: Path, pairs_path: Path, out_dir: Path, work_dir: Path,
-                 device: str, prompt_protocol: str = DEFAULT_PROTOCOL) -> dict:
+                 device: str, prompt_protocol: str = DEFAULT_PROTOCOL) -> dict[str, Any]:
     """Stage 2 from the SFT checkpoint with cfg.loss in {redi, dpo, simpo}. Same outputs as train_sft."""
     get_loss(cfg.loss)
     model_dir, out_dir, work_dir, tok = _prepare(cfg, sft_model_dir, out_dir, work_dir)
@@ -641,7 +467,16 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     recipe = load_recipe(args.recipe, args.overrides)
     fn, cfg = (train_sft, recipe.sft) if args.stage == "sft" else (train_stage2, recipe.redi)
-    summary = fn(cfg, args.model_dir, args.data, args.out, args.work, args.device, recipe.prompt.train)
+    tracker = tracking.from_env()  # the parent's node run (run.report_to), rank 0 only
+    try:
+        with tracking.activate(tracker):
+            summary = fn(cfg, args.model_dir, args.data, args.out, args.work, args.device, recipe.prompt.train)
+    except BaseException:
+        if tracker:
+            tracker.close(failed=True)
+        raise
+    if tracker:
+        tracker.close()
     if int(os.environ.get("RANK", "0")) == 0:
         (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     from accelerate import PartialState

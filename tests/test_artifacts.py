@@ -174,6 +174,7 @@ def test_code_version_follows_package_imports_transitively():
 
     train = module_closure(["redi.train"], ["redi.config"])
     assert {"redi.train", "redi.losses", "redi.packing", "redi.prompts"} <= set(train)
+    assert {"redi.train_checkpoints", "redi.train_report"} <= set(train)  # a split module still keys training
     assert not any(m.startswith("redi.config") for m in train)
     ev = module_closure(["redi.evaluate"], ["redi.config", "redi.grader", "redi.metrics"])
     assert "redi.generate" in ev and "redi.grader" not in ev  # the grader is keyed by the grade step

@@ -1,4 +1,5 @@
-"""redi.train / redi.packing / redi.signals on a tiny locally built model (CPU, a few steps each)."""
+"""redi.train (with redi.train_checkpoints and redi.train_report) / redi.packing / redi.signals on a tiny
+locally built model (CPU, a few steps each)."""
 
 import dataclasses
 import json
@@ -14,6 +15,9 @@ import torch
 from _train_data import write_fixture
 
 from redi import train as T
+from redi import train_checkpoints as C
+from redi import train_data as D
+from redi import train_report as R
 from redi.config import ModelConfig, SFTConfig, Stage2Config
 from redi.config.model import TinyModelConfig
 from redi.losses import OBJECTIVES
@@ -74,17 +78,17 @@ def test_make_example_truncation():
 
 
 def test_lr_schedule_warmup_and_linear_decay():
-    f = T.lr_factor(SFTConfig(warmup_ratio=0.2, schedule="linear"), total=10)
+    f = D.lr_factor(SFTConfig(warmup_ratio=0.2, schedule="linear"), total=10)
     assert [round(f(s), 3) for s in range(10)] == [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]
-    c = T.lr_factor(SFTConfig(warmup_ratio=0.0, schedule="cosine", min_lr_ratio=0.1), total=4)
+    c = D.lr_factor(SFTConfig(warmup_ratio=0.0, schedule="cosine", min_lr_ratio=0.1), total=4)
     assert c(0) == pytest.approx(1.0) and c(2) == pytest.approx(0.1 + 0.9 * 0.5)
 
 
 def test_step_indices_are_epoch_permutations():
-    first = [i for s in range(5) for i in T.step_indices(10, 2, s, seed=0)]
+    first = [i for s in range(5) for i in D.step_indices(10, 2, s, seed=0)]
     assert sorted(first) == list(range(10))
-    assert T.step_indices(10, 2, 3, seed=0) == T.step_indices(10, 2, 3, seed=0)
-    assert first != [i for s in range(5) for i in T.step_indices(10, 2, s, seed=1)]
+    assert D.step_indices(10, 2, 3, seed=0) == D.step_indices(10, 2, 3, seed=0)
+    assert first != [i for s in range(5) for i in D.step_indices(10, 2, s, seed=1)]
 
 
 # ------------------------------------------------------------------ SFT and stage 2
@@ -118,7 +122,7 @@ def _pair_logps(model_dir: Path, pairs_path: Path) -> tuple[float, float]:
     from redi.tinymodel import load_tokenizer
 
     tok = load_tokenizer(model_dir)
-    items, _ = T.load_pair_examples(Stage2Config(), tok, pairs_path)
+    items, _ = D.load_pair_examples(Stage2Config(), tok, pairs_path)
     m = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
     with torch.no_grad():
         sums, lens = sequence_logps(m, collate([p[0] for p in items[:16]] + [p[1] for p in items[:16]]))
@@ -194,13 +198,13 @@ def test_flipped_bit_in_a_checkpoint_falls_back_to_the_previous_one(env, tmp_pat
         T.train_sft(cfg, d / "base", data["positives"], tmp_path / "part", tmp_path / "w", "cpu")
     assert sorted(p.name for p in (tmp_path / "w").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     for ck in ("checkpoint-2", "checkpoint-4"):
-        assert T.verify_checkpoint(tmp_path / "w" / ck) is None
+        assert C.verify_checkpoint(tmp_path / "w" / ck) is None
     weights = tmp_path / "w" / "checkpoint-4" / "model.safetensors"
     raw = bytearray(weights.read_bytes())
     raw[len(raw) // 2] ^= 0x01  # one bit, same size
     weights.write_bytes(bytes(raw))
     monkeypatch.setattr(T, "CHECKPOINT_HOOKS", [])
-    with caplog.at_level("WARNING", logger="redi.train"):
+    with caplog.at_level("WARNING", logger="redi.train_checkpoints"):
         s = T.train_sft(cfg, d / "base", data["positives"], tmp_path / "part2", tmp_path / "w", "cpu")
     assert f"{weights} does not match its sha256" in caplog.text
     assert "previous good checkpoint" in caplog.text
@@ -216,7 +220,7 @@ def test_corrupt_only_checkpoint_starts_over(env, tmp_path, monkeypatch, caplog)
         T.train_sft(cfg, d / "base", data["positives"], tmp_path / "part", tmp_path / "w", "cpu")
     (tmp_path / "w" / "checkpoint-1" / "trainer_state.json").write_text("{}")  # another size
     monkeypatch.setattr(T, "CHECKPOINT_HOOKS", [])
-    with caplog.at_level("WARNING", logger="redi.train"):
+    with caplog.at_level("WARNING", logger="redi.train_checkpoints"):
         s = T.train_sft(cfg, d / "base", data["positives"], tmp_path / "o", tmp_path / "w", "cpu")
     assert "checkpoint-1/trainer_state.json has 2 bytes" in caplog.text and "training starts over" in caplog.text
     assert s["resumed_from_step"] == 0
@@ -235,7 +239,7 @@ def test_full_disk_at_checkpoint_is_one_line_and_leaves_no_tmp(env, tmp_path, mo
         (folder / "partial").write_bytes(b"x" * 1000)
         raise OSError(errno.ENOSPC, "No space left on device", str(folder / "optimizer.bin"))
 
-    monkeypatch.setattr(T, "_write_checksums", full)
+    monkeypatch.setattr(C, "write_checksums", full)
     cfg = SFTConfig(lr=3e-3, max_steps=2, global_batch=8, micro_batch=4, save_steps=1)
     with pytest.raises(StorageError, match=r"^no space left in .*/w \(needs ~\d+ MB, \d+ MB free\): free space or set "
                                            r"run.artifact_root elsewhere$"):
@@ -380,10 +384,10 @@ def test_two_process_gloo_matches_one_process(env, tmp_path):
 
 def test_saved_state_casts_floating_weights_and_drops_the_wrapper_prefix():
     state = {"lm.w": torch.tensor([1.0 + 2**-12, 3.0]), "lm.idx": torch.tensor([1, 2])}
-    out = T.saved_state(state, "bfloat16")
+    out = R.saved_state(state, "bfloat16")
     assert out["w"].dtype == torch.bfloat16 and out["w"].tolist() == [1.0, 3.0]  # rounded to bf16's 8-bit mantissa
     assert out["idx"].dtype == torch.int64
-    assert T.saved_state(state, "auto")["w"].dtype == torch.float32
+    assert R.saved_state(state, "auto")["w"].dtype == torch.float32
 
 
 def test_tied_head_notice_is_dropped_other_shared_tensors_are_not():
@@ -392,6 +396,6 @@ def test_tied_head_notice_is_dropped_other_shared_tensors_are_not():
     def rec(msg: str) -> logging.LogRecord:
         return logging.LogRecord("accelerate.utils.other", logging.WARNING, "", 0, msg, None, None)
 
-    assert not T._tied_head_notice(rec("Removed shared tensor {'lm.lm_head.weight'} while saving. This should be OK"))
-    assert T._tied_head_notice(rec("Removed shared tensor {'lm.lm_head.weight', 'lm.model.norm.weight'} while saving."))
-    assert T._tied_head_notice(rec("something else"))
+    assert not C.tied_head_notice(rec("Removed shared tensor {'lm.lm_head.weight'} while saving. This should be OK"))
+    assert C.tied_head_notice(rec("Removed shared tensor {'lm.lm_head.weight', 'lm.model.norm.weight'} while saving."))
+    assert C.tied_head_notice(rec("something else"))
