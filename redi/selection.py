@@ -1,6 +1,6 @@
-"""What the verify stage selects: label rules, problem identity, trace filters, positives and pairs, and
-the funnel report beside the official figures. Pure functions of the light per-trace table (no texts, no
-tokenizer); redi.verify grades, counts tokens, reads and writes.
+"""What the verify stage selects: problem identity, trace filters, positives and pairs, and the funnel report
+beside the official figures (the label rules are ``redi.label_rules``). Pure functions of the light per-trace
+table (no texts, no tokenizer); redi.verify grades, counts tokens, reads and writes.
 
 Order of the trace filters (a trace is dropped at the first that fails; counts after each step go into
 the summary's ``funnel``): problem_is_valid -> excluded sources -> no gold answer (``require_answer``)
@@ -32,85 +32,12 @@ one), contaminated problems removed after stripping punctuation. Traces whose co
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import pandas as pd
 
 from .config.verify import VerifyConfig
+from .label_rules import LABEL_RULES, LabelRuleError  # noqa: F401 - re-exported with the selection's names
 from .schema import PAIR_COLUMNS, POSITIVE_COLUMNS, stable_id
-
-
-class LabelRuleError(ValueError):
-    """The chosen label rule needs a column the data does not have."""
-
-
-# ----------------------------------------------------------------------------- label rules
-
-
-def rule_math_verify(ours: pd.Series, df: pd.DataFrame) -> pd.Series:
-    """MATH_VERIFY: our own grade (redi.grader.grade) of the trace's final answer against the gold."""
-    return ours
-
-
-def rule_dataset(ours: pd.Series, df: pd.DataFrame) -> pd.Series:
-    """DATASET: the dataset's own Math-Verify label (correctness_math_verify / math_verify_reparsed_answer)."""
-    _require(df, "label_math_verify", "dataset")
-    return df["label_math_verify"].astype(object)
-
-
-def _truthy(s: pd.Series) -> np.ndarray:
-    """``bool(v)`` of each label, as the official scripts take it: a missing label (None, NaN, NA) is False."""
-    known = s.notna().to_numpy()
-    out = np.zeros(len(s), dtype=bool)
-    out[known] = s[known].astype(bool).to_numpy()
-    return out
-
-
-def _verifiers(df: pd.DataFrame, rule: str) -> tuple[np.ndarray, np.ndarray]:
-    _require(df, "label_llama", rule)
-    _require(df, "label_math_verify", rule)
-    return _truthy(df["label_llama"]), _truthy(df["label_math_verify"])
-
-
-def rule_landmv(ours: pd.Series, df: pd.DataFrame) -> pd.Series:
-    """LANDMV, the paper's rule as the official code applies it: ``experiments_trl/data_preprocess/
-    clean_base_shuffled_dpo.py`` (the pairs REDI trains on; "LandMV False means NOT (Llama True AND MathRep
-    True)") and ``clean_base_shuffled.py`` (the SFT positives). True iff ``bool(llama) and bool(math_verify)``;
-    every other trace is False: one verifier rejects it, or a label is missing (``bool(None)`` is False).
-    App. C.2 says the same ("deemed incorrect by either"). Never None.
-
-    Where a source row lacks a whole label list the official scripts skip the row; here its traces are all
-    False, so the row has no correct trace and yields neither a positive nor a pair there either: the same
-    selection (only the funnel's label counts see those traces)."""
-    llama, mv = _verifiers(df, "landmv")
-    return pd.Series(llama & mv, index=df.index, dtype=object)
-
-
-def rule_landmv_both_wrong(ours: pd.Series, df: pd.DataFrame) -> pd.Series:
-    """The verifier-signal ablation's labels (``experiments_trl/data_preprocess/ablation_verifier_signal.py``):
-    True iff both verifiers say correct, False iff neither does (``not bool(l) and not bool(mr)``: a missing
-    label counts as not-correct), None (neither positive nor negative) when exactly one says correct.
-    Only the labels follow that script; its split of the pairs into normal and inverted halves, its balancing
-    and its length rule (responses only, no chat template) are not reproduced."""
-    llama, mv = _verifiers(df, "landmv_both_wrong")
-    out = np.full(len(df), None, dtype=object)
-    out[llama & mv] = True
-    out[~llama & ~mv] = False
-    return pd.Series(out, index=df.index, dtype=object)
-
-
-LABEL_RULES: dict[str, Callable[[pd.Series, pd.DataFrame], pd.Series]] = {
-    "math_verify": rule_math_verify, "dataset": rule_dataset, "landmv": rule_landmv,
-    "landmv_both_wrong": rule_landmv_both_wrong}
-"""The named positive-label rules; VerifyConfig.label_rule picks one."""
-
-
-def _require(df: pd.DataFrame, col: str, rule: str) -> None:
-    if col not in df or df[col].isna().all():
-        raise LabelRuleError(f"label_rule={rule!r} needs the dataset column {col!r}, which is missing or empty in these traces "
-                             "(the synthetic source and OpenR1 sets have it; use label_rule=math_verify otherwise)")
-
 
 # ----------------------------------------------------------------------------- problem identity
 

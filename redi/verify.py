@@ -1,7 +1,7 @@
 """Stage ``verify``: label every trace, filter, write positives (SFT) and pairs (stage 2), and a funnel report.
 
-What is selected, and how it follows the official REDI scripts, is :mod:`redi.selection` (label rules,
-problem identity, filters, positives and pairs, the funnel report). This module runs the stage: grading,
+What is selected, and how it follows the official REDI scripts, is :mod:`redi.label_rules` (the label rules)
+and :mod:`redi.selection` (problem identity, filters, positives and pairs, the funnel report). This module runs the stage: grading,
 token counts (the official length study's counting included: :func:`prompt_lengths`,
 :func:`official_response_lengths`, :func:`pair_length_drops`), reading and writing. The token counting is
 :mod:`redi.lengths`, the batch grader :mod:`redi.tracegrader`; this module holds the streaming passes.
@@ -31,6 +31,14 @@ import pyarrow.parquet as pq
 
 from .config.verify import VerifyConfig
 from .decontam import Decontaminator
+from .label_rules import (  # noqa: F401 - re-exported: redi.verify is the stage's public face
+    LABEL_RULES,
+    LabelRuleError,
+    rule_dataset,
+    rule_landmv,
+    rule_landmv_both_wrong,
+    rule_math_verify,
+)
 from .lengths import (  # noqa: F401 - re-exported: redi.verify is the stage's public face
     SAMPLE_CHECK,
     official_response_lengths,
@@ -43,18 +51,12 @@ from .lengths import (  # noqa: F401 - re-exported: redi.verify is the stage's p
 from .prompts import DEFAULT_PROTOCOL
 from .selection import (  # noqa: F401 - re-exported: redi.verify is the stage's public face
     FILTER_ORDER,
-    LABEL_RULES,
     OFFICIAL_FIGURES,
-    LabelRuleError,
     apply_identity,
     assemble,
     filter_reasons,
     funnel,
     funnel_report,
-    rule_dataset,
-    rule_landmv,
-    rule_landmv_both_wrong,
-    rule_math_verify,
     select,
 )
 from .tracegrader import Grader
@@ -162,12 +164,13 @@ def _light(rb: pa.RecordBatch, pos: int, cfg: VerifyConfig) -> pd.DataFrame:
 
 def _check_rule(cfg: VerifyConfig, traces_path: Path) -> None:
     """Refuse a label rule whose columns are missing or empty, before any grading."""
-    if cfg.label_rule == "math_verify":
+    rule = LABEL_RULES[cfg.label_rule]
+    if not rule.needs:
         return
     names = pq.ParquetFile(traces_path).schema_arrow.names
-    needed = [c for c in ("label_llama", "label_math_verify") if c in names]
+    needed = [c for c in rule.needs if c in names]
     sample = pq.read_table(traces_path, columns=needed).to_pandas() if needed else pd.DataFrame()
-    LABEL_RULES[cfg.label_rule](pd.Series([None] * len(sample), dtype=object), sample)
+    rule(pd.Series([None] * len(sample), dtype=object), sample)
 
 
 def verify_and_split(cfg: VerifyConfig, traces_path: Path, tokenizer_dir: Path, out_dir: Path,

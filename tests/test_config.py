@@ -115,15 +115,17 @@ def test_paths_in_a_recipe_file_are_relative_to_the_file(tmp_path, monkeypatch):
     assert load_recipe(None, ["model.base=tiny"]).model.base == "tiny"
 
 
-def test_label_rule_choices_are_the_registered_rules():
-    """VerifyConfig.label_rule's Literal must list exactly redi.selection.LABEL_RULES (a new rule is one entry there
-    plus its name here; this test catches one without the other)."""
-    import typing
+def test_registry_fields_list_the_registered_names():
+    """verify.label_rule and data.source follow their registries (redi.label_rules, redi.sources): the schema (and so
+    the recipe forms) lists exactly the registered names, and an unknown name fails naming them."""
+    from redi.config import DataConfig, VerifyConfig
+    from redi.label_rules import LABEL_RULES
+    from redi.sources import SOURCES
 
-    from redi.config import VerifyConfig
-    from redi.selection import LABEL_RULES
-
-    assert set(typing.get_args(VerifyConfig.model_fields["label_rule"].annotation)) == set(LABEL_RULES)
+    assert VerifyConfig.model_json_schema()["properties"]["label_rule"]["enum"] == list(LABEL_RULES)
+    assert DataConfig.model_json_schema()["properties"]["source"]["enum"] == list(SOURCES)
+    with pytest.raises(ValueError, match="unknown label rule 'llama'; registered: math_verify, dataset, landmv"):
+        VerifyConfig(label_rule="llama")
 
 
 def test_save_dtype_auto_is_the_evaluation_dtype_written_out():

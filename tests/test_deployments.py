@@ -131,6 +131,14 @@ def test_stage_forms_pick_any_recipe_and_show_the_stages_own_fields(forms):
     assert {"n_samples", "benchmarks", "temperature", "max_new_tokens"} <= set(ev_fields)
     assert "Samples per problem" in ev_fields["n_samples"]["description"]
     assert {"labels", "register_run"} <= set(ev["properties"])
+    # fields that name a registry entry are dropdowns of the registered names (empty = keep the recipe's)
+    from redi.label_rules import LABEL_RULES
+    from redi.sources import SOURCES
+
+    for stage, changes, field, names in (("verify", "VerifyConfigChanges", "label_rule", LABEL_RULES),
+                                         ("download", "DataConfigChanges", "source", SOURCES)):
+        spec = forms[f"redi-stage/{stage}"]["schema"]["definitions"][changes]["properties"][field]
+        assert {"type": "string", "enum": list(names)} in spec["anyOf"] and {"type": "null"} in spec["anyOf"], spec
 
 
 def test_pipeline_forms_are_prefilled_with_their_recipe(forms):

@@ -80,6 +80,37 @@ def test_label_rules(synth_traces, tok_dir, tmp_path):
     assert s["filter_counts"]["unlabelled"] >= int((disagree & (lab["finish_reason"] == "stop")).sum())
 
 
+def test_a_new_label_rule_is_one_registry_entry_and_runs_through_the_dag(synth_traces, tok_dir, tmp_path, monkeypatch):
+    """The one-place extension: register a LabelRule, and the config (its choices), the verify stage (its labels,
+    its up-front column check) and the verify key all take it."""
+    import copy
+
+    from conftest_orchestration import TINY
+
+    from redi import label_rules
+    from redi.config import Recipe
+    from redi.pipeline import Pipeline
+
+    monkeypatch.setitem(label_rules.LABEL_RULES, "llama_only", label_rules.LabelRule(
+        "llama_only", lambda ours, df: df["label_llama"].astype(object), "the Llama judge alone", needs=("label_llama",)))
+    assert "llama_only" in VerifyConfig.model_json_schema()["properties"]["label_rule"]["enum"]
+    s, lab, *_ = _run(VerifyConfig(label_rule="llama_only"), synth_traces, tok_dir, tmp_path / "o")
+    assert s["label_rule"] == "llama_only" and (lab["label"] == lab["label_llama"]).all()
+    assert (lab["label_llama"] != lab["label_math_verify"]).sum() > 5  # differs from the dataset's Math-Verify label
+    tree = copy.deepcopy(TINY)
+    tree["run"]["artifact_root"] = str(tmp_path / "a")
+    keys = {}
+    for rule in ("math_verify", "llama_only"):
+        tree["verify"]["label_rule"] = rule
+        keys[rule] = Pipeline(Recipe.model_validate(tree)).key("verify")
+    assert keys["math_verify"] != keys["llama_only"]
+    f = tmp_path / "flat.jsonl"
+    f.write_text("\n".join(json.dumps({"problem": f"p{i}", "answer": "1", "trace": "\\boxed{1}"}) for i in range(3)))
+    download(DataConfig(source="local", local_path=str(f)), tmp_path / "dl", progress=False)
+    with pytest.raises(LabelRuleError, match="label_rule='llama_only' needs the dataset column 'label_llama'"):
+        verify_and_split(VerifyConfig(label_rule="llama_only"), tmp_path / "dl" / "traces.parquet", tok_dir, tmp_path / "o2", {})
+
+
 def test_landmv_rules_on_every_label_combination():
     """The two LandMV rules on (llama, math_verify) in {True, False, None}^2, as the official scripts decide them:
     clean_base_shuffled_dpo.py `bool(l) and bool(mr)` else negative; ablation_verifier_signal.py negative only

@@ -32,7 +32,11 @@ class _Choices:
 
     def __get_pydantic_json_schema__(self, core_schema: Any, handler: Any) -> dict[str, Any]:
         schema = handler(core_schema)
-        schema["enum"] = list(self.registry)
+        # An optional copy of the field (the stage forms' change sets) is `anyOf: [string, null]`: list the names
+        # on the string branch, so null stays valid.
+        for branch in schema.get("anyOf", [schema]):
+            if branch.get("type") == "string":
+                branch["enum"] = list(self.registry)
         return schema
 
 
@@ -42,8 +46,8 @@ def registered(registry: Mapping[str, Any], what: str) -> Any:
     An unknown value fails naming `what` and the registered names. This is how a config field follows an
     extension registry (data sources, label rules) without importing the code behind it."""
 
-    def check(v: str) -> str:
-        if v not in registry:
+    def check(v: str | None) -> str | None:
+        if v is not None and v not in registry:  # None: an optional copy of the field (flows.stages change sets)
             raise ValueError(f"unknown {what} {v!r}; registered: {', '.join(registry)}")
         return v
 

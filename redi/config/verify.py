@@ -6,19 +6,18 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from .base import StrictModel
+from ..label_rules import LABEL_RULES
+from .base import StrictModel, registered
 
 
 class VerifyConfig(StrictModel):
     """Stage `verify` of the DAG (redi.dag.NODES): label every trace, filter as in the paper, write positives and pairs."""
 
-    label_rule: Literal["math_verify", "dataset", "landmv", "landmv_both_wrong"] = Field(
+    label_rule: registered(LABEL_RULES, "label rule") = Field(  # type: ignore[valid-type]  # a name of redi.label_rules.LABEL_RULES
         "math_verify",
-        description="`math_verify`: our own grading (redi.grader.grade); `dataset`: the dataset's Math-Verify label; "
-        "`landmv`: the paper's rule (official clean_base_shuffled_dpo.py): correct iff the Llama judge AND Math-Verify say "
-        "correct, every other trace incorrect; `landmv_both_wrong`: the verifier-signal ablation "
-        "(ablation_verifier_signal.py): incorrect only if neither says correct, a disagreement unlabelled. "
-        "The landmv rules refuse data without both label columns.",
+        description="How a trace is labelled (registered in redi.label_rules.LABEL_RULES): "
+        + "; ".join(f"`{r.name}`: {r.summary}" for r in LABEL_RULES.values())
+        + ". A rule that reads dataset label columns refuses data without them.",
     )
     problem_identity: Literal["text", "row"] = Field(
         "text",
