@@ -23,9 +23,10 @@ without taking a lock; a stage that must be built fails with one line naming the
 runs out of space (``ENOSPC``) fails with one line naming the folder, the space needed and the space free
 (:class:`StorageError`), and its temporary folder is removed.
 
-The root is a local path. To share artifacts across machines, point ``run.artifact_root`` at a shared
-file system (NFS/Lustre), or sync folders to object storage with fsspec (``redi.artifacts.push`` /
-``pull``; see docs/caching.md).
+The root is a local path, or any fsspec URL (``s3://bucket/prefix``, ``gs://...``): then the layout above
+lives in a local cache folder (``run.cache_dir``) and :mod:`redi.storage` is the source of truth: a lookup
+reads the remote manifest and pulls and verifies what the cache lacks; a build runs locally and is
+published with its manifest written last by a conditional write (docs/caching.md).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from typing import Any
 from filelock import FileLock
 
 from . import distributed
+from .storage import Remote, RemoteError, attach_work, cache_root, is_url, normalize_root
 
 log = logging.getLogger(__name__)
 
@@ -324,16 +326,64 @@ BuildFn = Callable[[Path, Path], dict[str, Any] | None]
 
 
 class ArtifactStore:
-    """Content-addressed stage artifacts under one local root."""
+    """Content-addressed stage artifacts under one local root, or under an fsspec URL through a local cache.
 
-    def __init__(self, root: str | os.PathLike[str]):
-        self.root = Path(root).expanduser().resolve()
+    ``root`` a URL (``s3://bucket/prefix``): ``self.root`` is the local cache folder (``cache_dir``, see
+    :func:`redi.storage.cache_root`) and ``self.remote`` the store; the root is checked at once (one-line
+    :class:`redi.storage.RemoteError` for a missing backend, endpoint, credentials or bucket)."""
+
+    def __init__(self, root: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None):
+        self.remote: Remote | None = None
+        self._etags: dict[tuple[str, str], str | None] = {}
+        if is_url(root):
+            self.remote = Remote(str(root))
+            self.remote.check()
+            self.root = cache_root(self.remote.url, cache_dir)
+        else:
+            self.root = Path(normalize_root(root))
+
+    @property
+    def location(self) -> str:
+        """Where the artifacts live, for messages: the URL (and its cache folder) or the local folder."""
+        return f"{self.remote.url} (cache {self.root})" if self.remote else str(self.root)
 
     def dir(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
+    def has(self, stage: str, key: str) -> bool:
+        """Whether a committed artifact exists, without downloading it (a remote root: its manifest reads and
+        parses; the files are verified when a stage uses it). A local root: :meth:`lookup`."""
+        if self.remote is None:
+            return self.lookup(stage, key) is not None
+        rm = self.remote.read_manifest(stage, key)
+        return rm is not None and rm.data is not None
+
+    def pull_tree(self, folder: Path, only_missing: bool = False, names: tuple[str, ...] = ()) -> None:
+        """A remote root: download the store's copy of ``folder`` (a path under ``self.root``, e.g. ``runs/<name>``
+        or ``results``) into it (only files called one of ``names``, when given). No-op for a local root or a
+        folder outside the root."""
+        rel = self._rel(folder)
+        if rel is not None:
+            self.remote.pull_tree(rel, Path(folder), only_missing, names)
+
+    def push_tree(self, folder: Path, last: tuple[str, ...] = (), only_missing: bool = False) -> None:
+        """A remote root: upload ``folder`` (under ``self.root``) to the store, the names in ``last`` last."""
+        rel = self._rel(folder)
+        if rel is not None:
+            self.remote.push_tree(Path(folder), rel, last, only_missing)
+
+    def _rel(self, folder: Path) -> str | None:
+        if self.remote is None:
+            return None
+        try:
+            return Path(folder).resolve().relative_to(self.root).as_posix()
+        except ValueError:
+            return None
+
     def lookup(self, stage: str, key: str) -> Artifact | None:
         """The validated artifact, or None (absent or corrupt: corrupt ones are logged)."""
+        if self.remote is not None:
+            return self._remote_lookup(stage, key)
         folder = self.dir(stage, key)
         if not folder.exists():
             return None
@@ -417,13 +467,21 @@ class ArtifactStore:
             if hit is not None:
                 log.info("cache hit: %s %s", stage, key)
                 return hit
+        elif self.remote is not None:  # the manifest a refreshed build replaces (its etag)
+            rm = self.remote.read_manifest(stage, key)
+            self._etags[(stage, key)] = rm.etag if rm else None
         stage_dir = self.root / stage
         for stale in stage_dir.glob(f".tmp-{key}-*"):  # left by a killed attempt; we hold the lock
             shutil.rmtree(stale, ignore_errors=True)
+        for stale in stage_dir.glob(f".pull-{key}-*"):  # a killed download (a live one is younger than an hour)
+            if time.time() - stale.stat().st_mtime > 3600:
+                shutil.rmtree(stale, ignore_errors=True)
         tmp = stage_dir / f".tmp-{key}-{os.getpid()}-{time.time_ns()}"
         tmp.mkdir()
         work = stage_dir / f".work-{key}"
         work.mkdir(exist_ok=True)
+        if self.remote is not None:
+            attach_work(self.remote, stage, key, work)
         return tmp, work
 
     def _publish(self, stage: str, key: str, tmp: Path, work: Path, summary: dict, t0: float, config: Any,
@@ -441,16 +499,65 @@ class ArtifactStore:
             "host": platform.node(),
             "files": file_table(tmp),
         }
+        if self.remote is not None:
+            manifest["data"] = f"data-{hash_obj([platform.node(), os.getpid(), time.time_ns()], 12)}"
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        if self.remote is not None and not self.remote.publish(stage, key, tmp, manifest, self._etags.get((stage, key))):
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.warning("store: another builder published %s %s first: its artifact is used, this build is dropped", stage, key)
+            hit = self.lookup(stage, key)
+            if hit is None:
+                raise RemoteError(f"{self.remote.rel_url(stage, key)}: another builder published it first, but its "
+                                  "artifact does not verify: rerun (it will be rebuilt)")
+            shutil.rmtree(work, ignore_errors=True)
+            return hit
         final = self.dir(stage, key)
-        if final.exists():  # corrupt or refreshed: move aside first so the rename stays atomic
-            trash = self.root / stage / f".trash-{key}-{time.time_ns()}"
-            final.rename(trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(tmp, final)
+        _install(tmp, final, self.root / stage, key)
         shutil.rmtree(work, ignore_errors=True)
+        if self.remote is not None:
+            self.remote.remove(stage, f".work-{key}")
         log.info("built %s %s in %.1fs", stage, key, manifest["seconds"])
         return Artifact(stage, key, str(final), manifest, cached=False)
+
+    def _remote_lookup(self, stage: str, key: str) -> Artifact | None:
+        """The artifact the remote manifest commits, in the local cache (pulled and verified when the cache's
+        copy is not the same commit); None when there is no manifest or it does not verify (logged)."""
+        assert self.remote is not None
+        rm = self.remote.read_manifest(stage, key)
+        self._etags[(stage, key)] = rm.etag if rm else None
+        if rm is None:
+            return None
+        where = self.remote.rel_url(stage, key)
+        if rm.data is None:
+            log.warning("cache: %s artifact %s is corrupt and will be rebuilt: %s: %s", stage, key, where, rm.why)
+            return None
+        folder = self.dir(stage, key)
+        try:
+            if (folder / MANIFEST).read_bytes() == rm.raw:
+                return Artifact(stage, key, str(folder), validate(folder), cached=True)
+        except (OSError, CorruptArtifact):
+            pass  # no or another local copy: pull
+        stage_dir = self.root / stage
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        for have in ([folder] if folder.is_dir() else []) + [None]:  # reuse unchanged local files, else all fresh
+            tmp = stage_dir / f".pull-{key}-{os.getpid()}-{time.time_ns()}"
+            try:
+                self.remote.pull(stage, key, rm.data, tmp, have)
+                (tmp / MANIFEST).write_bytes(rm.raw)
+                manifest = validate(tmp)
+            except (CorruptArtifact, FileNotFoundError) as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if have is not None:
+                    continue
+                log.warning("cache: %s artifact %s is corrupt and will be rebuilt: %s: %s", stage, key, where, e)
+                return None
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            _install(tmp, folder, stage_dir, key)
+            log.info("cache: %s %s pulled from %s", stage, key, where)
+            return Artifact(stage, key, str(folder), manifest, cached=True)
+        return None
 
     def _build_local(self, fn: BuildFn, stage: str, key: str, config: Any, inputs: dict | None,
                      refresh: bool) -> Artifact:
@@ -530,12 +637,35 @@ class ArtifactStore:
             if lock is not None and lock.is_locked:
                 lock.release()
 
-    @staticmethod
-    def _received(d: dict[str, Any]) -> Artifact:
+    def _received(self, d: dict[str, Any]) -> Artifact:
         art = Artifact.from_dict(d)
+        if not art.dir.is_dir() and self.remote is not None:  # another node: its own cache, pulled from the store
+            art = self.lookup(art.stage, art.key) or art
         if not art.dir.is_dir():
             raise StageFailed(_not_shared(art.dir))
         return art
+
+
+def _install(tmp: Path, final: Path, stage_dir: Path, key: str) -> None:
+    """Rename the complete folder ``tmp`` to ``final``, moving an older ``final`` aside first (the rename stays
+    atomic). Another process that installed the same key meanwhile wins; ``tmp`` is then removed."""
+    if final.exists():  # corrupt, refreshed or an older commit: move aside first
+        trash = stage_dir / f".trash-{key}-{os.getpid()}-{time.time_ns()}"
+        try:
+            final.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        except FileNotFoundError:
+            pass
+    stamp = _VALIDATED.pop(str(tmp), None)
+    try:
+        os.replace(tmp, final)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # a concurrent pull or build put it there first
+        return
+    if stamp is not None:  # a rename keeps inodes and mtimes: the checksums just verified stay valid
+        _VALIDATED[str(final)] = stamp
 
 
 class StageFailed(RuntimeError):
@@ -546,24 +676,3 @@ def _not_shared(path: Path) -> str:
     return (f"rank {distributed.rank()} on {platform.node()} cannot see {path}, which rank 0 created: put "
             "run.artifact_root on a file system every node of the launch shares (NFS, Lustre)")
 
-
-def push(local: Path, url: str) -> None:
-    """Copy an artifact folder to an fsspec URL (s3://bucket/prefix/...), manifest last (= the commit)."""
-    import fsspec
-
-    fs, base = fsspec.core.url_to_fs(url)
-    files = [p for p in sorted(local.rglob("*")) if p.is_file() and p.name != MANIFEST] + [local / MANIFEST]
-    for p in files:
-        dest = f"{base}/{p.relative_to(local).as_posix()}"
-        fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)  # a no-op on object stores
-        fs.put_file(str(p), dest)
-
-
-def pull(url: str, local: Path) -> dict[str, Any]:
-    """Fetch an artifact folder from an fsspec URL into `local` and validate it."""
-    import fsspec
-
-    fs, base = fsspec.core.url_to_fs(url)
-    local.mkdir(parents=True, exist_ok=True)
-    fs.get(f"{base}/", str(local) + "/", recursive=True)
-    return validate(local)

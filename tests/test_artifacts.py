@@ -180,17 +180,32 @@ def test_code_version_follows_package_imports_transitively():
     assert "redi.generate" in ev and "redi.grader" not in ev  # the grader is keyed by the grade step
 
 
-def test_push_and_pull_through_fsspec(tmp_path):
-    """An artifact copied to an fsspec URL (here file://) comes back complete and validated."""
-    from redi.artifacts import pull, push
+def test_url_root_through_fsspec_memory(tmp_path):
+    """A URL root (fsspec's in-process memory://, the generic backend path): a build is published with its
+    manifest naming its data prefix, a second machine (another cache folder) pulls and verifies it, and a
+    corrupt remote object makes the next lookup rebuild and replace the manifest."""
+    import fsspec
 
-    store = ArtifactStore(tmp_path / "store")
-    a = store.build("verify", "k", _writer("payload"))
-    url = f"file://{tmp_path}/remote/verify/k"
-    push(a.dir, url)
-    manifest = pull(url, tmp_path / "copy")
-    assert manifest["key"] == "k"
-    assert (tmp_path / "copy" / "sub" / "x.json").read_text() == (a.dir / "sub" / "x.json").read_text()
+    url = f"memory://redi-test-{os.getpid()}-{time.time_ns()}"
+    a = ArtifactStore(url, cache_dir=tmp_path / "m1").build("verify", "k", _writer("payload"))
+    assert not a.cached and a.dir.is_relative_to(tmp_path / "m1")
+    fs = fsspec.filesystem("memory")
+    base = url.removeprefix("memory://")
+    manifest = json.loads(fs.cat_file(f"{base}/verify/k/manifest.json"))
+    assert set(manifest["files"]) == {"data.txt", "sub/x.json"}
+    assert fs.cat_file(f"{base}/verify/k/{manifest['data']}/data.txt") == b"payload"
+
+    other = ArtifactStore(url, cache_dir=tmp_path / "m2")
+    b = other.lookup("verify", "k")
+    assert b is not None and b.cached and (b.dir / "sub" / "x.json").read_text() == (a.dir / "sub" / "x.json").read_text()
+
+    fs.pipe_file(f"{base}/verify/k/{manifest['data']}/data.txt", b"paylaod")  # same size, other bytes
+    third = ArtifactStore(url, cache_dir=tmp_path / "m3")
+    assert third.lookup("verify", "k") is None
+    c = third.build("verify", "k", _writer("payload"))
+    assert not c.cached and json.loads(fs.cat_file(f"{base}/verify/k/manifest.json"))["data"] != manifest["data"]
+    assert ArtifactStore(url, cache_dir=tmp_path / "m4").lookup("verify", "k") is not None
+    fs.rm(base, recursive=True)
 
 
 # ------------------------------------------------------------------ full disk, read-only root (injected errors)
