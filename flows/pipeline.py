@@ -17,13 +17,13 @@ evaluation evaluates (``runs/<name>/latest.json``); see :meth:`redi.pipeline.Pip
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 
 from redi import dag
 from redi.config import Recipe, RecipeError, apply_overrides, load_recipe
+from redi.storage import normalize_root
 from tasks.download import download
 from tasks.evaluate import evaluate
 from tasks.model import base_model
@@ -116,7 +116,7 @@ def run_dag(r: Recipe, until: str = "report", labels: list[str] | None = None, r
            "seconds": round(time.time() - t0, 2)}
     get_run_logger().info("run %s: %d/%d nodes from cache, %.1fs; artifacts under %s", r.run.name,
                           sum(x["status"] == "cache hit" for x in rows), len(rows), out["seconds"],
-                          Path(r.run.artifact_root).resolve())
+                          normalize_root(r.run.artifact_root))
     return out
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 from .config import Recipe, RecipeError, load_recipe
 from .dag import NODES, STAGES, node_rows
+from .storage import normalize_root
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_RECIPE = Path(__file__).resolve().parent / "recipes" / "demo.yaml"  # package data: `redi demo` runs from any folder
@@ -111,7 +112,9 @@ def _csv(s: str | None) -> list[str] | None:
 def prefect_env(artifact_root: str | Path) -> None:
     """Without a server (no PREFECT_API_URL), keep Prefect's database beside the artifacts."""
     if not os.environ.get("PREFECT_API_URL") and not os.environ.get("PREFECT_HOME"):
-        os.environ["PREFECT_HOME"] = str(Path(artifact_root).expanduser().resolve() / ".prefect")
+        from .storage import local_root  # a URL root: beside its local cache
+
+        os.environ["PREFECT_HOME"] = str(local_root(artifact_root) / ".prefect")
     if os.environ.get("PREFECT_HOME"):  # Prefect's SQLite cannot create a database in a missing folder
         Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -145,7 +148,7 @@ def print_run(result: dict[str, Any], root: str, seconds: float) -> None:
     print(table([{**r, "seconds": f"{r['seconds']:.1f}"} for r in rows], ["stage", "status", "seconds", "key", "path"]))
     hits = sum(r["status"] == "cache hit" for r in rows)
     built = sum(r["seconds"] for r in rows if r["status"] == "built")
-    print(f"\n{hits}/{len(rows)} nodes from cache; {built:.1f}s building, {seconds:.1f}s wall. Artifacts: {Path(root).resolve()}")
+    print(f"\n{hits}/{len(rows)} nodes from cache; {built:.1f}s building, {seconds:.1f}s wall. Artifacts: {normalize_root(root)}")
     for r in rows:  # what the verify stage selected, beside the official figures (its funnel.md)
         if r["stage"] == "verify" and (Path(r["path"]) / "funnel.md").exists():
             print("\n" + funnel_headline((Path(r["path"]) / "funnel.md").read_text()))
@@ -213,14 +216,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     from .pipeline import Pipeline
 
     r = recipe_for(args, args.recipe)
-    plan = Pipeline(r).plan()
+    pipe = Pipeline(r)
+    plan = pipe.plan()
     if args.json:
         print(json.dumps([{"stage": n.name, "key": n.key, "cached": n.cached, "path": n.path, "upstream": n.upstream} for n in plan], indent=2))
         return 0
     rows = [{"stage": n.name, "cached": "yes" if n.cached else "no", "key": n.key, "path": n.path} for n in plan]
     print(table(rows, ["stage", "cached", "key", "path"]))
-    print(f"\n{sum(n.cached for n in plan)}/{len(plan)} stages cached. Artifacts: {Path(r.run.artifact_root).resolve()}")
-    run_dir = Path(r.run.artifact_root).resolve() / "runs" / r.run.name
+    print(f"\n{sum(n.cached for n in plan)}/{len(plan)} stages cached. Artifacts: {pipe.store.location}")
+    run_dir = pipe.run_dir()
+    pipe.store.pull_tree(run_dir, names=("latest.json", "results.md"))
     if (run_dir / "latest.json").exists():
         print(f"Registered run: {run_dir} (latest.json, results.md)")
     return 0
@@ -324,6 +329,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 USER_ERRORS = {  # module -> exception classes whose message already names the thing and the fix
     "redi.data": ("DataError",), "redi.generate": ("GenerationError",), "redi.benchmarks": ("BenchmarkError",),
     "redi.verify": ("LabelRuleError",), "redi.train": ("TrainingError",), "redi.artifacts": ("StageFailed", "CorruptArtifact", "StorageError"),
+    "redi.storage": ("RemoteError",),
 }
 _ERRNO_FIX = {
     errno.ENOSPC: "free space on that disk, or set run.artifact_root to a folder on another disk",

@@ -151,7 +151,7 @@ class Pipeline:
 
     def __init__(self, recipe: Recipe, store: ArtifactStore | None = None):
         self.recipe = recipe
-        self.store = store or ArtifactStore(recipe.run.artifact_root)
+        self.store = store or ArtifactStore(recipe.run.artifact_root, recipe.run.cache_dir)
         self.timings: dict[str, float] = {}
         self.nodes: dict[str, Artifact] = {}  # every node this Pipeline built or took from cache, in order
         if recipe.run.offline:
@@ -268,7 +268,7 @@ class Pipeline:
         out = []
         for stage, label in nodes:
             k = self.key(stage, label)
-            out.append(StagePlan(stage, label, k, str(self.store.dir(stage, k)), self.store.lookup(stage, k) is not None,
+            out.append(StagePlan(stage, label, k, str(self.store.dir(stage, k)), self.store.has(stage, k),
                                  {n: v for n, v in self._upstream(stage, label).items() if isinstance(v, str)}))
         return out
 
@@ -467,6 +467,8 @@ class Pipeline:
         if not os.access(self.store.root, os.W_OK):  # a shared read-only cache: report, write nothing
             return distributed.broadcast(self._read_only_report(grades, models, h, rdir))
         rdir.mkdir(parents=True, exist_ok=True)
+        self.store.pull_tree(rdir, names=("latest.json",))  # a URL root: the shared registration and results first
+        self.store.pull_tree(self.results_path(), only_missing=True)
         (rdir / "recipe.yaml").write_text(recipe_to_yaml(self.recipe))
         if register:
             self._register(rdir, models, grades)
@@ -487,6 +489,8 @@ class Pipeline:
         (rdir / "results.md").write_text(table.markdown)
         table.frame.to_csv(rdir / "results.csv")
         results.bar_chart(df, rdir / "results.png")
+        self.store.push_tree(self.results_path(), only_missing=True)  # a URL root: publish (latest.json last)
+        self.store.push_tree(rdir, last=("latest.json",))
         if not register:
             log.info("report: stage rerun recorded in %s (not registered: runs/%s/latest.json unchanged)", rdir, self.recipe.run.name)
         return distributed.broadcast({"run_dir": str(rdir), "registered": register, "table_markdown": table.markdown,

@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifacts import MANIFEST, Artifact, hash_obj, stage_key
+from .artifacts import MANIFEST, Artifact, ArtifactStore, hash_obj, stage_key
 from .config import EvaluateConfig, Recipe, RecipeError, apply_overrides, load_recipe
 from .pipeline import LABEL_STAGE, MODEL_LABELS, Pipeline, stage_code
+from .storage import normalize_root
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,11 @@ class NightlyResult:
 
 
 def registered_runs(artifact_root: str | Path, names: list[str] | None = None) -> list[RegisteredRun]:
-    """Every run with a readable ``latest.json`` under ``<artifact_root>/runs``, sorted by name."""
-    runs_dir = Path(artifact_root).expanduser().resolve() / "runs"
+    """Every run with a readable ``latest.json`` under ``<artifact_root>/runs``, sorted by name (a URL root:
+    its registrations are pulled into the local cache first)."""
+    store = ArtifactStore(artifact_root)
+    runs_dir = store.root / "runs"
+    store.pull_tree(runs_dir, names=("latest.json", "recipe.yaml"))
     out = []
     for latest in sorted(runs_dir.glob("*/latest.json")):
         name = latest.parent.name
@@ -82,7 +86,7 @@ def nightly_recipe(run: RegisteredRun, artifact_root: str | Path, evaluate: Eval
     ``artifacts`` relative to where they were launched); ``evaluate.models`` to every label the run has.
     """
     tree = load_recipe(run.run_dir / "recipe.yaml").model_dump(mode="json", by_alias=True)
-    tree["run"]["artifact_root"] = str(Path(artifact_root).expanduser().resolve())
+    tree["run"]["artifact_root"] = normalize_root(artifact_root)
     tree["run"]["refresh"] = []
     if evaluate is not None:
         tree["evaluate"] = evaluate.model_dump(mode="json")
@@ -205,7 +209,12 @@ def nightly_history(artifact_root: str | Path, results_db: str | None = None, ki
     per benchmark) written to ``<results>/nightly_history.png``."""
     from . import results
 
-    path = Path(results_db) if results_db else Path(artifact_root).expanduser().resolve() / "results"
+    if results_db:
+        path = Path(results_db)
+    else:  # a URL root: the shared results store is pulled into its cache first
+        store = ArtifactStore(artifact_root)
+        path = store.root / "results"
+        store.pull_tree(path, only_missing=True)
     out: dict[str, Any] = {"results": str(path), "rows": [], "markdown": "(no nightly results yet)", "plot": None}
     df = results.ResultsStore(path).load(kind=kind)
     if df.empty:

@@ -7,6 +7,7 @@ a wrong type or an impossible value raises :class:`RecipeError` naming the field
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,9 +34,12 @@ class RunConfig(StrictModel):
     name: str = Field("run", min_length=1, description="Run name: registered in the results store and used by nightly evaluation.")
     artifact_root: str = Field(
         default_factory=lambda: os.environ.get("REDI_ARTIFACT_ROOT", "artifacts"),
-        description="Where stage artifacts live (content-addressed folders). Env REDI_ARTIFACT_ROOT. A local path.",
+        description="Where stage artifacts live (content-addressed folders). Env REDI_ARTIFACT_ROOT. A local path, or an "
+        "fsspec URL (s3://bucket/prefix, gs://..., az://...) with credentials and endpoint from the environment (docs/caching.md).",
     )
     results_db: str | None = Field(None, description="Results store (Parquet folder); None = <artifact_root>/results.")
+    cache_dir: str | None = Field(None, description="Local cache of a URL artifact_root (artifacts pulled, builds before "
+                                  "upload); None = $REDI_CACHE_DIR or ~/.cache/redi. Unused for a local root.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: CUDA when available, else CPU.")
     refresh: list[Literal[STAGES]] = Field(  # type: ignore[valid-type]  # the stages of redi.dag.NODES
         default_factory=list, description="Stages to recompute even when a valid cached artifact exists."
@@ -129,7 +133,7 @@ def _format_error(err: ValidationError, origin: str) -> str:
 
 RECIPE_PATHS: tuple[tuple[str, str], ...] = (
     ("run", "artifact_root"), ("run", "results_db"), ("run", "accelerate_config"),
-    ("data", "local_path"), ("evaluate", "benchmark_dir"), ("model", "base"),
+    ("run", "cache_dir"), ("data", "local_path"), ("evaluate", "benchmark_dir"), ("model", "base"),
 )
 """Recipe fields that are local paths: a relative one in a recipe file is relative to that file's folder."""
 
@@ -143,6 +147,8 @@ def resolve_paths(tree: dict[str, Any], base: Path) -> dict[str, Any]:
     """
     def resolve(value: str) -> str:
         p = Path(value).expanduser()
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value):  # an fsspec URL (s3://bucket/prefix): not a path
+            return value
         return value if p.is_absolute() or value.startswith("~") else str((base / p).resolve())
 
     for section, key in RECIPE_PATHS:
