@@ -5,6 +5,9 @@ RNG), ``trainer_state.json`` (step, fingerprint, signals, counts) and ``checksum
 It is written as ``checkpoint-<step>.tmp`` and renamed, so a folder without the ``.tmp`` suffix and with
 ``checksums.json`` is complete. :data:`KEEP_CHECKPOINTS` are kept, so a corrupt newest one falls back to
 the one before. A full disk is one line (:class:`redi.artifacts.StorageError`) and leaves no ``.tmp``.
+With a URL artifact root rank 0 mirrors each saved checkpoint to the store (:func:`redi.storage.sync_checkpoint`,
+``checksums.json`` uploaded last) and the store pulls the newest one into a fresh work folder, so a preempted
+job resumes on another machine.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .artifacts import file_table, folder_bytes, sha256_file, storage_error
+from .storage import sync_checkpoint
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -121,6 +125,7 @@ def save_checkpoint(acc: Accelerator, work_dir: Path, step: int, state: dict[str
         tmp.rename(final)
         for old in checkpoints(work_dir)[KEEP_CHECKPOINTS:]:
             shutil.rmtree(old, ignore_errors=True)
+        sync_checkpoint(work_dir, final)  # a URL artifact root: mirrored for a resume elsewhere (else a no-op)
     acc.wait_for_everyone()
     return final
 
