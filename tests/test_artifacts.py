@@ -178,6 +178,7 @@ def test_code_version_follows_package_imports_transitively():
     assert not any(m.startswith("redi.config") for m in train)
     ev = module_closure(["redi.evaluate"], ["redi.config", "redi.grader", "redi.metrics"])
     assert "redi.generate" in ev and "redi.grader" not in ev  # the grader is keyed by the grade step
+    assert {"redi.generate_hf", "redi.generate_vllm", "redi.generate_engine"} <= set(ev)  # backends key evaluation
 
 
 def test_url_root_through_fsspec_memory(tmp_path):

@@ -1,4 +1,5 @@
-"""redi.generate: both backends on a tiny random Qwen2 built here (vLLM tests: slow + vllm)."""
+"""redi.generate and its backends (redi.generate_hf, redi.generate_vllm + redi.generate_engine) on a tiny random
+Qwen2 built here (vLLM tests: slow + vllm)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import psutil
 import pytest
 
 from redi import generate as G
+from redi import generate_engine as E
+from redi import generate_vllm as V
 from redi.config import EvaluateConfig
 from redi.config.model import ModelConfig, TinyModelConfig
 
@@ -108,43 +111,43 @@ def test_prompt_longer_than_context_is_counted_truncated(tiny):
 
 def test_vllm_environment_and_engine_args():
     cfg = EvaluateConfig(kv_cache_gb=2)
-    env = G.vllm_env(cfg, Path("/tmp/x"))
+    env = V.vllm_env(cfg, Path("/tmp/x"))
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
     assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and env["VLLM_CACHE_ROOT"].startswith("/tmp/x")
-    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in G.vllm_env(EvaluateConfig(tensor_parallel_size=2), Path("/tmp/x"))
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in V.vllm_env(EvaluateConfig(tensor_parallel_size=2), Path("/tmp/x"))
     # data parallelism is one engine per process: each engine runs in-process even with data_parallel_size 8
-    assert G.vllm_env(EvaluateConfig(data_parallel_size=8), Path("/tmp/x"))["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
-    kw = G.engine_kwargs(EvaluateConfig(tensor_parallel_size=2, data_parallel_size=2), 4096)
+    assert V.vllm_env(EvaluateConfig(data_parallel_size=8), Path("/tmp/x"))["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    kw = V.engine_kwargs(EvaluateConfig(tensor_parallel_size=2, data_parallel_size=2), 4096)
     assert kw["tensor_parallel_size"] == 2 and "data_parallel_size" not in kw and kw["skip_tokenizer_init"]
-    cpu = G.cpu_engine_kwargs(kw)  # whole-prompt prefill on CPU (seeded requests), a budget that holds the context
+    cpu = E.cpu_engine_kwargs(kw)  # whole-prompt prefill on CPU (seeded requests), a budget that holds the context
     assert cpu["enable_chunked_prefill"] is False and cpu["max_num_batched_tokens"] == 8192
-    assert G.cpu_engine_kwargs(G.engine_kwargs(EvaluateConfig(), 32768))["max_num_batched_tokens"] == 32768
+    assert E.cpu_engine_kwargs(V.engine_kwargs(EvaluateConfig(), 32768))["max_num_batched_tokens"] == 32768
     # neither the engine count nor the queue depth changes a sample (per-problem seeds): not in the cache key
     assert EvaluateConfig(data_parallel_size=4, gen_chunk_prompts=2).hash_fields() == EvaluateConfig().hash_fields()
 
 
 def test_engine_plan_pins_each_engine_to_its_devices():
-    plan = G.engine_plan(EvaluateConfig(data_parallel_size=4, tensor_parallel_size=2), [str(i) for i in range(8)], [0, 1])
+    plan = V.engine_plan(EvaluateConfig(data_parallel_size=4, tensor_parallel_size=2), [str(i) for i in range(8)], [0, 1])
     assert [p["CUDA_VISIBLE_DEVICES"] for p in plan] == ["0,1", "2,3", "4,5", "6,7"]
     # the parent's own CUDA_VISIBLE_DEVICES is honoured: engines get its devices, not 0..N
-    plan = G.engine_plan(EvaluateConfig(data_parallel_size=2), ["3", "5", "7"], [])
+    plan = V.engine_plan(EvaluateConfig(data_parallel_size=2), ["3", "5", "7"], [])
     assert [p["CUDA_VISIBLE_DEVICES"] for p in plan] == ["3", "5"]
     with pytest.raises(G.GenerationError, match="data_parallel_size=8 x tensor_parallel_size=1 needs 8 GPUs, 4 visible"):
-        G.engine_plan(EvaluateConfig(data_parallel_size=8), ["0", "1", "2", "3"], [])
+        V.engine_plan(EvaluateConfig(data_parallel_size=8), ["0", "1", "2", "3"], [])
     # vllm-cpu: one engine binds itself; several get disjoint core slices (one list per tensor-parallel rank)
-    assert G.engine_plan(EvaluateConfig(), [], [0, 1]) == [{}]
-    plan = G.engine_plan(EvaluateConfig(data_parallel_size=2), [], [0, 1, 2, 3])
+    assert V.engine_plan(EvaluateConfig(), [], [0, 1]) == [{}]
+    plan = V.engine_plan(EvaluateConfig(data_parallel_size=2), [], [0, 1, 2, 3])
     assert [p["VLLM_CPU_OMP_THREADS_BIND"] for p in plan] == ["0,1", "2,3"]
-    plan = G.engine_plan(EvaluateConfig(data_parallel_size=2, tensor_parallel_size=2), [], list(range(8)))
+    plan = V.engine_plan(EvaluateConfig(data_parallel_size=2, tensor_parallel_size=2), [], list(range(8)))
     assert [p["VLLM_CPU_OMP_THREADS_BIND"] for p in plan] == ["0,1|2,3", "4,5|6,7"]
-    assert G.engine_plan(EvaluateConfig(data_parallel_size=3), [], [0, 1])[2] == {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    assert V.engine_plan(EvaluateConfig(data_parallel_size=3), [], [0, 1])[2] == {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 
 
 def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 3")
-    assert G.visible_gpus() == ["2", "3"]
+    assert V.visible_gpus() == ["2", "3"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert G.visible_gpus() == []
+    assert V.visible_gpus() == []
 
 
 def test_data_parallel_needs_vllm(tiny):
@@ -173,8 +176,8 @@ def test_release_cuda_memory_empties_the_cache_of_a_process_that_used_cuda(monke
     cuda = types.SimpleNamespace(is_initialized=lambda: True, empty_cache=lambda: calls.append("empty_cache"),
                                  device_count=lambda: 2, memory_allocated=lambda d: 3 * 2**30 if d == 0 else 0)
     monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
-    with caplog.at_level("INFO", logger="redi.generate"):
-        G.release_cuda_memory()
+    with caplog.at_level("INFO", logger="redi.generate_vllm"):
+        V.release_cuda_memory()
     assert calls == ["empty_cache"]
     assert "still holds 3.00 GiB of live tensors" in caplog.text and caplog.records[-1].levelname == "WARNING"
 
@@ -183,7 +186,7 @@ def test_release_cuda_memory_is_a_no_op_without_cuda():
     import torch
 
     assert not torch.cuda.is_initialized()
-    G.release_cuda_memory()  # must not initialise CUDA (or fail) in a process that never used it
+    V.release_cuda_memory()  # must not initialise CUDA (or fail) in a process that never used it
     assert not torch.cuda.is_initialized()
 
 
@@ -209,7 +212,7 @@ def test_vllm_backend_from_a_worker_thread_leaves_no_process(tiny):
     assert all(s["completion_tokens"] <= 12 for s in samples)
     assert len({s["text"] for s in samples if s["problem_id"] == "p0"}) > 1  # n samples differ
     left = {p.pid for p in psutil.Process().children(recursive=True)} - before
-    assert not [p for p in left if psutil.pid_exists(p) and "redi.generate" in " ".join(psutil.Process(p).cmdline())]
+    assert not [p for p in left if psutil.pid_exists(p) and "redi.generate_engine" in " ".join(psutil.Process(p).cmdline())]
 
 
 @pytest.mark.slow
@@ -238,9 +241,9 @@ def test_two_cpu_engines_give_one_engines_samples(tiny):
 def test_log_tail_names_the_log_and_quotes_its_last_lines(tmp_path):
     log = tmp_path / "engine.log"
     log.write_text("".join(f"line {i}\n" for i in range(40)))
-    tail = G.log_tail(log, lines=3)
+    tail = V.log_tail(log, lines=3)
     assert str(log) in tail and "line 37\nline 38\nline 39)" in tail and "line 36" not in tail
-    assert "unreadable" in G.log_tail(tmp_path / "missing.log")
+    assert "unreadable" in V.log_tail(tmp_path / "missing.log")
 
 
 @pytest.mark.slow
