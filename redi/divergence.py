@@ -18,9 +18,11 @@ paper's data (long, exploratory R1 traces) and a templated synthetic teacher dif
 from __future__ import annotations
 
 import difflib
+import json
 import statistics
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 
 def unmatched_share(first_right: str, other: str) -> float:
@@ -32,10 +34,11 @@ def unmatched_share(first_right: str, other: str) -> float:
     return 1.0 - matched / len(other)
 
 
-def problem_shares(samples: Sequence[str], correct: Sequence[bool | None]) -> tuple[list[float], list[float]]:
-    """(wrong-vs-first-right shares, right-vs-first-right shares) of one problem's samples.
+def problem_shares(samples: Sequence[str], correct: Sequence[bool | None], first_only: bool = False) -> tuple[list[float], list[float]]:
+    """(wrong-vs-first-right shares, right-vs-first-right shares) of one problem's samples, in sample order.
 
     A problem without a right sample gives nothing; a sample labelled ``None`` (not judged) is skipped.
+    `first_only`: the first wrong and the second right sample only (the comparisons are the slow part).
     """
     if len(samples) != len(correct):
         raise ValueError(f"divergence: {len(samples)} samples but {len(correct)} labels; give one label per sample")
@@ -43,9 +46,11 @@ def problem_shares(samples: Sequence[str], correct: Sequence[bool | None]) -> tu
     if first is None:
         return [], []
     ref = samples[first]
-    wrong = [unmatched_share(ref, s) for s, c in zip(samples, correct, strict=True) if c is False]
-    right = [unmatched_share(ref, s) for i, (s, c) in enumerate(zip(samples, correct, strict=True)) if c is True and i != first]
-    return wrong, right
+    wrong = [s for s, c in zip(samples, correct, strict=True) if c is False]
+    right = [s for i, (s, c) in enumerate(zip(samples, correct, strict=True)) if c is True and i != first]
+    if first_only:
+        wrong, right = wrong[:1], right[:1]
+    return [unmatched_share(ref, s) for s in wrong], [unmatched_share(ref, s) for s in right]
 
 
 @dataclass(frozen=True)
@@ -80,30 +85,50 @@ class PairDivergence:
 
     ``first_wrong``: the first wrong sample against the first right one (REDI's pair; the figures the
     study quotes); ``second_right``: the second right sample against the first. ``wrong_vs_right`` and
-    ``right_vs_right`` pool every wrong / every later right sample of each problem.
+    ``right_vs_right`` pool every wrong / every later right sample of each problem (None: not measured).
     """
 
     first_wrong: Summary
     second_right: Summary
-    wrong_vs_right: Summary
-    right_vs_right: Summary
+    wrong_vs_right: Summary | None
+    right_vs_right: Summary | None
 
 
-def pair_divergence(problems: Iterable[tuple[Sequence[str], Sequence[bool | None]]]) -> PairDivergence:
-    """Pair divergence of problems given as ``(samples, labels)``; a summary's `problems` counts those that contribute."""
+def pair_divergence(problems: Iterable[tuple[Sequence[str], Sequence[bool | None]]], pooled: bool = True) -> PairDivergence:
+    """Pair divergence of problems given as ``(samples, labels)``; a summary's `problems` counts those that contribute.
+
+    `pooled=False` measures one pair of each kind per problem only (for 100 real problems x 8: 105
+    comparisons instead of 672).
+    """
     wrong: list[list[float]] = []
     right: list[list[float]] = []
     for samples, correct in problems:
-        w, r = problem_shares(samples, correct)
+        w, r = problem_shares(samples, correct, first_only=not pooled)
         if w:
             wrong.append(w)
         if r:
             right.append(r)
+    pooled_wrong = Summary.of([x for w in wrong for x in w], len(wrong)) if pooled else None
+    pooled_right = Summary.of([x for r in right for x in r], len(right)) if pooled else None
     return PairDivergence(Summary.of([w[0] for w in wrong], len(wrong)), Summary.of([r[0] for r in right], len(right)),
-                          Summary.of([x for w in wrong for x in w], len(wrong)), Summary.of([x for r in right for x in r], len(right)))
+                          pooled_wrong, pooled_right)
 
 
 def openr1_problems(rows: Iterable[dict]) -> Iterator[tuple[list[str], list[bool]]]:
     """``(generations, correctness_math_verify)`` of Open-R1-schema rows (the synthetic teacher's output)."""
     for r in rows:
         yield r["generations"], r["correctness_math_verify"]
+
+
+def jsonl_problems(path: str | Path) -> Iterator[tuple[list[str], list[bool]]]:
+    """``(generations, labels)`` of a jsonl file of labelled samples: ``correctness`` (Qwen2.5-Math's
+    sampled-CoT files) or ``correctness_math_verify`` (Open-R1) per row."""
+    with Path(path).open() as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            labels = row.get("correctness", row.get("correctness_math_verify"))
+            if "generations" not in row or labels is None:
+                raise ValueError(f"{path}:{n}: a row needs `generations` and `correctness` (or `correctness_math_verify`)")
+            yield row["generations"], labels

@@ -181,13 +181,13 @@ LEADS = {
     "doubles": ["{name} doubles the {item}.", "Then the number doubles.", "Doubling:", "Next, the {item} are doubled."],
 }
 CALC_COMPOUND = ["That's {shown} = {amt}, so {x} {op} {amt} = {y}.", "{shown} = {amt}. {x} {op} {amt} = {y}.",
-                 "So the count goes from {x} to {x} {op} {shown} = {y}.", "That is {amt} {item} {dir}, which gives {x} {op} {amt} = {y}."]
+                 "So the count goes from {x} to {x} {op} {term} = {y}.", "That is {amt} {item} {dir}, which gives {x} {op} {amt} = {y}."]
 CALC_SIMPLE = ["So {x} {op} {amt} = {y}.", "{x} {op} {amt} = {y}.", "Now we have {x} {op} {amt} = {y} {item}.", "That makes {x} {op} {amt}, which is {y}."]
-TOTAL = ["", "Now {name} has {y}.", "Running total: {y}.", "So we're at {y} {item}."]
-OPENINGS = ["Okay, so {name} starts with {x0} {item}, and then a few things happen. Let me go through them one at a time.",
+TOTAL = ["", "", "Now {name} has {y}.", "Running total: {y}."]
+OPENINGS = ["Okay, so {name} starts with {x0} {item}. Let me go through the changes one at a time.",
             "Let me figure out how many {item} {name} ends up with. At the beginning there are {x0}.",
             "We start from {x0} {item}. I'll keep a running count.",
-            "First, let me restate the problem. {name} has {x0} {item} to begin with, and there are {k} changes after that.",
+            "First, restate: {name} has {x0} {item}, then {k} changes.",
             "Alright. Start: {x0} {item}."]
 CLOSINGS = ["So {name} has \\boxed{{{a}}} {item} now.", "The answer is \\boxed{{{a}}}.", "**Answer:** \\boxed{{{a}}}",
             "Therefore, {name} ends up with \\boxed{{{a}}} {item}."]
@@ -207,8 +207,10 @@ def _step_words(d: Done, i: int, v: Voice, name: str, item: str) -> list[str]:
     nums = [int(t) for t in re.findall(r"\d+", d.step.phrase)]
     b, c = (nums + [0, 0])[:2]
     n = nums[0] if nums else 2
+    shown = d.shown.replace("*", _opsym(v, "*"))
+    term = f"({shown})" if d.op != "+" and "+" in shown else shown  # x - (b + c), as the solver meant it
     kw = {"name": name, "item": item, "b": b, "c": c, "n": n, "x": fmt(d.x), "y": fmt(d.y), "op": _opsym(v, d.op),
-          "shown": d.shown.replace("*", _opsym(v, "*")), "amt": fmt(d.amount), "dir": "more" if d.op == "+" else "fewer"}
+          "shown": shown, "term": term, "amt": fmt(d.amount), "dir": "more" if d.op == "+" else "fewer"}
     lines = [v.say(f"lead{i}", LEADS[ev], **kw)]
     lines.append(v.say(f"calc{i}", CALC_COMPOUND if d.compound else CALC_SIMPLE, **kw))
     total = v.say(f"total{i}", TOTAL, **kw)
@@ -224,7 +226,7 @@ def _detour(d: Done, v: Voice, name: str, item: str) -> tuple[list[str], bool]:
     inv = {"+": "-", "-": "+", "*": "/", "/": "*"}[d.op]
     options = [f"Wait, let me double-check that: {x} {d.op} {amt} = {y}. Yes, that's right.",
                f"Hmm, let me verify by undoing it: {y} {inv} {amt} should give back {x}. It does.",
-               f"Let me reread that part of the problem to make sure I have the numbers right. {d.step.phrase.capitalize()}. Okay.",
+               f"Let me reread that part: {d.step.phrase}. Okay.",
                "Hold on, should this step be a different operation? No, I think that's how it works here."]
     if d.compound:
         other = d.shown.translate(str.maketrans("*+", "+*"))
@@ -265,7 +267,7 @@ def word_trace(p: Problem, steps: list[Done], v: Voice, wrong: bool) -> tuple[li
     strategy = v.pick("strategy", 4)
     if strategy == 3 and (reordered := _gains_first(steps, p)):
         steps = reordered
-        lines.append("The additions and subtractions can go in any order, so I'll add everything gained first, then take away the rest.")
+        lines.append("Adding and taking away can go in any order, so gains first, then losses.")
     if strategy == 1:
         lines.append(f"As one expression, the count is {_expression(p, steps)}. Let me evaluate it piece by piece.")
     if strategy == 2:
@@ -292,7 +294,7 @@ def word_trace(p: Problem, steps: list[Done], v: Voice, wrong: bool) -> tuple[li
                          for d in reversed(steps))
         lines.append(f"Checking backwards from {fmt(final)}: {back}. That gets back to {fmt(p.start)}, so it checks out.")
     elif check == 3:
-        lines.append(f"Let me make sure I didn't skip any event. There are {k} of them and I used {len(steps)}. Good.")
+        lines.append(f"Did I use every event? {len(steps)} of {k}. Good.")
     closing = [v.say("summary", SUMMARIES, name=name, item=item, x0=fmt(p.start), k=k, a=fmt(final), chain=chain)]
     return lines, [c for c in closing if c], final
 
