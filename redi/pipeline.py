@@ -26,7 +26,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from . import dag, distributed
+from . import dag, distributed, tracking
 from .artifacts import Artifact, ArtifactStore, code_version, hash_obj, stage_key
 from .config import Recipe, recipe_to_yaml
 
@@ -162,6 +162,7 @@ class Pipeline:
             torch.set_num_threads(recipe.run.threads)
         if distributed.launched():  # one of N processes of `accelerate launch -m redi.cli ...`: join them first
             distributed.init(auto_device(recipe.run.device))
+        self.tracking = tracking.Tracking.from_recipe(recipe, self.run_dir())  # None when run.report_to is empty
 
     # ------------------------------------------------------------------ keys (no work done)
     @cached_property
@@ -278,9 +279,18 @@ class Pipeline:
         k = self.key(stage, label)
         t0 = time.time()
         inputs = {**self._upstream(stage, label), **(extra_inputs or {})}
-        art = self.store.build(stage, k, fn, config=self._config(stage), inputs=inputs, refresh=self.refreshing(stage),
-                               collective=collective)
         name = dag.node_name(stage, label)
+        tracker = self.tracking.tracker(name, k) if self.tracking else None
+        try:
+            with tracking.activate(tracker):  # redi.train logs each step's signals to it (rank 0)
+                art = self.store.build(stage, k, fn, config=self._config(stage), inputs=inputs,
+                                       refresh=self.refreshing(stage), collective=collective)
+        except BaseException:
+            if tracker:
+                tracker.close(failed=True)
+            raise
+        if tracker:
+            self.tracking.finish_node(tracker, art, time.time() - t0)
         self.timings[name] = time.time() - t0
         self.nodes[name] = art
         log.info("%s %s: %s (%.1fs)", name, "cache hit" if art.cached else "built", art.path, self.timings[name])
@@ -354,7 +364,7 @@ class Pipeline:
             "-m", "redi.train", which, "--recipe", str(recipe_file), "--model-dir", str(model_dir),
             "--data", str(data), "--out", str(out), "--work", str(work), "--device", device]
         log.info("launching: %s", " ".join(cmd))
-        subprocess.run(cmd, check=True)
+        subprocess.run(cmd, check=True, env={**os.environ, **tracking.child_env()})  # the child logs to this node's run
         return json.loads((out / "summary.json").read_text())
 
     def _training(self, stage: str, fn: Callable[[Path, Path], dict]) -> Artifact:
@@ -491,6 +501,12 @@ class Pipeline:
         results.bar_chart(df, rdir / "results.png")
         self.store.push_tree(self.results_path(), only_missing=True)  # a URL root: publish (latest.json last)
         self.store.push_tree(rdir, last=("latest.json",))
+        if self.tracking:  # run.report_to: metrics per model and benchmark, every node's key (once per content)
+            keys = {**{n: a.key for n, a in self.nodes.items()}, **{a.stage: a.key for a in models.values()},
+                    **{dag.node_name("grade", lab): g.key for lab, g in grades.items()}}
+            self.tracking.log_report(hash_obj({"recipe": h, "grades": {lab: g.key for lab, g in grades.items()}}),
+                                     {self.result_label(lab): json.loads(g.file("metrics.json").read_text())
+                                      for lab, g in grades.items()}, keys, table.markdown)
         if not register:
             log.info("report: stage rerun recorded in %s (not registered: runs/%s/latest.json unchanged)", rdir, self.recipe.run.name)
         return distributed.broadcast({"run_dir": str(rdir), "registered": register, "table_markdown": table.markdown,

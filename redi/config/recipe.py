@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ..dag import STAGES
+from ..tracking import BACKENDS, TrackingError, check_installed
 from .base import StrictModel
 from .data import DataConfig
 from .evaluate import EvaluateConfig
@@ -58,6 +59,24 @@ class RunConfig(StrictModel):
         None, description="`accelerate launch --config_file` for launcher=accelerate (deployments/accelerate/{ddp,fsdp,zero2,zero3}.yaml)."
     )
     num_processes: int | None = Field(None, ge=1, description="`accelerate launch --num_processes` (launcher=accelerate); None = the config's.")
+    report_to: list[Literal[BACKENDS]] = Field(  # type: ignore[valid-type]  # redi.tracking.BACKENDS
+        default_factory=list, description="Experiment trackers (tensorboard, mlflow, wandb, trackio): the recipe, training "
+        "signals per step, evaluation metrics and artifact keys (docs/tracking.md). Empty: none."
+    )
+    tracking_dir: str | None = Field(None, description="Where the trackers write (a local path); None = <artifact_root>/runs/<name>/tracking.")
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers_installed(cls, v: list[str]) -> list[str]:
+        """A tracker named twice, or whose library is missing, fails here (before any work), naming the extra."""
+        dup = sorted({b for b in v if v.count(b) > 1})
+        if dup:
+            raise ValueError(f"{dup} named more than once")
+        try:
+            check_installed(v)
+        except TrackingError as e:
+            raise ValueError(str(e)) from None
+        return v
 
 
 class Recipe(StrictModel):
@@ -132,7 +151,7 @@ def _format_error(err: ValidationError, origin: str) -> str:
 
 
 RECIPE_PATHS: tuple[tuple[str, str], ...] = (
-    ("run", "artifact_root"), ("run", "results_db"), ("run", "accelerate_config"),
+    ("run", "artifact_root"), ("run", "results_db"), ("run", "accelerate_config"), ("run", "tracking_dir"),
     ("run", "cache_dir"), ("data", "local_path"), ("evaluate", "benchmark_dir"), ("model", "base"),
 )
 """Recipe fields that are local paths: a relative one in a recipe file is relative to that file's folder."""
