@@ -6,22 +6,20 @@ grading and since when (a "heartbeat", two doubles written per item, no message)
 scheduler thread kills a worker whose current item is past ``timeout_s``, resolves exactly that
 item to ``None`` and re-queues the rest of the worker's items to its replacement.
 
-Throughput: the parent's per-item cost must stay far below one grading (~20-50 us for a short integer
-answer once parsed, ~1-15 ms for a new LaTeX answer) or the parent, not the workers, sets the pace on a
-2-core machine. So items travel in chunks
+Throughput: the parent's per-item cost must stay far below one grading, or the parent, not the workers,
+sets the pace on a small machine (docs/benchmarks/verify.md has the figures). So items travel in chunks
 (slices of a batch, up to ``CHUNK_MAX`` per message, two queued per worker so a worker never waits
 for the parent), results come back as one list per chunk (or every ``FLUSH_S`` on a slow chunk),
 messages are sent by a feeder thread per worker (a full pipe never blocks the scheduler, which must
 stay free to enforce deadlines), and the parent touches chunks, never single items. Workers fork warm
-from a forkserver (``redi._gradewarm``). This module is the parent side (the pool, its batches, its
-scheduler thread, the process's shared pool); the loop each worker runs is :mod:`redi.gradeworker`.
+from a forkserver (``redi._gradewarm``). This module is the parent side (the pool, its scheduler thread,
+the process's shared pool); what the scheduler moves (batches, segments, worker slots) is
+:mod:`redi.gradebatch`; the loop each worker runs is :mod:`redi.gradeworker`.
 
-Workers share their caches: what one worker parsed or graded reaches the others within ~10-20 ms
+Workers share their caches: what one worker parsed or graded reaches the others between items
 (``redi.grader`` "Caches": results carry the worker's new entries, the scheduler forwards them, workers
-read them between items), so N workers do about the work of one (two workers on the 100k synthetic
-traces parsed 1,004 answer strings for 974 distinct ones; without sharing, and even with each batch
-sorted by answer so that equal answers met in one worker, 1.25-1.45x the CPU of one worker).
-``benchmarks/bench_verify.py`` measures the result (docs/benchmarks/verify.md).
+read them between items), so N workers do about the work of one. ``benchmarks/bench_verify.py``
+measures it (docs/benchmarks/verify.md).
 """
 
 from __future__ import annotations
@@ -33,17 +31,16 @@ import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from multiprocessing.connection import wait as mp_wait
 from multiprocessing.reduction import ForkingPickler
-from typing import Any
 
+from .gradebatch import STOP, Batch, PoolStats, Segment, WorkerSlot, feeder
 from .grader import Verdict
 from .gradeworker import FLUSH_S, POLL_S, SHARE_S, default_workers, start_context, warm, worker_main
 
 __all__ = [
-    "CHUNK_MAX", "CHUNK_MIN", "FLUSH_S", "IDLE_POLL_S", "POLL_S", "SHARE_S", "START_TIMEOUT_S", "Batch", "GradingPool",
-    "PoolStats", "default_workers", "grade_many", "shared_pool", "warm",
+    "CHUNK_MAX", "CHUNK_MIN", "FLUSH_S", "IDLE_POLL_S", "POLL_S", "SHARE_S", "START_TIMEOUT_S", "GradingPool",
+    "default_workers", "grade_many", "shared_pool", "warm",
 ]
 
 logger = logging.getLogger(__name__)
@@ -56,123 +53,6 @@ CHUNK_MIN, CHUNK_MAX = 8, 512
 """Items per message to a worker: a quarter of the queue per worker within these bounds (big chunks when
 much is queued: fewer messages; small ones on a short queue: every worker gets some). Two are queued
 per worker."""
-_STOP = object()
-
-
-# ----------------------------------------------------------------------------- worker processes
-
-
-def _feeder(conn, q: deque, ready: threading.Event) -> None:
-    """Send a worker's queued messages, in order, so that the scheduler never blocks on a full pipe."""
-    while True:
-        ready.wait()
-        ready.clear()
-        while q:
-            msg = q.popleft()
-            if msg is _STOP:
-                return
-            try:
-                if type(msg) is bytes:  # pickled once for several workers (forwarded cache entries)
-                    conn.send_bytes(msg)
-                else:
-                    conn.send(msg)
-            except (OSError, ValueError):  # worker gone: the scheduler notices through its sentinel
-                return
-
-
-# ----------------------------------------------------------------------------- parent side
-
-
-class Batch:
-    """Items queued together (:meth:`GradingPool.map_async`, or one :meth:`~GradingPool.submit`): verdicts in
-    input order, filled as chunks come back. Items own the keys ``k0 .. k0 + n - 1``."""
-
-    def __init__(self, items: list[tuple], future: Future | None = None):
-        self.items = items
-        self.out: list[Verdict] = [None] * len(items)
-        self.left = len(items)
-        self.k0 = -1
-        self.future = future
-        self.event = threading.Event()
-        self.error: BaseException | None = None
-        if not items:
-            self.event.set()
-
-    @property
-    def done(self) -> int:
-        return len(self.out) - self.left
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self.event.wait(timeout)
-
-    def result(self) -> list[Verdict]:
-        self.event.wait()
-        if self.error is not None:
-            raise RuntimeError(f"GradingPool failed: {self.error}") from self.error
-        return self.out
-
-    def _put(self, pos: int, verdicts: list[Verdict]) -> None:
-        """Verdicts of positions pos, pos+1, ... (scheduler thread only)."""
-        self.out[pos : pos + len(verdicts)] = verdicts
-        self.left -= len(verdicts)
-        if self.left == 0:
-            self._finish()
-
-    def _finish(self) -> None:
-        if self.future is not None:
-            if self.error is not None:
-                self.future.set_exception(self.error)
-            else:
-                self.future.set_result(self.out[0])
-        self.event.set()
-
-
-@dataclass
-class _Seg:
-    """Consecutive dispatch positions [a, b) of one batch."""
-
-    batch: Batch
-    a: int
-    b: int
-
-
-@dataclass
-class _Slot:
-    """One worker process: its pipe, heartbeat, feeder thread and the segments sent to it (in order)."""
-
-    proc: Any
-    conn: Any
-    beat: Any
-    outq: deque = field(default_factory=deque)
-    kick: threading.Event = field(default_factory=threading.Event)
-    feeder: threading.Thread | None = None
-    inflight: deque = field(default_factory=deque)  # _Seg per chunk sent, shrinking from the front as results come
-    ready: bool = False
-    started_at: float = field(default_factory=time.monotonic)
-
-    def send(self, msg) -> None:
-        self.outq.append(msg)
-        self.kick.set()
-
-    def current(self) -> tuple[int, float] | None:
-        """(key, started) of the item being graded, or None between items (consistent read of the heartbeat)."""
-        t = self.beat[1]
-        if t == 0.0:
-            return None
-        key = int(self.beat[0])
-        return (key, t) if self.beat[1] == t else None
-
-
-@dataclass
-class PoolStats:
-    """Counters of a pool's life: graded items, deadline kills, worker crashes, workers started, cache entries shared."""
-
-    done: int = 0
-    timeouts: int = 0
-    crashes: int = 0
-    started: int = 0
-    shared: int = 0  # cache entries forwarded from one worker to another (redi.grader "Caches")
-    timeout_examples: list = field(default_factory=list)
 
 
 class GradingPool:
@@ -197,8 +77,8 @@ class GradingPool:
         self.tokenizer_json = tokenizer_json
         self.stats = PoolStats()
         self._ctx = start_context()
-        self._pending: deque = deque()  # _Seg not yet sent
-        self._retry: deque = deque()  # _Seg of a killed worker, sent first
+        self._pending: deque = deque()  # Segment not yet sent
+        self._retry: deque = deque()  # Segment of a killed worker, sent first
         self._queued = 0  # items in _pending + _retry
         self._next = 0
         self._lock = threading.Lock()
@@ -224,9 +104,7 @@ class GradingPool:
         """Queue a batch of (response, gold) items; the returned :class:`Batch` fills in input order.
 
         Items go out in input order: the workers share what they parse and grade (``redi.grader``,
-        "Caches"), so equal answers need not meet in one worker (the pool used to sort each batch by
-        final answer for that: 0.16 s of the parent's CPU for 100,000 traces, taken from the workers on
-        a 2-core machine).
+        "Caches"), so equal answers need not meet in one worker and the parent spends no CPU sorting.
         """
         batch = Batch(list(items))
         if batch.items:
@@ -254,7 +132,7 @@ class GradingPool:
             batch.k0 = self._next
             self._next += len(batch.items)
             self._batches[batch.k0] = batch
-            self._pending.append(_Seg(batch, 0, len(batch.items)))
+            self._pending.append(Segment(batch, 0, len(batch.items)))
             self._queued += len(batch.items)
         self._wake()
 
@@ -284,20 +162,20 @@ class GradingPool:
         self.close()
 
     # -- workers
-    def _start_worker(self) -> _Slot:
+    def _start_worker(self) -> WorkerSlot:
         parent, child = self._ctx.Pipe(duplex=True)
         beat = self._ctx.RawArray("d", 2)
         proc = self._ctx.Process(target=worker_main, args=(child, beat, self.tokenizer_json, self.n > 1), daemon=True, name="redi-grader")
         proc.start()
         child.close()
         self.stats.started += 1
-        slot = _Slot(proc, parent, beat)
-        slot.feeder = threading.Thread(target=_feeder, args=(parent, slot.outq, slot.kick), daemon=True, name="grading-feeder")
+        slot = WorkerSlot(proc, parent, beat)
+        slot.feeder = threading.Thread(target=feeder, args=(parent, slot.outq, slot.kick), daemon=True, name="grading-feeder")
         slot.feeder.start()
         return slot
 
     @staticmethod
-    def _stop_worker(slot: _Slot, graceful: bool) -> None:
+    def _stop_worker(slot: WorkerSlot, graceful: bool) -> None:
         if graceful:
             slot.send(None)
             slot.proc.join(timeout=5)
@@ -305,14 +183,14 @@ class GradingPool:
             slot.proc.kill()
             slot.proc.join()
         slot.outq.clear()
-        slot.send(_STOP)
+        slot.send(STOP)
         slot.feeder.join(timeout=10)  # a send to a dead worker fails at once (EPIPE)
         slot.conn.close()
 
-    def _put(self, seg: _Seg, verdicts: list[Verdict]) -> None:
+    def _put(self, seg: Segment, verdicts: list[Verdict]) -> None:
         """Verdicts for the first len(verdicts) positions of seg (which is advanced past them)."""
         batch = seg.batch
-        batch._put(seg.a, verdicts)
+        batch.fill(seg.a, verdicts)
         seg.a += len(verdicts)
         self.stats.done += len(verdicts)
         if batch.left == 0:
@@ -334,7 +212,7 @@ class GradingPool:
             j = None  # it had just moved on to a fresh item (a lost race): nobody to blame
         blamed, hit = (None, None) if j is None else (cur[0] - segs[j].batch.k0, segs[j])  # dispatch position in hit.batch
         if hit is not None:  # everything else the worker held is graded again (results it had not sent died with it)
-            segs[j : j + 1] = [s for s in (_Seg(hit.batch, hit.a, blamed), _Seg(hit.batch, blamed + 1, hit.b)) if s.b > s.a]
+            segs[j : j + 1] = [s for s in (Segment(hit.batch, hit.a, blamed), Segment(hit.batch, blamed + 1, hit.b)) if s.b > s.a]
         with self._lock:
             self._retry.extendleft(reversed(segs))
             self._queued += sum(s.b - s.a for s in segs)
@@ -353,7 +231,7 @@ class GradingPool:
                        None if blamed is None else hit.batch.k0 + blamed)
         self._slots[i] = self._start_worker()
         if blamed is not None:
-            self._put(_Seg(hit.batch, blamed, blamed + 1), [None if self.tokenizer_json is None else (None, None)])
+            self._put(Segment(hit.batch, blamed, blamed + 1), [None if self.tokenizer_json is None else (None, None)])
 
     # -- scheduler thread
     def _dispatch(self) -> None:
@@ -365,7 +243,7 @@ class GradingPool:
                 slot.inflight.append(seg)
                 slot.send((seg.batch.k0 + seg.a, seg.batch.items[seg.a : seg.b]))
 
-    def _take(self, n: int) -> _Seg | None:
+    def _take(self, n: int) -> Segment | None:
         """Up to n consecutive items of the first queued segment (retries first)."""
         with self._lock:
             q = self._retry if self._retry else self._pending
@@ -375,7 +253,7 @@ class GradingPool:
             if seg.b - seg.a <= n:
                 out = q.popleft()  # off the queue: safe to hand out as it is
             else:
-                out = _Seg(seg.batch, seg.a, seg.a + n)
+                out = Segment(seg.batch, seg.a, seg.a + n)
                 seg.a += n
             self._queued -= out.b - out.a
             return out
@@ -400,9 +278,9 @@ class GradingPool:
             for b in batches:
                 if not b.event.is_set():
                     b.error = e
-                    b._finish()
+                    b.finish()
 
-    def _timeout(self, busy: list[_Slot], starting: list[_Slot], now: float) -> float:
+    def _timeout(self, busy: list[WorkerSlot], starting: list[WorkerSlot], now: float) -> float:
         """How long the scheduler may sleep: until the nearest deadline, at most IDLE_POLL_S."""
         t = IDLE_POLL_S
         for s in busy:

@@ -179,6 +179,8 @@ def test_code_version_follows_package_imports_transitively():
     ev = module_closure(["redi.evaluate"], ["redi.config", "redi.grader", "redi.metrics"])
     assert "redi.generate" in ev and "redi.grader" not in ev  # the grader is keyed by the grade step
     assert {"redi.generate_hf", "redi.generate_vllm", "redi.generate_engine"} <= set(ev)  # backends key evaluation
+    grade = module_closure(["redi.grader", "redi.gradepool", "redi.metrics"], ["redi.config"])
+    assert {"redi.gradebatch", "redi.gradeworker"} <= set(grade)  # the pool's split modules key grading
 
 
 def test_url_root_through_fsspec_memory(tmp_path):
