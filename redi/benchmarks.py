@@ -1,20 +1,27 @@
 """Benchmark registry: every benchmark as rows of ``id, problem, answer`` (BENCHMARK_COLUMNS), from a local
 file or the Hugging Face Hub.
 
-Adding a benchmark is one :class:`BenchmarkSpec` entry in :data:`REGISTRY` (Hub id, split, a row mapper and
-its folder in a local copy). Where a benchmark comes from, first match wins:
+Adding a benchmark is one :class:`BenchmarkSpec` entry in :data:`REGISTRY`, which carries everything about it:
+its source (Hub id, split, row mapper, its folder in a local copy, or a file of its own), whether it is one of
+``evaluate.benchmarks``' defaults and of ``verify.decontam_benchmarks``' defaults, whether a data source's
+download artifact provides it, and the paper's numbers on it. The configs' defaults, the order of the results
+table's columns (registry order), the paper's columns and the CLI's lists are derived from it.
+
+Where a benchmark comes from, first match wins:
 
 1. ``cfg.benchmark_paths[name]`` (a ``.jsonl``/``.parquet`` file, or a folder holding ``test.jsonl``),
-2. ``extra_paths[name]`` (the download artifact's ``demo_test``/``demo_val`` files),
+2. ``extra_paths[name]`` (the download artifact's files, for specs with ``from_download``),
 3. ``<cfg.benchmark_dir or $REDI_BENCHMARK_DIR>/<spec.local_dir>/test.jsonl`` when that file exists
    (``local_dir`` = the name, except ``amc``: ``amc_rllm``, as in shared/data),
-4. the Hub (``datasets.load_dataset``), with the spec's row mapper.
+4. the spec's own ``path`` (a file of the benchmark, relative paths from this package's folder),
+5. the Hub (``datasets.load_dataset``), with the spec's row mapper.
 
 Two AMC sets: ``amc`` is the paper's "AMC23" column, rllm's ``amc.json`` (83 problems of AMC 12A/12B 2022
 and 2023; on the Hub as ``AI-MO/aimo-validation-amc``, from which rllm's copy was made: same 83 problems,
 rllm adds a difficulty field; the texts were not compared offline); ``amc23`` is Qwen2.5-Math's 40-problem
 AMC 2023 set, another benchmark: the paper's 62.4 is not comparable with it. The prompt and token budget are
-the recipe's (``evaluate.prompt_protocol``), not the benchmark's: the paper used one protocol for all.
+the recipe's (``evaluate.prompt_protocol``), not the benchmark's: the paper used one protocol for all, and one
+evaluation runs one protocol (one engine, one protocol recorded with every result row).
 
 Local files must already have ``id, problem, answer``; rows are validated (missing or empty fields, an
 empty file, duplicate ids raise :class:`BenchmarkError` naming the file and the row).
@@ -33,9 +40,10 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .config.evaluate import EvaluateConfig
+if TYPE_CHECKING:  # the configs read this registry (their defaults): nothing of redi.config is imported here
+    from .config.evaluate import EvaluateConfig
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +57,17 @@ class BenchmarkError(ValueError):
 
 @dataclass(frozen=True)
 class BenchmarkSpec:
-    """How to get one benchmark from the Hub. ``to_row(hub_row, index) -> {id, problem, answer}``."""
+    """One benchmark, everything about it.
+
+    Source: ``hub_id`` / ``split`` / ``config`` / ``revision`` and ``to_row(hub_row, index) -> {id, problem,
+    answer}`` for the Hub; ``local_dir``: its folder in a local copy (default: the name); ``path``: a file of its
+    own (``.jsonl``/``.parquet`` with id, problem, answer; relative to this package's folder); ``from_download``:
+    the data source (``redi.sources``) whose download artifact writes ``benchmarks/<name>.jsonl``.
+    Membership: ``default``: in ``evaluate.benchmarks`` by default; ``decontaminate``: in
+    ``verify.decontam_benchmarks`` by default. ``paper``: the paper's final-table pass@1 (%) per run label
+    (``base``, ``sft``, ``redi``), for the paper's own benchmarks; those are its columns, in registry order.
+    The registry's order is the results table's column order.
+    """
 
     name: str
     hub_id: str | None
@@ -59,11 +77,20 @@ class BenchmarkSpec:
     to_row: Callable[[dict, int], dict] | None = None
     description: str = ""
     local_dir: str | None = None
+    path: str | None = None
+    from_download: str | None = None
+    default: bool = False
+    decontaminate: bool = False
+    paper: dict[str, float] | None = None
 
     @property
     def folder(self) -> str:
         """The benchmark's folder in a local copy (``<benchmark_dir>/<folder>/test.jsonl``)."""
         return self.local_dir or self.name
+
+    def own_file(self) -> Path | None:
+        """The spec's own file (``path``), relative paths from this package's folder."""
+        return None if self.path is None else Path(__file__).resolve().parent / Path(self.path).expanduser()
 
 
 def _num(x: Any) -> str:
@@ -113,22 +140,66 @@ def _olympiad(r: dict, i: int) -> dict:
     return {"id": f"olympiadbench-{r.get('id', i)}", "problem": r["question"], "answer": ans}
 
 
-REGISTRY: dict[str, BenchmarkSpec] = {
-    s.name: s
-    for s in [
-        BenchmarkSpec("math500", "HuggingFaceH4/MATH-500", "test", to_row=_math500, description="MATH-500 (PRM800K test split), 500"),
-        BenchmarkSpec("aime24", "HuggingFaceH4/aime_2024", "train", to_row=_generic("aime24"), description="AIME 2024 I+II, 30"),
-        BenchmarkSpec("aime25", "math-ai/aime25", "test", to_row=_generic("aime25"), description="AIME 2025 I+II, 30"),
-        BenchmarkSpec("amc", "AI-MO/aimo-validation-amc", "train", to_row=_amc_aimo, local_dir="amc_rllm",
-                      description="AMC 12 2022+2023, 83 (rllm's amc.json: the paper's AMC23 column)"),
-        BenchmarkSpec("amc23", "math-ai/amc23", "test", to_row=_generic("amc23"), description="AMC 2023 (Qwen2.5-Math 40-problem set)"),
-        BenchmarkSpec("minerva_math", "math-ai/minervamath", "test", to_row=_generic("minerva"), description="Minerva / MIT OCW, 272"),
-        BenchmarkSpec("olympiadbench", "Hothan/OlympiadBench", "train", config="OE_TO_maths_en_COMP", to_row=_olympiad, description="OlympiadBench OE_TO_maths_en_COMP, 675"),
-        BenchmarkSpec("gsm8k", "openai/gsm8k", "test", config="main", to_row=_gsm8k, description="GSM8K test, 1319"),
-        BenchmarkSpec("demo_test", None, description="The offline synthetic source's held-out test problems (download artifact)"),
-        BenchmarkSpec("demo_val", None, description="The offline synthetic source's held-out validation problems (download artifact)"),
-    ]
-}
+def _paper(base: float, sft: float, redi: float) -> dict[str, float]:
+    """The paper's final table (arXiv 2505.24850 v1; pass@1 over 16 samples, %): Qwen2.5-Math-1.5B,
+    Qwen-SFT-1.5B-5ep, Qwen-REDI-1.5B."""
+    return {"base": base, "sft": sft, "redi": redi}
+
+
+REGISTRY: dict[str, BenchmarkSpec] = {}
+"""The registered benchmarks by name; their order is the results table's column order (the paper's five first)."""
+
+
+def register(spec: BenchmarkSpec) -> BenchmarkSpec:
+    """Add (or replace) a benchmark: from now on a valid name, in the defaults it opts into, in the table."""
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+for _spec in [
+    BenchmarkSpec("math500", "HuggingFaceH4/MATH-500", "test", to_row=_math500, description="MATH-500 (PRM800K test split), 500",
+                  default=True, decontaminate=True, paper=_paper(52.2, 80.4, 83.1)),
+    BenchmarkSpec("aime24", "HuggingFaceH4/aime_2024", "train", to_row=_generic("aime24"), description="AIME 2024 I+II, 30",
+                  default=True, decontaminate=True, paper=_paper(10.0, 21.9, 28.1)),
+    BenchmarkSpec("amc", "AI-MO/aimo-validation-amc", "train", to_row=_amc_aimo, local_dir="amc_rllm",
+                  description="AMC 12 2022+2023, 83 (rllm's amc.json: the paper's AMC23 column)", default=True,
+                  paper=_paper(42.5, 57.5, 62.4)),
+    BenchmarkSpec("minerva_math", "math-ai/minervamath", "test", to_row=_generic("minerva"), description="Minerva / MIT OCW, 272",
+                  default=True, decontaminate=True, paper=_paper(10.7, 27.5, 28.8)),
+    BenchmarkSpec("olympiadbench", "Hothan/OlympiadBench", "train", config="OE_TO_maths_en_COMP", to_row=_olympiad,
+                  description="OlympiadBench OE_TO_maths_en_COMP, 675", default=True, decontaminate=True, paper=_paper(25.2, 41.5, 45.2)),
+    BenchmarkSpec("aime25", "math-ai/aime25", "test", to_row=_generic("aime25"), description="AIME 2025 I+II, 30",
+                  default=True, decontaminate=True),
+    BenchmarkSpec("amc23", "math-ai/amc23", "test", to_row=_generic("amc23"), description="AMC 2023 (Qwen2.5-Math 40-problem set)",
+                  decontaminate=True),
+    BenchmarkSpec("gsm8k", "openai/gsm8k", "test", config="main", to_row=_gsm8k, description="GSM8K test, 1319",
+                  default=True, decontaminate=True),
+    BenchmarkSpec("demo_test", None, from_download="synthetic",
+                  description="The offline synthetic source's held-out test problems (download artifact)"),
+    BenchmarkSpec("demo_val", None, from_download="synthetic",
+                  description="The offline synthetic source's held-out validation problems (download artifact)"),
+]:
+    register(_spec)
+
+
+def default_benchmarks() -> list[str]:
+    """``evaluate.benchmarks`` by default: the entries with ``default``, in registry order."""
+    return [s.name for s in REGISTRY.values() if s.default]
+
+
+def default_decontam() -> list[str]:
+    """``verify.decontam_benchmarks`` by default: the entries with ``decontaminate``, in registry order."""
+    return [s.name for s in REGISTRY.values() if s.decontaminate]
+
+
+def from_download(source: str) -> tuple[str, ...]:
+    """The benchmarks that the download artifact of data source `source` provides."""
+    return tuple(s.name for s in REGISTRY.values() if s.from_download == source)
+
+
+def paper_benchmarks() -> tuple[str, ...]:
+    """The paper's table columns in its order (the entries with ``paper`` numbers)."""
+    return tuple(s.name for s in REGISTRY.values() if s.paper)
 
 
 # ---------------------------------------------------------------- resolution
@@ -162,12 +233,16 @@ def resolve(name: str, cfg: EvaluateConfig, extra_paths: dict[str, Path] | None 
                 return p
     if spec is None:
         raise BenchmarkError(f"unknown benchmark {name!r}: registered are {sorted(REGISTRY)}; or give a file in evaluate.benchmark_paths")
+    if spec.path is not None:
+        return _file_in(spec.own_file())
     if spec.hub_id is None:
-        raise BenchmarkError(
-            f"benchmark {name!r} has no Hub source and no local file: it comes from the download artifact "
-            f"(data.source=synthetic) or evaluate.benchmark_paths.{name}"
-        )
+        raise BenchmarkError(f"benchmark {name!r} has no Hub source and no local file: {_where_from(spec)}")
     return spec
+
+
+def _where_from(spec: BenchmarkSpec) -> str:
+    via = f"the download artifact (data.source={spec.from_download}) or " if spec.from_download else ""
+    return f"it comes from {via}evaluate.benchmark_paths.{spec.name}"
 
 
 def check_names(names: list[str] | tuple[str, ...], cfg: EvaluateConfig, extra: tuple[str, ...] = ()) -> None:
@@ -183,12 +258,13 @@ def check_names(names: list[str] | tuple[str, ...], cfg: EvaluateConfig, extra: 
                 raise BenchmarkError(f"evaluate.benchmark_paths.{name}: {path} does not exist; point it at a .jsonl/.parquet "
                                      "file (fields id, problem, answer) or a folder holding test.jsonl")
             continue
-        in_dir = root and any((Path(root).expanduser() / name / c).exists() for c in ("test.jsonl", "test.parquet"))
-        if name not in REGISTRY and name not in extra and not in_dir:
+        spec = REGISTRY.get(name)
+        in_dir = root and any((Path(root).expanduser() / (spec.folder if spec else name) / c).exists()
+                              for c in ("test.jsonl", "test.parquet"))
+        if spec is None and name not in extra and not in_dir:
             unknown.append(name)
-        elif REGISTRY.get(name) is not None and REGISTRY[name].hub_id is None and name not in extra and not in_dir:
-            raise BenchmarkError(f"benchmark {name!r} comes from the synthetic source's download artifact "
-                                 f"(data.source=synthetic) or evaluate.benchmark_paths.{name}")
+        elif spec is not None and spec.hub_id is None and spec.path is None and name not in extra and not in_dir:
+            raise BenchmarkError(f"benchmark {name!r} is not available here: {_where_from(spec)}")
     if unknown:
         raise BenchmarkError(f"unknown benchmark{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: registered are "
                              f"{', '.join(sorted(REGISTRY))}; or give a file in evaluate.benchmark_paths.<name>")

@@ -241,10 +241,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     r = recipe_for(args, args.recipe)
     if args.model.startswith(("/", ".", "~")) and not Path(args.model).expanduser().exists():
         raise RecipeError(f"--model {args.model}: no such folder (give a model folder or a Hub id such as Qwen/Qwen2.5-Math-1.5B)")
-    from .benchmarks import check_names
-    from .pipeline import DEMO_BENCHMARKS
+    from .benchmarks import check_names, from_download
 
-    check_names(r.evaluate.benchmarks, r.evaluate, DEMO_BENCHMARKS if r.data.source == "synthetic" else ())
+    check_names(r.evaluate.benchmarks, r.evaluate, from_download(r.data.source))
     t0 = time.time()
     if args.no_prefect:
         from . import runs as run_registry

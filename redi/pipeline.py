@@ -59,7 +59,6 @@ def stage_code(*stages: str) -> str:
     return code_version(mods, exclude)
 MODEL_LABELS = dag.MODEL_LABELS
 LABEL_STAGE = dag.LABEL_STAGE  # which stage produces each evaluated model
-DEMO_BENCHMARKS = ("demo_test", "demo_val")
 
 
 def go_offline() -> None:
@@ -98,7 +97,7 @@ def check_inputs(recipe: Recipe) -> None:
     src = sources.get_source(recipe.data.source)
     if src.check is not None:
         src.check(recipe.data)
-    extra = DEMO_BENCHMARKS if recipe.data.source == "synthetic" else ()
+    extra = benchmarks.from_download(recipe.data.source)
     names = list(recipe.evaluate.benchmarks)
     if recipe.verify.decontaminate not in (False, "off"):
         names += [n for n in recipe.verify.decontam_benchmarks if n not in names]
@@ -224,10 +223,11 @@ class Pipeline:
         return self.key(LABEL_STAGE[label])
 
     def extra_benchmark_paths(self) -> dict[str, Path]:
-        """The download artifact's held-out demo splits, when the source is synthetic (cheap: built on demand)."""
-        if self.recipe.data.source != "synthetic":
-            return {}
-        wanted = set(self.recipe.evaluate.benchmarks) & set(DEMO_BENCHMARKS)
+        """The benchmark files of the download artifact (``BenchmarkSpec.from_download``: the synthetic source's
+        held-out splits) that the evaluation wants; the download is cheap and built on demand."""
+        from .benchmarks import from_download
+
+        wanted = set(self.recipe.evaluate.benchmarks) & set(from_download(self.recipe.data.source))
         if not wanted:
             return {}
         data = self.download()
@@ -237,9 +237,9 @@ class Pipeline:
         from . import benchmarks
 
         ev = self.recipe.evaluate
-        out = {}
+        provided, out = benchmarks.from_download(self.recipe.data.source), {}
         for name in ev.benchmarks:
-            if name in DEMO_BENCHMARKS and self.recipe.data.source == "synthetic":
+            if name in provided:
                 out[name] = f"download:{self.key('download')}"  # content fixed by the download key
                 continue
             try:

@@ -29,6 +29,8 @@ from typing import Any
 
 import pandas as pd
 
+from .benchmarks import REGISTRY, paper_benchmarks
+
 log = logging.getLogger(__name__)
 
 AVERAGE = "average"
@@ -58,19 +60,20 @@ COLUMNS: dict[str, str] = {
     "max_new_tokens": "generated-token limit",
 }
 _LABEL_ORDER = ["base", "sft", "redi"]  # the paper's row order; other labels follow by first evaluation time
-PAPER_BENCHMARKS = ("math500", "aime24", "amc", "minerva_math", "olympiadbench")
-"""The paper's table columns in its order: MATH-500, AIME24, AMC23 (= our ``amc``, rllm's 83), Minerva, OlympiadBench."""
+PAPER_BENCHMARKS = paper_benchmarks()
+"""The paper's table columns in its order: MATH-500, AIME24, AMC23 (= our ``amc``, rllm's 83), Minerva, OlympiadBench
+(the ``redi.benchmarks`` entries with ``paper`` numbers)."""
 PAPER_AVG = "avg5"
 PAPER_PROTOCOL = "paper-final"
 """The evaluation protocol of the paper's final table: the pipeline shows the paper's numbers beside runs evaluated with it."""
-PAPER_RESULTS: dict[str, tuple[str, tuple[float, ...]]] = {
-    "base": ("Qwen2.5-Math-1.5B", (52.2, 10.0, 42.5, 10.7, 25.2, 28.1)),
-    "sft": ("Qwen-SFT-1.5B-5ep", (80.4, 21.9, 57.5, 27.5, 41.5, 45.8)),
-    "redi": ("Qwen-REDI-1.5B", (83.1, 28.1, 62.4, 28.8, 45.2, 49.5)),
-}
+PAPER_MODELS: dict[str, tuple[str, float]] = {
+    "base": ("Qwen2.5-Math-1.5B", 28.1), "sft": ("Qwen-SFT-1.5B-5ep", 45.8), "redi": ("Qwen-REDI-1.5B", 49.5)}
 """The paper's final table (arXiv 2505.24850 v1; pass@1 over 16 samples, %): per run label, the model's name and
-its values on :data:`PAPER_BENCHMARKS` then their average."""
-_BENCH_ORDER = [*PAPER_BENCHMARKS, "aime25", "amc23", "gsm8k", "demo_test", "demo_val"]
+its Avg; the per-benchmark numbers are the benchmarks' (``BenchmarkSpec.paper``)."""
+PAPER_RESULTS: dict[str, tuple[str, tuple[float, ...]]] = {
+    label: (name, (*(REGISTRY[b].paper[label] for b in PAPER_BENCHMARKS), avg))
+    for label, (name, avg) in PAPER_MODELS.items()}
+"""Per run label, the model's name and its values on :data:`PAPER_BENCHMARKS` then their average."""
 
 
 @dataclass
@@ -158,9 +161,10 @@ def _latest_cells(df: pd.DataFrame) -> pd.DataFrame:
     return df.assign(model=[f"{r}/{lab}" if many else lab for r, lab in zip(df["run"], df["label"], strict=True)])
 
 
-def _bench_cols(benchmarks: list[str]) -> list[str]:
-    known = [b for b in _BENCH_ORDER if b in benchmarks]
-    return known + sorted(b for b in benchmarks if b not in known and b != AVERAGE) + ([AVERAGE] if AVERAGE in benchmarks else [])
+def _bench_cols(names: list[str]) -> list[str]:
+    """Registered benchmarks in registry order (``redi.benchmarks.REGISTRY``), then the others sorted, then the average."""
+    known = [b for b in REGISTRY if b in names]
+    return known + sorted(b for b in names if b not in known and b != AVERAGE) + ([AVERAGE] if AVERAGE in names else [])
 
 
 def _with_avg5(benches: list[str], val: pd.DataFrame, sem: pd.DataFrame | None, force: bool) -> tuple[list[str], pd.DataFrame, pd.DataFrame | None]:

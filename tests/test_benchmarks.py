@@ -36,6 +36,13 @@ def test_registry_has_every_benchmark_with_a_hub_source():
         spec = B.REGISTRY[name]
         assert spec.hub_id and spec.to_row is not None, name
     assert B.REGISTRY["demo_test"].hub_id is None
+    # the defaults, the paper's columns and what the download provides are the registry's flags
+    assert EvaluateConfig().benchmarks == ["math500", "aime24", "amc", "minerva_math", "olympiadbench", "aime25", "gsm8k"]
+    from redi.config import VerifyConfig
+
+    assert set(VerifyConfig().decontam_benchmarks) == {"math500", "aime24", "aime25", "amc23", "minerva_math", "olympiadbench", "gsm8k"}
+    assert B.paper_benchmarks() == ("math500", "aime24", "amc", "minerva_math", "olympiadbench")
+    assert B.from_download("synthetic") == ("demo_test", "demo_val") and B.from_download("hub") == ()
 
 
 @needs_shared
@@ -157,3 +164,36 @@ def test_hub_row_mappers():
     assert aimo == {"id": "amc2023-12B-17", "problem": "q", "answer": "5"}
     m5 = B.REGISTRY["math500"].to_row({"unique_id": "test/x/1.json", "problem": "p", "answer": "5"}, 0)
     assert m5["id"] == "test/x/1.json"
+
+
+def test_a_new_benchmark_is_one_registry_entry_and_runs_through_the_dag(tmp_path, monkeypatch):
+    """The one-place extension: register a BenchmarkSpec (here a file of its own), and the defaults of
+    evaluate.benchmarks and verify.decontam_benchmarks, the results table's column order, `redi eval --help`, the
+    decontamination set, the evaluation key and the evaluate stage (tiny model, HF backend) all take it."""
+    import copy
+
+    from conftest_orchestration import TINY
+
+    from redi import results
+    from redi.cli import build_parser
+    from redi.config import Recipe, VerifyConfig
+    from redi.fingerprint import file_sha256
+    from redi.pipeline import Pipeline
+
+    rows = [{"id": f"t{i}", "problem": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(3)]
+    path = _write(tmp_path / "tiny_local.jsonl", rows)
+    monkeypatch.setitem(B.REGISTRY, "tiny_local", B.BenchmarkSpec(
+        "tiny_local", None, path=str(path), default=True, decontaminate=True, description="three sums"))
+    assert EvaluateConfig().benchmarks[-1] == "tiny_local" and VerifyConfig().decontam_benchmarks[-1] == "tiny_local"
+    assert results._bench_cols(["zzz", "tiny_local", "math500"]) == ["math500", "tiny_local", "zzz"]
+    assert "tiny_local (three sums)" in build_parser()._subparsers._group_actions[0].choices["eval"].format_help()
+    tree = copy.deepcopy(TINY)
+    tree["run"]["artifact_root"] = str(tmp_path / "a")
+    tree["evaluate"].update(benchmarks=["tiny_local"], models=["base"])
+    tree["verify"].update(decontaminate="remove", decontam_benchmarks=["tiny_local"])
+    p = Pipeline(Recipe.model_validate(tree))
+    assert p.decontam_problems() == {"tiny_local": [r["problem"] for r in rows]}
+    assert p._upstream("evaluate", "base")["benchmarks"] == {"tiny_local": file_sha256(path)}
+    grade = p.run_until("evaluate", ["base"])["grades"]["base"]
+    m = json.loads(grade.file("metrics.json").read_text())["benchmarks"]["tiny_local"]
+    assert m["n_problems"] == 3 and m["n_samples"] == 2

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from ..benchmarks import default_benchmarks
 from ..dag import MODEL_LABELS
 from ..prompts import DEFAULT_PROTOCOL, PROTOCOLS, PromptProtocol, get_protocol
 from .base import StrictModel
@@ -15,9 +16,10 @@ class EvaluateConfig(StrictModel):
     """Stage 5: sample n completions per problem with vLLM, grade with redi.grader.grade, compute pass@k."""
 
     benchmarks: list[str] = Field(
-        default_factory=lambda: ["math500", "aime24", "amc", "minerva_math", "olympiadbench", "aime25", "gsm8k"],
-        description="Benchmark names from the registry (redi.benchmarks): the paper's five (math500, aime24, amc = its AMC23 column, "
-        "minerva_math, olympiadbench), extras (aime25, gsm8k, amc23 = Qwen2.5-Math's 40); `demo_test`/`demo_val` are the offline source's held-out splits.",
+        default_factory=default_benchmarks,
+        description="Benchmark names from the registry (redi.benchmarks.REGISTRY; default: its entries marked default): the paper's "
+        "five (math500, aime24, amc = its AMC23 column, minerva_math, olympiadbench), extras (aime25, gsm8k, amc23 = Qwen2.5-Math's 40); "
+        "`demo_test`/`demo_val` are the offline source's held-out splits.",
     )
     benchmark_paths: dict[str, str] = Field(
         default_factory=dict, description="Local files/folders overriding a benchmark's Hub loader: {name: path to <name>/test.jsonl or a .jsonl/.parquet}."

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from ..benchmarks import default_decontam
 from ..label_rules import LABEL_RULES
 from .base import StrictModel, registered
 
@@ -56,8 +57,9 @@ class VerifyConfig(StrictModel):
     )
     decontam_ngram: int = Field(8, ge=3, description="n of the n-gram overlap check (official code: 8).")
     decontam_benchmarks: list[str] = Field(
-        default_factory=lambda: ["math500", "aime24", "aime25", "amc23", "minerva_math", "olympiadbench", "gsm8k"],
-        description="Benchmarks checked for overlap (official: math500, aime24, aime25); those that cannot be loaded are reported and skipped.",
+        default_factory=default_decontam,
+        description="Benchmarks checked for overlap (default: the redi.benchmarks.REGISTRY entries marked decontaminate; official: "
+        "math500, aime24, aime25); those that cannot be loaded are reported and skipped.",
     )
 
     @field_validator("decontaminate", mode="before")
