@@ -6,7 +6,7 @@
 
 Deployments (flow/deployment):
   redi-pipeline/demo, redi-pipeline/redi-qwen2.5-math-1.5b     the whole DAG of each recipe (registers the run)
-  redi-stage/{download,model,verify,sft,redi,evaluate}         one stage of any recipe (dropdown), upstream from cache
+  redi-stage/{download,model,verify,sft,redi,curves,evaluate}  one stage of any recipe (dropdown), upstream from cache
   nightly-eval/nightly                                         cron 03:00 UTC (REDI_NIGHTLY_CRON) over registered runs
   redi-eval/adhoc                                              any model folder or Hub id
   redi-study/study-cpu                                         the CPU-scale study

@@ -24,6 +24,7 @@ from prefect import flow, get_run_logger
 from redi import dag
 from redi.config import Recipe, RecipeError, apply_overrides, load_recipe
 from redi.storage import normalize_root
+from tasks.curves import curves
 from tasks.download import download
 from tasks.evaluate import evaluate
 from tasks.model import base_model
@@ -34,7 +35,8 @@ from tasks.verify import verify
 
 Stage = Literal[dag.STAGES]  # type: ignore[valid-type]
 Label = Literal[dag.MODEL_LABELS]  # type: ignore[valid-type]
-TASKS = {"download": download, "model": base_model, "verify": verify, "sft": sft, "redi": stage2, "evaluate": evaluate}
+TASKS = {"download": download, "model": base_model, "verify": verify, "sft": sft, "redi": stage2, "curves": curves,
+         "evaluate": evaluate}
 """The Prefect task of each node of ``redi.dag.NODES``; called with (recipe, *upstream artifacts) or (recipe, label, model)."""
 if set(TASKS) != set(dag.STAGES):  # a node added to the table needs its task here
     raise ImportError(f"flows.pipeline.TASKS {sorted(TASKS)} do not match the DAG's stages {list(dag.STAGES)}")
@@ -102,7 +104,7 @@ def run_dag(r: Recipe, until: str = "report", labels: list[str] | None = None, r
         task = TASKS[node.name]
         return task(rd, label, *upstream) if node.per_label else task(rd, *upstream)
 
-    stages, evaluations = dag.walk(until, labels, step)
+    stages, evaluations = dag.walk(until, labels, step, skip=dag.disabled(r))
     arts: dict[str, dict[str, Any]] = dict(stages)
     for nodes in evaluations.values():  # evaluate[lab] (the samples) and grade[lab]
         arts |= nodes

@@ -179,8 +179,16 @@ def evaluate_stage(recipe: RecipeName = "demo", overrides: dict[str, Any] | None
     return run_stage("evaluate", recipe, recipe_path, evaluate, overrides, refresh, labels, register_run)
 
 
+@flow(name="redi-stage", description="Stage curves of any recipe: evaluate the models kept during training "
+      "(sft/redi.keep_checkpoints) with evaluate.checkpoints; pass@1 and response length against the step.")
+@_doc("curves", "evaluate")
+def curves_stage(recipe: RecipeName = "demo", overrides: dict[str, Any] | None = None, refresh: list[Stage] | None = None,
+                 recipe_path: str | None = None, evaluate: EvaluateChanges = NO_EVALUATE_CHANGES) -> dict[str, Any]:
+    return run_stage("curves", recipe, recipe_path, evaluate, overrides, refresh)
+
+
 STAGE_FLOWS = {"download": download_stage, "model": model_stage, "verify": verify_stage, "sft": sft_stage,
-               "redi": redi_stage2, "evaluate": evaluate_stage}
+               "redi": redi_stage2, "curves": curves_stage, "evaluate": evaluate_stage}
 """One typed form per node of ``redi.dag.NODES`` (each takes its node's config section)."""
 if list(STAGE_FLOWS) != list(dag.STAGES):  # a node added to the table needs its form here
     raise ImportError(f"flows.stages.STAGE_FLOWS {list(STAGE_FLOWS)} do not match the DAG's stages {list(dag.STAGES)}")

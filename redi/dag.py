@@ -1,6 +1,6 @@
 """The REDI DAG as one table, and the one walker over it.
 
-    download -> model -> verify -> sft -> redi -> evaluate[label] (-> grade[label]) -> report
+    download -> model -> verify -> sft -> redi -> (curves) -> evaluate[label] (-> grade[label]) -> report
 
 ``NODES`` is the only place the stages are listed: their order, inputs, recipe section, the
 :class:`redi.pipeline.Pipeline` method that builds each, and the model label under which a stage's
@@ -27,7 +27,8 @@ class Node:
     ``section``: the recipe section that configures it (``Recipe.<section>``). ``builder``: the
     ``Pipeline`` method that builds it. ``label``: the model label its artifact is evaluated under
     (``evaluate.models``), if it produces a model. ``per_label``: built once per evaluated model,
-    from that model's stage (``evaluate``: it also produces ``grade[label]``).
+    from that model's stage (``evaluate``: it also produces ``grade[label]``). ``enabled_by``: a dotted recipe
+    field; when it is empty (None, 0, []) the node is off and a run skips it (:func:`disabled`).
     """
 
     name: str
@@ -37,6 +38,7 @@ class Node:
     label: str | None = None
     per_label: bool = False
     summary: str = ""
+    enabled_by: str | None = None
 
 
 NODES: tuple[Node, ...] = (
@@ -46,6 +48,9 @@ NODES: tuple[Node, ...] = (
     Node("sft", ("verify", "model"), "sft", "sft", label="sft", summary="stage 1: SFT on the positive traces"),
     Node("redi", ("verify", "sft"), "redi", "stage2", label="redi",
          summary="stage 2 from the SFT model with the recipe's objective (redi.loss: redi, dpo, simpo, ...)"),
+    Node("curves", ("sft", "redi"), "evaluate", "curves", enabled_by="evaluate.checkpoints",
+         summary="evaluate the models kept during training (sft/redi.keep_checkpoints) with evaluate.checkpoints: pass@1 "
+                 "and response length against the step"),
     Node("evaluate", (), "evaluate", "evaluate", per_label=True,
          summary="sample and grade one model on the recipe's benchmarks (nodes evaluate[label] and grade[label])"),
 )
@@ -94,8 +99,23 @@ def needed(until: str, labels: Sequence[str]) -> list[str]:
     return closure([until])
 
 
-def walk(until: str, labels: Sequence[str], step: Callable[[Node, list[Any], str | None], Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def disabled(recipe: Any) -> frozenset[str]:
+    """The nodes that are off in ``recipe``: their ``enabled_by`` field is empty."""
+    def value(path: str) -> Any:
+        obj = recipe
+        for part in path.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    return frozenset(n.name for n in NODES if n.enabled_by and not value(n.enabled_by))
+
+
+def walk(until: str, labels: Sequence[str], step: Callable[[Node, list[Any], str | None], Any],
+         skip: Iterable[str] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run the DAG up to ``until`` through ``step(node, upstream results, label)``; the one walker.
+
+    ``skip``: nodes that are off (:func:`disabled`); no node takes them as upstream. Asking for one
+    (``until``) is an error naming the field that turns it on.
 
     Returns ``(stages, evaluations)``: ``{stage: step result}`` for every model-building stage run, in
     order, and ``{label: step result}`` of the evaluation node of each label (only for ``until`` in
@@ -104,8 +124,13 @@ def walk(until: str, labels: Sequence[str], step: Callable[[Node, list[Any], str
     bad = [lab for lab in labels if lab not in LABEL_STAGE]
     if bad:
         raise ValueError(f"unknown model labels {bad}; valid: {', '.join(MODEL_LABELS)}")
+    skip = frozenset(skip)
+    if until in skip:
+        raise ValueError(f"stage {until} is off in this recipe: set {NODE[until].enabled_by} to turn it on")
     stages: dict[str, Any] = {}
     for name in needed(until, labels):
+        if name in skip:
+            continue
         node = NODE[name]
         stages[name] = step(node, [stages[u] for u in node.upstream], None)
     evaluations: dict[str, Any] = {}

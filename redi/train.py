@@ -50,7 +50,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -180,6 +180,7 @@ class Job:
     counts: dict[str, Any]
     tok: PreTrainedTokenizerBase
     ref_logps: torch.Tensor | None = None  # (n_pairs, 2) DPO reference, precomputed
+    keep_steps: list[int] = field(default_factory=list)  # steps whose model is kept (redi.train_kept), set by run()
 
     def fingerprint(self) -> str:
         blob = json.dumps({"kind": self.kind, "cfg": self.cfg.hash_fields(), "n": len(self.items)}, sort_keys=True)
@@ -307,7 +308,7 @@ def run(job: Job) -> dict[str, Any]:
     n_params = param_count(model)
     optimizer = _optimizer(model, cfg)
     total = total_steps(cfg, len(job.items))
-    job.extra["keep_steps"] = train_kept.kept_steps(cfg, total)
+    job.keep_steps = train_kept.kept_steps(cfg, total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, total))
     ref_model = None
     needs_ref = job.kind == "stage2" and objective(cfg.loss).needs_reference
@@ -331,9 +332,9 @@ def run(job: Job) -> dict[str, Any]:
     mine = _loop(job, acc, model, optimizer, base_optimizer, scheduler, ref_model, loss_fn, signals, start, total, per_rank)
     train_s = time.time() - t_train
     save_outputs(job, acc, model, signals)
-    train_kept.publish(job, acc, job.extra["keep_steps"])
+    train_kept.publish(job, acc, job.keep_steps)
     out = summary(job, signals, start, total, train_s, dev, mp, world, n_params)
-    out["kept_checkpoints"] = job.extra["keep_steps"]
+    out["kept_checkpoints"] = job.keep_steps
     out["ranks"] = rank_report(acc, mine, total - start)
     return out
 
@@ -389,7 +390,7 @@ def _loop(job: Job, acc: Accelerator, model: torch.nn.Module, optimizer: torch.o
         bar.set_postfix(loss=f"{rec['loss']:.4f}", chosen=f"{rec['chosen_logp']:.3f}")
         if (step + 1) % cfg.log_steps == 0:
             log.info("%s step %d/%d %s", job.kind, step + 1, total, format_record(rec))
-        if step + 1 in job.extra["keep_steps"]:  # before the step's resume checkpoint: a kill between them loses nothing
+        if step + 1 in job.keep_steps:  # before the step's resume checkpoint: a kill between them loses nothing
             train_kept.export_step(job, acc, model, step + 1)
         if (step + 1) % cfg.save_steps == 0 or step + 1 == total:
             save_checkpoint(acc, job.work_dir, step + 1, {"step": step + 1, "fingerprint": job.fingerprint(),

@@ -34,6 +34,11 @@ class OptimConfig(StrictModel):
         "auto", description="Dtype of the saved final model (checkpoints for resuming stay float32). `auto`: the dtype the "
         "evaluation serves it in (evaluate.dtype; float32 when that is auto), resolved in the recipe, so the key hashes it.",
     )
+    keep_checkpoints: int | list[int] | None = Field(
+        None, description="Also keep the model at these optimiser steps, as exported model folders (the final model's format and "
+        "save_dtype) in the artifact's `checkpoints/step-<n>/`, for evaluation over training (`evaluate.checkpoints`): N = every "
+        "N-th step, a list = those steps; the last step is the final `model/`. 0 or null: none (resume checkpoints are separate).",
+    )
     log_steps: int = Field(50, ge=1, description="Write a log line every N steps (signals.jsonl and the progress bar get every step). Does not change results.")
     pack_tokens: int | None = Field(
         512, ge=16, description="CPU packing: token budget of one packed row (sequences packed first-fit; a longer one gets its own row). "
@@ -47,8 +52,38 @@ class OptimConfig(StrictModel):
     )
     trust_remote_code: bool = Field(False, description="Allow model code shipped with the checkpoint when loading it (set it together with model.trust_remote_code).")
 
+    @field_validator("keep_checkpoints", mode="before")
+    @classmethod
+    def _keep_checkpoints(cls, v: object) -> object:
+        """0 / null / [] = off (None); a step count >= 1; or a list of distinct steps >= 1 (kept sorted)."""
+        if v is None or v == 0 or v == []:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, list)):
+            raise ValueError(f"keep_checkpoints must be a step interval (an integer >= 1), a list of steps or null, got {v!r}")
+        if isinstance(v, int):
+            if v < 0:
+                raise ValueError(f"keep_checkpoints must be >= 1 (every N-th step) or 0 (off), got {v}")
+            return v
+        bad = [s for s in v if isinstance(s, bool) or not isinstance(s, int) or s < 1]
+        if bad:
+            raise ValueError(f"keep_checkpoints lists optimiser steps, integers >= 1; got {bad[0]!r}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"keep_checkpoints lists a step twice: {sorted(s for s in set(v) if v.count(s) > 1)}")
+        return sorted(v)
+
+    def kept_steps(self, total: int) -> list[int]:
+        """The steps before the last (``total``) whose model is kept; the last step is the final model."""
+        keep = self.keep_checkpoints
+        if keep is None:
+            return []
+        if isinstance(keep, int):
+            return list(range(keep, total, keep))
+        return [s for s in keep if s < total]
+
     def hash_fields(self) -> dict:
         d = self.model_dump(mode="json")
+        if d["keep_checkpoints"] is None:  # off: the keys of runs from before the field existed
+            d.pop("keep_checkpoints")
         for k in ("log_steps", "save_steps", "trust_remote_code", "pack_tokens", "attn_implementation"):
             d.pop(k)
         return d
