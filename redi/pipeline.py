@@ -455,7 +455,9 @@ class Pipeline:
         return self.recipe.redi.loss if LABEL_STAGE[label] == "redi" else label
 
     def recipe_hash(self) -> str:
-        return hash_obj(self.recipe.model_dump(mode="json"))
+        tree = self.recipe.model_dump(mode="json")
+        tree["run"].pop("cache_dir", None)  # where this machine caches a URL root, not what the run is
+        return hash_obj(tree)
 
     def report(self, models: dict[str, Artifact], grades: dict[str, Artifact], register: bool = False) -> dict[str, Any]:
         """Append the metrics to the results store and write the table + plot; ``register`` also registers the run.

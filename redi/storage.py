@@ -59,6 +59,9 @@ BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "a
 """URL scheme -> the fsspec backend package it needs (for the error that names the fix)."""
 
 
+_CHATTY = ("aiobotocore.credentials", "botocore.credentials", "botocore.configprovider")
+
+
 class RemoteError(RuntimeError):
     """The object store behind ``run.artifact_root`` cannot be used (backend, endpoint, credentials, bucket)
     or failed mid-run. One line: the URL, what failed, the fix."""
@@ -146,6 +149,8 @@ class Remote:
             raise RemoteError(f"run.artifact_root {self.url}: {e}: use a local folder or an fsspec URL "
                               "(s3://bucket/prefix, gs://..., az://...)") from None
         self.base = self.base.rstrip("/")
+        for name in _CHATTY:  # "Found credentials in environment variables" on every client: not for the console
+            logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))
         self.conditional_replace = "s3" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
 
     def __repr__(self) -> str:
