@@ -181,6 +181,10 @@ def test_code_version_follows_package_imports_transitively():
     assert {"redi.generate_hf", "redi.generate_vllm", "redi.generate_engine"} <= set(ev)  # backends key evaluation
     grade = module_closure(["redi.grader", "redi.gradepool", "redi.metrics"], ["redi.config"])
     assert {"redi.gradebatch", "redi.gradeworker"} <= set(grade)  # the pool's split modules key grading
+    # registries the configs read (so reached through redi.config, which is left out) still key their stages
+    assert "redi.sources" in module_closure(["redi.data"], ["redi.config"])
+    assert "redi.label_rules" in module_closure(["redi.verify"], ["redi.config"])
+    assert "redi.benchmarks" in ev
 
 
 def test_url_root_through_fsspec_memory(tmp_path):
