@@ -1,0 +1,135 @@
+"""A DAG with its artifact root on a local S3 server (moto) vs a local folder: wall-time ratio in one run.
+
+    .venv/bin/python benchmarks/bench_s3.py                 # the tiny recipe of the tests (every stage, seconds)
+    .venv/bin/python benchmarks/bench_s3.py --demo --reps 1 # the demo recipe (minutes per run)
+
+Measured in ONE process, alternatives interleaved (the machine is shared and noisy), after a throwaway
+cold run that pays the imports:
+1. cold full run (``Pipeline.run``: every node built, registered, reported) into a fresh local folder vs into
+   a fresh prefix of a moto standalone server on 127.0.0.1 (fresh local cache): the s3 run also uploads
+   every artifact, reads manifests, mirrors checkpoints and the registration;
+2. fully cached rerun, same machine (warm cache): a manifest read per node vs local checksum stamps;
+3. fully cached rerun from an empty cache (another machine): every artifact downloaded and verified.
+The moto server runs on the same cores as the pipeline (a real store would not), so its CPU is billed to
+the s3 side. Prints a table and writes docs/benchmarks/s3.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def start_moto() -> tuple[subprocess.Popen, int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=2)
+            return proc, port
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("moto server did not start")
+
+
+def tiny_tree() -> dict:
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest_orchestration import TINY  # the recipe every orchestration test runs
+
+    return copy.deepcopy(TINY)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--demo", action="store_true", help="the demo recipe instead of the tests' tiny one")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "s3.md"))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    work = Path(tempfile.mkdtemp(prefix="bench-s3-"))
+    proc, port = start_moto()
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                      AWS_DEFAULT_REGION="us-east-1")
+    import s3fs
+    import yaml
+
+    from redi.config import load_recipe
+    from redi.pipeline import Pipeline
+
+    s3fs.S3FileSystem().mkdir("bench")
+    base = REPO / "redi" / "recipes" / "demo.yaml" if args.demo else None
+    if base is None:
+        (work / "tiny.yaml").write_text(yaml.safe_dump(tiny_tree(), sort_keys=False))
+        base = work / "tiny.yaml"
+
+    def recipe(root: str, cache: Path):
+        return load_recipe(base, [f"run.artifact_root={root}", f"run.cache_dir={cache}"])
+
+    def timed(root: str, cache: Path) -> float:
+        t0 = time.perf_counter()
+        Pipeline(recipe(root, cache)).run()
+        return time.perf_counter() - t0
+
+    try:
+        timed(str(work / "warmup"), work / "c-warm")
+        rows: dict[str, list[float]] = {k: [] for k in ("local cold", "s3 cold", "local cached", "s3 cached (warm cache)",
+                                                          "s3 cached (empty cache)")}
+        for i in range(args.reps):
+            local, url = str(work / f"local{i}"), f"s3://bench/run{i}"
+            order = [("local", local), ("s3", url)] if i % 2 == 0 else [("s3", url), ("local", local)]
+            for kind, root in order:
+                rows[f"{kind} cold"].append(timed(root, work / f"c{kind}{i}"))
+            for kind, root in order:
+                name = "local cached" if kind == "local" else "s3 cached (warm cache)"
+                rows[name].append(timed(root, work / f"c{kind}{i}"))
+            rows["s3 cached (empty cache)"].append(timed(url, work / f"c-fresh{i}"))
+            print(f"rep {i + 1}/{args.reps}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in rows.items()), flush=True)
+        fs = s3fs.S3FileSystem()
+        stored = sum(fs.du("bench/run0", total=False).values())
+    finally:
+        proc.kill()
+
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    ratio = {"cold": med["s3 cold"] / med["local cold"], "cached": med["s3 cached (warm cache)"] / med["local cached"],
+             "fresh": med["s3 cached (empty cache)"] / med["local cached"]}
+    what = "demo recipe (redi/recipes/demo.yaml)" if args.demo else "tiny recipe (tests/conftest_orchestration.TINY)"
+    lines = [
+        f"# Artifact root on S3 (moto on 127.0.0.1) vs a local folder: {what}",
+        "",
+        f"`python benchmarks/bench_s3.py{' --demo' if args.demo else ''} --reps {args.reps}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"{os.cpu_count()} cores shared with other jobs and with the moto server itself; "
+        f"{stored / 1e6:.1f} MB of objects per run on the store. Median of {args.reps} (each rep interleaves both roots).",
+        "",
+        "| run | " + " | ".join(f"rep {i + 1}" for i in range(args.reps)) + " | median s |",
+        "|---|" + "---:|" * (args.reps + 1),
+        *(f"| {k} | " + " | ".join(f"{x:.1f}" for x in v) + f" | {med[k]:.1f} |" for k, v in rows.items()),
+        "",
+        f"- cold full run, s3 / local: **{ratio['cold']:.2f}x** (goal <= 1.15x)",
+        f"- cached rerun, s3 with a warm cache / local: {ratio['cached']:.2f}x",
+        f"- cached rerun, s3 from an empty cache (another machine: every artifact downloaded and verified) / local cached: "
+        f"{ratio['fresh']:.2f}x",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
