@@ -88,15 +88,19 @@ class Done:
     @property
     def amount(self) -> Fraction:
         """The value of ``shown`` (``3 * 4`` -> 12)."""
-        m = re.fullmatch(r"(\d+) ([*+]) (\d+)", self.shown)
-        if not m:
-            return Fraction(self.shown)
-        a, b = int(m[1]), int(m[3])
-        return Fraction(a * b if m[2] == "*" else a + b)
+        return _value(self.shown)
 
     @property
     def compound(self) -> bool:
         return " " in self.shown
+
+
+def _value(shown: str) -> Fraction:
+    m = re.fullmatch(r"(\d+) ([*+]) (\d+)", shown)
+    if not m:
+        return Fraction(shown)
+    a, b = int(m[1]), int(m[3])
+    return Fraction(a * b if m[2] == "*" else a + b)
 
 
 def _apply(op: str, x: Fraction, v: Fraction) -> Fraction:
@@ -137,7 +141,7 @@ def walk(p: Problem, kind: str, rng: random.Random) -> list[Done]:
             d = Done(s, x, op, shown, y)
         elif kind == "sign" and s.op in "+-":
             op = "-" if s.op == "+" else "+"
-            d = Done(s, x, op, s.shown, _apply(op, x, Done(s, x, op, s.shown, x).amount))
+            d = Done(s, x, op, s.shown, _apply(op, x, _value(s.shown)))
         else:
             y = s.apply(x)
             d = Done(s, x, s.op, s.shown, y + rng.choice([v for v in (-10, -2, -1, 1, 2, 10) if y + v >= 0]), slipped=True)
@@ -217,7 +221,7 @@ def _step_words(d: Done, i: int, v: Voice, name: str, item: str) -> list[str]:
     return [" ".join(lines)] + ([total] if total else [])
 
 
-def _detour(d: Done, v: Voice, name: str, item: str) -> tuple[list[str], bool]:
+def _detour(d: Done, v: Voice) -> tuple[list[str], bool]:
     """An exploratory aside after step `d`: (lines, whether it caught and fixed a slip)."""
     x, y, amt = fmt(d.x), fmt(d.y), fmt(d.amount)
     if d.slipped and v.chance(CATCH_SLIP):
@@ -278,7 +282,7 @@ def word_trace(p: Problem, steps: list[Done], v: Voice, wrong: bool) -> tuple[li
         d = steps[i]
         lines += _step_words(d, i, v, name, item)
         if v.chance(detour_p):
-            aside, fixed = _detour(d, v, name, item)
+            aside, fixed = _detour(d, v)
             lines += aside
             if fixed:
                 steps = _redo(steps, i)
