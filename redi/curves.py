@@ -163,7 +163,7 @@ def build_curves(pipe: Any, arts: dict[str, Artifact], out: Path) -> dict[str, A
             counts["cached" if gen.cached else "evaluated"] += 1
             rows += rows_of(p, graded, gen.key)
     write_curves(rows, out, cfg)
-    track(pipe.recipe, rows)
+    track(rows)
     return {"points": len({(r["stage"], r["step"]) for r in rows}), **counts, "benchmarks": list(cfg.benchmarks),
             "n_samples": cfg.n_samples, "rows": rows}
 
@@ -226,16 +226,18 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def track(recipe: Any, rows: list[dict[str, Any]]) -> None:
-    """Send the curve to the run's trackers (``run.report_to``): ``curves/<stage>/<benchmark>/<metric>`` at each step."""
-    if not getattr(recipe.run, "report_to", None):
-        return
-    try:
-        from . import tracking  # type: ignore[attr-defined]
-    except ImportError:
-        log.warning("curves: run.report_to is set but redi.tracking is not available: the curves are not tracked")
-        return
+def curve_metrics(rows: list[dict[str, Any]]) -> list[tuple[dict[str, float], int]]:
+    """The curve as tracker metrics: ``curves/<stage>/<benchmark>/<metric>`` at each point's step."""
+    out = []
     for stage, step in dict.fromkeys((r["stage"], r["step"]) for r in rows):
-        metrics = {f"curves/{stage}/{r['benchmark']}/{m}": r[m] for r in rows
-                   if (r["stage"], r["step"]) == (stage, step) for m in METRICS if r[m] is not None}
-        tracking.log_metrics(recipe, metrics, step=step)
+        out.append(({f"curves/{stage}/{r['benchmark']}/{m}": float(r[m]) for r in rows
+                     if (r["stage"], r["step"]) == (stage, step) for m in METRICS if r[m] is not None}, step))
+    return out
+
+
+def track(rows: list[dict[str, Any]]) -> None:
+    """Send the curve to the ``curves`` node's tracker run (``run.report_to``; ``redi.tracking`` does nothing when off)."""
+    from . import tracking
+
+    for metrics, step in curve_metrics(rows):
+        tracking.log_metrics(metrics, step)

@@ -147,7 +147,8 @@ def test_curves_are_cached_per_checkpoint(tmp_path):
     """Start, kept steps and the final model are evaluated once each; a second run evaluates nothing; keeping one
     more step (a retrained sft with the same weights at the old steps) evaluates only that step."""
     root = tmp_path / "a"
-    r = _recipe(root, sft__keep_checkpoints=[1], evaluate__checkpoints=CURVES)
+    r = _recipe(root, sft__keep_checkpoints=[1], evaluate__checkpoints=CURVES, run__report_to=["tensorboard"],
+                run__tracking_dir=str(tmp_path / "tracking"))
     p = Pipeline(r)
     art = p.run_until("curves")["stages"]["curves"]
     s = art.summary
@@ -164,11 +165,18 @@ def test_curves_are_cached_per_checkpoint(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert (art.dir / "curves.csv").read_text().startswith("stage,step,benchmark,pass@1,mean_completion_tokens")
     assert "curves[sft@1]" in p.nodes
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # run.report_to: the curve's values
+
+    ea = EventAccumulator(str(tmp_path / "tracking" / "tensorboard" / "tiny" / "curves" / art.key), size_guidance={"scalars": 0})
+    ea.Reload()
+    assert [(e.step, round(e.value, 6)) for e in ea.Scalars("curves/sft/demo_test/pass@1")] == [
+        (x["step"], round(x["pass@1"], 6)) for x in rows]
 
     again = Pipeline(r).run_until("curves")["stages"]["curves"]
     assert again.cached and again.key == art.key and len(_evaluations(root)) == 3
 
-    more = _recipe(root, sft__keep_checkpoints=[1, 2], evaluate__checkpoints=CURVES)
+    more = _recipe(root, sft__keep_checkpoints=[1, 2], evaluate__checkpoints=CURVES, run__report_to=["tensorboard"],
+                   run__tracking_dir=str(tmp_path / "tracking"))
     art2 = Pipeline(more).run_until("curves")["stages"]["curves"]
     assert art2.key != art.key
     assert (art2.summary["points"], art2.summary["evaluated"], art2.summary["cached"]) == (4, 1, 3)
@@ -193,22 +201,10 @@ def test_curve_plot_and_table_from_rows(tmp_path):
     assert md[4] == "| sft | 200 | 20.0 | 500 | 25.0 | 500 |" and len(md) == 8
 
 
-def test_curves_go_to_the_tracker_when_report_to_is_set(monkeypatch):
-    """run.report_to set: each point's metrics go to redi.tracking.log_metrics at its step."""
-    import sys
-    import types
-
+def test_curve_metrics_for_the_tracker():
     from redi import curves as C
 
-    calls = []
-    fake = types.ModuleType("redi.tracking")
-    fake.log_metrics = lambda recipe, metrics, step: calls.append((step, metrics))
-    monkeypatch.setitem(sys.modules, "redi.tracking", fake)
-    recipe = types.SimpleNamespace(run=types.SimpleNamespace(report_to=["tensorboard"]))
-    rows = [{"stage": "redi", "step": s, "benchmark": "math500", "pass@1": 0.5, "mean_completion_tokens": 100.0}
-            for s in (0, 50)]
-    C.track(recipe, rows)
-    assert calls == [(s, {"curves/redi/math500/pass@1": 0.5, "curves/redi/math500/mean_completion_tokens": 100.0}) for s in (0, 50)]
-    calls.clear()
-    C.track(types.SimpleNamespace(run=types.SimpleNamespace(report_to=[])), rows)
-    assert calls == []
+    rows = [{"stage": "redi", "step": s, "benchmark": b, "pass@1": 0.5, "mean_completion_tokens": 100.0 + s}
+            for s in (0, 50) for b in ("math500", "average")]
+    assert C.curve_metrics(rows)[1] == ({"curves/redi/math500/pass@1": 0.5, "curves/redi/math500/mean_completion_tokens": 150.0,
+                                         "curves/redi/average/pass@1": 0.5, "curves/redi/average/mean_completion_tokens": 150.0}, 50)
