@@ -500,6 +500,7 @@ def publish(artifact_root: str | os.PathLike[str], run: str, model: str, repo: s
             private: bool = False, token: str | None = None, api: Any = None) -> dict[str, Any]:
     """:func:`stage`, then (unless ``dry_run``) :func:`upload` of the same folders. A real push checks the
     token and offline mode before writing anything."""
+    repo_ids(repo, only, dataset_repo, details_repo)  # a malformed id fails before the token is asked for
     if not dry_run:
         token = hub_token(token)
     plan = stage(artifact_root, run, model, repo, out, only, dataset_repo, details_repo, license, notes)
