@@ -8,6 +8,7 @@
     redi nightly [--artifact-root DIR]         evaluate every registered run's latest models now
     redi serve                                 serve every deployment (incl. the nightly cron)
     redi study deployments/study-cpu [--set ...]  the CPU-scale study (redi.study; docs/study.md)
+    redi push RUN --model redi --repo NS/NAME [--dry-run]  a run's model, data and evaluation details to the Hub
 
 By default the commands run the Prefect flows (so runs appear in the UI when PREFECT_API_URL points
 at a server; otherwise Prefect starts a temporary local server, with its database under
@@ -101,7 +102,32 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default=None, help="Report folder (default <artifact_root>/runs/<run.name>/study).")
     common(sp, prefect=False)
     sp.add_argument("--no-prefect", action="store_true", help="Call the library directly, without Prefect.")
+    add_push_parser(sub)
     return p
+
+
+def add_push_parser(sub: Any) -> None:
+    """`redi push`: a registered run's model, training data and evaluation details to the Hub (redi.publish)."""
+    from .publish import KINDS
+
+    sp = sub.add_parser("push", help="Publish a registered run to the Hugging Face Hub: a model with its card, the positives "
+                        "and pairs as a dataset, the evaluation samples as a details dataset (docs/publishing.md).")
+    sp.add_argument("run", help="A registered run name (runs/<name>/latest.json under --artifact-root, written by a full run).")
+    sp.add_argument("--model", required=True, help="Which model of the run: base, sft, redi, or the stage-2 objective's name (dpo, simpo, ...).")
+    sp.add_argument("--repo", required=True, help="Model repo id NAMESPACE/NAME; the dataset and details go to NAME-data and NAME-details.")
+    sp.add_argument("--dataset-repo", default=None, help="Dataset repo id (default: REPO-data).")
+    sp.add_argument("--details-repo", default=None, help="Evaluation details repo id (default: REPO-details).")
+    sp.add_argument("--only", default=None, help=f"Comma-separated parts to publish (default: all of {','.join(KINDS)}).")
+    sp.add_argument("--artifact-root", default=os.environ.get("REDI_ARTIFACT_ROOT", "artifacts"), help="The store the run is registered in.")
+    sp.add_argument("--out", default=None, help="Where the folders are written, one per repository (default: "
+                    "<artifact-root>/runs/RUN/publish/MODEL); must be empty or an earlier push folder.")
+    sp.add_argument("--dry-run", action="store_true", help="Write the folders that would be pushed and push nothing.")
+    sp.add_argument("--license", default=None, help="Hub license id of every repo (default: known for the tiny/synthetic "
+                    "demo and the paper's Qwen/Open-R1 sources; required otherwise).")
+    sp.add_argument("--notes", default=None, help="Markdown with a '## ... departs from the paper' section for the model card "
+                    "(default: deployments/RUN/README.md when it exists).")
+    sp.add_argument("--private", action="store_true", help="Create the repositories private.")
+    sp.add_argument("--no-prefect", action="store_true", help="Call the library directly, without Prefect.")
 
 
 def _csv(s: str | None) -> list[str] | None:
@@ -325,6 +351,31 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    """`redi push RUN --model LABEL --repo NS/NAME`: the `redi-push` flow (or redi.publish directly with --no-prefect)."""
+    from .publish import PublishError, publish
+
+    kw = dict(artifact_root=args.artifact_root, run=args.run, model=args.model, repo=args.repo, out=args.out,
+              dry_run=args.dry_run, only=_csv(args.only), dataset_repo=args.dataset_repo, details_repo=args.details_repo,
+              license=args.license, notes=args.notes, private=args.private)
+    try:
+        if args.no_prefect:
+            plan = publish(**kw)
+        else:
+            prefect_env(args.artifact_root)
+            from flows.publish import redi_push
+
+            plan = redi_push(**kw)
+    except PublishError as e:
+        raise RecipeError(str(e)) from None
+    rows = [{"part": k, "repo": p["repo_id"], "type": p["repo_type"], "files": len(p["files"]),
+             "uploaded": plan["uploaded"].get(k, "no (dry run)" if plan["dry_run"] else "?"), "folder": p["folder"]}
+            for k, p in plan["parts"].items()]
+    print(table(rows, ["part", "repo", "type", "files", "uploaded", "folder"]))
+    print(f"\n{'Dry run: nothing pushed. ' if plan['dry_run'] else ''}Folders: {plan['out']} (push.json says which goes where)")
+    return 0
+
+
 USER_ERRORS = {  # module -> exception classes whose message already names the thing and the fix
     "redi.data": ("DataError",), "redi.generate": ("GenerationError",), "redi.benchmarks": ("BenchmarkError",),
     "redi.verify": ("LabelRuleError",), "redi.train": ("TrainingError",), "redi.artifacts": ("StageFailed", "CorruptArtifact", "StorageError"),
@@ -398,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_serve(args)
         if args.command == "study":
             return cmd_study(args)
+        if args.command == "push":
+            return cmd_push(args)
     except RecipeError as e:
         if args.debug:
             raise
