@@ -10,6 +10,7 @@ Deployments (flow/deployment):
   nightly-eval/nightly                                         cron 03:00 UTC (REDI_NIGHTLY_CRON) over registered runs
   redi-eval/adhoc                                              any model folder or Hub id
   redi-study/study-cpu                                         the CPU-scale study
+  redi-push/push                                               a registered run's model, data and details to the Hub
 
 The run form of the pipeline deployments is pre-filled with the recipe's resolved fields (edit any
 of them, e.g. redi.alpha, before a run). Artifacts go to REDI_ARTIFACT_ROOT (default: ./artifacts
@@ -93,6 +94,7 @@ def build_deployments(artifact_root: str | None = None) -> list:
 
     from flows.nightly import nightly_eval, redi_eval
     from flows.pipeline import redi_pipeline
+    from flows.publish import redi_push
     from flows.stages import STAGE_FLOWS
     from flows.study import redi_study
     from redi.dag import STAGES
@@ -117,6 +119,9 @@ def build_deployments(artifact_root: str | None = None) -> list:
     out.append(redi_eval.to_deployment("adhoc", parameters={"recipe_path": str(RECIPES["demo"])}, tags=["redi", "eval"]))
     out.append(redi_study.to_deployment("study-cpu", parameters={"recipe_path": str(REPO / "deployments" / "study-cpu")},
                                         tags=["redi", "study"]))
+    out.append(redi_push.to_deployment("push", parameters={"artifact_root": root}, tags=["redi", "publish"],
+                                       description=f"Publish a run registered under {root} to the Hugging Face Hub "
+                                                   "(dry_run: write the folders only). The token is the server's HF_TOKEN / login."))
     return out
 
 

@@ -41,7 +41,8 @@ def test_entrypoint_resolves_to_a_flow_accepting_its_parameters(dep):
         flow = load_flow_from_entrypoint(dep["entrypoint"])
         assert isinstance(flow, Flow)
         params = dep.get("parameters", {})
-        required = {"model": "some/model"} if dep["entrypoint"].endswith(":redi_eval") else {}  # asked in the run form
+        required = {":redi_eval": {"model": "some/model"},  # asked in the run form
+                    ":redi_push": {"run": "demo", "model": "redi", "repo": "me/redi-demo"}}.get(":" + dep["entrypoint"].split(":")[-1], {})
         flow.validate_parameters(required | params)  # names and types against the flow signature
         if "recipe_path" in params:  # a missing recipe fails here (RecipeError)
             from redi.config import load_recipe
