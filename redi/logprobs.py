@@ -13,8 +13,10 @@ chunk, so the largest temporary is one chunk's (rows, V) logits instead of (N, V
   forms ``onehot - softmax`` per chunk in forward and keeps per-sequence weight gradients (S, V, H)
   in fp32 plus the (N, H) hidden-state gradient, so backward only scales them (three head matmuls,
   as full logits). When that buffer would exceed :data:`SEQ_GRAD_BYTES` (1 GiB: more than one sequence
-  at Qwen's head), or per-token log-probs are asked for, :class:`ChunkedLinearLogp` keeps only the (N,)
-  log-sum-exp and recomputes each chunk's logits in backward (four head matmuls).
+  at Qwen's head), or per-token log-probs are asked for, :class:`ChunkedLinearLogp` runs: its first
+  chunks keep ``onehot - softmax`` in the compute dtype up to :data:`KEEP_BYTES` (three head matmuls;
+  a short pair at Qwen's head fits whole), the rest keep only the (N,) log-sum-exp and recompute their
+  logits in backward (four head matmuls), so a long sequence's memory stays bounded.
 
 Under autocast the head runs in the autocast dtype with fp32 log-softmax, as ``F.linear`` + ``.float()``
 does in the plain path; the weight gradient is accumulated in fp32 (the plain path rounds it to bf16).
@@ -45,6 +47,13 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 512 * 2**20
 """Budget of one chunk's fp32 logits: 512 MiB = 883 rows at Qwen's 151,936-token vocabulary."""
 
+KEEP_BYTES = 2**30
+"""Budget of the ``onehot - softmax`` chunks :class:`ChunkedLinearLogp` keeps from forward to backward (in
+the compute dtype): 1 GiB = 3,533 rows at Qwen's vocabulary in bf16. Within it a chunk costs three head
+matmuls, as full logits do, instead of four (its logits recomputed in backward). Kept chunks are freed
+one by one at the start of backward, before any recomputation, so the budget adds less than itself to
+the peak of a long sequence (figures in docs/benchmarks/train.md)."""
+
 _UNSUPPORTED = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
 
 
@@ -59,53 +68,99 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 class ChunkedLinearLogp(torch.autograd.Function):
-    """log softmax(h W^T + b)[target] per row, one chunk of rows at a time; logits recomputed in backward.
+    """log softmax(h W^T + b)[target] per row, one chunk of rows at a time.
 
-    Inputs: h (N, H), weight (V, H), bias (V,) or None, targets (N,), rows per chunk. Output: (N,) fp32.
-    Saved for backward: h, the head weight in the compute dtype (as autocast's matmul saves it), the
-    (N,) log-sum-exp. The weight gradient is summed in fp32 over chunks, block by block of the vocabulary.
+    Inputs: h (N, H), weight (V, H), bias (V,) or None, targets (N,), rows per chunk, ``keep_bytes``.
+    Output: (N,) fp32. Saved for backward: h, the head weight in the compute dtype (as autocast's
+    matmul saves it), the (N,) log-sum-exp. When gradients are needed, the first chunks keep their
+    ``onehot - softmax`` (rows, V) in the compute dtype while they fit ``keep_bytes`` (see
+    :data:`KEEP_BYTES`): backward scales them by the upstream gradient (applied to h's rows, so no
+    (rows, V) temporary) and frees each after use. The other chunks recompute their logits in backward
+    (one more head matmul). The weight gradient is summed in fp32 over chunks, block by block of the
+    vocabulary. A second backward through the same graph (``retain_graph=True``) raises once a kept
+    chunk was consumed.
     """
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, rows):
+    def forward(ctx, h, weight, bias, targets, rows, keep_bytes):
         dt = _compute_dtype(h)
-        out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        n, v = h.shape[0], weight.shape[0]
+        out = torch.empty(n, dtype=torch.float32, device=h.device)
         lse = torch.empty_like(out)
+        grad = any(ctx.needs_input_grad[:3])
+        bounds = _chunks(n, rows)
+        row_bytes = v * torch.empty((), dtype=dt).element_size()
+        kept: list[torch.Tensor] = []
         with torch.autocast(h.device.type, enabled=False), torch.no_grad():
             w, b = weight.to(dt), None if bias is None else bias.to(dt)
-            for s in range(0, h.shape[0], rows):
-                z = F.linear(h[s:s + rows].to(dt), w, b).float()  # (rows, V)
-                lse[s:s + rows] = torch.logsumexp(z, dim=-1)
-                out[s:s + rows] = z.gather(1, targets[s:s + rows, None]).squeeze(1) - lse[s:s + rows]
+            for s, e in bounds:
+                t = targets[s:e, None]
+                z = F.linear(h[s:e].to(dt), w, b).float()  # (rows, V)
+                if grad and e * row_bytes <= keep_bytes:  # chunks [0, e) all fit: keep this one
+                    zt = z.gather(1, t)
+                    m = z.amax(1, keepdim=True)
+                    p = z.sub_(m).exp_()  # exp(z - max), one pass instead of logsumexp's plus softmax's
+                    tot = p.sum(1, keepdim=True)
+                    lse[s:e] = (m + tot.log()).squeeze(1)
+                    out[s:e] = zt.squeeze(1) - lse[s:e]
+                    dz = p.div_(tot).neg_().scatter_add_(1, t, torch.ones_like(t, dtype=p.dtype))  # onehot - p
+                    kept.append(dz.to(dt))
+                else:
+                    lse[s:e] = torch.logsumexp(z, dim=-1)
+                    out[s:e] = z.gather(1, t).squeeze(1) - lse[s:e]
         ctx.save_for_backward(h, w, b, targets, lse)
-        ctx.rows, ctx.dt, ctx.w_dtype = rows, dt, weight.dtype
+        ctx.kept, ctx.bounds, ctx.dt, ctx.w_dtype = kept, bounds, dt, weight.dtype
         ctx.b_dtype = None if bias is None else bias.dtype
         return out
 
     @staticmethod
     def backward(ctx, g):
         h, w, b, targets, lse = ctx.saved_tensors
-        dt, rows = ctx.dt, ctx.rows
+        dt, kept = ctx.dt, ctx.kept
+        if any(k is None for k in kept):
+            raise RuntimeError("ChunkedLinearLogp: backward ran twice through kept chunks (retain_graph=True); "
+                               "call it with keep_bytes=0 to recompute every chunk instead")
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         gh = torch.empty_like(h) if need_h else None
         gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
         gb = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
         g = g.float()
         with torch.autocast(h.device.type, enabled=False), torch.no_grad():
-            for s in range(0, h.shape[0], rows):
-                hc, gc = h[s:s + rows].to(dt), g[s:s + rows]
+            for i, (s, e) in enumerate(ctx.bounds):
+                gc = g[s:e]
+                if i < len(kept):  # d logp_t / d z = onehot(t) - softmax(z), kept from forward; scale rows by g
+                    dz, kept[i] = kept[i], None
+                    if need_b:
+                        gb += gc @ dz.float()
+                    if need_h:
+                        gh[s:e] = ((dz @ w).float() * gc[:, None]).to(h.dtype)
+                    if need_w:
+                        _accumulate_weight_grad(gw, dz, (h[s:e].float() * gc[:, None]).to(dt))
+                    del dz
+                    continue
+                hc = h[s:e].to(dt)
                 # d logp_t / d z = onehot(t) - softmax(z): scaled by the upstream gradient, (rows, V)
-                dz = F.linear(hc, w, b).float().sub_(lse[s:s + rows, None]).exp_().mul_(-gc[:, None])
-                dz.scatter_add_(1, targets[s:s + rows, None], gc[:, None])
+                dz = F.linear(hc, w, b).float().sub_(lse[s:e, None]).exp_().mul_(-gc[:, None])
+                dz.scatter_add_(1, targets[s:e, None], gc[:, None])
                 if need_b:
                     gb += dz.sum(0)
                 dz = dz.to(dt)
                 if need_h:
-                    gh[s:s + rows] = (dz @ w).to(h.dtype)
+                    gh[s:e] = (dz @ w).to(h.dtype)
                 if need_w:
                     _accumulate_weight_grad(gw, dz, hc)
         gw = None if gw is None else gw.to(ctx.w_dtype)
-        return gh, gw, None if gb is None else gb.to(ctx.b_dtype), None, None
+        return gh, gw, None if gb is None else gb.to(ctx.b_dtype), None, None, None
+
+
+def _chunks(n: int, rows: int) -> list[tuple[int, int]]:
+    """[start, end) of ceil(n / rows) chunks whose sizes differ by at most one (so at most ``rows``): 1,024 rows
+    at 883 per chunk are two chunks of 512, not 883 + 141 (a small chunk costs a head pass for little work)."""
+    k = -(-n // rows)
+    if k == 0:
+        return []
+    cuts = [i * n // k for i in range(k + 1)]
+    return list(zip(cuts[:-1], cuts[1:], strict=True))
 
 
 _VOCAB_BLOCK = 16384
@@ -121,9 +176,10 @@ def _accumulate_weight_grad(gw: torch.Tensor, dz: torch.Tensor, hc: torch.Tensor
 
 
 def chunked_token_logps(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                        rows: int | None = None) -> torch.Tensor:
+                        rows: int | None = None, keep_bytes: int | None = None) -> torch.Tensor:
     """(N,) fp32 log-probs of ``targets`` under ``h @ weight.T + bias`` without (N, V) logits."""
-    return ChunkedLinearLogp.apply(h, weight, bias, targets, rows or chunk_rows(weight.shape[0]))
+    return ChunkedLinearLogp.apply(h, weight, bias, targets, rows or chunk_rows(weight.shape[0]),
+                                   KEEP_BYTES if keep_bytes is None else keep_bytes)
 
 
 SEQ_GRAD_BYTES = 2**30
@@ -193,7 +249,7 @@ def chunked_sequence_logps(h: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, weight, bias))
     if grad and n_seqs * weight.numel() * 4 <= SEQ_GRAD_BYTES:
         return ChunkedLinearSeqLogp.apply(h, weight, bias, targets, seg, n_seqs, rows)
-    lp = ChunkedLinearLogp.apply(h, weight, bias, targets, rows)
+    lp = ChunkedLinearLogp.apply(h, weight, bias, targets, rows, KEEP_BYTES)
     return torch.zeros(n_seqs, dtype=lp.dtype, device=lp.device).index_add(0, seg, lp)
 
 

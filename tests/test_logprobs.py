@@ -37,9 +37,16 @@ def _grads(model) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("layout", ["packed_rows", "packed_one_row", "padded"])
-@pytest.mark.parametrize("per", ["token", "sequence"])
-def test_chunked_equals_full_logits_values_and_gradients(tied, layout, per):
-    """Per token (recomputed in backward) and per sequence (gradients formed in forward), 7-row chunks."""
+@pytest.mark.parametrize("per", ["token", "token_kept_part", "token_recomputed", "sequence"])
+def test_chunked_equals_full_logits_values_and_gradients(tied, layout, per, monkeypatch):
+    """Per token (chunks kept from forward, 4 of 20 kept, all recomputed in backward) and per sequence
+    (gradients formed in forward), 7-row chunks."""
+    import redi.logprobs as L
+
+    # 300-token vocabulary in fp32: 1,200 bytes per kept row; 30 rows of budget keep the first four 7-row chunks
+    monkeypatch.setattr(L, "KEEP_BYTES", {"token": L.KEEP_BYTES, "token_kept_part": 1200 * 30,
+                                          "token_recomputed": 0, "sequence": L.KEEP_BYTES}[per])
+    per = "sequence" if per == "sequence" else "token"
     m = _model(tied)
     packed = layout != "padded"
     b = collate(_examples(), packed=packed, pad_id=0, row_tokens=100 if layout == "packed_rows" else None)
@@ -65,7 +72,9 @@ def test_chunked_equals_full_logits_values_and_gradients(tied, layout, per):
         assert (g[k] - g_ref[k]).abs().max().item() < 1e-5, k
 
 
-def test_linear_functions_with_bias_match_autograd():
+@pytest.mark.parametrize("keep_rows", [0, 8, 11])
+def test_linear_functions_with_bias_match_autograd(keep_rows):
+    """11 rows in chunks of 4, 4, 3: none, the first two or all three chunks kept from forward."""
     torch.manual_seed(0)
     h = torch.randn(11, 8, requires_grad=True)
     lin = torch.nn.Linear(8, 37)
@@ -74,7 +83,8 @@ def test_linear_functions_with_bias_match_autograd():
     g, gs = torch.randn(11), torch.randn(3)
     ref = torch.log_softmax(lin(h), -1).gather(1, t[:, None]).squeeze(1)
     params = [h, lin.weight, lin.bias]
-    out = ChunkedLinearLogp.apply(h, lin.weight, lin.bias, t, 4)
+    out = ChunkedLinearLogp.apply(h, lin.weight, lin.bias, t, 4, keep_rows * 37 * 4)
+    assert len(out.grad_fn.kept) == {0: 0, 8: 2, 11: 3}[keep_rows]
     assert torch.allclose(out, ref, atol=1e-6)
     ref_g = torch.autograd.grad((ref * g).sum(), params, retain_graph=True)
     for a, b in zip(torch.autograd.grad((out * g).sum(), params), ref_g, strict=True):
@@ -85,6 +95,19 @@ def test_linear_functions_with_bias_match_autograd():
     for a, b in zip(torch.autograd.grad((out_s * gs).sum(), params), torch.autograd.grad((ref_s * gs).sum(), params),
                     strict=True):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_kept_chunks_are_freed_after_backward_and_a_second_backward_is_a_clear_error():
+    torch.manual_seed(0)
+    h, w, t = torch.randn(10, 8, requires_grad=True), torch.randn(37, 8, requires_grad=True), torch.randint(0, 37, (10,))
+    out = ChunkedLinearLogp.apply(h, w, None, t, 4, 10**6)
+    assert [k.shape for k in out.grad_fn.kept] == [(3, 37), (3, 37), (4, 37)]  # chunks of near-equal size
+    out.sum().backward(retain_graph=True)
+    assert out.grad_fn.kept == [None, None, None]
+    with pytest.raises(RuntimeError, match="keep_bytes=0"):
+        out.sum().backward()
+    with torch.no_grad():  # no gradients asked for: nothing kept
+        assert ChunkedLinearLogp.apply(h, w, None, t, 4, 10**6).grad_fn is None
 
 
 def test_only_completion_hidden_states_reach_the_head(monkeypatch):
@@ -115,7 +138,11 @@ def test_split_sequences_path_equals_rows_path(packed):
     assert torch.allclose(rows, alone, atol=1e-5)
 
 
-def test_bf16_autocast_close_to_full_logits():
+@pytest.mark.parametrize("keep", [True, False])
+def test_bf16_autocast_close_to_full_logits(keep, monkeypatch):
+    import redi.logprobs as L
+
+    monkeypatch.setattr(L, "KEEP_BYTES", L.KEEP_BYTES if keep else 0)
     m = _model(False)
     b = collate(_examples(), packed=True, row_tokens=100)
     with torch.autocast("cpu", dtype=torch.bfloat16):
