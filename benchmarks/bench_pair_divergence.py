@@ -10,8 +10,11 @@ Per style also: the download stage at the demo's size (seconds, file size), and 
 demo's tokenizer (the model stage's BPE, trained on that style's traces): mean, median, p90, and the
 share over the demo's ``verify.max_response_tokens``.
 
-Writes docs/benchmarks/pair_divergence.md. Usage:
-python benchmarks/bench_pair_divergence.py [--problems 400] [--benchmark-dir DIR]
+Any other teacher (a Hub or local source, the ``generate`` stage) is measured from its download
+artifact with ``--traces PATH/traces.parquet`` (labels: ``label_math_verify``).
+
+Writes docs/benchmarks/pair_divergence.md (not with --traces). Usage:
+python benchmarks/bench_pair_divergence.py [--problems 400] [--benchmark-dir DIR] [--traces FILE ...]
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import pandas as pd
 
 from redi.config.recipe import load_recipe
 from redi.data import download
-from redi.divergence import PairDivergence, jsonl_problems, openr1_problems, pair_divergence
+from redi.divergence import PairDivergence, jsonl_problems, openr1_problems, pair_divergence, traces_problems
 from redi.synth import generate
 from redi.tinymodel import build_tiny, load_tokenizer
 
@@ -75,9 +78,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--problems", type=int, default=400, help="demo problems measured per style (divergence)")
     ap.add_argument("--benchmark-dir", default=None, help="folder holding qwen25math_cot_samples/ (default: $REDI_BENCHMARK_DIR, else ../shared/data)")
+    ap.add_argument("--traces", nargs="*", default=[], help="traces.parquet of other teachers' download artifacts, measured alone")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     divs: dict[str, PairDivergence] = {}
+    if args.traces:
+        for t in args.traces:
+            divs[t] = pair_divergence(traces_problems(t))
+        print("\n".join(table(divs)))
+        return
     path = real_file(args.benchmark_dir)
     if path.exists():
         t0 = time.monotonic()

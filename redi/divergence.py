@@ -132,3 +132,13 @@ def jsonl_problems(path: str | Path) -> Iterator[tuple[list[str], list[bool]]]:
             if "generations" not in row or labels is None:
                 raise ValueError(f"{path}:{n}: a row needs `generations` and `correctness` (or `correctness_math_verify`)")
             yield row["generations"], labels
+
+
+def traces_problems(path: str | Path, label: str = "label_math_verify") -> Iterator[tuple[list[str], list[bool | None]]]:
+    """``(traces, labels)`` per problem of a download artifact's ``traces.parquet`` (any source, the
+    ``generate`` teacher's included), in ``gen_index`` order; `label` names the label column."""
+    import pandas as pd
+
+    df = pd.read_parquet(path, columns=["problem_id", "gen_index", "trace", label])
+    for _, g in df.sort_values(["problem_id", "gen_index"]).groupby("problem_id", sort=False):
+        yield g["trace"].tolist(), [None if pd.isna(v) else bool(v) for v in g[label]]

@@ -157,7 +157,7 @@ def _verify(gold_c: tuple, pred_c: list) -> bool:
 
 def _grade_boxed(box: str, gold: str) -> Verdict:
     """Verdict for a boxed answer string; cached (see "Caches"), because several traces of one problem
-    mostly box the same answer and Math-Verify's ``verify`` costs ~40-150 us even on parsed integers."""
+    mostly box the same answer and Math-Verify's ``verify`` is not free even on parsed integers."""
     key = (box, gold)
     v = _verdicts.get(key, _MISS)
     if v is not _MISS:
@@ -176,17 +176,17 @@ def _grade_boxed(box: str, gold: str) -> Verdict:
 
 
 # ----------------------------------------------------------------------------- caches
-# Caches. Parsing an answer string costs ~1 ms (SymPy) and a verdict ~40-150 us, while the traces of a
-# dataset box few distinct answers (the demo's 16,000 traces: ~600 strings, ~2,500 (answer, gold)
-# pairs), so both are memoised per process: ``parse_answer`` by string, ``_grade_boxed`` by (box, gold).
+# Caches. Parsing an answer string (SymPy) and a verdict cost far more than a dict look-up, while the
+# traces of a dataset box few distinct answers (docs/benchmarks/verify.md has the figures), so both are
+# memoised per process: ``parse_answer`` by string, ``_grade_boxed`` by (box, gold).
 # Both are pure functions of their strings, so a cache changes no verdict. Strings longer than
 # CACHE_KEY_MAX are not cached (a 100 kB box is not worth keeping; nothing unbounded is kept).
 #
 # Grading workers (redi.gradepool) also *share* what they computed: each worker exports its new
 # entries (``share_take``) with its results, the pool forwards them to the other workers at once, and
 # they adopt them (``share_put``) between items, so a string parsed by one worker is rarely parsed again
-# by another (without this, two workers on the demo traces spent 1.25-1.45x the CPU of one: both parsed
-# nearly every answer; with it, 3 % of the strings were parsed twice). A parse result travels pickled and only if unpickling gives back an object
+# by another (without it both workers parse nearly every answer; docs/benchmarks/verify.md measures
+# the difference). A parse result travels pickled and only if unpickling gives back an object
 # structurally equal (SymPy ``==``: same classes, same argument order, same symbol assumptions) to the
 # one this worker parsed (``_portable``): SymPy re-sorts the arguments of an unevaluated ``Add`` or
 # ``Mul`` on unpickling, so such results are not shared and every worker parses them itself. A verdict

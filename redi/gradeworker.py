@@ -122,7 +122,7 @@ def worker_main(conn, beat, tokenizer_json: str | None = None, share: bool = Tru
 def _worker_loop(conn, beat, tokenizer_json: str | None, share: bool) -> None:
     warm()
     count = token_counter(tokenizer_json)
-    if share:  # a lone worker has nobody to share with (exporting costs ~0.1 ms per new answer string)
+    if share:  # a lone worker has nobody to share with, and exporting entries costs time
         grader.share_start()
     try:
         conn.send(("ready", None))  # the parent times a worker's items only once it is ready

@@ -52,7 +52,7 @@ def _template_split(render: Callable[[str], str]) -> tuple[str, str] | None:
 def render_prompts(tokenizer, problems: list[str], protocol: str = DEFAULT_PROTOCOL, generation_prompt: bool = True) -> list[str]:
     """:func:`render_prompt` of every problem, rendering the chat template once when it inserts the problem
     verbatim (:func:`_template_split`, then checked on the first 32 problems); otherwise once per problem
-    (jinja, ~50 us each)."""
+    (a jinja render each)."""
     def one(p: str) -> str:
         return render_prompt(tokenizer, p, protocol, generation_prompt)
 

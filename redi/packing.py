@@ -13,8 +13,7 @@ sequence never attends to another one (tested: packed log-probs equal unpacked o
 the detection is skipped and sequences leak into each other, hence ``use_cache=False`` always.
 Why rows and not one long row: with SDPA/eager attention the block-diagonal mask does not save
 compute, so a row of T tokens costs O(T^2) attention; rows of a few times the typical sequence length
-keep that near the per-sequence cost (measured: 32 demo sequences in one 3.8k-token row ran several
-times slower than in rows of 512). With flash-attention (varlen via position ids) one row is ideal.
+keep that near the per-sequence cost (docs/benchmarks/train.md). With flash-attention (varlen via position ids) one row is ideal.
 The padded alternative (``packed=False``, right padding + attention mask) is kept for the benchmark
 and for models whose attention ignores position-id packing.
 

@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 def tied_head_notice(record: logging.LogRecord) -> bool:
     """False for accelerate's "Removed shared tensor {'lm.lm_head.weight'}" at every checkpoint: the head is tied
     to the embeddings (``tie_word_embeddings``), stored once and tied again on load (resume is tested), so
-    the warning says nothing; any other shared tensor is still reported."""
-    msg = record.getMessage()
+    the warning says nothing; any other shared tensor is still reported. accelerate's logger puts
+    ``[RANK n] `` in front of the message."""
+    msg = re.sub(r"^\[RANK \d+\] ", "", record.getMessage())
     return not (msg.startswith("Removed shared tensor {") and set(re.findall(r"'([^']+)'", msg.split("}")[0]))
                 <= {"lm.lm_head.weight", "lm_head.weight"})
 

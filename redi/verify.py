@@ -8,8 +8,8 @@ token counts (the official length study's counting included: :func:`prompt_lengt
 
 Labels are computed by :class:`redi.gradepool.GradingPool` (worker processes, hard per-trace deadline),
 locally or fanned out in shards over a Dask cluster (``executor="dask"``); both give the same labels.
-The same workers count each trace's tokens (the other per-trace work of this stage, ~75 us per short
-synthetic trace, more than grading it) with the tokenizer's ``tokenizer.json``; the counts are checked
+The same workers count each trace's tokens (the other per-trace work of this stage, costlier than
+grading a short trace: docs/benchmarks/verify.md) with the tokenizer's ``tokenizer.json``; the counts are checked
 against the transformers tokenizer on a sample and recounted with it on any difference.
 """
 

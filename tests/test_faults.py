@@ -58,7 +58,7 @@ def test_sigkill_during_training_then_rerun_resumes(tmp_path):
     proc = subprocess.Popen(redi_argv("run", str(recipe), "--no-prefect"), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     # kill -9 once SFT has written its first complete checkpoint (mid-stage); a "checkpoint-N.tmp" being
-    # written does not count: killed then, the rerun rightly starts from scratch (the test used to race there)
+    # written does not count: killed then, the rerun rightly starts from scratch
     _kill_group_when(lambda: any(c.suffix != ".tmp" and (c / "trainer_state.json").exists()
                                  for c in (root / "sft").glob(".work-*/checkpoint-*")), proc)
     before = _status(recipe)

@@ -291,3 +291,16 @@ def test_real_samples_give_the_quoted_figures():
     assert (d.first_wrong.problems, d.second_right.problems) == (10, 95)
     assert d.first_wrong.median == pytest.approx(0.475, abs=0.005) and d.second_right.median == pytest.approx(0.127, abs=0.005)
     assert d.wrong_vs_right is None
+
+
+def test_divergence_of_a_download_artifact_matches_the_rows(tmp_path):
+    """Any teacher is measured from its traces.parquet; for the synthetic one that gives the rows' figures."""
+    from redi.config.data import DataConfig
+    from redi.data import download
+    from redi.divergence import openr1_problems, pair_divergence, traces_problems
+
+    cfg = DataConfig(synth=REAL.model_copy(update={"n_train": 40, "n_val": 0, "n_test": 0}))
+    download(cfg, tmp_path, progress=False)
+    from_rows = pair_divergence(openr1_problems(synth.generate(cfg.synth)[0]))
+    assert pair_divergence(traces_problems(tmp_path / "traces.parquet")) == from_rows
+    assert from_rows.first_wrong.n > 10

@@ -399,3 +399,6 @@ def test_tied_head_notice_is_dropped_other_shared_tensors_are_not():
     assert not C.tied_head_notice(rec("Removed shared tensor {'lm.lm_head.weight'} while saving. This should be OK"))
     assert C.tied_head_notice(rec("Removed shared tensor {'lm.lm_head.weight', 'lm.model.norm.weight'} while saving."))
     assert C.tied_head_notice(rec("something else"))
+    # as accelerate's logger sends it (a rank prefix in front)
+    assert not C.tied_head_notice(rec("[RANK 0] Removed shared tensor {'lm.lm_head.weight'} while saving. This should be OK"))
+    assert C.tied_head_notice(rec("[RANK 1] Removed shared tensor {'lm.model.norm.weight'} while saving."))

@@ -53,7 +53,7 @@ class EvaluateConfig(StrictModel):
     enforce_eager: bool = Field(True, description="vLLM: skip graph compilation (faster start-up; as fast for small models).")
     seed: int = Field(0, description="Sampling seed; each problem samples with stable_id(seed, benchmark, problem id), so results do not depend on batching.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="Weights/activations dtype for generation (vLLM and hf). bf16 is 2.5x faster than fp32 on this CPU."
+        "bfloat16", description="Weights/activations dtype for generation (vLLM and hf); bf16 is the paper's and the faster one."
     )
     max_model_len: int | None = Field(
         None, ge=16, description="Context length (prompt + generation); None = the model's max_position_embeddings. A sample that fills it counts as truncated."
