@@ -110,8 +110,11 @@ def test_plan_lists_the_dag_table_then_one_evaluation_per_label(tmp_path):
     from redi import dag
 
     names = list(_keys(tmp_path))
-    labels = load_recipe(None, BASE).evaluate.models
-    assert names == [*dag.TRAIN_STAGES, *(f"{s}[{lab}]" for lab in labels for s in ("evaluate", "grade"))]
+    r = load_recipe(None, BASE)
+    assert dag.disabled(r) == {"curves"}  # off unless evaluate.checkpoints is set
+    stages = [s for s in dag.TRAIN_STAGES if s != "curves"]
+    assert names == [*stages, *(f"{s}[{lab}]" for lab in r.evaluate.models for s in ("evaluate", "grade"))]
+    assert list(_keys(tmp_path, "evaluate.checkpoints={n_samples: 4}"))[:len(dag.TRAIN_STAGES)] == list(dag.TRAIN_STAGES)
 
 
 @pytest.mark.parametrize("until, labels, stages", [
@@ -120,7 +123,8 @@ def test_plan_lists_the_dag_table_then_one_evaluation_per_label(tmp_path):
     ("redi", ["base"], ["download", "model", "verify", "sft", "redi"]),
     ("evaluate", ["base"], ["download", "model"]),
     ("evaluate", ["sft", "base"], ["download", "model", "verify", "sft"]),
-    ("report", ["base"], ["download", "model", "verify", "sft", "redi"]),
+    ("report", ["base"], ["download", "model", "verify", "sft", "redi", "curves"]),
+    ("curves", [], ["download", "model", "verify", "sft", "redi", "curves"]),
 ])
 def test_walker_builds_exactly_the_upstream_in_order(until, labels, stages):
     from redi import dag
@@ -146,6 +150,15 @@ def test_walker_refuses_an_unknown_stage_or_label():
         dag.walk("train", ["base"], lambda *a: None)
     with pytest.raises(ValueError, match="unknown model labels"):
         dag.walk("evaluate", ["dpo"], lambda *a: None)
+
+
+def test_walker_skips_a_node_that_is_off_and_refuses_to_stop_at_it():
+    from redi import dag
+
+    built, _ = dag.walk("report", ["base"], lambda node, up, label: node.name, skip={"curves"})
+    assert list(built) == ["download", "model", "verify", "sft", "redi"]
+    with pytest.raises(ValueError, match="stage curves is off in this recipe: set evaluate.checkpoints"):
+        dag.walk("curves", [], lambda *a: None, skip={"curves"})
 
 
 def test_every_stage_has_a_builder_a_config_section_and_a_refresh_name():
