@@ -35,7 +35,7 @@ def start_context() -> mp.context.BaseContext:
 
     CPython 3.11's forkserver never receives the main script's path (it asks for ``main_path``, the
     preparation data calls it ``init_main_from_path``), so its ``__main__`` preload is a no-op and every
-    worker re-imports the main script after the fork (0.5 s for a script that imports pandas). The path
+    worker re-imports the main script after the fork (slow for a script that imports pandas). The path
     goes through ``REDI_FORKSERVER_MAIN`` instead and ``redi._gradewarm`` imports it in the forkserver.
 
     A process forked from one that started the forkserver (a data-loader worker calling ``grade``) cannot
@@ -67,7 +67,7 @@ _WARM_ITEMS = [("\\boxed{12}", "12"), ("\\boxed{\\frac{1}{2}}", "0.5"), ("\\boxe
 
 
 def warm() -> None:
-    """Pay Math-Verify's and SymPy's first-use costs (~0.1-0.2 s per kind of answer) once.
+    """Pay Math-Verify's and SymPy's first-use costs (per kind of answer) once.
 
     Called in the forkserver (``redi._gradewarm`` is preloaded there), so every worker, replacements
     included, is forked warm; and in each worker, where it is free once warm.

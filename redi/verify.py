@@ -210,9 +210,9 @@ def verify_and_split(cfg: VerifyConfig, traces_path: Path, tokenizer_dir: Path, 
     with ThreadPoolExecutor(1) as ex, Grader(cfg, tok_json) as grader, tqdm(total=n_rows, desc="grading traces", unit="trace",
                                                                             mininterval=1.0) as bar:
         # Loading the transformers tokenizer overlaps with grading when transformers is imported already (as in a
-        # pipeline run); otherwise the import (~7 s of CPU, holding the GIL) would starve the pool's scheduler
-        # threads (a 100k-trace pass 1 took 13-14 s instead of ~2 s), so it waits for the end of pass 1 unless
-        # the tokens must be counted here.
+        # pipeline run); otherwise the import (seconds of CPU, holding the GIL) would starve the pool's scheduler
+        # threads (docs/benchmarks/verify.md), so it waits for the end of pass 1 unless the tokens must be
+        # counted here.
         early = "transformers" in sys.modules or (tok_json is None and cfg.max_response_tokens is not None)
         tok_future = ex.submit(load_tokenizer, tokenizer_dir) if early else None
 

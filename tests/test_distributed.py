@@ -79,7 +79,7 @@ def _manifest(folder: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def sft_launch(tmp_path_factory):
-    """One 2-process `stage sft` launch shared by the tests of this module (about 20-40 s on 2 cores)."""
+    """One 2-process `stage sft` launch shared by the tests of this module (the module's costly step, run once)."""
     d = tmp_path_factory.mktemp("dist")
     recipe = write_recipe(d, {"redi.global_batch": 4, "redi.micro_batch": 2})
     return recipe, d / "artifacts", _launch("stage", "sft", str(recipe), "--no-prefect")
