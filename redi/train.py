@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import tracking, train_kept
 from .config.train import OptimConfig, SFTConfig, Stage2Config
 from .logprobs import LogProbLM, resolve_attn
 from .losses import get_loss, objective
@@ -74,7 +75,6 @@ from .train_backend import (
 )
 from .train_checkpoints import TRAINER_STATE, choose_checkpoint, latest_checkpoint, save_checkpoint
 from .train_data import load_pair_examples, load_sft_examples, lr_factor, step_indices, total_steps
-from . import tracking, train_kept
 from .train_report import format_record, rank_report, save_outputs, step_record, summary
 
 if TYPE_CHECKING:
