@@ -107,6 +107,26 @@ def test_stage_flow_runs_only_upstream_of_the_stage(first_run):
     assert _built(res) == {"evaluate[base]", "grade[base]"}
 
 
+def test_curves_stage_flow_publishes_the_curve(first_run):
+    """Stage curves (checkpoint evaluation) through the flow: the kept steps of a retrained redi evaluated, the
+    curve's table and plot in the run's Prefect artifacts; a rerun is one cache hit."""
+    import json
+
+    from flows.stages import curves_stage
+
+    recipe, _, _ = first_run
+    over = {"redi.keep_checkpoints": 1, "run.name": "curves",
+            "evaluate.checkpoints": {"benchmarks": ["demo_test"], "n_samples": 1, "stages": ["redi"], "max_problems": 2}}
+    res, run_id = _run(curves_stage, recipe="custom", recipe_path=str(recipe), overrides=over)
+    assert list(res["artifacts"]) == [*TRAIN_NODES, "curves"] and _built(res) == {"redi", "curves"}
+    curve = res["artifacts"]["curves"]
+    rows = json.loads((Path(curve["path"]) / "curves.json").read_text())
+    assert [(r["stage"], r["step"]) for r in rows] == [("redi", 0), ("redi", 1), ("redi", 2)]
+    assert _artifact_keys(run_id) == {"curves-curves": "table", "curves-curves-plot": "markdown", "curves-dag": "markdown"}
+    res, _ = _run(curves_stage, recipe="custom", recipe_path=str(recipe), overrides=over)
+    assert _built(res) == set()
+
+
 def test_typed_recipe_parameter_overrides_and_validation(first_run):
     from flows.pipeline import resolve_recipe
     from redi.config import RecipeError, load_recipe
