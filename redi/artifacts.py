@@ -415,8 +415,9 @@ class ArtifactStore:
             return hit
         final = self.dir(stage, key)
         _install(tmp, final, self.root / stage, key)
+        mirrored = self.remote is not None and any(work.glob("checkpoint-*"))  # trained here: checkpoints on the store
         shutil.rmtree(work, ignore_errors=True)
-        if self.remote is not None:
+        if mirrored:
             self.remote.remove(stage, f".work-{key}")
         log.info("built %s %s in %.1fs", stage, key, manifest["seconds"])
         return Artifact(stage, key, str(final), manifest, cached=False)

@@ -121,8 +121,7 @@ def _age(info: dict[str, Any]) -> float:
 @dataclass
 class RemoteManifest:
     """A manifest as read from the store: ``data`` None when unreadable (then ``why`` says why). ``etag``: the
-    version a replacing write must still find (the object's ETag, or ``sha256:<digest>`` of its bytes on a
-    backend that gives none)."""
+    version a replacing write must still find (``sha256:<digest>`` of the bytes read)."""
 
     data: dict[str, Any] | None
     etag: str | None
@@ -202,13 +201,12 @@ class Remote:
         """The committed manifest of (stage, key), or None when there is none."""
         p = self.path(stage, key, MANIFEST)
         try:
-            info = self.fs.info(p)
             raw = self.fs.cat_file(p)
         except FileNotFoundError:
             return None
         except Exception as e:
             raise self.fail(f"reading {stage}/{key}/{MANIFEST}", e) from None
-        etag = info.get("ETag") or info.get("etag") or f"sha256:{hashlib.sha256(raw).hexdigest()}"
+        etag = f"sha256:{hashlib.sha256(raw).hexdigest()}"  # the version read; the ETag is asked for on replace
         try:
             data = json.loads(raw)
             if not isinstance(data, dict) or not isinstance(data.get("files"), dict) or not isinstance(data.get("data"), str):
@@ -244,12 +242,16 @@ class Remote:
         try:
             if etag is None:
                 self.fs.pipe_file(path, data, mode="create")
-            elif self.conditional_replace and not etag.startswith("sha256:"):
-                self.fs.pipe_file(path, data, IfMatch=etag)
-            else:  # no If-Match in this backend: check, then replace (a small race window, see docs/caching.md)
-                info, raw = self.fs.info(path), self.fs.cat_file(path)
-                if (info.get("ETag") or info.get("etag") or f"sha256:{hashlib.sha256(raw).hexdigest()}") != etag:
-                    return False
+                return True
+            # Replacing the manifest we read (corrupt or refreshed): still the same bytes? Then overwrite it only
+            # if its ETag is still the one just seen (If-Match: a third writer in between wins); a backend
+            # without If-Match overwrites after the check (a small race window, see docs/caching.md).
+            info = self.fs.info(path)
+            if f"sha256:{hashlib.sha256(self.fs.cat_file(path)).hexdigest()}" != etag:
+                return False
+            if self.conditional_replace and (info.get("ETag") or info.get("etag")):
+                self.fs.pipe_file(path, data, IfMatch=info.get("ETag") or info.get("etag"))
+            else:
                 self.fs.pipe_file(path, data)
             return True
         except FileExistsError:
@@ -380,19 +382,33 @@ def _work_rel(stage: str, key: str) -> str:
 
 
 def attach_work(remote: Remote, stage: str, key: str, work: Path) -> None:
-    """Make ``work`` mirror its checkpoints to the store and bring the newest committed remote checkpoint into it
-    when it is newer than every local one (a preempted job resuming on another machine). A remote checkpoint
-    counts only with its ``checksums.json`` (uploaded last); redi.train verifies every file before resuming."""
+    """Mark ``work`` as mirrored to the store: training then uploads each checkpoint (:func:`sync_checkpoint`)
+    and, before resuming, pulls the store's newest one (:func:`pull_checkpoint`). Costs no request."""
     (work / WORK_MARKER).write_text(json.dumps({"root": remote.url, "prefix": _work_rel(stage, key)}))
-    local_steps = [_step(p.name) for p in work.glob("checkpoint-*") if p.is_dir() and (p / CHECKSUMS).is_file()]
-    best_local = max([s for s in local_steps if s is not None], default=-1)
-    remote_steps = []
-    for ent in remote.listdir(_work_rel(stage, key)):
-        step = _step(ent["name"].rstrip("/").rsplit("/", 1)[-1])
-        if step is not None and step > best_local:
-            remote_steps.append(step)
-    for step in sorted(remote_steps, reverse=True):
-        rel = f"{_work_rel(stage, key)}/checkpoint-{step}"
+
+
+def _mirror(work: Path) -> tuple[Remote, str] | None:
+    marker = Path(work) / WORK_MARKER
+    if not marker.is_file():
+        return None
+    where = json.loads(marker.read_text())
+    return Remote(where["root"]), where["prefix"]
+
+
+def pull_checkpoint(work: Path) -> Path | None:
+    """Bring the store's newest committed checkpoint into ``work`` when it is newer than every local one (a
+    preempted job resuming on another machine); returns it, or None. A remote checkpoint counts only with its
+    ``checksums.json`` (uploaded last); redi.train verifies every file before resuming. No-op for a work folder
+    that mirrors nothing (a local artifact root)."""
+    mirror = _mirror(work)
+    if mirror is None:
+        return None
+    remote, prefix = mirror
+    local = [_step(p.name) for p in work.glob("checkpoint-*") if p.is_dir() and (p / CHECKSUMS).is_file()]
+    best_local = max([s for s in local if s is not None], default=-1)
+    steps = [_step(e["name"].rstrip("/").rsplit("/", 1)[-1]) for e in remote.listdir(prefix)]
+    for step in sorted((s for s in steps if s is not None and s > best_local), reverse=True):
+        rel = f"{prefix}/checkpoint-{step}"
         objs = remote.find(rel)
         if CHECKSUMS not in objs:
             continue  # an upload killed before its commit marker
@@ -402,8 +418,9 @@ def attach_work(remote: Remote, stage: str, key: str, work: Path) -> None:
         final = work / f"checkpoint-{step}"
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        log.info("resume: checkpoint-%d of %s %s pulled from %s", step, stage, key, remote.url)
-        return
+        log.info("resume: %s pulled from %s", final.name, remote.rel_url(prefix))
+        return final
+    return None
 
 
 def _step(name: str) -> int | None:
@@ -415,11 +432,10 @@ def sync_checkpoint(work: Path, checkpoint: Path) -> None:
     """Upload a just-saved checkpoint (``checksums.json`` last) to the store ``work`` mirrors (see
     :func:`attach_work`) and delete the remote checkpoints no longer kept locally. No-op for a work folder
     that mirrors nothing (a local artifact root)."""
-    marker = Path(work) / WORK_MARKER
-    if not marker.is_file():
+    mirror = _mirror(work)
+    if mirror is None:
         return
-    where = json.loads(marker.read_text())
-    remote, prefix = Remote(where["root"]), where["prefix"]
+    remote, prefix = mirror
     url = remote.rel_url(prefix)
     t0 = time.time()
     remote.push_tree(checkpoint, f"{prefix}/{checkpoint.name}", last=(CHECKSUMS,))

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .artifacts import file_table, folder_bytes, sha256_file, storage_error
-from .storage import sync_checkpoint
+from .storage import pull_checkpoint, sync_checkpoint
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -151,6 +151,8 @@ def good_checkpoint(work_dir: Path) -> Path | None:
 
 def choose_checkpoint(acc: Accelerator, work_dir: Path) -> Path | None:
     """:func:`good_checkpoint` verified by rank 0 (every file hashed once), the choice broadcast to the other ranks."""
+    if acc.is_main_process:
+        pull_checkpoint(work_dir)  # a URL artifact root: the store's newest checkpoint, when newer (else a no-op)
     ck = good_checkpoint(work_dir) if acc.is_main_process else None
     if acc.num_processes > 1:
         from accelerate.utils import broadcast_object_list
