@@ -340,8 +340,10 @@ def prepare_out(out: Path) -> Path:
     return out
 
 
-def write_model(src: RunSource, folder: Path, repo_id: str, ids: dict[str, str], lic: str, notes: Any) -> dict[str, Any]:
-    """The model's files (manifest left out), recipe.yaml and README.md (the model card)."""
+def write_model(src: RunSource, folder: Path, repo_id: str, ids: dict[str, str], lic: str,
+                departures: tuple[str | None, str | None]) -> dict[str, Any]:
+    """The model's files (manifest left out), recipe.yaml and README.md (the model card); ``departures`` from
+    :func:`recipe_departures`."""
     _fresh(folder)
     mdir = src.model_dir()
     for p in sorted(mdir.rglob("*")):
@@ -349,7 +351,7 @@ def write_model(src: RunSource, folder: Path, repo_id: str, ids: dict[str, str],
             _link(p, folder / p.relative_to(mdir))
     (folder / "recipe.yaml").write_text(src.recipe_yaml)
     metrics_md, _ = metrics_table(src)
-    own, impl = recipe_departures(src, notes)
+    own, impl = departures
     r = src.recipe
     base = r.model.base if r.model.base != "tiny" and not Path(r.model.base).expanduser().exists() else None
     datasets = [x for x in (ids.get("dataset"), r.data.hub_id if r.data.source == "hub" else None) if x]
@@ -459,12 +461,13 @@ def stage(artifact_root: str | os.PathLike[str], run: str, model: str, repo: str
     ids = repo_ids(repo, only, dataset_repo, details_repo)
     src = load_run(artifact_root, run, model, need_verify="dataset" in ids)
     lic = licenses(src.recipe, license, list(ids))
+    departures = recipe_departures(src, notes) if "model" in ids else (None, None)
     out_dir = prepare_out(Path(out) if out else src.run_dir / "publish" / model)
     parts: dict[str, Any] = {}
     for kind, rid in ids.items():
         folder = out_dir / kind
         if kind == "model":
-            info = write_model(src, folder, rid, ids, lic[kind], notes)
+            info = write_model(src, folder, rid, ids, lic[kind], departures)
         elif kind == "dataset":
             info = write_dataset(src, folder, rid, ids, lic[kind])
         else:
