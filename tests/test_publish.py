@@ -261,6 +261,29 @@ def test_cli_push_dry_run_and_bad_input(tiny_run, staged, tmp_path, capsys):
     assert main(["push", RUN, "--model", "simpo", "--repo", "me/x", "--artifact-root", str(tiny_run), "--dry-run", "--no-prefect"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("redi: --model 'simpo'") and "\n" not in err
+    # docs/publishing.md's `--only model`: the default folder is runs/<run>/publish/<model>
+    assert main(["push", RUN, "--model", "sft", "--repo", "me/redi-tiny-sft", "--only", "model", "--artifact-root", str(tiny_run),
+                 "--dry-run", "--no-prefect"]) == 0
+    default = tiny_run / "runs" / RUN / "publish" / "sft"
+    assert sorted(p.name for p in default.iterdir()) == ["model", "push.json"] and (default / "model" / "README.md").is_file()
+
+
+def test_cli_real_push_goes_to_the_hub_endpoint(tiny_run, staged, tmp_path, monkeypatch, capsys):
+    """`redi push RUN --model redi --repo NS/NAME` as documented: HfApi() at huggingface_hub's endpoint (the stand-in)."""
+    from _hub_standin import HubStandIn
+    from huggingface_hub import constants
+
+    from redi.cli import main
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", "hf_cli_token")
+    with HubStandIn() as hub:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        assert main(["push", RUN, "--model", "redi", "--repo", "me/redi-tiny", "--artifact-root", str(tiny_run),
+                     "--out", str(tmp_path / "cli"), "--no-prefect"]) == 0
+    assert f"{hub.url}/me/redi-tiny/commit/" in capsys.readouterr().out and hub.tokens == {"hf_cli_token"}
+    for part in staged["parts"].values():
+        assert hub.repos[(part["repo_type"], part["repo_id"])] == _tree(Path(part["folder"]))
 
 
 def test_flow_dry_run_writes_the_same_folders(tiny_run, staged, tmp_path, prefect_harness):
