@@ -30,13 +30,14 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from . import cards
 from .artifacts import MANIFEST, Artifact, ArtifactStore
 from .dag import LABEL_STAGE, MODEL_LABELS
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +210,8 @@ def _verify_artifact(src: RunSource) -> Artifact:
 def evaluation_samples(src: RunSource, label: str) -> pd.DataFrame | None:
     """Every sample of ``label``'s registered evaluation under the current grader: the grade artifact's
     samples.parquet when it re-graded, else the evaluation's (whose verdicts the grade copied)."""
+    import pandas as pd
+
     g = src.grades.get(label)
     if g is None:
         return None
@@ -241,6 +244,8 @@ def licenses(recipe: Any, flag: str | None, kinds: list[str]) -> dict[str, str]:
 
 def metrics_table(src: RunSource) -> tuple[str, pd.DataFrame]:
     """The run's registered grades as the pipeline's comparison table, with the paper's rows (markdown, frame)."""
+    import pandas as pd
+
     from . import results
 
     rows = []
@@ -419,6 +424,8 @@ def write_dataset(src: RunSource, folder: Path, repo_id: str, ids: dict[str, str
 
 def write_details(src: RunSource, folder: Path, repo_id: str, ids: dict[str, str], lic: str) -> dict[str, Any]:
     """details/<model>/<benchmark>.parquet (every sample), results/<model>.json and README.md."""
+    import pandas as pd
+
     from .evaluate import SAMPLE_FILE_COLUMNS
 
     _fresh(folder)
