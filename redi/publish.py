@@ -96,7 +96,7 @@ def hub_token(token: str | None = None) -> str:
     """The token of a real push: ``token`` or huggingface_hub's (``HF_TOKEN``, ``hf auth login``); offline mode is an error."""
     from huggingface_hub import constants, get_token
 
-    if constants.is_offline_mode():
+    if constants.HF_HUB_OFFLINE:
         raise PublishError("HF_HUB_OFFLINE is set, so nothing can be pushed: unset HF_HUB_OFFLINE (and run.offline only "
                            "affects runs), or add --dry-run to write the folders only")
     tok = token or get_token()
