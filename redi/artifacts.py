@@ -415,6 +415,7 @@ class ArtifactStore:
             return hit
         final = self.dir(stage, key)
         _install(tmp, final, self.root / stage, key)
+        _VALIDATED[str(final)] = _stamp(final, manifest["files"])  # hashed just now by file_table
         mirrored = self.remote is not None and any(work.glob("checkpoint-*"))  # trained here: checkpoints on the store
         shutil.rmtree(work, ignore_errors=True)
         if mirrored:
