@@ -87,6 +87,7 @@ def nightly_recipe(run: RegisteredRun, artifact_root: str | Path, evaluate: Eval
     """
     tree = load_recipe(run.run_dir / "recipe.yaml").model_dump(mode="json", by_alias=True)
     tree["run"]["artifact_root"] = normalize_root(artifact_root)
+    tree["run"]["cache_dir"] = None  # the registering machine's cache folder means nothing here: this one's default
     tree["run"]["refresh"] = []
     if evaluate is not None:
         tree["evaluate"] = evaluate.model_dump(mode="json")

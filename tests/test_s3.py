@@ -77,6 +77,12 @@ def _use_endpoint(monkeypatch, port: int) -> None:
     _clear_fs_cache()  # s3fs instances are cached by their arguments, not by the environment
 
 
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path, monkeypatch):
+    """Stores opened without a cache_dir (registered_runs, nightly) cache under tmp_path, never in ~/.cache."""
+    monkeypatch.setenv("REDI_CACHE_DIR", str(tmp_path / "default-cache"))
+
+
 def _fail_fast(monkeypatch) -> None:
     """One try per request (s3fs retries 5 times with back-off, botocore again): a dead endpoint fails in seconds."""
     import fsspec
@@ -459,7 +465,8 @@ def test_tiny_dag_end_to_end_on_s3(s3, tmp_path):
     assert sft.cached and all(a.cached for a in second.nodes.values()) and (sft.dir / "model").is_dir()
     [reg] = runs.registered_runs(s3)
     assert reg.name == "tiny" and reg.latest["recipe_hash"] == latest["recipe_hash"]
-    assert runs.nightly_recipe(reg, s3).run.artifact_root == s3
+    nightly = runs.nightly_recipe(reg, s3)
+    assert nightly.run.artifact_root == s3 and nightly.run.cache_dir is None  # this machine's default cache
 
 
 class _Preempted(RuntimeError):
