@@ -1,8 +1,10 @@
 """Flows of the REDI DAG: ``redi-pipeline`` (the whole run) and ``redi-stage`` (one stage, upstream from cache).
 
-The flows only order tasks, and not even that themselves: ``run_dag`` hands ``redi.dag.walk`` (the
-library's one walker over the table ``redi.dag.NODES``) a step that calls the node's Prefect task, so
-the UI shows one task per node. Every task is a thin wrapper over :class:`redi.pipeline.Pipeline`, and
+The flows only schedule tasks: ``run_dag`` takes the nodes of a run from ``redi.dag.graph`` (the table
+``redi.dag.NODES``, in the order of the library's walker ``redi.dag.walk``) and submits each node's Prefect
+task (thread-pool task runner) as soon as its upstream is done and the GPUs, cores and process it needs
+(``redi.dag.needs``) are free in the flow's :class:`Resources`, up to ``run.max_parallel`` at once; so
+``evaluate[base]`` runs while ``verify``/``sft`` do, when the machine has room for both. The UI shows one task per node. Every task is a thin wrapper over :class:`redi.pipeline.Pipeline`, and
 the content-addressed store decides what is a cache hit, so running a stage whose upstream is
 cached costs one checksum pass per upstream artifact.
 
@@ -16,10 +18,14 @@ evaluation evaluates (``runs/<name>/latest.json``); see :meth:`redi.pipeline.Pip
 
 from __future__ import annotations
 
+import os
+import queue
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from redi import dag
 from redi.config import Recipe, RecipeError, apply_overrides, load_recipe
@@ -89,8 +95,103 @@ def resolve_recipe(recipe_path: str | None = None, recipe: Recipe | dict[str, An
     return r
 
 
+class Resources:
+    """What the flow's process may hand to nodes running side by side: GPU ids, cores, the process, slots.
+
+    An in-flow pool, not Prefect's server-side tag concurrency limits: a tag limit counts task runs, it cannot
+    say *which* GPU a node gets (the node's vLLM engines and ``accelerate launch`` children must see only
+    theirs), it needs a server with the limits created beforehand (the ephemeral API of ``redi run`` has none),
+    and a task held back by one waits in a retry loop instead of starting the moment a slot frees. Each
+    task also carries a tag, ``gpu`` or ``cpu``, so a server-wide limit can be added on top
+    (``prefect concurrency-limit create gpu 8``) to bound several flow runs sharing one machine.
+    Used from the flow's thread only (taken before a submit, given back when the future is done).
+    """
+
+    def __init__(self, gpus: list[str], cores: int, slots: int | None = None):
+        self.free_gpus, self.cores, self.slots = list(gpus), cores, slots
+        self.n_gpus, self.process = len(gpus), True
+
+    def take(self, need: dag.Needs) -> tuple[str, ...] | None:
+        """The GPU ids given for ``need`` (possibly none), or None when it does not fit now."""
+        if (self.slots is not None and self.slots < 1) or need.gpus > len(self.free_gpus) or need.cores > self.cores \
+                or (need.process and not self.process):
+            return None
+        ids, self.free_gpus = tuple(self.free_gpus[:need.gpus]), self.free_gpus[need.gpus:]
+        self.cores -= need.cores
+        self.process = self.process and not need.process
+        if self.slots is not None:
+            self.slots -= 1
+        return ids
+
+    def give(self, need: dag.Needs, ids: tuple[str, ...]) -> None:
+        self.free_gpus = sorted(self.free_gpus + list(ids), key=lambda g: int(g) if g.isdigit() else g)
+        self.cores += need.cores
+        self.process = self.process or need.process
+        if self.slots is not None:
+            self.slots += 1
+
+
+def machine(r: Recipe) -> tuple[list[str], int]:
+    """The GPUs (ids as CUDA_VISIBLE_DEVICES names them; none when run.device resolves to cpu) and cores of this process."""
+    from redi.generate_vllm import visible_gpus
+    from redi.launch import auto_device
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return (visible_gpus() if auto_device(r.run.device) == "cuda" else []), cores
+
+
+def schedule(plan: list[tuple[str, dag.Node, str | None, list[str]]], needs: dict[str, dag.Needs], pool: Resources,
+             submit: Callable[[dag.Node, list[Any], str | None, list[Any], list[str]], Any]) -> dict[str, Any]:
+    """Run ``plan`` (``redi.dag.graph``): submit each node, in plan order, once its upstream is done and ``pool`` has
+    what it ``needs``; return {node name: result}.
+
+    ``submit(node, upstream results, label, upstream futures, tags)`` returns a Prefect future; the GPUs it was
+    given are in ``redi.launch.ASSIGNED_GPUS`` of the submitting context (the task runner copies it to the task's
+    thread). A failed node stops new submissions; the nodes already running finish, then its error is raised.
+    """
+    from redi.launch import ASSIGNED_GPUS
+
+    results: dict[str, Any] = {}
+    futures: dict[str, Any] = {}
+    running: dict[str, tuple[dag.Needs, tuple[str, ...]]] = {}
+    pending = list(plan)
+    done: queue.Queue[str] = queue.Queue()
+    error: BaseException | None = None
+    while pending or running:
+        for item in list(pending) if error is None else []:
+            name, node, label, ups = item
+            if any(u not in results for u in ups):
+                continue
+            ids = pool.take(needs[name])
+            if ids is None:
+                continue
+            token = ASSIGNED_GPUS.set(ids if pool.n_gpus else None)
+            try:
+                fut = submit(node, [results[u] for u in ups], label, [futures[u] for u in ups],
+                             ["gpu" if needs[name].gpus else "cpu"])
+            finally:
+                ASSIGNED_GPUS.reset(token)
+            futures[name], running[name] = fut, (needs[name], ids)
+            fut.add_done_callback(lambda _f, n=name: done.put(n))
+            pending.remove(item)
+        if not running:
+            if error is None and pending:  # every need is clamped to the machine, so an idle pool fits any node
+                raise RuntimeError(f"scheduler stalled with {[p[0] for p in pending]} pending (a bug)")
+            break
+        name = done.get()
+        pool.give(*running.pop(name))
+        try:
+            results[name] = futures[name].result()
+        except BaseException as e:  # noqa: BLE001 - re-raised once the running nodes are done
+            error = error or e
+    if error is not None:
+        raise error
+    return results
+
+
 def run_dag(r: Recipe, until: str = "report", labels: list[str] | None = None, register: bool = False) -> dict[str, Any]:
-    """Run the DAG up to ``until`` (a stage, or "report" for everything), in dependency order.
+    """Run the DAG up to ``until`` (a stage, or "report" for everything), nodes side by side where
+    their upstream and the machine allow (:func:`schedule`).
 
     ``labels`` limits which models are evaluated (default: the recipe's evaluate.models); ``register``
     makes the report register the run (what nightly evaluates). Returns {"artifacts": {node: artifact
@@ -100,11 +201,17 @@ def run_dag(r: Recipe, until: str = "report", labels: list[str] | None = None, r
     rd = r.model_dump(mode="json", by_alias=True)
     labels = list(labels or r.evaluate.models)
 
-    def step(node: dag.Node, upstream: list[dict[str, Any]], label: str | None) -> dict[str, Any]:
-        task = TASKS[node.name]
-        return task(rd, label, *upstream) if node.per_label else task(rd, *upstream)
+    def submit(node: dag.Node, upstream: list[dict[str, Any]], label: str | None, after: list[Any], tags: list[str]) -> Any:
+        task = TASKS[node.name].with_options(tags=tags)
+        args = (rd, label, *upstream) if node.per_label else (rd, *upstream)
+        return task.submit(*args, wait_for=after)  # wait_for: done already; it draws the UI's edges
 
-    stages, evaluations = dag.walk(until, labels, step, skip=dag.disabled(r))
+    plan = dag.graph(until, labels, skip=dag.disabled(r))
+    gpus, cores = machine(r)
+    needs = {name: dag.needs(node, r, len(gpus), cores) for name, node, _, _ in plan}
+    done = schedule(plan, needs, Resources(gpus, cores, r.run.max_parallel), submit)
+    stages = {name: done[name] for name, _, label, _ in plan if label is None}
+    evaluations = {label: done[name] for name, _, label, _ in plan if label is not None}
     arts: dict[str, dict[str, Any]] = dict(stages)
     for nodes in evaluations.values():  # evaluate[lab] (the samples) and grade[lab]
         arts |= nodes
@@ -122,7 +229,11 @@ def run_dag(r: Recipe, until: str = "report", labels: list[str] | None = None, r
     return out
 
 
-@flow(name="redi-pipeline", description="The whole REDI run: download -> model -> verify -> sft -> redi -> evaluate -> report. "
+RUNNER = ThreadPoolTaskRunner
+"""The flows' task runner: nodes run in threads of the flow's process (:func:`schedule` bounds how many)."""
+
+
+@flow(name="redi-pipeline", task_runner=RUNNER(), description="The whole REDI run: download -> model -> verify -> sft -> redi -> evaluate -> report. "
       "Registers the run for nightly evaluation.")
 @documented("The whole DAG of a recipe; registers the run (runs/RUN/latest.json) for nightly evaluation.",
             "overrides", "refresh", "recipe_path", "recipe")
@@ -136,7 +247,7 @@ def redi_pipeline(
     return run_dag(r, "report", register=True)
 
 
-@flow(name="redi-stage", description="One stage of the REDI DAG; its upstream is taken from cache (or computed).")
+@flow(name="redi-stage", task_runner=RUNNER(), description="One stage of the REDI DAG; its upstream is taken from cache (or computed).")
 @documented("One stage of a recipe; upstream from cache. stage=evaluate evaluates `labels` and records the result.",
             "stage", "overrides", "refresh", "recipe_path", "recipe", "labels", "register_run",
             extra={"stage": "The stage to run: " + ", ".join(dag.STAGES) + "."})

@@ -29,6 +29,12 @@ class Node:
     (``evaluate.models``), if it produces a model. ``per_label``: built once per evaluated model,
     from that model's stage (``evaluate``: it also produces ``grade[label]``). ``enabled_by``: a dotted recipe
     field; when it is empty (None, 0, []) the node is off and a run skips it (:func:`disabled`).
+
+    What it holds while it runs (:func:`needs`; a scheduler that runs nodes side by side honours it, the
+    library's :func:`walk` runs one at a time): ``gpus``, the GPUs it uses on a machine that has them (-1:
+    every visible one); ``cores``, the cores it keeps busy when its work is on the CPU (0: every core);
+    ``in_process``, whether its torch work runs in the calling process (the process's global RNG and
+    thread settings: two such nodes never overlap in one process). Each is a value or a function of the recipe.
     """
 
     name: str
@@ -39,20 +45,39 @@ class Node:
     per_label: bool = False
     summary: str = ""
     enabled_by: str | None = None
+    gpus: Callable[[Any], int] | int = 0
+    cores: Callable[[Any], int] | int = 1
+    in_process: Callable[[Any], bool] | bool = False
+
+
+def _eval_gpus(r: Any) -> int:
+    """vLLM: one engine per data-parallel rank, each on tensor_parallel_size GPUs; transformers: one GPU."""
+    return r.evaluate.data_parallel_size * r.evaluate.tensor_parallel_size if r.evaluate.backend == "vllm" else 1
+
+
+def _eval_cores(r: Any) -> int:
+    """vLLM on CPU binds every core it is given; transformers runs on run.threads (0: every core)."""
+    return 0 if r.evaluate.backend == "vllm" else (r.run.threads or 0)
 
 
 NODES: tuple[Node, ...] = (
     Node("download", (), "data", "download", summary="the teacher traces (Hub, local files or the offline synthetic teacher)"),
-    Node("model", ("download",), "model", "base_model", label="base", summary="the base model (built for `tiny`, else loaded and saved)"),
-    Node("verify", ("download", "model"), "verify", "verify", summary="label every trace, filter, decontaminate, split into positives and pairs"),
-    Node("sft", ("verify", "model"), "sft", "sft", label="sft", summary="stage 1: SFT on the positive traces"),
+    Node("model", ("download",), "model", "base_model", label="base", summary="the base model (built for `tiny`, else loaded and saved)",
+         in_process=True),
+    Node("verify", ("download", "model"), "verify", "verify", summary="label every trace, filter, decontaminate, split into positives and pairs",
+         cores=lambda r: 1 if r.verify.executor == "dask" else r.verify.workers),
+    Node("sft", ("verify", "model"), "sft", "sft", label="sft", summary="stage 1: SFT on the positive traces",
+         gpus=-1, cores=lambda r: r.run.threads or 0, in_process=lambda r: r.run.launcher == "inprocess"),
     Node("redi", ("verify", "sft"), "redi", "stage2", label="redi",
-         summary="stage 2 from the SFT model with the recipe's objective (redi.loss: redi, dpo, simpo, ...)"),
+         summary="stage 2 from the SFT model with the recipe's objective (redi.loss: redi, dpo, simpo, ...)",
+         gpus=-1, cores=lambda r: r.run.threads or 0, in_process=lambda r: r.run.launcher == "inprocess"),
     Node("curves", ("sft", "redi"), "evaluate", "curves", enabled_by="evaluate.checkpoints",
          summary="evaluate the models kept during training (sft/redi.keep_checkpoints) with evaluate.checkpoints: pass@1 "
-                 "and response length against the step"),
+                 "and response length against the step",
+         gpus=lambda r: _eval_gpus(r), cores=lambda r: _eval_cores(r), in_process=lambda r: r.evaluate.backend == "hf"),
     Node("evaluate", (), "evaluate", "evaluate", per_label=True,
-         summary="sample and grade one model on the recipe's benchmarks (nodes evaluate[label] and grade[label])"),
+         summary="sample and grade one model on the recipe's benchmarks (nodes evaluate[label] and grade[label])",
+         gpus=lambda r: _eval_gpus(r), cores=lambda r: _eval_cores(r), in_process=lambda r: r.evaluate.backend == "hf"),
 )
 
 NODE: dict[str, Node] = {n.name: n for n in NODES}
@@ -108,6 +133,50 @@ def disabled(recipe: Any) -> frozenset[str]:
         return obj
 
     return frozenset(n.name for n in NODES if n.enabled_by and not value(n.enabled_by))
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What one node holds while it runs: GPU count, core count, and the calling process (its torch state)."""
+
+    gpus: int = 0
+    cores: int = 1
+    process: bool = False
+
+
+def needs(node: Node, recipe: Any, gpus: int, cores: int) -> Needs:
+    """What ``node`` holds under ``recipe`` on a machine with ``gpus`` usable GPUs (0: none, or device=cpu) and
+    ``cores`` cores; every count is clamped to the machine, so a node asking for more runs alone.
+
+    A node whose work goes to a GPU there keeps one core for its host side; one that runs its torch work in the
+    calling process takes every GPU (a thread cannot be pinned to a device: ``CUDA_VISIBLE_DEVICES`` is per process).
+    """
+    def value(v: Any) -> Any:
+        return v(recipe) if callable(v) else v
+
+    process = bool(value(node.in_process))
+    g = value(node.gpus) if gpus else 0
+    g = gpus if g and (g < 0 or process) else min(g, gpus)
+    c = 1 if g else value(node.cores)
+    return Needs(gpus=g, cores=min(c, cores) if c > 0 else cores, process=process)
+
+
+def graph(until: str, labels: Sequence[str], skip: Iterable[str] = ()) -> list[tuple[str, Node, str | None, list[str]]]:
+    """The nodes a run up to ``until`` runs, in :func:`walk`'s order: ``(name, node, label, upstream names)``.
+
+    For a scheduler that runs nodes as soon as their upstream is done (the Prefect flow); same checks as walk.
+    """
+    bad = [lab for lab in labels if lab not in LABEL_STAGE]
+    if bad:
+        raise ValueError(f"unknown model labels {bad}; valid: {', '.join(MODEL_LABELS)}")
+    skip = frozenset(skip)
+    if until in skip:
+        raise ValueError(f"stage {until} is off in this recipe: set {NODE[until].enabled_by} to turn it on")
+    out: list[tuple[str, Node, str | None, list[str]]] = [
+        (name, NODE[name], None, list(NODE[name].upstream)) for name in needed(until, labels) if name not in skip]
+    if until in (EVAL_STAGE, "report"):
+        out += [(node_name(EVAL_STAGE, lab), NODE[EVAL_STAGE], lab, [LABEL_STAGE[lab]]) for lab in labels]
+    return out
 
 
 def walk(until: str, labels: Sequence[str], step: Callable[[Node, list[Any], str | None], Any],
