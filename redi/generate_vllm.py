@@ -79,7 +79,12 @@ def engine_kwargs(cfg: EvaluateConfig, ctx: int) -> dict:
 
 
 def visible_gpus() -> list[str]:
-    """CUDA devices this process may hand out: ``CUDA_VISIBLE_DEVICES`` when set, else all torch counts."""
+    """CUDA devices this process may hand out: the scheduler's (redi.launch.ASSIGNED_GPUS), else ``CUDA_VISIBLE_DEVICES``
+    when set, else all torch counts."""
+    from .launch import ASSIGNED_GPUS
+
+    if ASSIGNED_GPUS.get() is not None:
+        return list(ASSIGNED_GPUS.get())
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
         return [d.strip() for d in env.split(",") if d.strip()]

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -162,24 +163,45 @@ def run_logs() -> Iterator[None]:
     if flow_run_id is None:  # not in a run (task.fn called directly): nothing to forward to
         yield
         return
-    handler = _run_handler(flow_run_id, tctx.task_run.id if tctx else None)
-    saved = []
-    for name in (*FORWARDED_LOGGERS, PROGRESS_LOGGER):
-        lg = logging.getLogger(name)
-        saved.append((lg, lg.level, lg.propagate))
-        if name.startswith("redi") and lg.getEffectiveLevel() > logging.INFO:  # a flow-run process starts with
-            lg.setLevel(logging.INFO)  # the root at WARNING; vLLM keeps its own level (VLLM_LOGGING_LEVEL)
-        lg.addHandler(handler)
-    # progress lines go to the run's logs only: the terminal already draws the bar
-    logging.getLogger(PROGRESS_LOGGER).propagate = False
+    task_run_id = tctx.task_run.id if tctx else None
+    handler = _run_handler(flow_run_id, task_run_id)
+    me = threading.get_ident()
+    with _SHARED:  # nodes run side by side in threads: the first one in sets the levels, the last one out restores
+        _TASK_THREADS[me] = task_run_id
+        if not _SAVED:
+            for name in (*FORWARDED_LOGGERS, PROGRESS_LOGGER):
+                lg = logging.getLogger(name)
+                _SAVED.append((lg, lg.level, lg.propagate))
+                if name.startswith("redi") and lg.getEffectiveLevel() > logging.INFO:  # a flow-run process starts with
+                    lg.setLevel(logging.INFO)  # the root at WARNING; vLLM keeps its own level (VLLM_LOGGING_LEVEL)
+            # progress lines go to the run's logs only: the terminal already draws the bar
+            logging.getLogger(PROGRESS_LOGGER).propagate = False
+        _SAVED_USERS.add(me)
+        for name in (*FORWARDED_LOGGERS, PROGRESS_LOGGER):
+            logging.getLogger(name).addHandler(handler)
     try:
         with progress_as_logs():
             yield
     finally:
-        for lg, level, propagate in saved:
-            lg.removeHandler(handler)
-            lg.setLevel(level)
-            lg.propagate = propagate
+        with _SHARED:
+            for name in (*FORWARDED_LOGGERS, PROGRESS_LOGGER):
+                logging.getLogger(name).removeHandler(handler)
+            _TASK_THREADS.pop(me, None)
+            _SAVED_USERS.discard(me)
+            if not _SAVED_USERS:
+                for lg, level, propagate in _SAVED:
+                    lg.setLevel(level)
+                    lg.propagate = propagate
+                _SAVED.clear()
+
+
+_SHARED = threading.RLock()
+_TASK_THREADS: dict[int, Any] = {}
+"""Thread id -> task run id of every stage task running in this process (records from a task's own thread go
+to that task's run only; records from other threads, e.g. a library worker thread, go to every running task)."""
+_SAVED: list[tuple[logging.Logger, int, bool]] = []
+_SAVED_USERS: set[int] = set()
+_BARS: list[Any] = []  # [tqdm class before the swap, tasks inside progress_as_logs]
 
 
 def _run_handler(flow_run_id: Any, task_run_id: Any) -> logging.Handler:
@@ -188,6 +210,9 @@ def _run_handler(flow_run_id: Any, task_run_id: Any) -> logging.Handler:
 
     class RunHandler(APILogHandler):
         def emit(self, record: logging.LogRecord) -> None:
+            owner = _TASK_THREADS.get(record.thread)
+            if owner is not None and owner != task_run_id:  # another running stage task's line
+                return
             record.flow_run_id = flow_run_id
             if task_run_id is not None:
                 record.task_run_id = task_run_id
@@ -204,11 +229,29 @@ def progress_as_logs(step: int = PROGRESS_STEP) -> Iterator[None]:
     to ``redi.progress`` each time it crosses a multiple of ``step`` percent (the bar itself still draws).
 
     The library imports ``tqdm.auto.tqdm`` inside the functions that draw bars, so swapping the module
-    attribute here reaches them; tasks of one process run one at a time, so the swap is not shared.
+    attribute here reaches them. Tasks running side by side share one swap: the first one in swaps, the last one
+    out restores.
     """
     import tqdm.auto as tqdm_auto
 
-    base = tqdm_auto.tqdm
+    with _SHARED:
+        if _BARS:
+            _BARS[1] += 1
+            installed = True
+        else:
+            installed = False
+            base = tqdm_auto.tqdm
+            _BARS[:] = [base, 1]
+    if installed:
+        try:
+            yield
+        finally:
+            with _SHARED:
+                _BARS[1] -= 1
+                if not _BARS[1]:
+                    tqdm_auto.tqdm = _BARS[0]
+                    _BARS.clear()
+        return
     log = logging.getLogger(PROGRESS_LOGGER)
 
     class LoggedBar(base):  # type: ignore[misc, valid-type]
@@ -249,8 +292,13 @@ def progress_as_logs(step: int = PROGRESS_STEP) -> Iterator[None]:
             head = f"{self.desc or 'progress'}: " + (f"{100.0 * self.n / self.total:.0f}% " if self.total else "")
             log.info("%s(%s)", head, ", ".join(parts))
 
-    tqdm_auto.tqdm = LoggedBar
+    with _SHARED:
+        tqdm_auto.tqdm = LoggedBar
     try:
         yield
     finally:
-        tqdm_auto.tqdm = base
+        with _SHARED:
+            _BARS[1] -= 1
+            if not _BARS[1]:
+                tqdm_auto.tqdm = _BARS[0]
+                _BARS.clear()

@@ -46,6 +46,10 @@ class RunConfig(StrictModel):
         default_factory=list, description="Stages to recompute even when a valid cached artifact exists."
     )
     threads: int | None = Field(None, ge=1, description="torch threads on CPU; None = torch's default.")
+    max_parallel: int | None = Field(
+        None, ge=1, description="The Prefect flow runs up to this many DAG nodes at once, each as soon as its upstream is "
+        "done and the GPUs and cores it needs are free (redi.dag.needs); None = as many as those allow, 1 = one at a time. "
+        "Never changes results; the library path (redi run --no-prefect) always runs one node at a time.")
     offline: bool = Field(
         False, description="Never touch the network: sets HF_HUB_OFFLINE / HF_DATASETS_OFFLINE, so a Hub source fails at once "
         "(with a message naming the local alternative) instead of retrying. The demo sets it."
