@@ -286,7 +286,10 @@ def test_cli_real_push_goes_to_the_hub_endpoint(tiny_run, staged, tmp_path, monk
         assert hub.repos[(part["repo_type"], part["repo_id"])] == _tree(Path(part["folder"]))
 
 
-def test_flow_dry_run_writes_the_same_folders(tiny_run, staged, tmp_path, prefect_harness):
+def test_flow_dry_run_and_push(tiny_run, staged, tmp_path, prefect_harness, monkeypatch):
+    from _hub_standin import HubStandIn
+    from huggingface_hub import constants
+
     from flows.publish import redi_push
 
     plan = redi_push(run=RUN, model="redi", repo="me/redi-tiny", artifact_root=str(tiny_run), dry_run=True,
@@ -294,3 +297,11 @@ def test_flow_dry_run_writes_the_same_folders(tiny_run, staged, tmp_path, prefec
     assert plan["dry_run"] and plan["uploaded"] == {}
     for kind, part in staged["parts"].items():
         assert _tree(tmp_path / "flow" / kind) == _tree(Path(part["folder"])), kind
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", "hf_flow_token")
+    with HubStandIn() as hub:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        plan = redi_push(run=RUN, model="redi", repo="me/redi-tiny", artifact_root=str(tiny_run), only=["dataset"],
+                         out=str(tmp_path / "flow-push"))
+    assert set(plan["uploaded"]) == {"dataset"} and set(hub.repos) == {("dataset", "me/redi-tiny-data")}
+    assert hub.repos[("dataset", "me/redi-tiny-data")] == _tree(tmp_path / "flow-push" / "dataset")  # the folder it staged
