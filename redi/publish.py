@@ -469,6 +469,9 @@ def stage(artifact_root: str | os.PathLike[str], run: str, model: str, repo: str
     src = load_run(artifact_root, run, model, need_verify="dataset" in ids)
     lic = licenses(src.recipe, license, list(ids))
     departures = recipe_departures(src, notes) if "model" in ids else (None, None)
+    if "details" in ids and not src.grades:
+        raise PublishError(f"run {run!r} has no registered evaluation to publish as details: evaluate it "
+                           "(`redi run RECIPE`), or leave the details out with --only model,dataset")
     out_dir = prepare_out(Path(out) if out else src.run_dir / "publish" / model)
     parts: dict[str, Any] = {}
     for kind, rid in ids.items():
