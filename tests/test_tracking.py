@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -226,3 +227,61 @@ def test_metric_names_and_flattening():
     assert tracking.signal_metrics({"step": 3, "loss": 1.5, "margin": None, "collapsed": True, "tokens": 7}) == {
         "train/loss": 1.5, "train/collapsed": 1.0, "train/tokens": 7.0}
     assert tracking.flatten({"a": {"b": 1, "c": [1, 2]}, "d": None}) == {"a.b": 1, "a.c": [1, 2], "d": None}
+
+
+def _wandb_records(run_dir: Path) -> dict[str, list]:
+    """History, summary and config records of an offline W&B run, read from its .wandb file (LevelDB log
+    format: a 7-byte file header, 32 KiB blocks, records of crc32 / length / type + a protobuf Record)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = run_dir.glob("run-*.wandb")
+    data, pos, buf, out = path.read_bytes(), 7, b"", {"history": [], "summary": [], "config": [], "exit": []}
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 and length == 0:  # block padding
+            pos += left
+            continue
+        buf, pos = buf + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # FULL or LAST
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            buf = b""
+            which = rec.WhichOneof("record_type")
+            items = {"history": lambda r: r.history.item, "summary": lambda r: r.summary.update,
+                     "config": lambda r: r.config.update}.get(which)
+            if items:
+                out[which].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items(rec)})
+            out["exit"] += [True] if which == "exit" else []
+    return out
+
+
+def test_wandb_offline_run_has_the_replayed_signals_config_and_key(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    art_dir = tmp_path / "sft" / "k1"
+    art_dir.mkdir(parents=True)
+    recs = [{"step": s, "loss": 2.0 / s, "chosen_logp": -0.5 * s, "rejected_logp": None, "lr": 1e-3, "collapsed": False}
+            for s in (1, 2, 3)]
+    (art_dir / "signals.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    art = Artifact("sft", "k1", str(art_dir), {"summary": {"steps": 3}}, cached=True)
+    trk = tracking.Tracking(["wandb"], tmp_path / "t", "exp", {"sft.lr": 1e-3}, "sft:\n  lr: 0.001\n", offline=True)
+    t = trk.tracker("sft", "k1", interval=0.05)
+    trk.finish_node(t, art, 1.5)
+    assert not t.errors and t.pending() == []
+    (run_dir,) = (tmp_path / "t" / "wandb").glob("offline-run-*")
+    deadline = time.time() + 60
+    while not (got := _wandb_records(run_dir))["exit"] and time.time() < deadline:  # wandb-core writes the file
+        time.sleep(0.2)  # after finish() returns
+    steps = {h["_step"]: h for h in got["history"]}
+    assert [steps[r["step"]]["train/loss"] for r in recs] == [r["loss"] for r in recs]
+    assert [steps[r["step"]]["train/chosen_logp"] for r in recs] == [r["chosen_logp"] for r in recs]
+    summary = {k: v for s in got["summary"] for k, v in s.items()}
+    assert summary["redi.key"] == "k1" and summary["stage/cached"] == 1.0 and summary["summary/steps"] == 3.0
+    assert {k: v for c in got["config"] for k, v in c.items()}["sft.lr"] == 1e-3
+    assert (run_dir / "files" / "recipe.yaml").read_text() == "sft:\n  lr: 0.001\n"
