@@ -11,13 +11,14 @@ and a changed evaluation parameter reruns only evaluation, a changed alpha only 
 evaluation. Asking for one stage builds (or takes from cache) exactly its upstream.
 
 This module is what the Prefect tasks (``tasks/``), the flows and the CLI call. It never imports Prefect.
+How training is launched (in process or under ``accelerate launch``) is :mod:`redi.launch`; the
+``report`` node (results store, table, registration) is :mod:`redi.report`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -26,9 +27,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from . import dag, distributed, tracking
+from . import dag, distributed, launch, tracking
 from .artifacts import Artifact, ArtifactStore, code_version, hash_obj, stage_key
-from .config import Recipe, recipe_to_yaml
+from .config import Recipe
+from .launch import auto_device, go_offline
 
 log = logging.getLogger(__name__)
 
@@ -61,34 +63,6 @@ MODEL_LABELS = dag.MODEL_LABELS
 LABEL_STAGE = dag.LABEL_STAGE  # which stage produces each evaluated model
 
 
-def go_offline() -> None:
-    """Make every Hugging Face call of this process fail at once instead of retrying the network."""
-    import sys
-
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    # Both libraries read these at import time: tell the already-imported ones too.
-    if "huggingface_hub" in sys.modules:
-        import huggingface_hub.constants as hc
-
-        hc.HF_HUB_OFFLINE = True
-    if "datasets" in sys.modules:
-        import datasets.config as dc
-
-        dc.HF_HUB_OFFLINE = True
-        if hasattr(dc, "HF_DATASETS_OFFLINE"):
-            dc.HF_DATASETS_OFFLINE = True
-
-
-def auto_device(device: str) -> str:
-    """``run.device``: ``auto`` -> cuda when available, else cpu (redi.train.resolve_device also picks the dtype)."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def check_inputs(recipe: Recipe) -> None:
     """One-line errors, before any work, for inputs a run would otherwise trip over late: a missing
     ``data.local_path`` (found at download), an unknown benchmark name (found at evaluation, after training)."""
@@ -102,31 +76,6 @@ def check_inputs(recipe: Recipe) -> None:
     if recipe.verify.decontaminate not in (False, "off"):
         names += [n for n in recipe.verify.decontam_benchmarks if n not in names]
     benchmarks.check_names(names, recipe.evaluate, extra)
-
-
-def accelerate_command(run, device: str) -> list[str]:
-    """``accelerate launch ...`` arguments (up to the module to run) for run.launcher=accelerate on one machine."""
-    import sys
-
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    if run.accelerate_config:
-        cmd += ["--config_file", run.accelerate_config]
-    if run.num_processes:
-        cmd += ["--num_processes", str(run.num_processes)]
-        if run.num_processes > 1 and not run.accelerate_config:
-            cmd += ["--multi_gpu", "--num_machines", "1", "--main_process_port", str(_free_port())]
-    if not run.accelerate_config:  # the trainer picks its precision itself (recipe dtype)
-        cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]
-    return cmd
-
-
-def _free_port() -> int:
-    """A free local TCP port for the launch's rendezvous (two launches at once must not share 29500)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -337,35 +286,8 @@ class Pipeline:
         return self._build("verify", fn)
 
     def _train(self, which: str, model_dir: Path, data: Path, out: Path, work: Path) -> dict:
-        """Run a training stage in this process, or under `accelerate launch` (run.launcher).
-
-        Already one of N launched processes (``accelerate launch -m redi.cli ...``): every rank trains here,
-        whatever run.launcher says. ``launcher=accelerate`` from a single process starts
-        ``accelerate launch [--multi_gpu] --num_processes N -m redi.train``: ``--multi_gpu`` whenever N > 1
-        and no accelerate config is given, because without it (and without a GPU) accelerate starts ONE
-        process; with it accelerate goes through torchrun, which also works on CPU (gloo).
-        """
-        from . import train
-
-        run = self.recipe.run
-        device = auto_device(run.device)
-        if run.launcher == "inprocess" or distributed.launched():
-            if run.launcher == "accelerate":
-                log.info("already launched as %d processes: training in them (run.launcher ignored)",
-                         distributed.world_size())
-            fn = train.train_sft if which == "sft" else train.train_stage2
-            return fn(self.recipe.sft if which == "sft" else self.recipe.redi, model_dir, data, out, work, device,
-                      self.recipe.prompt.train)
-        import subprocess
-
-        recipe_file = work / "recipe.yaml"
-        recipe_file.write_text(recipe_to_yaml(self.recipe))
-        cmd = accelerate_command(run, device) + [
-            "-m", "redi.train", which, "--recipe", str(recipe_file), "--model-dir", str(model_dir),
-            "--data", str(data), "--out", str(out), "--work", str(work), "--device", device]
-        log.info("launching: %s", " ".join(cmd))
-        subprocess.run(cmd, check=True, env={**os.environ, **tracking.child_env()})  # the child logs to this node's run
-        return json.loads((out / "summary.json").read_text())
+        """Run a training stage here or under `accelerate launch` (redi.launch.train_stage)."""
+        return launch.train_stage(self.recipe, which, model_dir, data, out, work)
 
     def _training(self, stage: str, fn: Callable[[Path, Path], dict]) -> Artifact:
         """A training stage: under a multi-process launch every rank runs ``fn`` (a collective build)."""
@@ -457,111 +379,11 @@ class Pipeline:
     def recipe_hash(self) -> str:
         tree = self.recipe.model_dump(mode="json")
         tree["run"].pop("cache_dir", None)  # where this machine caches a URL root, not what the run is
-        for where in ("report_to", "tracking_dir"):  # where the run is logged, not what it is
-            tree["run"].pop(where, None)
         return hash_obj(tree)
 
     def report(self, models: dict[str, Artifact], grades: dict[str, Artifact], register: bool = False) -> dict[str, Any]:
-        """Append the metrics to the results store and write the table + plot; ``register`` also registers the run.
+        """Record the run's results and write its table and plot; ``register`` also registers it for nightly
+        evaluation (redi.report.report)."""
+        from .report import report
 
-        Registering writes ``runs/<name>/recipe.yaml`` and ``latest.json``: what nightly evaluation
-        evaluates (the models, their labels, the evaluation settings). Only a full run of the recipe
-        (``Pipeline.run``, the ``redi-pipeline`` flow) or an explicit ``register=True`` does it. Any other
-        report (a stage rerun, perhaps with overrides) is recorded on its own: results-store rows with
-        ``kind="stage"`` and ``runs/<name>/stage-runs/<recipe hash>/`` with its recipe, table and plot, so
-        it can never change what nightly evaluates by accident. Under a multi-process launch rank 0 writes
-        it and the other ranks get its result.
-        """
-        if distributed.launched() and not distributed.is_main():
-            return distributed.broadcast(None)
-        from . import results
-
-        h = self.recipe_hash()
-        rdir = self.run_dir() if register else self.run_dir() / "stage-runs" / h
-        if not os.access(self.store.root, os.W_OK):  # a shared read-only cache: report, write nothing
-            return distributed.broadcast(self._read_only_report(grades, models, h, rdir))
-        rdir.mkdir(parents=True, exist_ok=True)
-        self.store.pull_tree(rdir, names=("latest.json",))  # a URL root: the shared registration and results first
-        self.store.pull_tree(self.results_path(), only_missing=True)
-        (rdir / "recipe.yaml").write_text(recipe_to_yaml(self.recipe))
-        if register:
-            self._register(rdir, models, grades)
-        kind = "pipeline" if register else "stage"
-        store = results.ResultsStore(self.results_path())
-        for lab, g in grades.items():
-            metrics = json.loads(g.file("metrics.json").read_text())
-            store.append_metrics(
-                run=self.recipe.run.name, label=self.result_label(lab), model_key=models[lab].key, recipe_hash=h,
-                eval_key=g.key, metrics=metrics, protocol=self.recipe.evaluate.hash_fields(), kind=kind,
-            )
-        df = store.load(run=self.recipe.run.name)
-        # The registered table never shows stage reruns; a rerun's table shows that rerun's recipe only.
-        df = df[df["kind"] != "stage"] if register else df[(df["kind"] == "stage") & (df["recipe_hash"] == h)]
-        if not df.empty:
-            df = df[df["time"] == df.groupby(["run", "label"])["time"].transform("max")]
-        table = results.comparison_table(df, paper=self.recipe.evaluate.protocol().name == results.PAPER_PROTOCOL)
-        (rdir / "results.md").write_text(table.markdown)
-        table.frame.to_csv(rdir / "results.csv")
-        results.bar_chart(df, rdir / "results.png")
-        self.store.push_tree(self.results_path(), only_missing=True)  # a URL root: publish (latest.json last)
-        self.store.push_tree(rdir, last=("latest.json",))
-        if self.tracking:  # run.report_to: metrics per model and benchmark, every node's key (once per content)
-            keys = {**{n: a.key for n, a in self.nodes.items()}, **{a.stage: a.key for a in models.values()},
-                    **{dag.node_name("grade", lab): g.key for lab, g in grades.items()}}
-            self.tracking.log_report(hash_obj({"recipe": h, "grades": {lab: g.key for lab, g in grades.items()}}),
-                                     {self.result_label(lab): json.loads(g.file("metrics.json").read_text())
-                                      for lab, g in grades.items()}, keys, table.markdown)
-        if not register:
-            log.info("report: stage rerun recorded in %s (not registered: runs/%s/latest.json unchanged)", rdir, self.recipe.run.name)
-        return distributed.broadcast({"run_dir": str(rdir), "registered": register, "table_markdown": table.markdown,
-                                      "table_rows": table.rows, "plot": str(rdir / "results.png")})
-
-    def _read_only_report(self, grades: dict[str, Artifact], models: dict[str, Artifact], h: str, rdir: Path) -> dict:
-        """The table of this run's grades, computed in memory: a read-only artifact root gets no results rows,
-        no ``runs/`` folder and no registration (logged)."""
-        import pandas as pd
-
-        from . import results
-
-        rows = [r for lab, g in grades.items() for r in results.rows_from_metrics(
-            json.loads(g.file("metrics.json").read_text()), run=self.recipe.run.name, label=self.result_label(lab),
-            model_key=models[lab].key, recipe_hash=h, eval_key=g.key, protocol=self.recipe.evaluate.hash_fields())]
-        table = results.comparison_table(pd.DataFrame(rows), paper=self.recipe.evaluate.protocol().name == results.PAPER_PROTOCOL)
-        log.warning("report: %s is not writable: results not recorded, %s not written, run not registered",
-                    self.store.root, rdir)
-        return {"run_dir": str(rdir), "registered": False, "read_only": True, "table_markdown": table.markdown,
-                "table_rows": table.rows, "plot": None}
-
-    def _register(self, rdir: Path, models: dict[str, Artifact], grades: dict[str, Artifact]) -> None:
-        """Write ``latest.json``: the run's latest models and grades (what nightly evaluation evaluates)."""
-        # Merge with what the run registered before: evaluating one label must not unregister the others.
-        prev = _read_json(rdir / "latest.json") if (rdir / "latest.json").exists() else {}
-        same_recipe = prev.get("recipe_hash") == self.recipe_hash()
-        dropped = sorted(set(prev.get("models", {})) - set(models)) if not same_recipe else []
-        if dropped:
-            log.warning("register: run %s now has a different recipe; its models %s are no longer registered",
-                        self.recipe.run.name, dropped)
-        latest = {
-            "run": self.recipe.run.name,
-            "recipe_hash": self.recipe_hash(),
-            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "models": {**(prev.get("models", {}) if same_recipe else {}),
-                       **{lab: {"key": art.key, "stage": art.stage, "dir": str(self.model_dir(lab, art))} for lab, art in models.items()}},
-            "grades": {**(prev.get("grades", {}) if same_recipe else {}), **{lab: g.key for lab, g in grades.items()}},
-        }
-        _atomic_write(rdir / "latest.json", json.dumps(latest, indent=2))
-        log.info("register: run %s registered for nightly evaluation (%s)", self.recipe.run.name, rdir / "latest.json")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        log.warning("unreadable %s: starting it afresh", path)
-        return {}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        return report(self, models, grades, register)

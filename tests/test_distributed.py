@@ -432,7 +432,7 @@ def test_env_launch_helpers(monkeypatch):
 
 def test_accelerate_command_starts_n_processes_on_cpu():
     from redi.config import Recipe
-    from redi.pipeline import accelerate_command
+    from redi.launch import accelerate_command
 
     run = Recipe.model_validate({"run": {"launcher": "accelerate", "num_processes": 2}}).run
     cmd = accelerate_command(run, "cpu")

@@ -13,7 +13,8 @@ from typing import Any
 
 from ..artifacts import Artifact, code_version, stage_key
 from ..config import EvaluateConfig, Recipe, SFTConfig, Stage2Config
-from ..pipeline import Pipeline, auto_device, stage_code
+from ..launch import auto_device
+from ..pipeline import Pipeline, stage_code
 from .config import CONTINUED_SFT, MethodSpec, StudyConfig, load_study
 from .logic import PlateauDecision, choose, collapse_check, param_str, plateau_decision, sft_summary
 from .report import write_report
