@@ -176,6 +176,13 @@ def test_tracking_off_opens_no_tracker(tmp_path):
     tracking.log_signals({"step": 1, "loss": 1.0})  # no active run: a no-op, as in every untracked training step
 
 
+def test_turning_tracking_on_keeps_the_recipe_hash(tmp_path):
+    """The registered run (latest.json) stays the same run when tracking is turned on."""
+    path = write_recipe(tmp_path)
+    on = Pipeline(load_recipe(path, {"run.report_to": BACKENDS, "run.tracking_dir": str(tmp_path / "t")}))
+    assert on.tracking is not None and on.recipe_hash() == Pipeline(load_recipe(path)).recipe_hash()
+
+
 def test_failed_node_marks_its_mlflow_run_failed_and_not_logged(blank_db, tmp_path):
     tdir = _tracking_dir(blank_db, tmp_path / "t")
     trk = tracking.Tracking(BACKENDS, tdir, "exp", {"a.b": 1}, "a:\n  b: 1\n")
