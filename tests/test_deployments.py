@@ -134,10 +134,12 @@ def test_stage_forms_pick_any_recipe_and_show_the_stages_own_fields(forms):
     assert {"labels", "register_run"} <= set(ev["properties"])
     # fields that name a registry entry are dropdowns of the registered names (empty = keep the recipe's)
     from redi.label_rules import LABEL_RULES
+    from redi.losses import OBJECTIVES
     from redi.sources import SOURCES
 
     for stage, changes, field, names in (("verify", "VerifyConfigChanges", "label_rule", LABEL_RULES),
-                                         ("download", "DataConfigChanges", "source", SOURCES)):
+                                         ("download", "DataConfigChanges", "source", SOURCES),
+                                         ("redi", "Stage2ConfigChanges", "loss", OBJECTIVES)):
         spec = forms[f"redi-stage/{stage}"]["schema"]["definitions"][changes]["properties"][field]
         assert {"type": "string", "enum": list(names)} in spec["anyOf"] and {"type": "null"} in spec["anyOf"], spec
 

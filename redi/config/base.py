@@ -40,6 +40,12 @@ class _Choices:
         return schema
 
 
+def choices(registry: Mapping[str, Any]) -> _Choices:
+    """Marker for ``Annotated[str, choices(REGISTRY)]``: the JSON schema lists the registry's names (a field that
+    validates its value itself)."""
+    return _Choices(registry)
+
+
 def registered(registry: Mapping[str, Any], what: str) -> Any:
     """A ``str`` field type whose valid values are the keys of `registry` (read at validation time, so an entry
     registered after import is valid at once); the JSON schema (recipe forms) lists them as its ``enum``.

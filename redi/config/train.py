@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from ..losses import OBJECTIVES, objective, objective_fields
-from .base import StrictModel
+from .base import StrictModel, choices
 
 
 class OptimConfig(StrictModel):
@@ -107,7 +107,7 @@ class Stage2Config(OptimConfig):
     are left out of the cache key (``hash_fields``).
     """
 
-    loss: str = Field("redi", description="Objective (registered in redi.losses.OBJECTIVES): "
+    loss: Annotated[str, choices(OBJECTIVES)] = Field("redi", description="Objective (registered in redi.losses.OBJECTIVES): "
                       + "; ".join(f"`{o.name}` ({o.summary})" for o in OBJECTIVES.values()) + ".")
     lr: float = Field(1e-6, gt=0, description="Peak learning rate (paper REDI: 1e-6; DPO best 2e-7; SimPO best 5e-7).")
     epochs: float = Field(1.0, gt=0, description="Epochs (paper: 1).")
