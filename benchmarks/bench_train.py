@@ -36,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from redi.config import DataConfig, ModelConfig, Stage2Config  # noqa: E402
 from redi.config.data import SynthConfig  # noqa: E402
+from redi.logprobs import resolve_attn  # noqa: E402
 from redi.losses import redi_loss  # noqa: E402
-from redi.packing import Example, collate, sequence_logps  # noqa: E402
+from redi.packing import Example, collate, row_budget, sequence_logps  # noqa: E402
 from redi.prompts import render_prompt  # noqa: E402
 from redi.tinymodel import build_base_model, load_tokenizer  # noqa: E402
 from redi.train_data import load_pair_examples  # noqa: E402
@@ -82,28 +83,32 @@ def wide_head_model(model_dir: Path, vocab: int) -> Path:
     return out
 
 
-def _load(model_dir: Path):
+def _load(model_dir: Path, attn: str = "sdpa"):
     from transformers import AutoModelForCausalLM
 
-    m = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    m = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation=attn)
     m.config.use_cache = False
     return m.train()
 
 
 class Ours:
-    """Our stage-2 step: chosen+rejected of B pairs in one forward, REDI loss (Eq. 5), AdamW step."""
+    """Our stage-2 step: chosen+rejected of B pairs in one forward, REDI loss (Eq. 5), AdamW step; the model
+    loaded and the rows laid out as the trainer does on CPU with the recipe defaults (attention
+    ``resolve_attn(attn_implementation)``, rows of ``pack_tokens``)."""
 
     def __init__(self, model_dir: Path, pairs_path: Path, batch: int, packed: bool):
+        cfg = Stage2Config()
         self.tok = load_tokenizer(model_dir)
-        self.pairs, _ = load_pair_examples(Stage2Config(), self.tok, pairs_path)
-        self.model, self.batch, self.packed, self.pos = _load(model_dir), batch, packed, 0
+        self.pairs, _ = load_pair_examples(cfg, self.tok, pairs_path)
+        self.model = _load(model_dir, resolve_attn(cfg.attn_implementation, "cpu"))
+        self.batch, self.packed, self.pos, self.rows = batch, packed, 0, row_budget("cpu", cfg.pack_tokens, cfg.attn_implementation)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-6)
 
     def step(self) -> int:
         idx = [(self.pos + i) % len(self.pairs) for i in range(self.batch)]
         self.pos += self.batch
         seqs = [self.pairs[i][0] for i in idx] + [self.pairs[i][1] for i in idx]
-        b = collate(seqs, packed=self.packed, pad_id=self.tok.pad_token_id, row_tokens=512)
+        b = collate(seqs, packed=self.packed, pad_id=self.tok.pad_token_id, row_tokens=self.rows)
         sums, lens = sequence_logps(self.model, b)
         n = len(idx)
         redi_loss(sums[:n], sums[n:], lens[:n], lens[n:], alpha=0.8).mean().backward()
@@ -308,20 +313,23 @@ def packing_methods(model_dir: Path, batch: int) -> dict:
     exs = skewed_examples(batch * 64, model.config.vocab_size)
     state = {"pos": 0}
 
-    def run(packed: bool, row_tokens: int | None):
+    def run(packed: bool, row_tokens: int | None, m=model):
         def f() -> int:
             i = state["pos"] % (len(exs) - batch)
             b = collate(exs[i:i + batch], packed=packed, pad_id=0, row_tokens=row_tokens)
-            sums, lens = sequence_logps(model, b)
+            sums, lens = sequence_logps(m, b)
             (-sums.sum() / lens.sum()).backward()
-            model.zero_grad(set_to_none=True)
+            m.zero_grad(set_to_none=True)
             return b.n_tokens  # useful (non-pad) tokens
         return f
 
     def tick():
         state["pos"] += batch
 
-    return {"padded": run(False, None), "packed_rows_1024": run(True, 1024), "packed_one_row": run(True, None)}, tick
+    per_seq = _load(model_dir, resolve_attn("auto", "cpu"))  # the same weights, SDPA per packed sequence
+    per_seq.load_state_dict(model.state_dict())
+    return {"padded": run(False, None), "packed_rows_1024": run(True, 1024), "packed_one_row": run(True, None),
+            "packed_one_row_sdpa_per_sequence": run(True, None, per_seq)}, tick
 
 
 def main() -> None:
@@ -466,8 +474,9 @@ def render(s2: dict, mem: dict, pk: dict, args, threads: int, n_params: int) -> 
     ]
     for k, v in pk.items():
         lines.append(f"| {k} | {v:,.0f} | {v / pk['padded']:.2f}x |")
-    lines += ["", "`packed_one_row` shows why rows are bounded (`pack_tokens`): with SDPA the block-diagonal mask "
-              "does not skip compute, so one long row pays O(T^2) attention.", ""]
+    lines += ["", "`packed_one_row` shows why rows are bounded (`pack_tokens`) under SDPA's block-diagonal mask: it does "
+              "not skip compute, so one long row pays O(T^2) attention. `packed_one_row_sdpa_per_sequence` is the "
+              "trainer's CPU default (`attn_implementation: auto` -> `redi_packed_sdpa`): one row, SDPA per sequence.", ""]
     return "\n".join(lines)
 
 

@@ -379,6 +379,8 @@ class LogProbLM(nn.Module):
             h = _split_hidden(backbone, input_ids, position_ids, keep)  # (N, H)
         else:
             kw = {"position_ids": position_ids} if position_ids is not None else {"attention_mask": attention_mask}
+            if position_ids is not None and getattr(self.lm.config, "_attn_implementation", None) == PACKED_SDPA:
+                kw["cu_seq_lens_q"] = _segment_offsets(position_ids)
             hs = backbone(input_ids=input_ids, use_cache=False, **kw).last_hidden_state  # (R, C, H)
             h = hs.reshape(-1, hs.shape[-1]).index_select(0, keep)  # (N, H)
         return head_token_logps(h, self.lm.get_output_embeddings(), targets, self.kernel, self.rows, seg, n_seqs)
@@ -412,8 +414,60 @@ def _split_hidden(backbone, input_ids, position_ids, keep) -> torch.Tensor:
     return torch.cat(out)
 
 
+PACKED_SDPA = "redi_packed_sdpa"
+"""transformers attention name of :func:`packed_sdpa_attention` (registered by :func:`register_packed_sdpa`)."""
+
+
+def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                          cu_seq_lens_q=None, **kwargs):
+    """SDPA sequence by sequence inside packed rows: the CPU twin of flash-attention's varlen path.
+
+    With ``cu_seq_lens_q`` (offsets of the packed sequences in the flattened (R x C) rows, as
+    :class:`LogProbLM` passes them through the backbone's kwargs; a row's padding is its own segment)
+    each sequence runs as its own causal SDPA call without a mask, so attention costs sum(L_i^2)
+    instead of R x C^2 (SDPA with transformers' block-diagonal mask computes every masked block).
+    Without it (padded batches, generation), this is transformers' own SDPA with the mask it built.
+    Gradient checkpointing recomputes a layer with the same kwargs, so the split holds there too.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if cu_seq_lens_q is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    width = query.shape[2]
+    cuts = cu_seq_lens_q.tolist()
+    rows: list[list[torch.Tensor]] = [[] for _ in range(query.shape[0])]
+    for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
+        r, a = divmod(lo, width)
+        b = a + hi - lo
+        out, _ = sdpa_attention_forward(module, query[r:r + 1, :, a:b], key[r:r + 1, :, a:b], value[r:r + 1, :, a:b],
+                                        None, dropout=dropout, scaling=scaling, is_causal=True)  # (1, L, heads, D)
+        rows[r].append(out)
+    return torch.cat([torch.cat(parts, dim=1) for parts in rows]), None
+
+
+def register_packed_sdpa() -> str:
+    """Register :func:`packed_sdpa_attention` with transformers (masks as for sdpa) and return its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, sdpa_mask)
+    return PACKED_SDPA
+
+
+def _segment_offsets(position_ids: torch.Tensor) -> torch.Tensor:
+    """(S + 1,) int32 offsets in the flattened rows where a packed sequence starts (position id 0, and each row's start)."""
+    r, c = position_ids.shape
+    starts = position_ids.reshape(-1) == 0
+    starts[::c] = True
+    idx = starts.nonzero().flatten()
+    return torch.cat([idx, idx.new_tensor([r * c])]).to(torch.int32)
+
+
 def resolve_attn(impl: str, device: str) -> str:
-    """``auto`` -> flash_attention_2 on CUDA when flash-attn is importable, else sdpa; other names unchanged."""
+    """``auto`` -> flash_attention_2 on CUDA when flash-attn is importable, else sdpa on CUDA and
+    :data:`PACKED_SDPA` elsewhere (sdpa per packed sequence); other names unchanged."""
     if impl != "auto":
         return impl
     if device == "cuda":
@@ -421,7 +475,8 @@ def resolve_attn(impl: str, device: str) -> str:
 
         if is_flash_attn_2_available():
             return "flash_attention_2"
-    return "sdpa"
+        return "sdpa"
+    return register_packed_sdpa()
 
 
 def unwrap_logprob(model: nn.Module) -> LogProbLM | None:

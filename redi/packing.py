@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .logprobs import LogProbLM, unwrap_logprob
+from .logprobs import PACKED_SDPA, LogProbLM, resolve_attn, unwrap_logprob
 
 
 @dataclass(frozen=True, eq=False)
@@ -113,13 +113,16 @@ def _pack_rows(examples: Sequence[Example], row_tokens: int | None) -> list[list
     return rows
 
 
-def row_budget(device: torch.device | str, pack_tokens: int | None) -> int | None:
-    """Packed-row budget for ``device``: ``pack_tokens`` on CPU, one row (None) on CUDA.
+def row_budget(device: torch.device | str, pack_tokens: int | None, attn: str = "auto") -> int | None:
+    """Packed-row budget: one row (None) where attention runs per packed sequence, else ``pack_tokens``.
 
-    On CUDA every path is padding-free without a dense mask (flash-attention-2 reads one row as varlen;
-    other attention runs sequences one by one, see ``LogProbLM``), so splitting rows only adds padding.
+    Per sequence means: CUDA (flash-attention-2 reads one row as varlen; other attention runs sequences
+    one by one, see ``LogProbLM``) and, elsewhere, ``attn`` resolving to ``redi.logprobs.PACKED_SDPA``
+    (``auto`` does); there splitting rows only adds padding. With plain ``sdpa`` / ``eager`` on CPU the
+    block-diagonal mask costs O(row^2), so rows stay at ``pack_tokens``.
     """
-    return None if torch.device(device).type == "cuda" else pack_tokens
+    dev = torch.device(device).type
+    return None if dev == "cuda" or resolve_attn(attn, dev) in (PACKED_SDPA, "flash_attention_2") else pack_tokens
 
 
 def collate(examples: Sequence[Example], packed: bool = True, pad_id: int = 0, row_tokens: int | None = None) -> Batch:

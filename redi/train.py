@@ -198,7 +198,7 @@ def _micro_loss(job: Job, model: torch.nn.Module, idx: list[int], scale: float, 
                 ref_model: torch.nn.Module | None) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of one micro-batch (already scaled for the global step) and its signal sums."""
     dev = next(model.parameters()).device
-    batch = collate(_sequences(job, idx), job.cfg.packing, job.tok.pad_token_id, row_budget(dev, job.cfg.pack_tokens)).to(dev)
+    batch = collate(_sequences(job, idx), job.cfg.packing, job.tok.pad_token_id, row_budget(dev, job.cfg.pack_tokens, job.cfg.attn_implementation)).to(dev)
     sums, lens = sequence_logps(model, batch)  # (S,), (S,)
     per_tok = (sums / lens.clamp(min=1)).detach()
     if job.kind == "sft":
@@ -249,7 +249,7 @@ def precompute_reference(job: Job, model: torch.nn.Module, acc: Accelerator) -> 
             idx = mine[b * mb:(b + 1) * mb]
             run_idx = idx or [0]  # keep the forwards in step with the other ranks
             dev = acc.device
-            batch = collate(_sequences(job, run_idx), job.cfg.packing, job.tok.pad_token_id, row_budget(dev, job.cfg.pack_tokens))
+            batch = collate(_sequences(job, run_idx), job.cfg.packing, job.tok.pad_token_id, row_budget(dev, job.cfg.pack_tokens, job.cfg.attn_implementation))
             sums, _ = sequence_logps(model, batch.to(dev))
             k = len(idx)
             local[b * mb:b * mb + k, 0], local[b * mb:b * mb + k, 1] = sums[:k].double(), sums[len(run_idx):len(run_idx) + k].double()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from redi.logprobs import (
+    PACKED_SDPA,
     ChunkedLinearLogp,
     ChunkedLinearSeqLogp,
     LogProbLM,
@@ -205,8 +206,11 @@ def test_bad_kernel_and_capped_logits_are_clear_errors():
 
 
 def test_attention_and_row_layout_resolution():
-    assert resolve_attn("auto", "cpu") == "sdpa" and resolve_attn("eager", "cuda") == "eager"
-    assert row_budget("cpu", 512) == 512 and row_budget("cuda", 512) is None
+    assert resolve_attn("auto", "cpu") == PACKED_SDPA and resolve_attn("eager", "cuda") == "eager"
+    assert resolve_attn("sdpa", "cpu") == "sdpa"
+    # one padding-free row where attention runs per packed sequence; rows of pack_tokens under a block mask
+    assert row_budget("cpu", 512) is None and row_budget("cuda", 512, "sdpa") is None
+    assert row_budget("cpu", 512, "sdpa") == 512 and row_budget("cpu", 512, "eager") == 512
 
 
 def test_gradient_checkpointing_inside_the_wrapper_gives_the_same_gradients():
@@ -220,6 +224,43 @@ def test_gradient_checkpointing_inside_the_wrapper_gives_the_same_gradients():
         sums.sum().backward()
         grads.append(_grads(m))
     assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-6) for k in grads[0])
+
+
+@pytest.mark.parametrize("layout", ["packed_rows", "packed_one_row", "padded"])
+def test_packed_sdpa_equals_sdpa_with_its_mask(layout, monkeypatch):
+    """CPU attention per packed sequence (PACKED_SDPA): same values and gradients as SDPA with transformers'
+    block-diagonal mask, with and without gradient checkpointing (a layer recomputed with the same kwargs);
+    packed rows make one causal, mask-free SDPA call per sequence (and per row's padding); padded batches
+    fall back to SDPA with the padding mask."""
+    import torch.nn.functional as F
+
+    b = collate(_examples(), packed=layout != "padded", row_tokens=100 if layout == "packed_rows" else None)
+    w = torch.arange(1.0, 6.0)
+    ref_m = _model(True)
+    ref, _ = sequence_logps(LogProbLM(ref_m, rows=16), b)
+    (ref * w).sum().backward()
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append((k.get("attn_mask") is None, k.get("is_causal"))) or real(*a, **k))
+    for ckpt in (False, True):
+        m = _model(True)
+        m.config._attn_implementation = resolve_attn("auto", "cpu")
+        if ckpt:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        calls.clear()
+        got, _ = sequence_logps(LogProbLM(m, rows=16), b)
+        (got * w).sum().backward()
+        assert (got - ref).abs().max().item() < 1e-5
+        grads, ref_g = _grads(m), _grads(ref_m)
+        assert all((grads[k] - ref_g[k]).abs().max().item() < 1e-5 for k in ref_g)
+        if layout == "padded":
+            assert calls and not any(no_mask for no_mask, _ in calls)
+        else:
+            assert all(no_mask and causal for no_mask, causal in calls)
+            per_layer = int((b.position_ids == 0).sum())  # 5 sequences + each short row's padding
+            assert per_layer == (5 if layout == "packed_one_row" else 6)
+            assert len(calls) == per_layer * 2 * (2 if ckpt else 1)  # 2 layers; recomputed in backward
 
 
 def test_split_path_gives_sdpa_no_mask(monkeypatch):
