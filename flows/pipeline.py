@@ -249,8 +249,10 @@ def redi_pipeline(
 
 @flow(name="redi-stage", task_runner=RUNNER(), description="One stage of the REDI DAG; its upstream is taken from cache (or computed).")
 @documented("One stage of a recipe; upstream from cache. stage=evaluate evaluates `labels` and records the result.",
-            "stage", "overrides", "refresh", "recipe_path", "recipe", "labels", "register_run",
-            extra={"stage": "The stage to run: " + ", ".join(dag.STAGES) + "."})
+            "stage", "overrides", "refresh", "recipe_path", "recipe", "labels", "register_run", "expect_keys",
+            extra={"stage": "The stage to run: " + ", ".join(dag.STAGES) + ".",
+                   "expect_keys": "Set by redi-cluster: {node: artifact key} of this stage and its upstream as the "
+                                  "dispatcher computed them; the run fails at once if this worker computes others."})
 def redi_stage(
     stage: Stage,
     overrides: dict[str, Any] | None = None,
@@ -259,6 +261,23 @@ def redi_stage(
     recipe: Recipe | None = None,
     labels: list[Label] | None = None,
     register_run: bool = False,
+    expect_keys: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     r = resolve_recipe(recipe_path, recipe, overrides, refresh)
+    if expect_keys:
+        check_keys(r, expect_keys)
     return run_dag(r, stage, labels, register_run)
+
+
+def check_keys(r: Recipe, expect: dict[str, str]) -> None:
+    """Fail before any work when this machine's code computes other artifact keys than the dispatcher did
+    (``expect``: {node name: key}, flows/cluster.py): another project version would rebuild upstream silently."""
+    from redi.pipeline import Pipeline
+
+    pipe = Pipeline(r)
+    for name, key in expect.items():
+        stage, _, label = name.partition("[")
+        ours = pipe.key(stage, label.rstrip("]") or None)
+        if ours != key:
+            raise RecipeError(f"{name}: this worker computes key {ours}, the dispatcher {key}: run the same version of the "
+                              "project (code and packages) on every worker")
