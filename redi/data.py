@@ -342,12 +342,12 @@ def normalise_stream(rows: Iterable[tuple[str, dict | None]], schema: str, write
 # ----------------------------------------------------------------------------- entry point
 
 
-def download(cfg: DataConfig, out_dir: Path, progress: bool = True) -> dict:
+def download(cfg: DataConfig, out_dir: Path, progress: bool = True, work: Path | None = None) -> dict:
     """Write ``out_dir/traces.parquet`` (TRACE_COLUMNS) from cfg's source; return the summary.
 
     source=synthetic also writes ``out_dir/benchmarks/demo_val.jsonl`` and ``demo_test.jsonl``.
     Raises DataError (one line saying what to do) when the source is missing/unreachable or no
-    usable row is left.
+    usable row is left. ``work``: the stage's work folder, given to a resumable source (``DataSource.resumable``).
     """
     t0 = time.monotonic()
     out_dir = Path(out_dir)
@@ -355,7 +355,8 @@ def download(cfg: DataConfig, out_dir: Path, progress: bool = True) -> dict:
     info: dict = {"source": cfg.source}
     writer, bad = TraceWriter(out_dir / "traces.parquet"), BadRows()
     try:
-        rows = get_source(cfg.source).rows(cfg, out_dir, info)
+        src = get_source(cfg.source)
+        rows = src.rows(cfg, out_dir, info, work) if src.resumable else src.rows(cfg, out_dir, info)
         n_rows, schemas = normalise_stream(rows, cfg.schema_, writer, bad, cfg.max_rows, progress)
     finally:
         writer.close()

@@ -250,7 +250,7 @@ class Pipeline:
         if "download" not in memo:
             from . import data
 
-            memo["download"] = self._build("download", lambda out, work: data.download(self.recipe.data, out))
+            memo["download"] = self._build("download", lambda out, work: data.download(self.recipe.data, out, work=work))
         return memo["download"]
 
     def base_model(self, data: Artifact | None = None) -> Artifact:

@@ -54,7 +54,8 @@ class DataSource:
     benchmarks). ``fields``: the ``DataConfig`` fields it reads that not every source reads (left out of the
     download key when another source is chosen); ``requires``: those that must be set. ``key_inputs(cfg)``:
     fingerprints of local inputs, added to the download key. ``check(cfg)``: a one-line DataError before any
-    work (a missing file)."""
+    work (a missing file). ``resumable``: ``rows`` takes a fourth argument, the stage's work folder (kept across a
+    killed attempt, None outside a store build), to save progress a rerun reuses."""
 
     name: str
     rows: Callable[[DataConfig, Path, dict], RowStream]
@@ -63,6 +64,7 @@ class DataSource:
     requires: tuple[str, ...] = ()
     key_inputs: Callable[[DataConfig], dict[str, str]] | None = None
     check: Callable[[DataConfig], None] | None = None
+    resumable: bool = False
 
 
 SOURCES: dict[str, DataSource] = {}
@@ -332,3 +334,31 @@ register(DataSource(
     "local", _local_rows, "parquet/jsonl files, a folder of them, or a datasets save_to_disk folder (data.local_path)",
     fields=("local_path", "hub_split"), requires=("local_path",),
     key_inputs=lambda cfg: {"local_data": input_fingerprint(cfg.local_path, data=True)}, check=_local_check))
+
+
+def _teacher():  # noqa: ANN202
+    """redi.teacher, imported by name: the download stage's code version (redi.keys.module_closure, which follows
+    import statements) must not take in the sampler and the grader for every source; the generate source keys
+    its own code instead (redi.teacher.key_inputs)."""
+    import importlib
+
+    return importlib.import_module(".teacher", __package__)
+
+
+def _generate_rows(cfg: DataConfig, out_dir: Path, info: dict, work: Path | None = None) -> RowStream:
+    return _teacher().rows(cfg, out_dir, info, work)
+
+
+def _generate_key(cfg: DataConfig) -> dict[str, str]:
+    return _teacher().key_inputs(cfg)
+
+
+def _generate_check(cfg: DataConfig) -> None:
+    _teacher().check(cfg)
+
+
+register(DataSource(
+    "generate", _generate_rows, "traces sampled from a model (folder, a registered run's model, Hub id) for benchmark, "
+    "file or synthetic problems, graded with redi.grader (redi.teacher, data.generate)",
+    fields=("generate", "synth"), requires=("generate.model",), key_inputs=_generate_key, check=_generate_check,
+    resumable=True))

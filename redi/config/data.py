@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from ..sources import SOURCES, get_source, source_fields
 from .base import StrictModel, registered
+from .teacher import GenerateConfig
 
 
 class SynthConfig(StrictModel):
@@ -53,13 +54,17 @@ class DataConfig(StrictModel):
     )
     max_rows: int | None = Field(None, ge=1, description="Stop after this many source rows (problems); None = all.")
     synth: SynthConfig = Field(default_factory=SynthConfig, description="Synthetic teacher settings (source=synthetic).")
+    generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Traces sampled from a model and graded (source=generate, redi.teacher): model, problems, n, sampling, backend.")
 
     model_config = StrictModel.model_config | {"populate_by_name": True}
 
     @model_validator(mode="after")
     def _source(self) -> DataConfig:
-        for f in get_source(self.source).requires:
-            if getattr(self, f) in (None, ""):
+        for f in get_source(self.source).requires:  # a dotted name reads a nested section's field
+            value: object = self
+            for part in f.split("."):
+                value = getattr(value, part)
+            if value in (None, ""):
                 raise ValueError(f"data.{f} is required when data.source is {self.source!r}")
         return self
 
@@ -68,6 +73,10 @@ class DataConfig(StrictModel):
         d = self.model_dump(mode="json", by_alias=True)
         for f in source_fields() - set(get_source(self.source).fields):
             d.pop(f)
+        if "generate" in d:
+            d["generate"] = self.generate.hash_fields()
+            if self.generate.problems != "synthetic":
+                d.pop("synth", None)  # the generate source reads data.synth only for the synthetic problems
         if "synth" in d and self.synth.style == "terse":
             d["synth"].pop("style")  # terse keys stay those of recipes written before synth.style existed
         return d

@@ -166,7 +166,8 @@ def resolve_paths(tree: dict[str, Any], base: Path) -> dict[str, Any]:
 
     Absolute paths and ``~`` are kept. ``model.base`` is a path only when it starts with ``.`` or names an
     existing folder beside the recipe: ``tiny`` and Hub ids (``Qwen/Qwen2.5-Math-1.5B``) are kept.
-    ``evaluate.benchmark_paths`` values are resolved the same way.
+    ``evaluate.benchmark_paths`` values are resolved the same way; ``data.generate.model`` and ``.problems`` as
+    ``model.base`` (a Hub id, a benchmark name and ``synthetic`` are kept).
     """
     def resolve(value: str) -> str:
         p = Path(value).expanduser()
@@ -182,6 +183,12 @@ def resolve_paths(tree: dict[str, Any], base: Path) -> dict[str, Any]:
         if (section, key) == ("model", "base") and not (value.startswith(".") or (base / value).is_dir()):
             continue
         node[key] = resolve(value)
+    gen = (tree.get("data") or {}).get("generate") if isinstance(tree.get("data"), dict) else None
+    if isinstance(gen, dict):  # data.generate.model / .problems: paths when they start with "." or exist beside the recipe
+        for key in ("model", "problems"):
+            value = gen.get(key)
+            if isinstance(value, str) and value and (value.startswith(".") or (base / value).exists()):
+                gen[key] = resolve(value)
     ev = tree.get("evaluate")
     if isinstance(ev, dict) and isinstance(ev.get("benchmark_paths"), dict):
         ev["benchmark_paths"] = {k: resolve(v) if isinstance(v, str) else v for k, v in ev["benchmark_paths"].items()}
