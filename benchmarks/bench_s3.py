@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_s3.py                 # the tiny recipe of the tests (every stage, seconds)
     .venv/bin/python benchmarks/bench_s3.py --demo --reps 1 # the demo recipe (minutes per run)
+    .venv/bin/python benchmarks/bench_s3.py --demo --set sft.max_steps=300 --set data.synth.n_train=1000 --reps 1
 
 Measured in ONE process, alternatives interleaved (the machine is shared and noisy), after a throwaway
 cold run that pays the imports:
@@ -20,6 +21,7 @@ import argparse
 import copy
 import logging
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -58,6 +60,7 @@ def tiny_tree() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--demo", action="store_true", help="the demo recipe instead of the tests' tiny one")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="recipe overrides (KEY=VALUE)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=None, help="default docs/benchmarks/s3.md (--demo: s3_demo.md)")
     args = ap.parse_args()
@@ -81,13 +84,17 @@ def main() -> None:
         base = work / "tiny.yaml"
 
     def recipe(root: str, cache: Path):
-        return load_recipe(base, [f"run.artifact_root={root}", f"run.cache_dir={cache}"])
+        return load_recipe(base, [*args.overrides, f"run.artifact_root={root}", f"run.cache_dir={cache}"])
 
     def timed(root: str, cache: Path) -> float:
         t0 = time.perf_counter()
         Pipeline(recipe(root, cache)).run()
         return time.perf_counter() - t0
 
+    def stop(*_):  # SIGTERM: still stop the server (the finally below)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         # imports and one-time initialisation, billed to nobody (the tiny recipe: seconds)
         (work / "warm.yaml").write_text(yaml.safe_dump(tiny_tree(), sort_keys=False))
@@ -115,10 +122,13 @@ def main() -> None:
     ratio = {"cold": med["s3 cold"] / med["local cold"], "cached": med["s3 cached (warm cache)"] / med["local cached"],
              "fresh": med["s3 cached (empty cache)"] / med["local cached"]}
     what = "demo recipe (redi/recipes/demo.yaml)" if args.demo else "tiny recipe (tests/conftest_orchestration.TINY)"
+    if args.overrides:
+        what += " with " + " ".join(f"`{o}`" for o in args.overrides)
     lines = [
         f"# Artifact root on S3 (moto on 127.0.0.1) vs a local folder: {what}",
         "",
-        f"`python benchmarks/bench_s3.py{' --demo' if args.demo else ''} --reps {args.reps}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"`python benchmarks/bench_s3.py{' --demo' if args.demo else ''}{''.join(' --set ' + o for o in args.overrides)} "
+        f"--reps {args.reps}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"{os.cpu_count()} cores shared with other jobs and with the moto server itself; "
         f"{stored / 1e6:.1f} MB of objects per run on the store. Median of {args.reps} (each rep interleaves both roots).",
         "",
