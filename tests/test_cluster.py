@@ -162,8 +162,8 @@ def test_stages_of_one_run_on_two_process_workers(prefect_harness, tmp_path, mon
                 subprocess.run([*prefect, "work-pool", "create", f"pool-{w}", "--type", "process",
                                 "--base-job-template", str(POOLS / "process.json")], env=env, check=True,
                                capture_output=True, timeout=120)
-                # no pull step and a module entrypoint: the installed project runs in the worker's own folder
-                client.create_deployment(flow_id=flow_id, name=f"cluster-{w}", entrypoint="flows.pipeline:redi_stage",
+                # no pull step and a module-path entrypoint (no colon): the installed project runs in the worker's own folder
+                client.create_deployment(flow_id=flow_id, name=f"cluster-{w}", entrypoint="flows.pipeline.redi_stage",
                                          work_pool_name=f"pool-{w}", pull_steps=[], parameter_openapi_schema=schema,
                                          job_variables={"working_dir": str(folders[w]), "env": {"PYTHONUNBUFFERED": "1"}})
                 procs.append(subprocess.Popen(
