@@ -65,9 +65,13 @@ LABEL_STAGE = dag.LABEL_STAGE  # which stage produces each evaluated model
 
 def check_inputs(recipe: Recipe) -> None:
     """One-line errors, before any work, for inputs a run would otherwise trip over late: a missing
-    ``data.local_path`` (found at download), an unknown benchmark name (found at evaluation, after training)."""
+    ``data.local_path`` (found at download), an unknown benchmark name (found at evaluation, after training),
+    a URL artifact root whose backend, endpoint, credentials or bucket is missing (found at the first stage)."""
     from . import benchmarks, sources
+    from .storage import Remote, is_url
 
+    if is_url(recipe.run.artifact_root):
+        Remote(recipe.run.artifact_root).check()
     src = sources.get_source(recipe.data.source)
     if src.check is not None:
         src.check(recipe.data)
