@@ -92,7 +92,7 @@ def test_generate_source_writes_graded_traces_that_verify_reads(first_run, tmp_p
     assert g["sampling"]["n_samples"] == 2 and g["sampling"]["backend"] == "hf"
     assert art.manifest["inputs"]["generate_model"] == g["model_identity"]
     assert ver.summary["traces"] == 12 and ver.summary["label_rule"] == "math_verify"
-    # a rerun is a cache hit; the work folder's progress log is gone after success
+    # a rerun is a cache hit
     again = Pipeline(Recipe.model_validate(tree)).run_until("download")["stages"]["download"]
     assert again.cached and again.key == art.key
 
@@ -143,7 +143,19 @@ def test_a_registered_runs_model_samples_and_a_killed_attempt_resumes(first_run,
     assert second == first and info2["generate"]["resumed_problems"] == 6
 
 
-def test_problems_from_a_file_and_a_benchmark(first_run, tmp_path):
+def test_the_download_code_version_of_other_sources_leaves_the_sampler_out():
+    """redi/sources.py imports redi.teacher by name: a synthetic/hub/local download does not rebuild when the
+    sampler or the grader changes; the generate source keys that code itself."""
+    from redi.keys import module_closure
+
+    data = module_closure(["redi.data"], ("redi.config",))
+    assert "redi.sources" in data and not {"redi.teacher", "redi.grader", "redi.generate", "redi.evaluate"} & set(data)
+    own = module_closure(["redi.teacher"], ("redi.config",))
+    assert {"redi.teacher", "redi.grader", "redi.generate", "redi.generate_vllm", "redi.generate_hf"} <= set(own)
+    assert teacher.source_code_version() == teacher.source_code_version()
+
+
+def test_problems_from_a_file_and_a_benchmark(first_run, tmp_path, monkeypatch):
     f = tmp_path / "probs.jsonl"
     f.write_text("".join(json.dumps({"problem": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(3)))
     cfg = DataConfig.model_validate(_second(first_run, tmp_path, problems=str(f))["data"])
@@ -156,16 +168,11 @@ def test_problems_from_a_file_and_a_benchmark(first_run, tmp_path):
     tree = _second(first_run, tmp_path, problems="demo_test")
     tree["data"]["max_rows"] = 2
     cfg = DataConfig.model_validate(tree["data"])
-    import os
-
-    os.environ["REDI_BENCHMARK_DIR"] = str(tmp_path / "bdir")
-    try:
-        (tmp_path / "bdir" / "demo_test").mkdir(parents=True)
-        shutil.copy(bench, tmp_path / "bdir" / "demo_test" / "test.jsonl")
-        teacher.check(cfg)
-        rows, origin = teacher.load_problems(cfg)
-    finally:
-        del os.environ["REDI_BENCHMARK_DIR"]
+    monkeypatch.setenv("REDI_BENCHMARK_DIR", str(tmp_path / "bdir"))
+    (tmp_path / "bdir" / "demo_test").mkdir(parents=True)
+    shutil.copy(bench, tmp_path / "bdir" / "demo_test" / "test.jsonl")
+    teacher.check(cfg)
+    rows, origin = teacher.load_problems(cfg)
     assert origin == "benchmark:demo_test" and [r["id"] for r in rows] == ["demo_test-0", "demo_test-1"]
 
 
@@ -200,6 +207,9 @@ def test_bad_input_is_one_line_before_any_engine(first_run, tmp_path):
     _one_line_error(DataError, check(problems=str(tmp_path / "gone.jsonl")), "gone.jsonl' does not exist")
     run_dir = Path(first_run["tree"]["run"]["artifact_root"]) / "runs" / "tiny"
     _one_line_error(DataError, check(model=str(run_dir), model_label="redi"), "has no registered 'redi' model")
+    hub = DataConfig.model_validate(_second(first_run, tmp_path, model="no-such-org/no-such-model")["data"])
+    check_inputs(Recipe.model_validate(_second(first_run, tmp_path, model="no-such-org/no-such-model")))  # a Hub id: no network
+    _one_line_error(DataError, lambda: list(teacher.rows(hub, tmp_path / "o", {})), "cannot download the model 'no-such-org/no-such-model'")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"problem": "What is 1 + 1?"}) + "\n")
     cfg = DataConfig.model_validate(_second(first_run, tmp_path, problems=str(bad))["data"])
