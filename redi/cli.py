@@ -178,6 +178,11 @@ def print_run(result: dict[str, Any], root: str, seconds: float) -> None:
     for r in rows:  # what the verify stage selected, beside the official figures (its funnel.md)
         if r["stage"] == "verify" and (Path(r["path"]) / "funnel.md").exists():
             print("\n" + funnel_headline((Path(r["path"]) / "funnel.md").read_text()))
+        if r["stage"] == "curves" and (Path(r["path"]) / "curves.json").exists():  # evaluation over training
+            from .curves import markdown
+
+            print(f"\nEvaluation over training ({Path(r['path']) / 'curves.png'}):\n"
+                  + markdown(json.loads((Path(r["path"]) / "curves.json").read_text())))
     rep = result.get("report")
     if rep:
         reg = ("registered for nightly evaluation: latest.json, results.md, results.png" if rep.get("registered", True)

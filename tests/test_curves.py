@@ -143,7 +143,7 @@ def test_kept_checkpoints_survive_a_kill_and_resume_is_unchanged(tmp_path, monke
 
 
 # ---------------------------------------------------------------------------------- the curves stage
-def test_curves_are_cached_per_checkpoint(tmp_path):
+def test_curves_are_cached_per_checkpoint(tmp_path, capsys):
     """Start, kept steps and the final model are evaluated once each; a second run evaluates nothing; keeping one
     more step (a retrained sft with the same weights at the old steps) evaluates only that step."""
     root = tmp_path / "a"
@@ -171,6 +171,12 @@ def test_curves_are_cached_per_checkpoint(tmp_path):
     ea.Reload()
     assert [(e.step, round(e.value, 6)) for e in ea.Scalars("curves/sft/demo_test/pass@1")] == [
         (x["step"], round(x["pass@1"], 6)) for x in rows]
+
+    from redi.cli import print_run  # the CLI summary prints the curve
+
+    print_run({"dag": [{"stage": "curves", "status": "built", "seconds": 1.0, "key": art.key, "path": art.path}]}, str(root), 1.0)
+    out = capsys.readouterr().out
+    assert "Evaluation over training" in out and f"| sft | 1 | {100 * rows[1]['pass@1']:.1f} |" in out
 
     again = Pipeline(r).run_until("curves")["stages"]["curves"]
     assert again.cached and again.key == art.key and len(_evaluations(root)) == 3
