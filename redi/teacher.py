@@ -237,7 +237,11 @@ def check(cfg: DataConfig) -> None:
 def key_inputs(cfg: DataConfig) -> dict[str, str]:
     """The model's identity (content or artifact key; the Hub id and revision), the problems' content and this
     source's code version (sampler and grader included; the download stage's own code version leaves them out)."""
-    out = {"generate_model": resolve_model(cfg.generate).identity, "generate_code": source_code_version()}
+    try:
+        model = resolve_model(cfg.generate).identity
+    except DataError:  # a missing model: planning (`redi status`) still works; the check and the stage name it
+        model = f"unavailable:{cfg.generate.model}"
+    out = {"generate_model": model, "generate_code": source_code_version()}
     if _problems_kind(cfg.generate.problems) == "file":
         from .sources import input_fingerprint
 

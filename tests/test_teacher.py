@@ -198,6 +198,7 @@ def test_bad_input_is_one_line_before_any_engine(first_run, tmp_path):
         return lambda: check_inputs(Recipe.model_validate(tree))
 
     _one_line_error(DataError, check(model=str(tmp_path / "nope")), "data.generate.model .* does not exist")
+    assert _key(_second(first_run, tmp_path, model=str(tmp_path / "nope")))  # planning (`redi status`) still works
     _one_line_error(DataError, check(model="not a hub id"), "does not exist: give a model folder")
     (tmp_path / "empty").mkdir()
     _one_line_error(DataError, check(model=str(tmp_path / "empty")), "not a transformers model folder")
