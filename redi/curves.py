@@ -150,8 +150,11 @@ def rows_of(point: dict[str, Any], graded: Artifact, eval_key: str) -> list[dict
 
 
 # ------------------------------------------------------------------ the stage
-def build_curves(pipe: Any, arts: dict[str, Artifact], out: Path) -> dict[str, Any]:
-    """Evaluate every point of every stage's curve into ``out`` (curves.json / .csv / .png); returns the summary."""
+def evaluate_curves(pipe: Any, arts: dict[str, Artifact]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Evaluate (or take from cache) every point of every stage's curve: (rows, {evaluated, cached}).
+
+    Called by every process of a launch, outside the ``curves`` build: each point is a top-level build as the
+    evaluate stage's (rank 0 builds, the others wait for it), never a build nested in another rank-0-only one."""
     cfg = eval_config(pipe.recipe.evaluate)
     rows, counts = [], {"evaluated": 0, "cached": 0}
     for stage in pipe.recipe.evaluate.checkpoints.stages:
@@ -162,6 +165,12 @@ def build_curves(pipe: Any, arts: dict[str, Artifact], out: Path) -> dict[str, A
             gen, graded = evaluate_point(pipe, cfg, p)
             counts["cached" if gen.cached else "evaluated"] += 1
             rows += rows_of(p, graded, gen.key)
+    return rows, counts
+
+
+def build_curves(pipe: Any, rows: list[dict[str, Any]], counts: dict[str, int], out: Path) -> dict[str, Any]:
+    """The ``curves`` artifact from the evaluated points: curves.json / .csv / .png into ``out``, the tracker; the summary."""
+    cfg = eval_config(pipe.recipe.evaluate)
     write_curves(rows, out, cfg)
     track(rows)
     return {"points": len({(r["stage"], r["step"]) for r in rows}), **counts, "benchmarks": list(cfg.benchmarks),

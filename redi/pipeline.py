@@ -45,6 +45,7 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "redi": ("redi.train",),
     "evaluate": ("redi.evaluate",),
     "grade": ("redi.grader", "redi.gradepool", "redi.metrics"),
+    "curves": ("redi.curves",),
 }
 STAGE_EXCLUDE: dict[str, tuple[str, ...]] = {
     "evaluate": ("redi.config", "redi.grader", "redi.gradepool", "redi.metrics", "redi.results"),
@@ -77,6 +78,8 @@ def check_inputs(recipe: Recipe) -> None:
         src.check(recipe.data)
     extra = benchmarks.from_download(recipe.data.source)
     names = list(recipe.evaluate.benchmarks)
+    if recipe.evaluate.checkpoints is not None:  # the curves stage's benchmarks
+        names += [n for n in recipe.evaluate.checkpoints.benchmarks if n not in names]
     if recipe.verify.decontaminate not in (False, "off"):
         names += [n for n in recipe.verify.decontam_benchmarks if n not in names]
     benchmarks.check_names(names, recipe.evaluate, extra)
@@ -148,6 +151,11 @@ class Pipeline:
             return {"model": self._model_key(label), "benchmarks": self._benchmark_fingerprints()}
         if stage == "grade":
             return {"evaluate": self.key("evaluate", label)}
+        if stage == "curves":  # the points are keyed by content when built (redi.curves); this keys the stage
+            from .curves import eval_config
+
+            return {**{s: self.key(s) for s in r.evaluate.checkpoints.stages},
+                    "benchmarks": self._benchmark_fingerprints(eval_config(r.evaluate))}
         raise ValueError(f"unknown stage {stage!r}")
 
     @staticmethod
@@ -161,6 +169,10 @@ class Pipeline:
         r = self.recipe
         if stage == "grade":
             return {"grade_timeout_s": r.evaluate.grade_timeout_s, "pass_k": r.evaluate.pass_k}
+        if stage == "curves":
+            from .curves import curve_config
+
+            return curve_config(r)
         section = getattr(r, dag.NODE[stage].section)
         if stage in ("verify", "sft", "redi"):  # they render training prompts
             return {**section.hash_fields(), "prompt": r.prompt.hash_fields()}
@@ -175,21 +187,22 @@ class Pipeline:
     def _model_key(self, label: str) -> str:
         return self.key(LABEL_STAGE[label])
 
-    def extra_benchmark_paths(self) -> dict[str, Path]:
+    def extra_benchmark_paths(self, ev: Any = None) -> dict[str, Path]:
         """The benchmark files of the download artifact (``BenchmarkSpec.from_download``: the synthetic source's
-        held-out splits) that the evaluation wants; the download is cheap and built on demand."""
+        held-out splits) that the evaluation wants; the download is cheap and built on demand.
+        ``ev``: the evaluation config whose benchmarks are wanted (default: the recipe's)."""
         from .benchmarks import from_download
 
-        wanted = set(self.recipe.evaluate.benchmarks) & set(from_download(self.recipe.data.source))
+        wanted = set((ev or self.recipe.evaluate).benchmarks) & set(from_download(self.recipe.data.source))
         if not wanted:
             return {}
         data = self.download()
         return {name: data.dir / "benchmarks" / f"{name}.jsonl" for name in sorted(wanted)}
 
-    def _benchmark_fingerprints(self) -> dict[str, str]:
+    def _benchmark_fingerprints(self, ev: Any = None) -> dict[str, str]:
         from . import benchmarks
 
-        ev = self.recipe.evaluate
+        ev = ev or self.recipe.evaluate
         provided, out = benchmarks.from_download(self.recipe.data.source), {}
         for name in ev.benchmarks:
             if name in provided:
@@ -216,7 +229,8 @@ class Pipeline:
 
     def plan(self) -> list[StagePlan]:
         """Every node the recipe's full run touches, with its key and whether a valid artifact is cached."""
-        nodes: list[tuple[str, str | None]] = [(s, None) for s in dag.TRAIN_STAGES]
+        off = dag.disabled(self.recipe)
+        nodes: list[tuple[str, str | None]] = [(s, None) for s in dag.TRAIN_STAGES if s not in off]
         for label in self.recipe.evaluate.models:
             nodes += [(dag.EVAL_STAGE, label), ("grade", label)]
         out = []
@@ -307,6 +321,17 @@ class Pipeline:
         sft = sft or self.sft(verify=verify)
         return self._training("redi", lambda out, work: self._train("stage2", sft.file("model"), verify.file("pairs.parquet"), out, work))
 
+    def curves(self, sft: Artifact | None = None, redi: Artifact | None = None) -> Artifact:
+        """Evaluate the models the training stages kept (``evaluate.checkpoints``) and draw the curves (redi.curves)."""
+        from . import curves
+
+        sft = sft or self.sft()
+        redi = redi or self.stage2(sft=sft)
+        rows, counts = [], {}
+        if self.refreshing("curves") or self.store.lookup("curves", self.key("curves")) is None:
+            rows, counts = curves.evaluate_curves(self, {"sft": sft, "redi": redi})  # every rank: top-level builds
+        return self._build("curves", lambda out, work: curves.build_curves(self, rows, counts, out))
+
     def model_dir(self, label: str, art: Artifact) -> Path:
         return art.dir if label == "base" else art.file("model")
 
@@ -353,7 +378,7 @@ class Pipeline:
         ``self.nodes`` holds every node built or taken from cache, ``evaluate[*]`` included.
         """
         labels = list(labels or self.recipe.evaluate.models)
-        stages, grades = dag.walk(until, labels, self.build_node)
+        stages, grades = dag.walk(until, labels, self.build_node, skip=dag.disabled(self.recipe))
         report = None
         if grades:
             report = self.report({lab: stages[LABEL_STAGE[lab]] for lab in grades}, grades,

@@ -285,3 +285,16 @@ def test_the_docs_snippet_runs_as_written_with_vllm(first_run, tmp_path):
     assert stages["verify"].summary["traces"] == len(df)
     again = Pipeline(load_recipe(path, ["data.max_rows=4"])).run_until("download")["stages"]["download"]
     assert again.cached
+
+
+def test_redi_run_names_a_missing_teacher_in_one_line(tmp_path, capsys):
+    from redi.cli import main
+
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({
+        "run": {"name": "bad", "artifact_root": str(tmp_path / "a")},
+        "data": {"source": "generate", "generate": {"model": "./nowhere"}}}))
+    assert main(["run", str(tmp_path / "r.yaml"), "--no-prefect"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"redi: data.generate.model {str(tmp_path / 'nowhere')!r} does not exist: give a model folder, a registered " \
+                  "run's folder (<artifact_root>/runs/<name>) or a Hub model id (org/name)"
+    assert not (tmp_path / "a" / "download").exists()  # nothing built

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -10,6 +10,36 @@ from ..benchmarks import default_benchmarks
 from ..dag import MODEL_LABELS
 from ..prompts import DEFAULT_PROTOCOL, PROTOCOLS, PromptProtocol, get_protocol
 from .base import StrictModel
+
+
+class CheckpointEvalConfig(StrictModel):
+    """``evaluate.checkpoints``: how the models kept during training (``sft/redi.keep_checkpoints``) are evaluated
+    by the ``curves`` stage. Every field left out (null) is the ``evaluate`` section's."""
+
+    benchmarks: list[str] = Field(default_factory=lambda: ["math500"], description="Benchmarks of every checkpoint "
+                                  "(paper's curves: MATH-500).")
+    n_samples: int = Field(4, ge=1, description="Samples per problem (paper's intermediate evaluations: 4).")
+    stages: list[Literal["sft", "redi"]] = Field(default_factory=lambda: ["sft", "redi"],
+                                                 description="Training stages whose kept checkpoints are evaluated.")
+    include_start: bool = Field(True, description="Also evaluate each stage's starting model as step 0 (the base model "
+                                "for sft, the SFT model for redi).")
+    max_problems: int | None = Field(None, ge=1, description="Only the first N problems of each benchmark; null = evaluate.max_problems.")
+    max_new_tokens: int | None = Field(None, ge=1, description="Generated-token limit; null = evaluate's.")
+    prompt_protocol: str | None = Field(None, description="Prompt protocol; null = evaluate.prompt_protocol.")
+
+    @field_validator("benchmarks", "stages")
+    @classmethod
+    def _nonempty(cls, v: list[str], info: Any) -> list[str]:
+        if not v:
+            raise ValueError(f"evaluate.checkpoints.{info.field_name} must name at least one")
+        return list(dict.fromkeys(v))
+
+    @field_validator("prompt_protocol")
+    @classmethod
+    def _known_protocol(cls, v: str | None) -> str | None:
+        if v is not None:
+            get_protocol(v)
+        return v
 
 
 class EvaluateConfig(StrictModel):
@@ -64,6 +94,10 @@ class EvaluateConfig(StrictModel):
     grade_workers: int = Field(0, ge=0, description="Grading worker processes; 0 = all cores. Does not change results.")
     grade_timeout_s: float = Field(5.0, gt=0, description="Hard per-sample grading deadline; a sample past it counts as wrong (verdict None).")
     pass_k: list[int] = Field(default_factory=lambda: [1], description="Extra k for pass@k/maj@k (k <= n_samples); pass@1 and pass@n are always reported.")
+    checkpoints: CheckpointEvalConfig | None = Field(
+        None, description="Evaluate the models kept during training (sft/redi.keep_checkpoints) in the `curves` stage, e.g. "
+        "{benchmarks: [math500], n_samples: 4} (the paper's curves); null = off. Not part of this stage's key.",
+    )
 
     @field_validator("prompt_protocol")
     @classmethod
@@ -93,6 +127,6 @@ class EvaluateConfig(StrictModel):
         d = self.model_dump(mode="json")
         d["prompt_protocol"], d["max_new_tokens"] = self.protocol().name, self.new_tokens()  # as resolved
         for k in ("grade_workers", "models", "skip_missing", "gpu_memory_utilization", "enforce_eager", "tensor_parallel_size",
-                  "data_parallel_size", "gen_chunk_prompts", "kv_cache_gb", "benchmark_dir", "benchmark_paths"):
+                  "data_parallel_size", "gen_chunk_prompts", "kv_cache_gb", "benchmark_dir", "benchmark_paths", "checkpoints"):
             d.pop(k)
         return d
