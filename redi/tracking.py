@@ -358,7 +358,7 @@ class Tracker:
     ``log_metrics`` / ``set_tags`` queue; ``close`` writes what is queued and closes every backend."""
 
     def __init__(self, report_to: list[str], spec: RunSpec, params: dict[str, Any], recipe_yaml: str,
-                 interval: float = 2.0):
+                 interval: float = 10.0):
         self.report_to, self.spec, self.params, self.recipe_yaml = list(report_to), spec, params, recipe_yaml
         self.interval = interval
         self.errors: list[str] = []
@@ -383,6 +383,7 @@ class Tracker:
     def _put(self, item: tuple) -> None:
         with self._lock:
             if self._thread is None:
+                self._stop.clear()
                 self._thread = threading.Thread(target=self._work, name=f"redi-tracking-{self.spec.node}", daemon=True)
                 self._thread.start()
         self._q.put(item)
@@ -549,7 +550,7 @@ class Tracking:
         return cls(run.report_to, directory, run.name, flatten(recipe.model_dump(mode="json")), recipe_to_yaml(recipe),
                    offline=run.offline)
 
-    def tracker(self, node: str, key: str, interval: float = 2.0) -> Tracker:
+    def tracker(self, node: str, key: str, interval: float = 10.0) -> Tracker:
         spec = RunSpec(self.directory, self.experiment, node, key, self.offline)
         return Tracker(self.report_to, spec, self.params, self.recipe_yaml, interval)
 
