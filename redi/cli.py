@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import Recipe, RecipeError, load_recipe
-from .dag import NODES, STAGES, node_rows
+from .dag import NODE, NODES, STAGES, node_rows
+from .dag import disabled as dag_disabled
 from .storage import normalize_root
 
 REPO = Path(__file__).resolve().parents[1]
@@ -217,6 +218,9 @@ def cmd_run(args: argparse.Namespace, r: Recipe, until: str, labels: list[str] |
     from .pipeline import check_inputs
 
     check_inputs(r)  # a missing data file or an unknown benchmark fails here, not after training
+    if until in dag_disabled(r):
+        raise RecipeError(f"stage {until} is off in this recipe: set {NODE[until].enabled_by} to turn it on "
+                          "(docs/evaluation.md)")
     from . import distributed
 
     t0 = time.time()
