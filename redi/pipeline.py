@@ -408,6 +408,7 @@ class Pipeline:
     def recipe_hash(self) -> str:
         tree = self.recipe.model_dump(mode="json")
         tree["run"].pop("cache_dir", None)  # where this machine caches a URL root, not what the run is
+        tree["run"].pop("max_parallel", None)  # how the flow schedules the nodes, not what the run is
         for where in ("report_to", "tracking_dir"):  # where the run is logged, not what it is
             tree["run"].pop(where, None)
         return hash_obj(tree)

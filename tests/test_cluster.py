@@ -5,17 +5,16 @@ process workers in separate working directories that share nothing but an s3 art
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import os
 import re
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from conftest_orchestration import REPO, write_recipe
 
 POOLS = REPO / "deployments" / "work-pools"
@@ -102,11 +101,11 @@ def test_dockerfiles_install_the_project_from_its_own_files(name):
 
 
 def test_cluster_refuses_a_relative_root_and_stage_refuses_other_keys(prefect_harness, tmp_path):
+    import yaml
+
     from flows.cluster import redi_cluster
     from flows.pipeline import redi_stage
     from redi.config import RecipeError
-
-    import yaml
 
     recipe = write_recipe(tmp_path)
     tree = yaml.safe_load(recipe.read_text())
