@@ -145,3 +145,14 @@ def test_tiny_dag_side_by_side_equals_one_at_a_time(prefect_harness, tmp_path):
     held = [n for n in par_t if n in ("model", "sft", "redi") or n.startswith("evaluate")]  # tiny: hf backend, in process
     assert all(_overlap(par_t[a], par_t[b]) <= 0 for a in held for b in held if a < b), par_t
     assert Path(par["artifacts"]["redi"]["path"]).is_dir()
+
+
+def test_max_parallel_is_strict_and_not_part_of_the_run(tmp_path):
+    from redi.config import RecipeError, load_recipe
+    from redi.pipeline import Pipeline
+
+    root = f"run.artifact_root={tmp_path}"
+    one, free = load_recipe(None, [root, "run.max_parallel=1"]), load_recipe(None, [root])
+    assert free.run.max_parallel is None and Pipeline(one).recipe_hash() == Pipeline(free).recipe_hash()
+    with pytest.raises(RecipeError, match="max_parallel"):
+        load_recipe(None, [root, "run.max_parallel=0"])
