@@ -292,3 +292,28 @@ def test_wandb_offline_run_has_the_replayed_signals_config_and_key(tmp_path, mon
     assert summary["redi.key"] == "k1" and summary["stage/cached"] == 1.0 and summary["summary/steps"] == 3.0
     assert {k: v for c in got["config"] for k, v in c.items()}["sft.lr"] == 1e-3
     assert (run_dir / "files" / "recipe.yaml").read_text() == "sft:\n  lr: 0.001\n"
+
+
+def test_accelerate_child_logs_into_the_parents_node_run(tracked, blank_db, tmp_path, monkeypatch):
+    """run.launcher=accelerate: the parent hands its node's run to `python -m redi.train` (REDI_TRACKING); the
+    child's rank 0 logs every step into it (here redi.train.main in this process, as the child runs it)."""
+    from redi import train
+
+    pipe, out, _ = tracked
+    tdir = _tracking_dir(blank_db, tmp_path / "t")
+    trk = tracking.Tracking(BACKENDS, tdir, "launched", tracking.flatten(pipe.recipe.model_dump(mode="json")), "x: 1\n")
+    with tracking.activate(trk.tracker("sft", "k-child")):
+        env = tracking.child_env()
+    monkeypatch.setenv(tracking.ENV, env[tracking.ENV])
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(Path(pipe.run_dir(), "recipe.yaml").read_text())
+    train.main(["sft", "--recipe", str(recipe_file), "--model-dir", str(pipe.nodes["model"].dir),
+                "--data", str(pipe.nodes["verify"].file("positives.parquet")), "--out", str(tmp_path / "out"),
+                "--work", str(tmp_path / "work"), "--device", "cpu"])
+    recs = [json.loads(line) for line in (tmp_path / "out" / "signals.jsonl").read_text().splitlines()]
+    client, run = _mlflow_run(tdir, "launched", "sft")
+    assert run.data.tags["redi.key"] == "k-child" and run.info.status == "FINISHED"
+    hist = sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in hist] == [(r["step"], r["loss"]) for r in recs] and len(recs) == 3
+    assert [v for _, v in _tb_scalars(tdir / "tensorboard" / "launched" / "sft" / "k-child")["train/loss"]] == \
+        pytest.approx([r["loss"] for r in recs], rel=1e-6)
