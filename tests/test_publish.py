@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from conftest_orchestration import write_recipe
 
-from redi import cards, publish
+from redi import cards, publish, publish_parts, publish_source
 
 RUN = "tiny"
 
@@ -27,7 +27,7 @@ def test_departures_section_is_the_readme_section_up_to_the_next_heading():
     assert cards.departures_section(md) == "| a | b |\n\nmore"
     assert cards.departures_section("## Deviations from the paper\n- x\n") == "- x"
     assert cards.departures_section("# R\n## Usage\ntext\n") is None
-    demo = (publish.RECIPES_DIR / "demo" / "README.md").read_text()
+    demo = (publish_parts.RECIPES_DIR / "demo" / "README.md").read_text()
     assert "synthetic" in cards.departures_section(demo)  # the demo recipe documents its departures
 
 
@@ -98,7 +98,7 @@ def test_dry_run_writes_one_folder_per_repo_with_the_artifacts_files(tiny_run, s
     out = Path(staged["out"])
     assert sorted(p.name for p in out.iterdir()) == ["dataset", "details", "model", "push.json"]
     assert json.loads((out / "push.json").read_text())["parts"] == staged["parts"]
-    src = publish.load_run(tiny_run, RUN, "redi")
+    src = publish_source.load_run(tiny_run, RUN, "redi")
     model = _tree(out / "model")
     weights = _tree(src.model_dir())
     assert set(model) == set(weights) | {"README.md", "recipe.yaml"} and "model.safetensors" in model
@@ -114,11 +114,11 @@ def test_dry_run_writes_one_folder_per_repo_with_the_artifacts_files(tiny_run, s
 def test_details_are_per_model_and_benchmark_parquet_with_every_sample(tiny_run, staged):
     from redi.evaluate import SAMPLE_FILE_COLUMNS
 
-    src = publish.load_run(tiny_run, RUN, "redi")
+    src = publish_source.load_run(tiny_run, RUN, "redi")
     folder = Path(staged["parts"]["details"]["folder"])
     assert set(src.grades) == {"base", "sft", "redi"}
     for lab in src.grades:
-        samples = publish.evaluation_samples(src, lab)
+        samples = publish_source.evaluation_samples(src, lab)
         for bench, part in samples.groupby("benchmark"):
             got = pd.read_parquet(folder / "details" / lab / f"{bench}.parquet")
             assert list(got.columns) == list(SAMPLE_FILE_COLUMNS)
@@ -150,7 +150,7 @@ def test_model_card_metrics_table_matches_the_results_store(tiny_run, staged):
     from redi import results
 
     text = (Path(staged["parts"]["model"]["folder"]) / "README.md").read_text()
-    src = publish.load_run(tiny_run, RUN, "redi")
+    src = publish_source.load_run(tiny_run, RUN, "redi")
     for lab, g in src.grades.items():
         m = json.loads(g.file("metrics.json").read_text())["benchmarks"]["demo_test"]
         cell = f"{100 * m['pass@1']:.1f} ± {100 * m['pass@1_sem']:.1f}"
