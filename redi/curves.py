@@ -193,6 +193,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     stages = list(dict.fromkeys(r["stage"] for r in rows))
     fig, axes = plt.subplots(2, len(stages), figsize=(4.8 * len(stages), 6.0), squeeze=False)
@@ -211,6 +212,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path:
         axes[1, j].set_xlabel("optimiser step")
         for ax in axes[:, j]:
             ax.grid(alpha=0.3)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         axes[0, j].legend(fontsize=7)
     fig.suptitle(f"evaluation over training ({title})" if title else "evaluation over training", fontsize=11)
     fig.tight_layout()
