@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest_orchestration import write_recipe
 
-from redi import tracking
+from redi import tracking, tracking_backends
 from redi.artifacts import Artifact
 from redi.config import RecipeError, load_recipe
 from redi.pipeline import Pipeline
@@ -229,8 +229,8 @@ def test_shipped_recipes_track_as_documented():
 
 
 def test_metric_names_and_flattening():
-    assert tracking.mlflow_name("eval/math500/pass@1") == "eval/math500/pass_at_1"
-    assert tracking.mlflow_name("key/evaluate[sft]") == "key/evaluate_sft_"
+    assert tracking_backends.mlflow_name("eval/math500/pass@1") == "eval/math500/pass_at_1"
+    assert tracking_backends.mlflow_name("key/evaluate[sft]") == "key/evaluate_sft_"
     assert tracking.signal_metrics({"step": 3, "loss": 1.5, "margin": None, "collapsed": True, "tokens": 7}) == {
         "train/loss": 1.5, "train/collapsed": 1.0, "train/tokens": 7.0}
     assert tracking.flatten({"a": {"b": 1, "c": [1, 2]}, "d": None}) == {"a.b": 1, "a.c": [1, 2], "d": None}
