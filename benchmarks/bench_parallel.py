@@ -72,7 +72,7 @@ def main() -> None:
                     raise SystemExit(f"{mode}: the flow failed: {state.message}")
                 res, times = state.result(), task_runs(state.state_details.flow_run_id)
                 busy = sum(e - s for s, e in times.values())
-                pairs = sorted(f"{a} | {b}" for a in times for b in times if a < b
+                pairs = sorted(f"{a} + {b}" for a in times for b in times if a < b
                                and min(times[a][1], times[b][1]) - max(times[a][0], times[b][0]) > 1.0)
                 rows.append({"rep": rep, "mode": mode, "wall": wall, "busy": busy, "pairs": pairs})
                 results.setdefault(mode, []).append(res)
