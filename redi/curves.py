@@ -237,18 +237,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def curve_metrics(rows: list[dict[str, Any]]) -> list[tuple[dict[str, float], int]]:
-    """The curve as tracker metrics: ``curves/<stage>/<benchmark>/<metric>`` at each point's step."""
-    out = []
-    for stage, step in dict.fromkeys((r["stage"], r["step"]) for r in rows):
-        out.append(({f"curves/{stage}/{r['benchmark']}/{m}": float(r[m]) for r in rows
-                     if (r["stage"], r["step"]) == (stage, step) for m in METRICS if r[m] is not None}, step))
-    return out
-
-
 def track(rows: list[dict[str, Any]]) -> None:
     """Send the curve to the ``curves`` node's tracker run (``run.report_to``; ``redi.tracking`` does nothing when off)."""
     from . import tracking
 
-    for metrics, step in curve_metrics(rows):
+    for metrics, step in tracking.curve_metrics(rows, METRICS):
         tracking.log_metrics(metrics, step)

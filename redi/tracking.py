@@ -102,6 +102,16 @@ def eval_metrics(metrics: dict[str, Any], prefix: str = "eval") -> dict[str, flo
     return {f"{prefix}/{bench}/{k}": v for bench, m in per.items() for k, v in numbers(m).items()}
 
 
+def curve_metrics(rows: list[dict[str, Any]], metrics: tuple[str, ...] = ("pass@1", "mean_completion_tokens"),
+                  ) -> list[tuple[dict[str, float], int]]:
+    """A ``curves.json`` (``redi.curves``) as ``curves/<stage>/<benchmark>/<metric>`` at each point's step."""
+    out = []
+    for stage, step in dict.fromkeys((r["stage"], r["step"]) for r in rows):
+        out.append(({f"curves/{stage}/{r['benchmark']}/{m}": float(r[m]) for r in rows
+                     if (r["stage"], r["step"]) == (stage, step) for m in metrics if r.get(m) is not None}, step))
+    return out
+
+
 def summary_metrics(summary: dict[str, Any], limit: int = 200) -> dict[str, float]:
     """The numbers of a stage summary, two levels deep, as ``summary/<a>/<b>`` (at most ``limit``)."""
     flat: dict[str, Any] = {}
@@ -363,3 +373,6 @@ def replay(tracker: Tracker, artifact: Any) -> None:
                 tracker.log_metrics(signal_metrics(rec), rec["step"])
     if artifact.stage == "grade" and (folder / "metrics.json").exists():
         tracker.log_metrics(eval_metrics(json.loads((folder / "metrics.json").read_text())), 0)
+    if artifact.stage == "curves" and (folder / "curves.json").exists():
+        for metrics, step in curve_metrics(json.loads((folder / "curves.json").read_text())):
+            tracker.log_metrics(metrics, step)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import types
 from pathlib import Path
 
 import pytest
@@ -208,13 +209,25 @@ def test_curve_plot_and_table_from_rows(tmp_path):
     assert md[4] == "| sft | 200 | 20.0 | 500 | 25.0 | 500 |" and len(md) == 8
 
 
-def test_curve_metrics_for_the_tracker():
+def test_curve_metrics_for_the_tracker(tmp_path):
+    """The curve's tracker metrics, sent by the node and replayed from curves.json when a cached node is logged late."""
     from redi import curves as C
+    from redi import tracking
 
     rows = [{"stage": "redi", "step": s, "benchmark": b, "pass@1": 0.5, "mean_completion_tokens": 100.0 + s}
             for s in (0, 50) for b in ("math500", "average")]
-    assert C.curve_metrics(rows)[1] == ({"curves/redi/math500/pass@1": 0.5, "curves/redi/math500/mean_completion_tokens": 150.0,
+    assert tracking.curve_metrics(rows, C.METRICS)[1] == ({"curves/redi/math500/pass@1": 0.5, "curves/redi/math500/mean_completion_tokens": 150.0,
                                          "curves/redi/average/pass@1": 0.5, "curves/redi/average/mean_completion_tokens": 150.0}, 50)
+    # a cached curves node logged late: replay reads the same metrics back from its artifact's curves.json
+    (tmp_path / "curves.json").write_text(json.dumps(rows))
+    logged: list = []
+
+    class Recorder:
+        def log_metrics(self, metrics, step):
+            logged.append((metrics, step))
+
+    tracking.replay(Recorder(), types.SimpleNamespace(path=str(tmp_path), stage="curves"))
+    assert logged == tracking.curve_metrics(rows, C.METRICS)
 
 
 @pytest.mark.slow
