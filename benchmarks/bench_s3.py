@@ -50,6 +50,32 @@ def start_moto() -> tuple[subprocess.Popen, int]:
     raise SystemExit("moto server did not start")
 
 
+class StoreClock:
+    """Wall seconds spent inside redi.storage.Remote calls (outermost calls only): the store's own cost,
+    which the machine's noise does not blur the way a difference of two wall times is blurred."""
+
+    def __init__(self) -> None:
+        from redi import storage
+
+        self.seconds, self.calls, self._depth = 0.0, 0, 0
+        for name in ("check", "read_manifest", "download", "upload", "commit", "listdir", "find", "remove",
+                     "publish", "remove_stale", "pull", "pull_tree", "push_tree"):
+            setattr(storage.Remote, name, self._wrap(getattr(storage.Remote, name)))
+
+    def _wrap(self, fn):
+        def timed(*a, **k):
+            self._depth += 1
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    self.seconds += time.perf_counter() - t0
+                    self.calls += 1
+        return timed
+
+
 def tiny_tree() -> dict:
     sys.path.insert(0, str(REPO / "tests"))
     from conftest_orchestration import TINY  # the recipe every orchestration test runs
@@ -86,9 +112,15 @@ def main() -> None:
     def recipe(root: str, cache: Path):
         return load_recipe(base, [*args.overrides, f"run.artifact_root={root}", f"run.cache_dir={cache}"])
 
-    def timed(root: str, cache: Path) -> float:
+    clock = StoreClock()
+    store_s: list[tuple[float, int]] = []  # (seconds in store calls, calls) of each s3 cold run
+
+    def timed(root: str, cache: Path, cold: bool = False) -> float:
+        s0, c0 = clock.seconds, clock.calls
         t0 = time.perf_counter()
         Pipeline(recipe(root, cache)).run()
+        if cold and root.startswith("s3://"):
+            store_s.append((clock.seconds - s0, clock.calls - c0))
         return time.perf_counter() - t0
 
     def stop(*_):  # SIGTERM: still stop the server (the finally below)
@@ -107,7 +139,7 @@ def main() -> None:
             local, url = str(work / f"local{i}"), f"s3://bench/run{i}"
             order = [("local", local), ("s3", url)] if i % 2 == 0 else [("s3", url), ("local", local)]
             for kind, root in order:
-                rows[f"{kind} cold"].append(timed(root, work / f"c{kind}{i}"))
+                rows[f"{kind} cold"].append(timed(root, work / f"c{kind}{i}", cold=True))
             for kind, root in order:
                 name = "local cached" if kind == "local" else "s3 cached (warm cache)"
                 rows[name].append(timed(root, work / f"c{kind}{i}"))
@@ -137,6 +169,10 @@ def main() -> None:
         *(f"| {k} | " + " | ".join(f"{x:.1f}" for x in v) + f" | {med[k]:.1f} |" for k, v in rows.items()),
         "",
         f"- cold full run, s3 / local: **{ratio['cold']:.2f}x** (goal <= 1.15x)",
+        f"- time inside store calls during the s3 cold runs (check, manifest reads, uploads, conditional writes, "
+        f"listings, mirrored runs/ and results/): {', '.join(f'{t:.1f} s in {n} calls' for t, n in store_s)}; "
+        f"median {statistics.median(t for t, _ in store_s):.1f} s = "
+        f"{100 * statistics.median(t for t, _ in store_s) / med['local cold']:.1f}% of the local cold run",
         f"- cached rerun, s3 with a warm cache / local: {ratio['cached']:.2f}x",
         f"- cached rerun, s3 from an empty cache (another machine: every artifact downloaded and verified) / local cached: "
         f"{ratio['fresh']:.2f}x",
