@@ -8,7 +8,8 @@ bf16 autocast on CPU. One step = one pair (chosen + rejected, each ``T/2`` compl
 - ``full``: ``redi.logprobs.full_logits_token_logps``, the model's own forward with
   ``logits_to_keep`` then ``.float()`` + ``logsumexp`` (the former ``redi.packing`` path).
 - ``chunked``: ``redi.packing.sequence_logps`` through ``redi.logprobs.LogProbLM`` (``kernel="chunked"``),
-  what the trainer runs on CPU: per-sequence sums with the head's gradients formed in forward.
+  what the trainer runs on CPU for a pair at this head: ``ChunkedLinearLogp``, whose first chunks keep
+  ``onehot - softmax`` up to ``KEEP_BYTES`` (1 GiB) and the rest recompute their logits in backward.
 
 Each (method, T) runs in its own subprocess so peak RSS is clean: reported is the peak RSS during the
 step (sampled every 2 ms, and ``ru_maxrss``) minus the RSS right before it (model built, batch made).
@@ -115,7 +116,8 @@ def child(method: str, tokens: int, layers: int, steps: int, checkpointing: bool
 
 
 def speed_child(sizes: list[int], layers: int, rounds: int, checkpointing: bool) -> dict:
-    """One process, one model: full and chunked steps alternated per size (after a warm-up of each); medians."""
+    """One process, one model: full and chunked steps alternated per size (after a warm-up of each); medians of
+    wall-clock and of process CPU time (steadier on a loaded machine). Prints each size's line as it ends."""
     import torch
 
     torch.set_num_threads(int(os.environ.get("REDI_THREADS", "2")))
@@ -126,13 +128,17 @@ def speed_child(sizes: list[int], layers: int, rounds: int, checkpointing: bool)
         for m in ("full", "chunked"):  # warm-up
             step(model, batch, m)
         times: dict[str, list[float]] = {"full": [], "chunked": []}
+        cpu: dict[str, list[float]] = {"full": [], "chunked": []}
         for _ in range(rounds):
             for m in times:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 step(model, batch, m)
                 times[m].append(time.perf_counter() - t0)
+                cpu[m].append(time.process_time() - c0)
         n = int(batch.targets.numel())
         out[str(t)] = {m: n / statistics.median(v) for m, v in times.items()}
+        out[str(t)].update({f"{m}_cpu": n / statistics.median(v) for m, v in cpu.items()})
+        print(json.dumps({str(t): out[str(t)], "rounds": {m: v for m, v in times.items()}}), flush=True)
     return out
 
 
@@ -165,8 +171,9 @@ def render(res: list[dict], args, a: float, b: float) -> str:
         "backward. Growth = peak RSS during the step minus RSS before it, one subprocess per cell; tokens/s from one "
         f"process alternating full and chunked steps ({args.speed_rounds} rounds after a warm-up, medians).",
         "",
-        "| completion tokens | full: growth GB | chunked: growth GB | chunked / full | full tokens/s | chunked tokens/s | chunked / full speed |",
-        "|---|---|---|---|---|---|---|",
+        "| completion tokens | full: growth GB | chunked: growth GB | chunked / full | full tokens/s | chunked tokens/s "
+        "| chunked / full speed | same, CPU time |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for t in sorted({r["tokens"] for r in res if "error" not in r}):
         f, c = by.get(("full", t)), by.get(("chunked", t))
@@ -177,7 +184,8 @@ def render(res: list[dict], args, a: float, b: float) -> str:
         fs = f"{f['tokens_per_s']:,.0f}" if f else "-"
         cs = f"{c['tokens_per_s']:,.0f}" if c else "-"
         sp = f"{c['tokens_per_s'] / f['tokens_per_s']:.2f}x" if f and c else "-"
-        lines.append(f"| {t:,} | {fg} | {cg} | {ratio} | {fs} | {cs} | {sp} |")
+        cpu = f"{c['cpu_tokens_per_s'] / f['cpu_tokens_per_s']:.2f}x" if f and c and c.get("cpu_tokens_per_s") else "-"
+        lines.append(f"| {t:,} | {fg} | {cg} | {ratio} | {fs} | {cs} | {sp} | {cpu} |")
     lines += ["", f"Full path fitted growth: {a:.2f} GB + {b * 1e3:.2f} MB per completion token "
               f"(points: {', '.join(str(t) for (m, t) in by if m == 'full')} tokens).", ""]
     errs = [r for r in res if "error" in r]
@@ -241,6 +249,7 @@ def main() -> None:
     for r in res:
         if "error" not in r and str(r["tokens"]) in speed:
             r["tokens_per_s"] = speed[str(r["tokens"])][r["method"]]
+            r["cpu_tokens_per_s"] = speed[str(r["tokens"])].get(r["method"] + "_cpu")
     pts = [(r["tokens"], r["growth_gb"]) for r in res if r.get("method") == "full" and "error" not in r]
     a, b = fit(pts) if len(pts) >= 2 else (0.0, 0.0)
     report = render(res, args, a, b)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from redi.config import DataConfig, ModelConfig, Stage2Config  # noqa: E402
 from redi.config.data import SynthConfig  # noqa: E402
-from redi.logprobs import resolve_attn  # noqa: E402
+from redi.logprobs import PACKED_SDPA, resolve_attn  # noqa: E402
 from redi.losses import redi_loss  # noqa: E402
 from redi.packing import Example, collate, row_budget, sequence_logps  # noqa: E402
 from redi.prompts import render_prompt  # noqa: E402
@@ -326,7 +326,7 @@ def packing_methods(model_dir: Path, batch: int) -> dict:
     def tick():
         state["pos"] += batch
 
-    per_seq = _load(model_dir, resolve_attn("auto", "cpu"))  # the same weights, SDPA per packed sequence
+    per_seq = _load(model_dir, resolve_attn(PACKED_SDPA, "cpu"))  # the same weights, SDPA per packed sequence
     per_seq.load_state_dict(model.state_dict())
     return {"padded": run(False, None), "packed_rows_1024": run(True, 1024), "packed_one_row": run(True, None),
             "packed_one_row_sdpa_per_sequence": run(True, None, per_seq)}, tick
@@ -475,8 +475,8 @@ def render(s2: dict, mem: dict, pk: dict, args, threads: int, n_params: int) -> 
     for k, v in pk.items():
         lines.append(f"| {k} | {v:,.0f} | {v / pk['padded']:.2f}x |")
     lines += ["", "`packed_one_row` shows why rows are bounded (`pack_tokens`) under SDPA's block-diagonal mask: it does "
-              "not skip compute, so one long row pays O(T^2) attention. `packed_one_row_sdpa_per_sequence` is the "
-              "trainer's CPU default (`attn_implementation: auto` -> `redi_packed_sdpa`): one row, SDPA per sequence.", ""]
+              "not skip compute, so one long row pays O(T^2) attention. `packed_one_row_sdpa_per_sequence` is "
+              "`attn_implementation: redi_packed_sdpa` (opt-in): one row, SDPA per sequence.", ""]
     return "\n".join(lines)
 
 

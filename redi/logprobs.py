@@ -466,8 +466,10 @@ def _segment_offsets(position_ids: torch.Tensor) -> torch.Tensor:
 
 
 def resolve_attn(impl: str, device: str) -> str:
-    """``auto`` -> flash_attention_2 on CUDA when flash-attn is importable, else sdpa on CUDA and
-    :data:`PACKED_SDPA` elsewhere (sdpa per packed sequence); other names unchanged."""
+    """``auto`` -> flash_attention_2 on CUDA when flash-attn is importable, else sdpa; :data:`PACKED_SDPA`
+    registered and returned (opt-in: not the CPU default, see docs/benchmarks/train.md); other names unchanged."""
+    if impl == PACKED_SDPA:
+        return register_packed_sdpa()
     if impl != "auto":
         return impl
     if device == "cuda":
@@ -475,8 +477,7 @@ def resolve_attn(impl: str, device: str) -> str:
 
         if is_flash_attn_2_available():
             return "flash_attention_2"
-        return "sdpa"
-    return register_packed_sdpa()
+    return "sdpa"
 
 
 def unwrap_logprob(model: nn.Module) -> LogProbLM | None:
