@@ -32,7 +32,6 @@ published with its manifest written last by a conditional write (docs/caching.md
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -48,21 +47,23 @@ from filelock import FileLock
 
 from . import distributed
 from .keys import canonical_json, code_version, hash_obj, library_versions, module_closure, stage_key  # noqa: F401  (re-exported)
+from .manifest import (  # noqa: F401  (re-exported: the store's callers import them from here)
+    MANIFEST,
+    READ_ONLY_ERRNOS,
+    CorruptArtifact,
+    StorageError,
+    file_table,
+    folder_bytes,
+    free_bytes,
+    mark_validated,
+    move_validated,
+    sha256_file,
+    storage_error,
+    validate,
+)
 from .storage import Remote, RemoteError, attach_work, cache_root, is_url, normalize_root
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
-_CHUNK = 1 << 20
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 @dataclass
 class Artifact:
@@ -94,134 +95,6 @@ class Artifact:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Artifact:
         return cls(**d)
-
-
-class CorruptArtifact(RuntimeError):
-    pass
-
-
-class StorageError(RuntimeError):
-    """A write under the artifact root failed for want of space, or the root is read-only and the artifact is
-    not cached. The message is one line naming the folder, the space needed and free, and the fix."""
-
-
-_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
-_READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
-_MB = 1 << 20
-
-
-def free_bytes(path: Path) -> int:
-    """Free bytes on the file system of ``path`` (of its nearest existing parent when it does not exist)."""
-    path = Path(path)
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    try:
-        return shutil.disk_usage(path).free
-    except OSError:
-        return 0
-
-
-def folder_bytes(path: Path) -> int:
-    """Bytes of the files under ``path`` (0 when absent)."""
-    total = 0
-    for p in Path(path).rglob("*"):
-        try:
-            total += p.stat().st_size if p.is_file() else 0
-        except OSError:
-            pass
-    return total
-
-
-def _is_disk_full(e: BaseException, folder: Path) -> bool:
-    """An ENOSPC/EDQUOT OSError, or an error of a C++ writer (torch.save: ``basic_ios::clear: iostream error``,
-    ``file write failed``; safetensors: ``os error 28``) raised while the folder's disk is (nearly) full."""
-    if isinstance(e, OSError):
-        return e.errno in _NO_SPACE
-    if type(e) is not RuntimeError and type(e).__name__ != "SafetensorError":
-        return False
-    text = str(e)
-    return any(t in text for t in ("No space left", "os error 28", "StorageFull")) or free_bytes(folder) < _MB
-
-
-def storage_error(e: BaseException, folder: Path, needed: int | None = None, written: int = 0) -> StorageError | None:
-    """A one-line :class:`StorageError` for a full disk or a read-only folder, else None (another error).
-
-    ``needed``: bytes the write needs (an estimate); None = unknown, then ``written`` (the bytes the failed
-    write had put down) is reported as a lower bound."""
-    if isinstance(e, StorageError):
-        return e
-    folder = Path(folder)
-    if isinstance(e, OSError) and e.errno in _READ_ONLY:
-        return StorageError(f"{folder} is not writable ({e.strerror}): set run.artifact_root to a writable folder")
-    if not _is_disk_full(e, folder):
-        return None
-    free = f"{free_bytes(folder) // _MB} MB free"
-    if needed is not None:
-        free = f"needs ~{max(needed, _MB) // _MB} MB, {free}"
-    elif written:
-        free = f"needs more than the {written // _MB} MB written when it failed, {free}"
-    return StorageError(f"no space left in {folder} ({free}): free space or set run.artifact_root elsewhere")
-
-
-def file_table(folder: Path, skip: str = MANIFEST) -> dict[str, dict[str, Any]]:
-    """{relative path: {size, sha256}} of every file under ``folder`` but ``skip`` (the table's own file).
-
-    Hashed by a few threads: hashlib releases the GIL on large reads (checkpoints, model weights)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != skip)
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as ex:
-        digests = list(ex.map(sha256_file, files))
-    return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": d}
-            for p, d in zip(files, digests, strict=True)}
-
-
-_VALIDATED: dict[str, tuple] = {}
-"""folder -> stat stamp of its files when their checksums were last verified in this process."""
-
-
-def _stamp(folder: Path, files: dict[str, Any]) -> tuple:
-    out = [(folder / MANIFEST).stat().st_mtime_ns]
-    for rel in sorted(files):
-        st = (folder / rel).stat()
-        out.append((rel, st.st_size, st.st_mtime_ns, st.st_ino))
-    return tuple(out)
-
-
-def validate(folder: Path) -> dict[str, Any]:
-    """Return the manifest of a complete artifact folder, or raise CorruptArtifact saying why.
-
-    Every checksum is recomputed the first time a process sees a folder; later lookups in the same process
-    re-hash only if a file's size, mtime or inode changed since (a multi-GB model is hashed once per run,
-    not once per task)."""
-    mpath = folder / MANIFEST
-    if not mpath.is_file():
-        raise CorruptArtifact(f"{folder}: no {MANIFEST}")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CorruptArtifact(f"{mpath}: unreadable manifest ({e})") from e
-    files = manifest.get("files")
-    if not isinstance(files, dict):
-        raise CorruptArtifact(f"{mpath}: manifest lists no files")
-    for rel, meta in files.items():
-        p = folder / rel
-        if not p.is_file():
-            raise CorruptArtifact(f"{folder}: missing file {rel}")
-        if p.stat().st_size != meta["size"]:
-            raise CorruptArtifact(f"{folder}: {rel} has size {p.stat().st_size}, manifest says {meta['size']}")
-    try:
-        stamp = _stamp(folder, files)
-    except OSError as e:
-        raise CorruptArtifact(f"{folder}: {e}") from e
-    if _VALIDATED.get(str(folder)) == stamp:
-        return manifest
-    for rel, meta in files.items():
-        if sha256_file(folder / rel) != meta["sha256"]:
-            _VALIDATED.pop(str(folder), None)
-            raise CorruptArtifact(f"{folder}: {rel} checksum mismatch")
-    _VALIDATED[str(folder)] = stamp
-    return manifest
 
 
 BuildFn = Callable[[Path, Path], dict[str, Any] | None]
@@ -340,7 +213,7 @@ class ArtifactStore:
             lock = self._lock(stage, key)
             lock.acquire()
         except OSError as e:
-            if e.errno not in _READ_ONLY:
+            if e.errno not in READ_ONLY_ERRNOS:
                 raise
             log.info("cache: %s is not writable (%s): %s %s is served from cache only", self.root, e.strerror, stage, key)
             return None
@@ -415,7 +288,7 @@ class ArtifactStore:
             return hit
         final = self.dir(stage, key)
         _install(tmp, final, self.root / stage, key)
-        _VALIDATED[str(final)] = _stamp(final, manifest["files"])  # hashed just now by file_table
+        mark_validated(final, manifest["files"])  # hashed just now by file_table
         mirrored = self.remote is not None and any(work.glob("checkpoint-*"))  # trained here: checkpoints on the store
         shutil.rmtree(work, ignore_errors=True)
         if mirrored:
@@ -560,16 +433,15 @@ def _install(tmp: Path, final: Path, stage_dir: Path, key: str) -> None:
             shutil.rmtree(trash, ignore_errors=True)
         except FileNotFoundError:
             pass
-    stamp = _VALIDATED.pop(str(tmp), None)
     try:
         os.replace(tmp, final)
     except OSError as e:
+        move_validated(tmp, None)
         if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # a concurrent pull or build put it there first
         return
-    if stamp is not None:  # a rename keeps inodes and mtimes: the checksums just verified stay valid
-        _VALIDATED[str(final)] = stamp
+    move_validated(tmp, final)  # a rename keeps inodes and mtimes: the checksums just verified stay valid
 
 
 class StageFailed(RuntimeError):
