@@ -162,9 +162,10 @@ def needs(node: Node, recipe: Any, gpus: int, cores: int) -> Needs:
 
 
 def graph(until: str, labels: Sequence[str], skip: Iterable[str] = ()) -> list[tuple[str, Node, str | None, list[str]]]:
-    """The nodes a run up to ``until`` runs, in :func:`walk`'s order: ``(name, node, label, upstream names)``.
+    """The one plan of a run up to ``until``: its nodes in order, ``(name, node, label, upstream names)``.
 
-    For a scheduler that runs nodes as soon as their upstream is done (the Prefect flow); same checks as walk.
+    :func:`walk` runs it one node at a time; the Prefect flow's scheduler runs each node as soon as its upstream
+    is done. Unknown labels, and asking for a node that is off (``skip``), fail naming the fix.
     """
     bad = [lab for lab in labels if lab not in LABEL_STAGE]
     if bad:
@@ -181,7 +182,8 @@ def graph(until: str, labels: Sequence[str], skip: Iterable[str] = ()) -> list[t
 
 def walk(until: str, labels: Sequence[str], step: Callable[[Node, list[Any], str | None], Any],
          skip: Iterable[str] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run the DAG up to ``until`` through ``step(node, upstream results, label)``; the one walker.
+    """Run the DAG up to ``until`` through ``step(node, upstream results, label)``, one node at a time in
+    :func:`graph`'s order (the flow runs the same plan with nodes side by side: ``flows.pipeline.schedule``).
 
     ``skip``: nodes that are off (:func:`disabled`); no node takes them as upstream. Asking for one
     (``until``) is an error naming the field that turns it on.
@@ -190,22 +192,15 @@ def walk(until: str, labels: Sequence[str], step: Callable[[Node, list[Any], str
     order, and ``{label: step result}`` of the evaluation node of each label (only for ``until`` in
     ``evaluate`` / ``report``). The caller reports.
     """
-    bad = [lab for lab in labels if lab not in LABEL_STAGE]
-    if bad:
-        raise ValueError(f"unknown model labels {bad}; valid: {', '.join(MODEL_LABELS)}")
-    skip = frozenset(skip)
-    if until in skip:
-        raise ValueError(f"stage {until} is off in this recipe: set {NODE[until].enabled_by} to turn it on")
+    results: dict[str, Any] = {}
     stages: dict[str, Any] = {}
-    for name in needed(until, labels):
-        if name in skip:
-            continue
-        node = NODE[name]
-        stages[name] = step(node, [stages[u] for u in node.upstream], None)
     evaluations: dict[str, Any] = {}
-    if until in (EVAL_STAGE, "report"):
-        for lab in labels:
-            evaluations[lab] = step(NODE[EVAL_STAGE], [stages[LABEL_STAGE[lab]]], lab)
+    for name, node, label, ups in graph(until, labels, skip):
+        results[name] = step(node, [results[u] for u in ups], label)
+        if label is None:
+            stages[name] = results[name]
+        else:
+            evaluations[label] = results[name]
     return stages, evaluations
 
 
