@@ -18,8 +18,6 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .tinymodel import MARKER
-
 if TYPE_CHECKING:
     import torch
     from accelerate import Accelerator
@@ -42,28 +40,10 @@ def kept_steps(cfg: OptimConfig, total: int) -> list[int]:
     return cfg.kept_steps(total)
 
 
-def export_model(job: Any, acc: Accelerator, model: torch.nn.Module, out: Path) -> None:
-    """``out`` as the stage's final ``model/`` folder: weights in ``save_dtype``, config naming that dtype,
-    tokenizer, marker. Every rank calls it (gathering a sharded state dict is collective); the main process writes."""
-    from .logprobs import unwrap_logprob
-    from .train_report import _set_config_dtype, saved_state
-
-    acc.wait_for_everyone()
-    state = acc.get_state_dict(model)
-    if acc.is_main_process:
-        wrapper = unwrap_logprob(acc.unwrap_model(model))  # the LogProbLM; its causal LM is saved
-        state = saved_state(state, job.cfg.save_dtype)
-        wrapper.lm.save_pretrained(out, state_dict=state, safe_serialization=True)
-        _set_config_dtype(out, next(v.dtype for v in state.values() if v.is_floating_point()))
-        job.tok.save_pretrained(out)
-        if (job.model_dir / MARKER).exists():
-            shutil.copy(job.model_dir / MARKER, out / MARKER)
-    acc.wait_for_everyone()
-
-
 def export_step(job: Any, acc: Accelerator, model: torch.nn.Module, step: int) -> Path:
     """Export the model at ``step`` into ``work_dir/kept/step-<n>`` (``.tmp`` first, renamed when complete)."""
     from .artifacts import storage_error
+    from .train_report import export_model
 
     final = job.work_dir / WORK_DIR / f"step-{step}"
     tmp = final.with_name(final.name + ".tmp")

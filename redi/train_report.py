@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from .train import Job
 
-__all__ = ["format_record", "rank_report", "save_outputs", "saved_state", "step_record", "summary"]
+__all__ = ["export_model", "format_record", "rank_report", "save_outputs", "saved_state", "step_record", "summary"]
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +65,12 @@ def _set_config_dtype(model_dir: Path, dtype: torch.dtype) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def save_outputs(job: Job, acc: Accelerator, model: torch.nn.Module, signals: SignalLog) -> None:
-    """``out_dir/model`` (weights in ``save_dtype``, tokenizer, the tiny-model marker), ``signals.jsonl`` and
-    ``signals.png``; written by the main process, every rank waits."""
+def export_model(job: Job, acc: Accelerator, model: torch.nn.Module, out: Path) -> None:
+    """``out`` as a stage's ``model/`` folder: weights in ``save_dtype``, config naming that dtype, tokenizer, the
+    tiny-model marker. Every rank calls it (gathering a sharded state dict is collective); the main process writes."""
     acc.wait_for_everyone()
     state = acc.get_state_dict(model)
     if acc.is_main_process:
-        out = job.out_dir / "model"
         wrapper = unwrap_logprob(acc.unwrap_model(model))  # the LogProbLM; its causal LM is saved
         state = saved_state(state, job.cfg.save_dtype)
         wrapper.lm.save_pretrained(out, state_dict=state, safe_serialization=True)
@@ -79,6 +78,14 @@ def save_outputs(job: Job, acc: Accelerator, model: torch.nn.Module, signals: Si
         job.tok.save_pretrained(out)
         if (job.model_dir / MARKER).exists():
             shutil.copy(job.model_dir / MARKER, out / MARKER)
+    acc.wait_for_everyone()
+
+
+def save_outputs(job: Job, acc: Accelerator, model: torch.nn.Module, signals: SignalLog) -> None:
+    """``out_dir/model`` (:func:`export_model`), ``signals.jsonl`` and ``signals.png``; written by the main process,
+    every rank waits."""
+    export_model(job, acc, model, job.out_dir / "model")
+    if acc.is_main_process:
         signals.write_jsonl(job.out_dir / "signals.jsonl")
         title = f"{job.kind} ({getattr(job.cfg, 'loss', 'sft')}) lr={job.cfg.lr:g}"
         signals.plot(job.out_dir / "signals.png", title)
