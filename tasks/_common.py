@@ -242,15 +242,18 @@ def progress_as_logs(step: int = PROGRESS_STEP) -> Iterator[None]:
             installed = False
             base = tqdm_auto.tqdm
             _BARS[:] = [base, 1]
+    def leave() -> None:  # the last task out restores the original class
+        with _SHARED:
+            _BARS[1] -= 1
+            if not _BARS[1]:
+                tqdm_auto.tqdm = _BARS[0]
+                _BARS.clear()
+
     if installed:
         try:
             yield
         finally:
-            with _SHARED:
-                _BARS[1] -= 1
-                if not _BARS[1]:
-                    tqdm_auto.tqdm = _BARS[0]
-                    _BARS.clear()
+            leave()
         return
     log = logging.getLogger(PROGRESS_LOGGER)
 
@@ -297,8 +300,4 @@ def progress_as_logs(step: int = PROGRESS_STEP) -> Iterator[None]:
     try:
         yield
     finally:
-        with _SHARED:
-            _BARS[1] -= 1
-            if not _BARS[1]:
-                tqdm_auto.tqdm = _BARS[0]
-                _BARS.clear()
+        leave()
