@@ -466,8 +466,9 @@ def _segment_offsets(position_ids: torch.Tensor) -> torch.Tensor:
 
 
 def resolve_attn(impl: str, device: str) -> str:
-    """``auto`` -> flash_attention_2 on CUDA when flash-attn is importable, else sdpa; :data:`PACKED_SDPA`
-    registered and returned (opt-in: not the CPU default, see docs/benchmarks/train.md); other names unchanged."""
+    """``auto`` -> flash_attention_2 on CUDA when flash-attn is importable, else sdpa (``LogProbLM`` then runs
+    packed sequences one by one); on any other device :data:`PACKED_SDPA`, registered and returned (the
+    fastest CPU layout measured, docs/benchmarks/train.md); other names unchanged."""
     if impl == PACKED_SDPA:
         return register_packed_sdpa()
     if impl != "auto":
@@ -475,9 +476,8 @@ def resolve_attn(impl: str, device: str) -> str:
     if device == "cuda":
         from transformers.utils import is_flash_attn_2_available
 
-        if is_flash_attn_2_available():
-            return "flash_attention_2"
-    return "sdpa"
+        return "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
+    return register_packed_sdpa()
 
 
 def unwrap_logprob(model: nn.Module) -> LogProbLM | None:

@@ -117,8 +117,8 @@ def row_budget(device: torch.device | str, pack_tokens: int | None, attn: str = 
     """Packed-row budget: one row (None) where attention runs per packed sequence, else ``pack_tokens``.
 
     Per sequence means: CUDA (flash-attention-2 reads one row as varlen; other attention runs sequences
-    one by one, see ``LogProbLM``) and, elsewhere, ``attn`` = ``redi.logprobs.PACKED_SDPA`` (opt-in);
-    there splitting rows only adds padding. With ``sdpa`` (what ``auto`` gives on CPU) or ``eager`` the
+    one by one, see ``LogProbLM``) and, elsewhere, ``redi.logprobs.PACKED_SDPA`` (what ``auto`` gives on
+    CPU); there splitting rows only adds padding. With ``sdpa`` or ``eager`` named on CPU the
     block-diagonal mask costs O(row^2), so rows stay at ``pack_tokens``.
     """
     dev = torch.device(device).type

@@ -206,11 +206,12 @@ def test_bad_kernel_and_capped_logits_are_clear_errors():
 
 
 def test_attention_and_row_layout_resolution():
-    assert resolve_attn("auto", "cpu") == "sdpa" and resolve_attn("eager", "cuda") == "eager"
-    assert resolve_attn(PACKED_SDPA, "cpu") == PACKED_SDPA
+    assert resolve_attn("auto", "cpu") == PACKED_SDPA and resolve_attn("eager", "cuda") == "eager"
+    assert resolve_attn(PACKED_SDPA, "cpu") == PACKED_SDPA and resolve_attn("sdpa", "cpu") == "sdpa"
+    assert row_budget("cpu", 512, "auto") is None  # the CPU default: one row, attention per sequence
     # one padding-free row where attention runs per packed sequence; rows of pack_tokens under a block mask
     assert row_budget("cpu", 512, PACKED_SDPA) is None and row_budget("cuda", 512, "sdpa") is None
-    assert row_budget("cpu", 512) == 512 and row_budget("cpu", 512, "eager") == 512
+    assert row_budget("cpu", 512, "sdpa") == 512 and row_budget("cpu", 512, "eager") == 512
 
 
 def test_gradient_checkpointing_inside_the_wrapper_gives_the_same_gradients():

@@ -42,13 +42,15 @@ class OptimConfig(StrictModel):
     log_steps: int = Field(50, ge=1, description="Write a log line every N steps (signals.jsonl and the progress bar get every step). Does not change results.")
     pack_tokens: int | None = Field(
         512, ge=16, description="CPU packing: token budget of one packed row (sequences packed first-fit; a longer one gets its own row). "
-        "CPU attention (sdpa/eager) costs O(row^2), so a few times the typical sequence length is fastest; None = one row per micro-batch. "
-        "Ignored on CUDA and with redi_packed_sdpa (one padding-free row, see attn_implementation). Does not change results.",
+        "Used only with attn_implementation sdpa or eager on CPU: their masked attention costs O(row^2), so a few times the typical "
+        "sequence length is fastest; None = one row per micro-batch. Ignored on CUDA and with auto / redi_packed_sdpa "
+        "(one padding-free row, see attn_implementation). Does not change results.",
     )
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "redi_packed_sdpa"] = Field(
         "auto", description="transformers attention kernel. `auto`: flash_attention_2 on CUDA when flash-attn is installed "
-        "(packed row read as varlen), else sdpa (on CUDA each packed sequence then runs alone, without a mask). "
-        "redi_packed_sdpa (opt-in, CPU): one padding-free row, SDPA per packed sequence (redi.logprobs.packed_sdpa_attention). "
+        "(packed row read as varlen), else sdpa (on CUDA each packed sequence then runs alone, without a mask); on CPU "
+        "redi_packed_sdpa: one padding-free row, SDPA per packed sequence (redi.logprobs.packed_sdpa_attention). "
+        "sdpa/eager on CPU: rows of pack_tokens under a block-diagonal mask. "
         "Does not change results beyond float rounding.",
     )
     trust_remote_code: bool = Field(False, description="Allow model code shipped with the checkpoint when loading it (set it together with model.trust_remote_code).")
