@@ -165,7 +165,7 @@ def render(res: list[dict], args, a: float, b: float) -> str:
         f"## Log-prob memory: full (N, V) logits vs chunked, {args.layers} layer(s)"
         f"{', checkpointing' if args.checkpointing else ''} (`benchmarks/bench_logprob_memory.py`)",
         "",
-        f"Measured {time.strftime('%Y-%m-%d %H:%M')} on this CPU ({os.cpu_count()} cores, shared with other jobs). "
+        f"Measured {time.strftime('%Y-%m-%d %H:%M')} on this CPU ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end). "
         f"Qwen2.5-1.5B-shaped model with {args.layers} decoder layer(s) (hidden {HIDDEN}, vocabulary {VOCAB:,}, tied "
         f"embeddings), fp32 weights, bf16 autocast, gradient checkpointing {'on' if args.checkpointing else 'off'}; one pair per step (two rows, 64-token prompts), forward + REDI loss + "
         "backward. Growth = peak RSS during the step minus RSS before it, one subprocess per cell; tokens/s from one "

@@ -161,7 +161,7 @@ def main() -> None:
         "",
         f"`python benchmarks/bench_s3.py{' --demo' if args.demo else ''}{''.join(' --set ' + o for o in args.overrides)} "
         f"--reps {args.reps}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-        f"{os.cpu_count()} cores shared with other jobs and with the moto server itself; "
+        f"{os.cpu_count()} cores (load average {os.getloadavg()[0]:.1f} at the end) shared with the moto server itself; "
         f"{stored / 1e6:.1f} MB of objects per run on the store. Median of {args.reps} (each rep interleaves both roots).",
         "",
         "| run | " + " | ".join(f"rep {i + 1}" for i in range(args.reps)) + " | median s |",
