@@ -1,7 +1,7 @@
 """Flow ``redi-study``: the CPU-scale study (deployments/study-cpu), as ordered tasks.
 
-SFT rounds until the validation plateau -> per-method validation search -> final runs on test over
-seeds -> report. The decisions (plateau, best setting) are the library's pure functions
+SFT rounds until the validation plateau -> (``negatives: on_policy``: pairs sampled from the SFT start) ->
+per-method validation search -> final runs on test over seeds -> report. The decisions (plateau, best setting) are the library's pure functions
 (``redi.study.plateau_decision``, ``redi.study.choose``); each model is its own task and its own
 content-addressed artifact, so a change to one method reruns only that method.
 """
@@ -14,7 +14,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from tasks.study import base as base_task
-from tasks.study import evaluate, point, report, sft_round
+from tasks.study import evaluate, on_policy, point, report, sft_round
 
 
 @flow(name="redi-study", log_prints=False)
@@ -50,6 +50,8 @@ def redi_study(recipe_path: str = "deployments/study-cpu", overrides: list[str] 
     start = arts[decision.best_round - 1]
     sft = {**sft_summary(curve, decision, Artifact.from_dict(start)), "start": start}
     sft_test = evaluate(rd, sd, start, "test", base, "sft-plateau")
+    if cfg.negatives == "on_policy":
+        base = {**base, **on_policy(rd, sd, base, start)}
     search, final = {}, {}
     for m in cfg.methods:
         search[m.name] = [point(rd, sd, m.name, p, cfg.search_seed, "val", base, start, tag=_tag(p)) for p in m.points()]

@@ -44,6 +44,15 @@ def sft_round(recipe: dict[str, Any], study: dict[str, Any], r: int, start: dict
     return {"artifact": art.to_dict(), "row": row}
 
 
+@task(name="study-on-policy-pairs", cache_policy=NONE)
+def on_policy(recipe: dict[str, Any], study: dict[str, Any], base: dict[str, dict[str, Any]],
+              start: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``negatives: on_policy``: traces sampled from the SFT start, verified into pairs: {"pairs": artifact}."""
+    from redi.artifacts import Artifact
+
+    return {k: a.to_dict() for k, a in _study(recipe, study).on_policy(_arts(base), Artifact.from_dict(start)).items()}
+
+
 @task(name="study-eval", cache_policy=NONE, task_run_name="eval-{label}-{split}")
 def evaluate(recipe: dict[str, Any], study: dict[str, Any], model: dict[str, Any], split: str,
              base: dict[str, dict[str, Any]], label: str) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -82,6 +83,13 @@ class StudyConfig(StrictModel):
     val_max_problems: int | None = Field(None, ge=1, description="Evaluate only the first N validation problems.")
     test_max_problems: int | None = Field(None, ge=1, description="Evaluate only the first N test problems.")
     stage2_steps: int | None = Field(None, ge=1, description="Optimiser steps of every stage-2 run (and of `none`); None = redi.epochs over the pairs.")
+    negatives: Literal["teacher", "on_policy"] = Field(
+        "teacher", description="Where stage 2's pairs come from. `teacher`: the recipe's verify stage (the paper's offline "
+        "setting). `on_policy`: `on_policy_n` samples per training problem from the SFT start itself (the `generate` data "
+        "source with the recipe's evaluate sampling settings), graded and verified into (first correct, first incorrect) "
+        "pairs with the recipe's verify settings: negatives are the student's own mistakes, a departure from the paper. "
+        "In both, `none` continues SFT on the recipe's positives.")
+    on_policy_n: int = Field(4, ge=2, le=64, description="negatives: on_policy: samples per training problem drawn from the SFT start.")
 
     @model_validator(mode="after")
     def _names(self) -> StudyConfig:

@@ -112,6 +112,16 @@ def _hp(r: dict[str, Any]) -> str:
     return param_str({k: r[k] for k in keys if k in r and r[k] is not None and r[k] == r[k]})
 
 
+def _negatives_line(result: StudyResult) -> str:
+    p = result.pairs or {}
+    where = ("on-policy: sampled from the SFT start itself (the student's own correct and wrong answers)"
+             if result.negatives == "on_policy" else "the teacher's traces (the recipe's verify stage)")
+    labels = ", ".join(f"{k}: {v:,}" for k, v in (p.get("labels") or {}).items())
+    return (f"Pairs for the pair methods: {where}; {p.get('pairs', '?'):,} pairs from {p.get('traces', '?'):,} traces of "
+            f"{p.get('problems', '?'):,} problems (labels {labels or '?'}). `none` continues SFT on the recipe's positives."
+            if p else f"Pairs for the pair methods: {where}.")
+
+
 def write_report(result: StudyResult, out: Path) -> dict[str, Any]:
     """results.md/.csv (Table 2), search.md/.csv, sft_curve.csv/.png, signals_<method>.png, study.json."""
     import pandas as pd
@@ -128,6 +138,7 @@ def write_report(result: StudyResult, out: Path) -> dict[str, Any]:
     collapses = [r for r in search_rows + [r for v in result.final.values() for r in v] if r["collapse"]]
     md = ["# CPU study results", "",
           f"Test split, {n} samples per problem; mean over seeds, SEM = std/sqrt(seeds). Stage 2: {result.stage2_steps} steps.", "",
+          _negatives_line(result), "",
           markdown_table(table, ("pass@1", "sem", f"pass@{n}", "no_answer")),
           "## SFT to plateau (validation)", "", f"Start = round {result.sft_best_round}: {result.sft_reason}.", "",
           markdown_table(result.sft_curve, ("pass@1", "se", "no_answer")),

@@ -102,4 +102,6 @@ class StudyResult:
     test_n_samples: int
     search_seed: int = 0
     collapse_drop: float | None = None
+    negatives: str = "teacher"
+    pairs: dict[str, Any] = field(default_factory=dict)
 

@@ -44,6 +44,59 @@ class Study:
         verify = self.pipe.verify(data, model)
         return {"download": data, "model": model, "verify": verify}
 
+    def on_policy(self, base: dict[str, Artifact], start: Artifact) -> dict[str, Artifact]:
+        """``negatives: on_policy``: ``{"pairs": verify artifact}`` of traces sampled from the SFT start ``start``.
+
+        The recipe's data section becomes the ``generate`` source (redi.teacher): ``on_policy_n`` samples per
+        training problem (the synthetic source's problems, or the download's problems written to a parquet
+        file for any other source) from ``start``'s model folder, with the evaluate section's sampling settings
+        and backend; then the recipe's verify stage with the base model's tokenizer. Both are ordinary store
+        artifacts, keyed by the model's content, so a rerun samples nothing again.
+        """
+        from ..config import DataConfig
+
+        ev, d = self.recipe.evaluate, self.recipe.data
+        problems = "synthetic" if d.source == "synthetic" else str(self._problems_file(base["download"]))
+        gen = {"model": str(start.file("model")), "problems": problems, "n": self.cfg.on_policy_n,
+               "temperature": ev.temperature, "top_p": ev.top_p, "max_new_tokens": ev.max_new_tokens, "seed": ev.seed,
+               "backend": ev.backend, "prompt_protocol": ev.prompt_protocol or self.recipe.prompt.train, "dtype": ev.dtype,
+               "hf_batch_size": ev.hf_batch_size, "kv_cache_gb": ev.kv_cache_gb, "grade_workers": ev.grade_workers,
+               "grade_timeout_s": ev.grade_timeout_s}
+        data_cfg = DataConfig.model_validate({**d.model_dump(mode="json", by_alias=True), "source": "generate", "generate": gen,
+                                              "max_rows": None})
+        pipe = Pipeline(self.recipe.model_copy(update={"data": data_cfg}))
+        t0 = time.time()
+        data = pipe.download()
+        pairs = pipe.verify(data, base["model"])
+        self.timings["on_policy"] = time.time() - t0
+        if not pairs.summary.get("pairs"):
+            raise ValueError(f"study.negatives=on_policy: {self.cfg.on_policy_n} samples per problem from the SFT start gave no "
+                             f"(correct, incorrect) pair on any of {pairs.summary.get('problems')} problems (labels "
+                             f"{pairs.summary.get('labels')}): the start solves all or none of them; raise study.on_policy_n "
+                             "or train the start further")
+        log.info("on-policy pairs: %s pairs from %d samples per problem of the SFT start (%s)",
+                 pairs.summary.get("pairs"), self.cfg.on_policy_n, pairs.key)
+        return {"pairs": pairs}
+
+    def _problems_file(self, data: Artifact) -> Path:
+        """The download's distinct (problem, answer) rows as a parquet file beside the run's reports (content-keyed
+        by the generate source, so its location does not matter)."""
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(data.file("traces.parquet"), columns=["problem_id", "problem", "answer"]).to_pandas()
+        t = t.drop_duplicates("problem_id").rename(columns={"problem_id": "id"})
+        path = self.pipe.run_dir() / "on_policy_problems" / f"{data.key}.parquet"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            t.to_parquet(path.with_suffix(".tmp"), index=False)
+            path.with_suffix(".tmp").replace(path)
+        return path
+
+    @staticmethod
+    def pairs_of(base: dict[str, Artifact]) -> Artifact:
+        """The verify artifact stage 2's pair methods train on: the on-policy pairs when present, else the recipe's."""
+        return base.get("pairs", base["verify"])
+
     def _extra(self, data: Artifact) -> dict[str, Path]:
         return {b: data.dir / "benchmarks" / f"{b}.jsonl" for b in (self.cfg.val_benchmark, self.cfg.test_benchmark)}
 
@@ -159,9 +212,9 @@ class Study:
     def point(self, method: MethodSpec, params: dict[str, float], seed: int, split: str,
               base: dict[str, Artifact], start: Artifact) -> PointResult:
         """Train (or take from cache) one stage-2 model from ``start`` and evaluate it on ``split``."""
-        cfg = self.point_config(method, params, seed, self.stage2_steps(base["verify"]))
+        cfg = self.point_config(method, params, seed, self.stage2_steps(self.pairs_of(base)))
         stage = "sft" if method.loss == CONTINUED_SFT else "redi"
-        art = self._train(stage, cfg, start, base["verify"])
+        art = self._train(stage, cfg, start, base["verify"] if stage == "sft" else self.pairs_of(base))
         train_s = build_seconds(art)
         signals = read_signals(art.dir / "signals.jsonl")
         collapse = collapse_check(signals, self.recipe.redi.collapse_threshold)
@@ -187,6 +240,8 @@ class Study:
         sft = self.sft_to_plateau(base)
         start = sft["start"]
         sft_test = self.evaluate(start, "test", base["download"], "sft-plateau")
+        if self.cfg.negatives == "on_policy":
+            base = {**base, **self.on_policy(base, start)}
         search = {m.name: self.search(m, base, start) for m in self.cfg.methods}
         chosen = {m.name: choose(m, [p.row() for p in search[m.name]]) for m in self.cfg.methods}
         final = {m.name: self.final(m, chosen[m.name], base, start) for m in self.cfg.methods if m.final}
@@ -208,7 +263,8 @@ class Study:
             chosen={m.name: choose(m, [p.row() for p in search[m.name]]) for m in self.cfg.methods if m.name in search},
             final={k: [p.row() for p in v] for k, v in final.items()}, signals=signals,
             timings={"wall_this_invocation": round(wall_s, 1), **{k: round(v, 1) for k, v in build_s.items()}},
-            stage2_steps=self.stage2_steps(base["verify"]), collapse_threshold=self.recipe.redi.collapse_threshold,
+            stage2_steps=self.stage2_steps(self.pairs_of(base)), collapse_threshold=self.recipe.redi.collapse_threshold,
+            negatives=self.cfg.negatives, pairs=_pairs_info(self.pairs_of(base)),
             collapse_drop=self.recipe.redi.collapse_drop,
             test_n_samples=self.cfg.test_n_samples, search_seed=self.cfg.search_seed)
 
@@ -227,6 +283,13 @@ class Study:
         shutil.copytree(art.dir, dest, dirs_exist_ok=True)
         summary = json.loads((art.dir / "summary.json").read_text())
         return {**summary, "artifact": art.path, "out_dir": str(dest)}
+
+
+def _pairs_info(verify: Artifact) -> dict[str, Any]:
+    """What stage 2 trained on: the verify artifact's key, its pairs, traces, problems and label counts."""
+    s = verify.summary
+    return {"verify_key": verify.key, "pairs": s.get("pairs"), "traces": s.get("traces"), "problems": s.get("problems"),
+            "labels": s.get("labels")}
 
 
 def _summary(rep: dict[str, Any]) -> dict[str, Any]:
