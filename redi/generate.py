@@ -111,17 +111,24 @@ def sampling(cfg: EvaluateConfig) -> dict:
     return {"n": cfg.n_samples, "temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.new_tokens()}
 
 
-def sample_rows(req: Request, outs: Sequence[tuple[Sequence[int], str]], tokenizer: Any) -> list[dict]:
+def sample_rows(req: Request, outs: Sequence[tuple[Sequence[int], str]], tokenizer: Any,
+                keep_special: bool = False) -> list[dict]:
     """The rows (:data:`SAMPLE_COLUMNS`) of one problem's outputs (token ids, finish reason); a final EOS is
-    counted in ``completion_tokens``, not decoded."""
+    counted in ``completion_tokens``, not decoded.
+
+    ``keep_special`` (``evaluate.keep_special_tokens``, set by the ``generate`` data source): decode the
+    tokenizer's special tokens too, so that a trace reads as the model wrote it (``<think>`` ... ``</think>``
+    where the tokenizer marks them special); the final stop token, whichever special token it is, is still
+    not decoded. Evaluation skips them (vLLM's default): only the answer is graded."""
     eos = tokenizer.eos_token_id
+    stops = set(getattr(tokenizer, "all_special_ids", ()) or ()) | {eos} if keep_special else {eos}
     rows = []
     for i, (ids, finish) in enumerate(outs):
         ids = list(ids)
-        body = ids[:-1] if ids and ids[-1] == eos and finish == "stop" else ids
+        body = ids[:-1] if ids and ids[-1] in stops and finish == "stop" else ids
         rows.append({
             "benchmark": req.benchmark, "problem_id": req.problem_id, "sample_index": i,
-            "text": tokenizer.decode(body, skip_special_tokens=True), "prompt_tokens": len(req.prompt_ids),
+            "text": tokenizer.decode(body, skip_special_tokens=not keep_special), "prompt_tokens": len(req.prompt_ids),
             "completion_tokens": len(ids), "finish_reason": finish or "length",
         })
     return rows
@@ -159,7 +166,7 @@ class Generator:
             for r in chunk:
                 if (r.benchmark, r.problem_id) in skip:
                     continue
-                rows += sample_rows(r, outs[r], self.tokenizer) if r in outs else self._unfit(r, params["n"])
+                rows += sample_rows(r, outs[r], self.tokenizer, self.cfg.keep_special_tokens) if r in outs else self._unfit(r, params["n"])
             yield rows
 
     def _unfit(self, r: Request, n: int) -> list[dict]:

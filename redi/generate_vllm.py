@@ -296,7 +296,7 @@ class VLLMGenerator(Generator):
         if unfit:
             yield [s for r in unfit for s in self._unfit(r, params["n"])]
         for done in self._stream(fits, params):
-            yield [s for i, outs in done for s in sample_rows(fits[i], outs, self.tokenizer)]
+            yield [s for i, outs in done for s in sample_rows(fits[i], outs, self.tokenizer, self.cfg.keep_special_tokens)]
 
     def problems_per_engine(self) -> list[int]:
         """Problems each engine has returned so far (the load balance across engines)."""

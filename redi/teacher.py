@@ -166,7 +166,7 @@ def _eval_view(g: GenerateConfig, max_problems: int | None = None) -> EvaluateCo
         prompt_protocol=g.prompt_protocol, dtype=g.dtype, max_model_len=g.max_model_len, hf_batch_size=g.hf_batch_size,
         data_parallel_size=g.data_parallel_size, tensor_parallel_size=g.tensor_parallel_size,
         gpu_memory_utilization=g.gpu_memory_utilization, kv_cache_gb=g.kv_cache_gb, grade_workers=g.grade_workers,
-        grade_timeout_s=g.grade_timeout_s, max_problems=max_problems)
+        grade_timeout_s=g.grade_timeout_s, max_problems=max_problems, keep_special_tokens=True)
 
 
 def load_problems(cfg: DataConfig) -> tuple[list[dict], str]:

@@ -97,6 +97,24 @@ def test_generate_source_writes_graded_traces_that_verify_reads(first_run, tmp_p
     assert again.cached and again.key == art.key
 
 
+def test_traces_keep_the_special_tokens_the_model_wrote(first_run):
+    """The tiny tokenizer marks <think> and </think> special: evaluation decodes without them (only the answer is
+    graded), the generate source keeps them (a trace must read as the student wrote it, or its chosen/rejected
+    log-probs are scored on text the model never produces); the final stop token is decoded by neither."""
+    from redi.generate import Request, sample_rows
+    from redi.tinymodel import load_tokenizer
+
+    tok = load_tokenizer(first_run["model"].dir)
+    text = "<think>\nstep 1: 2 + 1 = 3\n</think>\nThe answer is \\boxed{3}."
+    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    req = Request("b", "p", (1, 2), 0)
+    plain = sample_rows(req, [(ids, "stop")], tok)[0]
+    kept = sample_rows(req, [(ids, "stop"), (ids[:-1], "length")], tok, keep_special=True)
+    assert "<think>" not in plain["text"] and plain["text"].endswith("\\boxed{3}.")
+    assert kept[0]["text"] == text and kept[1]["text"] == text and kept[0]["completion_tokens"] == len(ids)
+    assert teacher._eval_view(DataConfig(source="generate", generate={"model": "m"}).generate).keep_special_tokens
+
+
 def test_key_follows_the_model_and_the_sampling_only(first_run, tmp_path):
     tree = _second(first_run, tmp_path)
     k = _key(tree)

