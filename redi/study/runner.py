@@ -45,7 +45,8 @@ class Study:
         return {"download": data, "model": model, "verify": verify}
 
     def on_policy(self, base: dict[str, Artifact], start: Artifact) -> dict[str, Artifact]:
-        """``negatives: on_policy``: ``{"pairs": verify artifact}`` of traces sampled from the SFT start ``start``.
+        """``negatives: on_policy``: ``{"pairs": verify artifact, "pairs_download": its traces}``, sampled from the SFT
+        start ``start``.
 
         The recipe's data section becomes the ``generate`` source (redi.teacher): ``on_policy_n`` samples per
         training problem (the synthetic source's problems, or the download's problems written to a parquet
@@ -76,7 +77,7 @@ class Study:
                              "or train the start further")
         log.info("on-policy pairs: %s pairs from %d samples per problem of the SFT start (%s)",
                  pairs.summary.get("pairs"), self.cfg.on_policy_n, pairs.key)
-        return {"pairs": pairs}
+        return {"pairs": pairs, "pairs_download": data}
 
     def _problems_file(self, data: Artifact) -> Path:
         """The download's distinct (problem, answer) rows as a parquet file beside the run's reports (content-keyed
@@ -255,6 +256,8 @@ class Study:
         build_s = {"sft_rounds_train": sum(c["train_s"] for c in sft["curve"]), "sft_rounds_eval": sum(c["eval_s"] for c in sft["curve"]),
                    "stage2_train": sum({p.model_key: p.train_seconds for p in points}.values()),
                    "stage2_eval": sum(p.eval.seconds for p in points) + sft_test.seconds}
+        if "pairs" in base:  # negatives: on_policy: sampling from the start and verifying the samples
+            build_s["on_policy_pairs"] = build_seconds(base["pairs_download"]) + build_seconds(base["pairs"])
         build_s["total_compute"] = sum(build_s.values())
         return StudyResult(
             sft_curve=sft["curve"], sft_best_round=sft["best_round"], sft_reason=sft["reason"], sft_plateaued=sft["plateaued"],
