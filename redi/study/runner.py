@@ -66,10 +66,8 @@ class Study:
         data_cfg = DataConfig.model_validate({**d.model_dump(mode="json", by_alias=True), "source": "generate", "generate": gen,
                                               "max_rows": None})
         pipe = Pipeline(self.recipe.model_copy(update={"data": data_cfg}))
-        t0 = time.time()
         data = pipe.download()
         pairs = pipe.verify(data, base["model"])
-        self.timings["on_policy"] = time.time() - t0
         if not pairs.summary.get("pairs"):
             raise ValueError(f"study.negatives=on_policy: {self.cfg.on_policy_n} samples per problem from the SFT start gave no "
                              f"(correct, incorrect) pair on any of {pairs.summary.get('problems')} problems (labels "
