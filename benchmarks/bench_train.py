@@ -427,7 +427,7 @@ def wide_head(args, model_dir: Path, pairs: Path, threads: int, n_params: int) -
              f"model with its embedding and head resized ({n_params / 1e6:.1f}M params), same pairs and tokenizer, "
              f"{args.batch} pairs per step, {args.steps} alternated steps (medians); memory one subprocess per method.", "",
              "| method | tokens/s | vs TRL SimPO | peak RSS GB | vs TRL SimPO | RSS growth in steps GB |", "|---|---|---|---|---|---|"]
-    for k, name in (("redi_packed", "ours: REDI, padding-free rows, chunked head"),
+    for k, name in (("redi_packed", "ours: REDI, one padding-free row (SDPA per sequence), chunked head"),
                     ("trl_simpo", "TRL CPOTrainer, simpo, cpo_alpha=0 (full logits)")):
         lines.append(f"| {name} | {s2[k]['tokens_per_s']:,.0f} | {s2[k]['tokens_per_s'] / t['tokens_per_s']:.2f}x | "
                      f"{mem[k]['peak_rss_gb']:.2f} | {mem[k]['peak_rss_gb'] / mem['trl_simpo']['peak_rss_gb']:.2f}x | "
