@@ -19,56 +19,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from _dask_cluster import dask_cluster  # noqa: E402 - the tests' real cluster (scheduler + worker processes)
+
 DOC = ROOT / "docs" / "benchmarks" / "verify_dask.md"
-
-
-def start_cluster(tmp: Path, workers: int = 2) -> tuple[str, list[subprocess.Popen]]:
-    """A ``dask scheduler`` and ``workers`` ``dask worker`` processes on 127.0.0.1; returns (address, processes)."""
-    from dask.distributed import Client
-
-    with socket.socket() as so:
-        so.bind(("127.0.0.1", 0))
-        port = so.getsockname()[1]
-    addr = f"tcp://127.0.0.1:{port}"
-    # grading forks its own time-limited processes: dask's worker processes must not be daemonic
-    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port",
-                               str(port), "--dashboard-address", ":0", "--no-show"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    for i in range(workers):
-        procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", addr, "--nthreads", "1",
-                                       "--nworkers", "1", "--no-dashboard", "--local-directory", str(tmp / f"w{i}")],
-                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    deadline = time.time() + 120
-    while True:
-        try:
-            with Client(addr, timeout=5) as c:
-                c.wait_for_workers(workers, timeout=max(1, deadline - time.time()))
-            return addr, procs
-        except (OSError, TimeoutError):
-            if time.time() > deadline:
-                stop(procs)
-                raise RuntimeError(f"the Dask cluster at {addr} did not come up with {workers} workers in 120 s") from None
-            time.sleep(0.5)
-
-
-def stop(procs: list[subprocess.Popen]) -> None:
-    for p in reversed(procs):
-        p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            p.kill()
 
 
 def main() -> None:
@@ -95,15 +56,14 @@ def main() -> None:
         tok = tmp / "tok"
         train_tokenizer(list(_training_texts(tmp / "traces.parquet", 2000)), 512).save_pretrained(str(tok))
         t0 = time.monotonic()
-        addr, procs = start_cluster(tmp)
-        startup = time.monotonic() - t0
-        cfgs = {"local pool (2 processes)": VerifyConfig(max_prompt_tokens=256, max_response_tokens=256, positives="all",
-                                                        workers=2),
-                "Dask, 2 workers": VerifyConfig(max_prompt_tokens=256, max_response_tokens=256, positives="all",
-                                                executor="dask", dask_address=addr, shard_size=args.shard_size)}
-        secs: dict[str, list[float]] = {k: [] for k in cfgs}
-        summary: dict[str, dict] = {}
-        try:
+        with dask_cluster(tmp) as addr:
+            startup = time.monotonic() - t0
+            cfgs = {"local pool (2 processes)": VerifyConfig(max_prompt_tokens=256, max_response_tokens=256,
+                                                            positives="all", workers=2),
+                    "Dask, 2 workers": VerifyConfig(max_prompt_tokens=256, max_response_tokens=256, positives="all",
+                                                    executor="dask", dask_address=addr, shard_size=args.shard_size)}
+            secs: dict[str, list[float]] = {k: [] for k in cfgs}
+            summary: dict[str, dict] = {}
             for r in range(args.rounds):
                 labels = {}
                 for name, cfg in (cfgs.items() if r % 2 == 0 else reversed(cfgs.items())):
@@ -117,8 +77,6 @@ def main() -> None:
                 a, b = labels.values()
                 if a != b:
                     raise SystemExit(f"round {r + 1}: the Dask cluster's labels differ from the local pool's")
-        finally:
-            stop(procs)
     n = summary["Dask, 2 workers"]["traces"]
     med = {k: statistics.median(v) for k, v in secs.items()}
     pool, dask = med["local pool (2 processes)"], med["Dask, 2 workers"]

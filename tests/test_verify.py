@@ -164,37 +164,10 @@ def test_dask_labels_equal_processes(synth_traces, tok_dir, tmp_path):
 def test_dask_cluster_of_two_worker_processes_gives_the_same_labels(synth_traces, tok_dir, tmp_path):
     """A real `dask scheduler` and two `dask worker` processes started here (as on separate machines): the verify
     stage at their address labels like the local pool, and both workers graded shards."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    import time
-
     distributed = pytest.importorskip("dask.distributed")
-    with socket.socket() as so:
-        so.bind(("127.0.0.1", 0))
-        port = so.getsockname()[1]
-    addr = f"tcp://127.0.0.1:{port}"
-    # Grading workers are child processes: the worker processes must not be daemonic (as redi.tracegrader's LocalCluster)
-    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                               "--port", str(port), "--dashboard-address", ":0", "--no-show"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    try:
-        for i in range(2):
-            procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", addr, "--nthreads", "1",
-                                           "--nworkers", "1", "--no-dashboard", "--local-directory", str(tmp_path / f"w{i}")],
-                                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        deadline = time.time() + 120
-        while True:
-            try:
-                with distributed.Client(addr, timeout=5) as c:
-                    c.wait_for_workers(2, timeout=max(1, deadline - time.time()))
-                break
-            except (OSError, TimeoutError):
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.5)
+    from _dask_cluster import dask_cluster
+
+    with dask_cluster(tmp_path) as addr:
         s_p, lab_p, *_ = _run(VerifyConfig(workers=2), synth_traces, tok_dir, tmp_path / "p")
         s_d, lab_d, pos_d, _ = _run(VerifyConfig(executor="dask", dask_address=addr, shard_size=32), synth_traces, tok_dir,
                                     tmp_path / "d")
@@ -204,14 +177,6 @@ def test_dask_cluster_of_two_worker_processes_gives_the_same_labels(synth_traces
         with distributed.Client(addr) as c:
             worked = c.run(lambda dask_worker: dask_worker.state.transition_counter)
         assert len(worked) == 2 and all(n > 0 for n in worked.values()), worked
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 def test_workers_count_tokens_as_transformers_does(synth_traces, tok_dir, tmp_path):
