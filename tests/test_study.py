@@ -322,3 +322,28 @@ def test_micro_study_on_policy_samples_from_the_sft_start(tmp_path):
         return
     pairs = out["pairs"]
     assert pairs.summary["traces"] == 2 * 12 and pairs.summary["pairs"] >= 1 and pairs.key != base["verify"].key
+
+
+def test_on_policy_problems_of_a_non_synthetic_source_are_the_downloads_distinct_problems(tmp_path):
+    """For a Hub or local source the on-policy regime samples the download's own problems: one row per problem
+    (its id, text and gold answer), written once, and read back by the generate source as written."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from redi import teacher
+    from redi.config.data import DataConfig
+    from redi.study import Study
+
+    d = tmp_path / "download"
+    d.mkdir()
+    pd.DataFrame({"problem_id": ["a", "a", "b", "c", "c"], "problem": ["1+1?", "1+1?", "2+2?", "3+3?", "3+3?"],
+                  "answer": ["2", "2", "4", "6", "6"], "trace": ["x"] * 5}).to_parquet(d / "traces.parquet")
+    s = Study.__new__(Study)
+    s.pipe = SimpleNamespace(run_dir=lambda: tmp_path / "run")
+    data = SimpleNamespace(key="k1", file=lambda name: d / name)
+    path = s._problems_file(data)
+    assert path == s._problems_file(data) and not list(path.parent.glob("*.tmp"))
+    rows, origin = teacher.load_problems(DataConfig(source="generate", generate={"model": "m", "problems": str(path)}))
+    assert [(r["id"], r["problem"], r["answer"]) for r in rows] == [("a", "1+1?", "2"), ("b", "2+2?", "4"), ("c", "3+3?", "6")]
+    assert origin == str(path)
