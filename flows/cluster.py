@@ -23,6 +23,7 @@ from prefect.cache_policies import NONE
 
 from flows.pipeline import RUNNER, Resources, resolve_recipe, schedule
 from redi import dag
+from redi.interrupt import stoppable
 
 DEFAULT_DEPLOYMENT = "redi-stage/cluster"
 
@@ -60,6 +61,7 @@ def dispatch(node: str, deployment: str, parameters: dict[str, Any], work_queue_
 
 @flow(name="redi-cluster", task_runner=RUNNER(), description="One run of a recipe whose stages are flow runs of stage "
       "deployments on work pools (other machines), sharing only the artifact root.")
+@stoppable
 def redi_cluster(
     recipe_path: str | None = None,
     recipe: dict[str, Any] | None = None,

@@ -11,6 +11,7 @@ from prefect.cache_policies import NONE
 
 from flows.pipeline import documented
 from redi.config import EvaluateConfig
+from redi.interrupt import stoppable
 from tasks.nightly import evaluate_registered, publish_history
 
 NIGHTLY_HELP = {
@@ -26,6 +27,7 @@ NIGHTLY_HELP = {
 
 
 @flow(name="nightly-eval", description="Evaluate the latest model of each registered run on the benchmark suite; append to the history.")
+@stoppable
 @documented("Evaluate the latest models of every registered run (what the last full run of each recipe registered); "
             "append to the history.", "artifact_root", "evaluate_overrides", "runs", "labels", "results_db", "evaluate",
             extra=NIGHTLY_HELP)
@@ -53,6 +55,7 @@ def _evaluate_model(model: str, recipe: dict[str, Any], name: str | None) -> dic
 
 
 @flow(name="redi-eval", description="Evaluate any model folder or Hub id on benchmarks; append to the results store.")
+@stoppable
 @documented("Evaluate any model folder or Hub id with a recipe's evaluation settings.", "model", "overrides", "recipe_path", "name",
             extra={"model": "A model folder (e.g. an sft artifact's model/) or a Hugging Face Hub id.",
                    "overrides": "Recipe fields to change, as dotted keys: {\"evaluate.n_samples\": 4, \"evaluate.benchmarks\": [\"math500\"]}.",

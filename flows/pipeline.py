@@ -29,6 +29,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from redi import dag
 from redi.config import Recipe, RecipeError, apply_overrides, load_recipe
+from redi.interrupt import stoppable
 from redi.storage import normalize_root
 from tasks.curves import curves
 from tasks.download import download
@@ -235,6 +236,7 @@ RUNNER = ThreadPoolTaskRunner
 
 @flow(name="redi-pipeline", task_runner=RUNNER(), description="The whole REDI run: download -> model -> verify -> sft -> redi -> evaluate -> report. "
       "Registers the run for nightly evaluation.")
+@stoppable
 @documented("The whole DAG of a recipe; registers the run (runs/RUN/latest.json) for nightly evaluation.",
             "overrides", "refresh", "recipe_path", "recipe")
 def redi_pipeline(
@@ -248,6 +250,7 @@ def redi_pipeline(
 
 
 @flow(name="redi-stage", task_runner=RUNNER(), description="One stage of the REDI DAG; its upstream is taken from cache (or computed).")
+@stoppable
 @documented("One stage of a recipe; upstream from cache. stage=evaluate evaluates `labels` and records the result.",
             "stage", "overrides", "refresh", "recipe_path", "recipe", "labels", "register_run", "expect_keys",
             extra={"stage": "The stage to run: " + ", ".join(dag.STAGES) + ".",

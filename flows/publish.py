@@ -14,6 +14,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.pipeline import documented
 from redi.dag import MODEL_LABELS
+from redi.interrupt import stoppable
 from redi.losses import OBJECTIVES
 from redi.publish import KINDS, PublishError, hub_token, repo_ids
 from tasks.publish import stage_push, upload_push
@@ -38,6 +39,7 @@ PUSH_HELP = {
 
 
 @flow(name="redi-push", description="Publish a registered run to the Hugging Face Hub: model + card, data + card, evaluation details.")
+@stoppable
 @documented("Publish a registered run's model, positives/pairs and evaluation samples to the Hub (or, with dry_run, "
             "write the folders only).", "run", "model", "repo", "artifact_root", "dry_run", "only", "out", "dataset_repo",
             "details_repo", "license", "notes", "private", extra=PUSH_HELP)

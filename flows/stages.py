@@ -29,6 +29,7 @@ from redi.config import (
     StrictModel,
     VerifyConfig,
 )
+from redi.interrupt import stoppable
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO / "deployments"
@@ -136,6 +137,7 @@ def _doc(stage: str, *params: str):
 
 
 @flow(name="redi-stage", description="Stage download of any recipe (upstream from cache).")
+@stoppable
 @_doc("download", "data")
 def download_stage(recipe: RecipeName = "demo", overrides: dict[str, Any] | None = None, refresh: list[Stage] | None = None,
                    recipe_path: str | None = None, data: DataChanges = NO_DATA_CHANGES) -> dict[str, Any]:
@@ -143,6 +145,7 @@ def download_stage(recipe: RecipeName = "demo", overrides: dict[str, Any] | None
 
 
 @flow(name="redi-stage", description="Stage model (the base model) of any recipe (upstream from cache).")
+@stoppable
 @_doc("model", "model")
 def model_stage(recipe: RecipeName = "demo", overrides: dict[str, Any] | None = None, refresh: list[Stage] | None = None,
                 recipe_path: str | None = None, model: ModelChanges = NO_MODEL_CHANGES) -> dict[str, Any]:
@@ -150,6 +153,7 @@ def model_stage(recipe: RecipeName = "demo", overrides: dict[str, Any] | None = 
 
 
 @flow(name="redi-stage", description="Stage verify (label, filter, split) of any recipe (upstream from cache).")
+@stoppable
 @_doc("verify", "verify")
 def verify_stage(recipe: RecipeName = "demo", overrides: dict[str, Any] | None = None, refresh: list[Stage] | None = None,
                  recipe_path: str | None = None, verify: VerifyChanges = NO_VERIFY_CHANGES) -> dict[str, Any]:
@@ -157,6 +161,7 @@ def verify_stage(recipe: RecipeName = "demo", overrides: dict[str, Any] | None =
 
 
 @flow(name="redi-stage", description="Stage sft (stage 1) of any recipe (upstream from cache).")
+@stoppable
 @_doc("sft", "sft")
 def sft_stage(recipe: RecipeName = "demo", overrides: dict[str, Any] | None = None, refresh: list[Stage] | None = None,
               recipe_path: str | None = None, sft: SFTChanges = NO_SFT_CHANGES) -> dict[str, Any]:
@@ -164,6 +169,7 @@ def sft_stage(recipe: RecipeName = "demo", overrides: dict[str, Any] | None = No
 
 
 @flow(name="redi-stage", description="Stage redi (stage 2: REDI, DPO or SimPO) of any recipe (upstream from cache).")
+@stoppable
 @_doc("redi", "redi")
 def redi_stage2(recipe: RecipeName = "demo", overrides: dict[str, Any] | None = None, refresh: list[Stage] | None = None,
                 recipe_path: str | None = None, redi: RediChanges = NO_REDI_CHANGES) -> dict[str, Any]:
@@ -172,6 +178,7 @@ def redi_stage2(recipe: RecipeName = "demo", overrides: dict[str, Any] | None = 
 
 @flow(name="redi-stage", description="Stage evaluate of any recipe: evaluate models, record the result "
       "(registered for nightly only with register_run=true).")
+@stoppable
 @_doc("evaluate", "labels", "register_run", "evaluate")
 def evaluate_stage(recipe: RecipeName = "demo", overrides: dict[str, Any] | None = None, refresh: list[Stage] | None = None,
                    recipe_path: str | None = None, labels: list[Label] | None = None, register_run: bool = False,
@@ -181,6 +188,7 @@ def evaluate_stage(recipe: RecipeName = "demo", overrides: dict[str, Any] | None
 
 @flow(name="redi-stage", description="Stage curves of any recipe: evaluate the models kept during training "
       "(sft/redi.keep_checkpoints) with evaluate.checkpoints; pass@1 and response length against the step.")
+@stoppable
 @_doc("curves", "evaluate")
 def curves_stage(recipe: RecipeName = "demo", overrides: dict[str, Any] | None = None, refresh: list[Stage] | None = None,
                  recipe_path: str | None = None, evaluate: EvaluateChanges = NO_EVALUATE_CHANGES) -> dict[str, Any]:

@@ -13,11 +13,13 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from redi.interrupt import stoppable
 from tasks.study import base as base_task
 from tasks.study import evaluate, on_policy, point, report, sft_round
 
 
 @flow(name="redi-study", log_prints=False)
+@stoppable
 def redi_study(recipe_path: str = "deployments/study-cpu", overrides: list[str] | None = None,
                out_dir: str | None = None) -> dict[str, Any]:
     """Run the study of a recipe folder: SFT to its validation plateau, per-method search, final seeds on test.

@@ -20,6 +20,7 @@ that run flows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
@@ -136,8 +137,13 @@ def _csv(s: str | None) -> list[str] | None:
 
 
 # ------------------------------------------------------------------------------------------ helpers
+_SESSION = contextlib.ExitStack()  # prefect_env's client settings; closed when main returns
+
+
 def prefect_env(artifact_root: str | Path) -> None:
-    """Without a server (no PREFECT_API_URL), keep Prefect's database beside the artifacts."""
+    """Without a server (no PREFECT_API_URL), keep Prefect's database beside the artifacts and start a
+    temporary server in its own session (flows/server.py: a Ctrl-C to the terminal's process group must
+    not stop it before the interrupted run has reported its state); it is stopped at exit."""
     if not os.environ.get("PREFECT_API_URL") and not os.environ.get("PREFECT_HOME"):
         from .storage import local_root  # a URL root: beside its local cache
 
@@ -147,6 +153,10 @@ def prefect_env(artifact_root: str | Path) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Prefect's default 20 s wait for its temporary server is too short on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    if not os.environ.get("PREFECT_API_URL"):
+        from flows.server import api, temporary_server
+
+        _SESSION.enter_context(api(temporary_server()))
 
 
 def recipe_for(args: argparse.Namespace, path: str | Path | None) -> Recipe:
@@ -424,8 +434,24 @@ def _drop_traceback(record: logging.LogRecord) -> bool:
     return True
 
 
-def _sigterm(signum, frame) -> None:
-    raise KeyboardInterrupt("SIGTERM")
+_handled: list[int] = []
+
+
+def _interrupt(signum, frame) -> None:
+    """SIGTERM / SIGINT: stop every stage thread (redi.interrupt), bound the wait, unwind the main thread.
+
+    Later signals only say that the run is stopping: raising again would cut short the clean-up that
+    the first one started (Prefect's own SIGTERM handler re-sends the signal once its flow has unwound;
+    that is the first this handler sees of a SIGTERM during a flow)."""
+    from . import interrupt
+
+    status = 128 + signum
+    interrupt.begin(status)
+    if _handled:
+        print(f"redi: already stopping (forced {interrupt.grace_s():g} s after the first signal)", file=sys.stderr, flush=True)
+        return
+    _handled.append(signum)
+    raise KeyboardInterrupt("SIGTERM" if signum == signal.SIGTERM else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -438,10 +464,25 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(name).addFilter(_drop_traceback)
     for name in ("accelerate.accelerator", "accelerate.checkpointing"):  # 5 lines per checkpoint otherwise
         logging.getLogger(name).setLevel(logging.WARNING)
-    # SIGTERM (kill, a scheduler's timeout) unwinds like Ctrl-C: Prefect's temporary server, vLLM engines and
-    # grading workers are shut down by their context managers instead of being orphaned.
+    # SIGTERM (kill, a scheduler's timeout) and Ctrl-C stop the stage wherever it runs (redi.interrupt) and
+    # unwind: Prefect's temporary server, vLLM engines and grading workers are shut down by their context
+    # managers instead of being orphaned.
+    from . import interrupt
+
+    interrupt.clear()
+    _handled.clear()
+    handlers = {}
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _sigterm)
+        handlers = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with _SESSION:
+            return _dispatch(args)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         if args.command == "demo":
             return cmd_run(args, recipe_for(args, DEMO_RECIPE), "report")
@@ -472,9 +513,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"redi: {line}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as e:
-        print(f"redi: interrupted{' (SIGTERM)' if 'SIGTERM' in str(e) else ''}", file=sys.stderr)
-        return 143 if "SIGTERM" in str(e) else 130
+    except BaseException as e:  # KeyboardInterrupt, or Prefect's TerminationSignal (SIGTERM during a flow)
+        from . import interrupt
+
+        if not isinstance(e, KeyboardInterrupt) and not interrupt.stopping():
+            raise
+        status = interrupt.status_of(e)
+        print(f"redi: interrupted{' (SIGTERM)' if status == 143 else ''}", file=sys.stderr)
+        return status
     return 1
 
 

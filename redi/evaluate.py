@@ -41,6 +41,7 @@ import pandas as pd
 
 from . import benchmarks as B
 from . import generate as G
+from . import interrupt
 from . import metrics as M
 from .config.evaluate import EvaluateConfig
 from .schema import stable_id
@@ -299,6 +300,7 @@ def _generate_and_grade(gen: G.Generator | None, pool: Any, flat: list[G.Request
     bar.close()
     t_wait = time.time()
     for s, f in zip(rows, tqdm(futures, desc="grading (rest)", unit="sample", mininterval=2.0), strict=True):
+        interrupt.check("grading")
         s["verdict"] = f.result()
     now = vars(pool.stats)
     stats = {k: now[k] - done0[k] for k in ("done", "timeouts", "crashes")} | {"timeout_examples": now["timeout_examples"][:3]}

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import interrupt
 from .config.evaluate import EvaluateConfig
 from .prompts import render_prompt
 from .schema import stable_id
@@ -157,6 +158,7 @@ class Generator:
         """
         params = sampling(self.cfg)
         for start in range(0, len(requests), self.chunk):
+            interrupt.check("generation")
             chunk = list(requests[start : start + self.chunk])
             if all((r.benchmark, r.problem_id) in skip for r in chunk):
                 continue

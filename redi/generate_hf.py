@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from . import interrupt
 from .config.evaluate import EvaluateConfig
 from .generate import Generator, Request
 
@@ -55,8 +56,9 @@ class HFGenerator(Generator):
                 input_ids=ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=max_new,
                 do_sample=sample, temperature=params["temperature"] if sample else None, top_p=params["top_p"] if sample else None,
                 top_k=0 if sample else None, num_return_sequences=params["n"], eos_token_id=self.tokenizer.eos_token_id,
-                pad_token_id=self.pad,
+                pad_token_id=self.pad, stopping_criteria=_stop_criteria(),
             )
+        interrupt.check("generation")  # a stop cut this batch short: its samples must not be kept
         gen = out[:, width:].tolist()  # (B*n, T) rows grouped by prompt
         n, eos = params["n"], self.tokenizer.eos_token_id
         return [[self._cut(gen[i * n + j], eos) for j in range(n)] for i in range(len(requests))]
@@ -69,3 +71,16 @@ class HFGenerator(Generator):
 
     def close(self) -> None:
         self.model = None
+
+
+def _stop_criteria() -> Any:
+    """Ends ``generate`` at the next token once a stop is requested (redi.interrupt): a batch of long
+    samples on a CPU can take minutes."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _OnStop(StoppingCriteria):
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+            return torch.full((input_ids.shape[0],), interrupt.stopping(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([_OnStop()])

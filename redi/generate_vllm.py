@@ -46,7 +46,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from . import generate_engine
+from . import generate_engine, interrupt
 from .config.evaluate import EvaluateConfig
 from .generate import GenerationError, Generator, Request, sample_rows, sampling
 
@@ -181,6 +181,7 @@ class _Engine:
 
     def recv(self) -> tuple[str, Any]:
         while not self.conn.poll(1.0):
+            interrupt.check("generation")
             if self.proc is None or self.proc.poll() is not None:
                 code = None if self.proc is None else self.proc.returncode
                 raise GenerationError(f"vLLM engine {self.index} process died (exit code {code}){self.log_tail()}")
@@ -267,6 +268,7 @@ class VLLMGenerator(Generator):
             feed(e)
         by_conn = {e.conn: e for e in self.engines}
         while any(e.outstanding for e in self.engines):
+            interrupt.check("generation")
             ready = wait([e.conn for e in self.engines if e.outstanding], timeout=1.0)
             if not ready:
                 for e in self.engines:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+from . import interrupt
 from .grader import Verdict
 
 __all__ = ["STOP", "Batch", "PoolStats", "Segment", "WorkerSlot", "feeder"]
@@ -61,7 +62,8 @@ class Batch:
         return self.event.wait(timeout)
 
     def result(self) -> list[Verdict]:
-        self.event.wait()
+        while not self.event.wait(0.5):
+            interrupt.check("grading")
         if self.error is not None:
             raise RuntimeError(f"GradingPool failed: {self.error}") from self.error
         return self.out

@@ -34,6 +34,7 @@ from concurrent.futures import Future
 from multiprocessing.connection import wait as mp_wait
 from multiprocessing.reduction import ForkingPickler
 
+from . import interrupt
 from .gradebatch import STOP, Batch, PoolStats, Segment, WorkerSlot, feeder
 from .grader import Verdict
 from .gradeworker import FLUSH_S, POLL_S, SHARE_S, default_workers, start_context, warm, worker_main
@@ -119,6 +120,7 @@ class GradingPool:
 
             with tqdm(total=len(batch.out), desc=desc, unit="item", mininterval=1.0) as bar:
                 while not batch.wait(0.5):
+                    interrupt.check(desc)
                     bar.update(batch.done - bar.n)
                 bar.update(batch.done - bar.n)
         return batch.result()

@@ -9,7 +9,7 @@ import os
 from contextvars import ContextVar
 from pathlib import Path
 
-from . import distributed, tracking
+from . import distributed, interrupt, tracking
 from .config import Recipe, recipe_to_yaml
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,18 @@ def train_stage(recipe: Recipe, which: str, model_dir: Path, data: Path, out: Pa
         "-m", "redi.train", which, "--recipe", str(recipe_file), "--model-dir", str(model_dir),
         "--data", str(data), "--out", str(out), "--work", str(work), "--device", device]
     log.info("launching: %s", " ".join(cmd))
-    subprocess.run(cmd, check=True, env={**os.environ, **tracking.child_env(), **gpu_env()})  # the child logs to this node's run
+    proc = subprocess.Popen(cmd, env={**os.environ, **tracking.child_env(), **gpu_env()})  # the child logs to this node's run
+    try:
+        while proc.poll() is None:
+            try:
+                proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                interrupt.check(f"{which} launch")
+    finally:
+        if proc.poll() is None:  # stopped (or an error here): the launch and its ranks must not train on
+            _terminate_tree(proc.pid)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
     return json.loads((out / "summary.json").read_text())
 
 
@@ -109,3 +120,27 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _terminate_tree(pid: int, grace: float = 20.0) -> None:
+    """SIGTERM a launch and every rank under it (accelerate's single-process launcher does not forward
+    it to its child), SIGKILL what is left after ``grace`` seconds."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)

@@ -7,6 +7,7 @@ import os
 import threading
 from collections import Counter
 
+from . import interrupt
 from .config.verify import VerifyConfig
 
 _shard_pool = None  # (pid, timeout_s, tokenizer_json, GradingPool): this process's pool for shards
@@ -97,6 +98,7 @@ class Grader:
         if self._pool is not None:  # a local pool's Batch counts its items as they come back
             with tqdm(total=len(texts), desc="counting prompt tokens", unit="prompt", mininterval=1.0) as bar:
                 while not handle.wait(0.5):
+                    interrupt.check("counting prompt tokens")
                     bar.update(handle.done - bar.n)
                 bar.update(handle.done - bar.n)
         return [n for _, n in self.result(handle)]

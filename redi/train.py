@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import tracking, train_kept
+from . import interrupt, tracking, train_kept
 from .config.train import OptimConfig, SFTConfig, Stage2Config
 from .logprobs import LogProbLM, resolve_attn
 from .losses import get_loss, objective
@@ -351,6 +351,7 @@ def _loop(job: Job, acc: Accelerator, model: torch.nn.Module, optimizer: torch.o
     model.train()
     mine_total = {"sequences": 0, "tokens": 0}
     for step in range(start, total):
+        interrupt.check(f"{job.kind} at step {step}")
         t0 = time.time()
         idx = step_indices(len(job.items), cfg.global_batch, step, cfg.seed)
         mine = idx[acc.process_index * per_rank:(acc.process_index + 1) * per_rank]

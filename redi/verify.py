@@ -29,6 +29,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import interrupt
 from .config.verify import VerifyConfig
 from .decontam import Decontaminator
 from .label_rules import (  # noqa: F401 - re-exported: redi.verify is the stage's public face
@@ -297,6 +298,7 @@ def _finish(grader: Grader, light: pd.DataFrame, handle, traces: list | None, ba
     base = bar.n
     if not isinstance(handle, list):  # a local pool's Batch counts its items as they come back (dask: per batch)
         while not handle.wait(0.5):
+            interrupt.check("verify")
             bar.update(base + handle.done - bar.n)
     results = grader.result(handle)
     if traces is None:

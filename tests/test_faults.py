@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,7 +55,7 @@ def _kill_group_when(pred, proc: subprocess.Popen, timeout: float = 300) -> None
 def test_sigkill_during_training_then_rerun_resumes(tmp_path):
     recipe = write_recipe(tmp_path, {"sft.max_steps": 12, "sft.save_steps": 1})
     root = tmp_path / "artifacts"
-    env = subprocess_env(REDI_FAKE_STAGE_SLEEP="0.5")
+    env = subprocess_env()
     proc = subprocess.Popen(redi_argv("run", str(recipe), "--no-prefect"), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     # kill -9 once SFT has written its first complete checkpoint (mid-stage); a "checkpoint-N.tmp" being
@@ -179,28 +180,77 @@ def test_corrupt_model_weights_and_manifest_are_rebuilt(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_sigterm_shuts_down_prefect_server_and_workers(tmp_path):
-    """`kill <pid>` (SIGTERM) on a Prefect run unwinds like Ctrl-C: exit 143 and no orphaned temporary
-    Prefect server or grading worker (before, the server outlived a killed run)."""
+@pytest.mark.parametrize("sig,group", [(signal.SIGTERM, False), (signal.SIGINT, True), (signal.SIGTERM, True)],
+                         ids=["kill-pid", "ctrl-c-to-group", "scheduler-sigterm-to-group"])
+def test_interrupt_stops_a_long_stage_of_a_prefect_run(tmp_path, sig, group):
+    """`kill <pid>`, Ctrl-C (SIGINT to the terminal's process group) or a scheduler's SIGTERM to the job's
+    group, on a Prefect run whose SFT would train for 100,000 steps: the stage, which runs in a task-runner
+    thread the signal never reaches, stops at its next step; exit 143 / 130 well before the forced-exit
+    deadline (set far away here, so only the cooperative stop can pass), the temporary Prefect server
+    (its own session) outlives the signal to report the crash, and nothing is orphaned."""
     import psutil
 
-    recipe = write_recipe(tmp_path, {"sft.max_steps": 40, "sft.save_steps": 1})
+    recipe = write_recipe(tmp_path, {"sft.max_steps": 100_000, "sft.save_steps": 1})
     root = tmp_path / "artifacts"
-    proc = subprocess.Popen(redi_argv("run", str(recipe)), env=subprocess_env(REDI_FAKE_STAGE_SLEEP="0.5"),
+    proc = subprocess.Popen(redi_argv("run", str(recipe)), env=subprocess_env(REDI_STOP_GRACE_S="600"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _wait_for(lambda: any((root / "sft").glob(".work-*/checkpoint-*")), proc, timeout=300)
         children = psutil.Process(proc.pid).children(recursive=True)
-        proc.send_signal(signal.SIGTERM)
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+        t0 = time.time()
         _, err = proc.communicate(timeout=120)
+        took = time.time() - t0
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 143, err[-2000:]
-    assert "interrupted (SIGTERM)" in err
+    assert proc.returncode == (143 if sig == signal.SIGTERM else 130), err[-2000:]
+    assert "stops at its next step" in err and "did not stop within" not in err, err[-2000:]
+    assert took < 30, f"{took:.0f} s to stop"
     psutil.wait_procs(children, timeout=30)
     alive = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert not alive, [" ".join(c.cmdline()[:4]) for c in alive]
+    assert not any((root / "sft").glob("*/manifest.json"))  # nothing published for the stopped stage
+
+
+def test_stop_deadline_kills_children_and_exits(tmp_path):
+    """The bound on an interrupted run: a stage stuck where no stop check runs (here a thread joined
+    forever) still ends at the deadline, with its child processes killed and the signal's status."""
+    import psutil
+
+    script = tmp_path / "stuck.py"
+    script.write_text(
+        "import subprocess, sys, threading, time\n"
+        "from redi import interrupt\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        "print(child.pid, flush=True)\n"
+        "interrupt.request_stop(); interrupt.start_deadline(1.0, 143)\n"
+        "threading.Thread(target=time.sleep, args=(600,)).start()\n"
+    )
+    t0 = time.time()
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=subprocess_env())
+    assert p.returncode == 143, p.stderr[-2000:]
+    assert time.time() - t0 < 30
+    assert "did not stop within 1 s" in p.stderr
+    child = int(p.stdout.split()[0])
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+
+
+def test_stop_check_raises_only_after_a_request():
+    from redi import interrupt
+
+    interrupt.clear()
+    interrupt.check("nothing")  # no request: no effect
+    interrupt.request_stop()
+    try:
+        with pytest.raises(interrupt.Stopped, match="sft at step 3 stopped"):
+            interrupt.check("sft at step 3")
+        assert isinstance(interrupt.Stopped("x"), KeyboardInterrupt)  # no `except Exception` swallows it
+    finally:
+        interrupt.clear()
 
 
 # ------------------------------------------------------------------ full disk, read-only root (real mounts)

@@ -1,0 +1,157 @@
+"""Stopping a run on SIGTERM / Ctrl-C, whichever thread its stage runs in.
+
+A signal reaches only the main thread. Under Prefect a stage runs in a task-runner thread, and while the
+main thread unwinds (``KeyboardInterrupt``, or Prefect's ``TerminationSignal`` for SIGTERM and for a
+cancellation from the UI), the task runner joins that thread: without help, an SFT interrupted at step 10
+of 100,000 keeps training until its last step. So, once per process, :func:`begin`:
+
+1. sets a process-wide flag (:func:`request_stop`) that every long loop of the library polls through
+   :func:`check` (a training step, a generation batch, a wait on grading workers, vLLM engines or a
+   launched training). The loop raises :class:`Stopped`, its stage unwinds through its ``finally`` blocks
+   (workers and engines are shut down, the artifact's unpublished folder is left to the next build's
+   clean-up, checkpoints already written stay usable), and the task-runner thread ends;
+2. starts a daemon thread that, if the process is still alive ``REDI_STOP_GRACE_S`` seconds later (60 by
+   default; a step that is itself minutes long, a C call that never returns), kills every child process
+   and exits with the signal's status. No interrupted run outlives its deadline.
+
+Who calls :func:`begin`: the CLI's signal handler, and :func:`on_interrupt` around every flow body, which
+sees the exception the signal raised in the main thread. Prefect's own SIGTERM handler stays in place
+(its cancellation protocol checks that it is installed). The library installs no signal handler.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+
+STOP = threading.Event()
+GRACE_S = 60.0
+_deadline_started = threading.Lock()
+_deadline: threading.Thread | None = None
+_begun = threading.Event()
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Stopped(KeyboardInterrupt):
+    """Raised by :func:`check` once a stop was requested (a ``KeyboardInterrupt``: no ``except Exception``
+    retries or swallows it)."""
+
+
+def request_stop() -> None:
+    STOP.set()
+
+
+def clear() -> None:
+    """Forget an earlier request (a new command in the same process; a deadline already started stays)."""
+    STOP.clear()
+    _begun.clear()
+
+
+def stopping() -> bool:
+    return STOP.is_set()
+
+
+def check(where: str) -> None:
+    """Raise :class:`Stopped` if a stop was requested; ``where`` names the loop, for the log."""
+    if STOP.is_set():
+        raise Stopped(f"stop requested: {where} stopped")
+
+
+def kill_children() -> None:
+    """SIGKILL every descendant of this process (a Prefect server, grading workers, vLLM engines, a launch)."""
+    import psutil
+
+    try:
+        kids = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return
+    for p in kids:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(kids, timeout=5)
+
+
+def start_deadline(grace: float, status: int) -> None:
+    """Once per process: after ``grace`` seconds, kill the children and ``os._exit(status)``."""
+    global _deadline
+    with _deadline_started:
+        if _deadline is not None:
+            return
+
+        def expire() -> None:
+            threading.Event().wait(grace)
+            print(f"redi: the run did not stop within {grace:g} s of the interrupt; killing its processes",
+                  file=sys.stderr, flush=True)
+            kill_children()
+            os._exit(status)
+
+        _deadline = threading.Thread(target=expire, name="redi-stop-deadline", daemon=True)
+        _deadline.start()
+
+
+def grace_s() -> float:
+    return float(os.environ.get("REDI_STOP_GRACE_S", GRACE_S))
+
+
+def status_of(exc: BaseException) -> int:
+    """Exit status for an interrupt: 128 + the signal (SIGTERM: 143; Ctrl-C and anything else: 130)."""
+    sig = getattr(exc, "signal", None)  # Prefect's TerminationSignal carries it
+    if sig == signal.SIGTERM or "SIGTERM" in str(exc):
+        return 128 + signal.SIGTERM
+    return 128 + signal.SIGINT
+
+
+def begin(status: int) -> bool:
+    """Stop every stage thread and bound the wait (once per process; later calls return False)."""
+    if _begun.is_set():
+        return False
+    _begun.set()
+    request_stop()
+    grace = grace_s()
+    print(f"redi: stopping ({'SIGTERM' if status == 143 else 'interrupt'}): the running stage stops at its next "
+          f"step; forced in {grace:g} s", file=sys.stderr, flush=True)
+    start_deadline(grace, status)
+    return True
+
+
+@contextmanager
+def on_interrupt() -> Iterator[None]:
+    """Around a flow body (main thread): a ``KeyboardInterrupt``, ``SystemExit`` or Prefect
+    ``TerminationSignal`` unwinding through it first stops the stage threads (:func:`begin`)."""
+    try:
+        yield
+    except (Exception, GeneratorExit):
+        raise
+    except BaseException as e:
+        begin(status_of(e))
+        raise
+
+
+def stoppable(fn: F) -> F:
+    """Decorator form of :func:`on_interrupt` (under ``@flow``; keeps the signature Prefect reads)."""
+    import inspect
+    import typing
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with on_interrupt():
+            return fn(*args, **kwargs)
+    # Prefect evaluates string annotations in the wrapper's module: give it fn's, resolved in fn's module
+    hints = typing.get_type_hints(fn, include_extras=True)
+    sig = inspect.signature(fn)
+    wrapper.__annotations__ = hints
+    wrapper.__signature__ = sig.replace(  # type: ignore[attr-defined]
+        parameters=[p.replace(annotation=hints.get(p.name, p.annotation)) for p in sig.parameters.values()],
+        return_annotation=hints.get("return", sig.return_annotation))
+    return wrapper  # type: ignore[return-value]
