@@ -185,6 +185,45 @@ def test_stage_reruns_of_two_recipes_through_the_api(served):
     assert list((s["artifacts"] / "runs" / "tiny" / "stage-runs").glob("*/results.md"))
 
 
+def test_cancel_from_the_ui_stops_a_long_training(served):
+    """Cancel (what the UI's button does: the run goes to Cancelling) a `redi-stage/sft` run whose SFT would
+    train for 100,000 steps: the runner SIGTERMs the flow-run process, the training thread stops at its next
+    step and every process of the run is gone before the runner's SIGKILL (30 s after its SIGTERM) could
+    have ended them; the run ends Cancelled and nothing is published for the stage."""
+    import psutil
+    from prefect.client.schemas.objects import StateType
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Cancelling
+
+    s = served
+    with _client(s["url"]) as c:
+        _wait_deployment(c, "redi-stage/sft", s)
+    with temporary_settings({PREFECT_API_URL: s["url"]}):
+        run = run_deployment("redi-stage/sft", timeout=0, parameters={
+            "recipe": "custom", "recipe_path": str(s["recipe"]), "sft": {"max_steps": 100_000, "save_steps": 1}})
+    sft = s["artifacts"] / "sft"
+    t0 = time.time()
+    while not any(sft.glob(".work-*/checkpoint-*")):  # training, past its first checkpoint
+        assert time.time() - t0 < 300, "the SFT never started\n" + _tail(s)
+        time.sleep(0.5)
+    procs = psutil.Process(s["serve"].pid).children(recursive=True)
+    assert procs, "no flow-run process under redi serve"
+    with _client(s["url"]) as c:
+        c.set_flow_run_state(run.id, Cancelling(), force=True)
+        t_cancel = time.time()
+        gone, alive = psutil.wait_procs(procs, timeout=90)
+        took = time.time() - t_cancel
+        assert not alive, [" ".join(p.cmdline()[:4]) for p in alive]
+        while (state := c.read_flow_run(run.id).state).type != StateType.CANCELLED:
+            assert time.time() - t_cancel < 120, f"{state}\n" + _tail(s)
+            time.sleep(1)
+    # the runner looks for cancellations every few seconds, then SIGTERM; a run that ignored it would live
+    # on for the whole 30 s grace
+    assert took < 25, f"{took:.0f} s from cancel to the last process of the run\n" + _tail(s)
+    assert not any(sft.glob("*/manifest.json"))
+
+
 def test_nightly_schedule_fires_by_itself(served):
     """Register the tiny run, then wait for a nightly run the server scheduled itself (cron every minute)."""
     s = served
