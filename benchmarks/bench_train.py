@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from redi import lean_layers  # noqa: E402
 from redi.config import DataConfig, ModelConfig, Stage2Config  # noqa: E402
 from redi.config.data import SynthConfig  # noqa: E402
 from redi.logprobs import PACKED_SDPA, resolve_attn  # noqa: E402
@@ -101,6 +102,8 @@ class Ours:
         self.tok = load_tokenizer(model_dir)
         self.pairs, _ = load_pair_examples(cfg, self.tok, pairs_path)
         self.model = _load(model_dir, resolve_attn(cfg.attn_implementation, "cpu"))
+        if lean_layers.enabled(cfg.lean_layers, "cpu"):  # as the trainer does (redi.train._load_model)
+            lean_layers.apply(self.model)
         self.batch, self.packed, self.pos, self.rows = batch, packed, 0, row_budget("cpu", cfg.pack_tokens, cfg.attn_implementation)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-6)
 

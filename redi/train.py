@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import interrupt, tracking, train_kept
+from . import interrupt, lean_layers, tracking, train_kept
 from .config.train import OptimConfig, SFTConfig, Stage2Config
 from .logprobs import LogProbLM, resolve_attn
 from .losses import get_loss, objective
@@ -153,6 +153,8 @@ def _load_model(model_dir: Path, cfg: OptimConfig, dev: str = "cpu") -> LogProbL
         str(model_dir), dtype=torch.float32, use_safetensors=True, trust_remote_code=cfg.trust_remote_code,
         attn_implementation=resolve_attn(cfg.attn_implementation, dev))
     model.config.use_cache = False
+    if lean_layers.enabled(cfg.lean_layers, dev):
+        lean_layers.apply(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return LogProbLM(model)
