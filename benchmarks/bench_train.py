@@ -6,8 +6,9 @@ mislead), reporting medians and ratios:
 1. Stage 2 on the same model and pairs: our REDI step (packed, and padded), vs TRL 1.16 ``DPOTrainer``
    (sigmoid loss, its default reference copy, padded) and TRL's fastest reference-free trainer,
    ``trl.experimental.cpo.CPOTrainer`` with ``loss_type="simpo"``, ``cpo_alpha=0`` (padded, full
-   logits). Peak memory is measured separately, one subprocess per method (RSS cannot be split inside
-   one process): peak RSS and its growth over the process's RSS right before the first step.
+   logits). Peak memory is measured separately, in fresh subprocesses per method (RSS cannot be split
+   inside one process; median of ``--memory-reps`` runs): peak RSS and its growth over the process's RSS
+   right before the first step. Ours runs with the trainer's CPU defaults, ``lean_layers`` included.
 2. Length-skewed SFT batches (most sequences short, a few long): padded (B, L_max) vs packed rows,
    in useful (non-pad) tokens/s.
 3. Host RAM of tokenised stage-2 data per token: tuples of Python ints (the former layout) vs the
@@ -247,6 +248,18 @@ def memory_child(method: str, model_dir: Path, pairs: Path, batch: int, steps: i
         return {"peak_rss_gb": peak[0], "growth_gb": peak[0] - before, "setup_gb": before - bare}
 
 
+def memory(method: str, args, extra: list[str] | None = None) -> dict:
+    """``args.memory_reps`` fresh subprocesses of one method; the run with the median peak RSS (a process's
+    peak varies by tens of MB from run to run with the allocator's arenas)."""
+    runs = []
+    for _ in range(args.memory_reps):
+        r = subprocess.run([sys.executable, __file__, "--memory-child", method, "--work", str(args.work), "--batch",
+                            str(args.batch), *(extra or [])], capture_output=True, text=True, check=True)
+        runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    runs.sort(key=lambda d: d["peak_rss_gb"])
+    return runs[len(runs) // 2] | {"peak_rss_runs_gb": [round(d["peak_rss_gb"], 3) for d in runs]}
+
+
 def tokens_child(kind: str, model_dir: Path, pairs: Path, work: Path, copies: int = 40) -> dict:
     """Host RAM of tokenised stage-2 data held by one process: tuples of Python ints (the former layout) vs
     the memory-mapped Arrow token table. The demo pairs are repeated ``copies`` times for a few million
@@ -342,6 +355,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="pairs (stage 2) / sequences (packing) per step")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "redi_bench_train")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "train.md")
+    ap.add_argument("--memory-reps", type=int, default=3, help="subprocesses per method for peak memory (median reported)")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--tokens-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--head-vocab", type=int, default=None,
@@ -375,11 +389,7 @@ def main() -> None:
         s2 = interleave({"redi_packed": ours_p.step, "redi_packed_rows": ours_r.step, "redi_padded": ours_u.step,
                          "trl_dpo": trl.step, "trl_simpo": simpo.step}, args.steps)
     log.info("stage 2: %s", s2)
-    mem = {}
-    for m in ("redi_packed", "redi_packed_rows", "redi_padded", "trl_dpo", "trl_simpo"):
-        r = subprocess.run([sys.executable, __file__, "--memory-child", m, "--work", str(args.work), "--batch",
-                            str(args.batch)], capture_output=True, text=True, check=True)
-        mem[m] = json.loads(r.stdout.strip().splitlines()[-1])
+    mem = {m: memory(m, args) for m in ("redi_packed", "redi_packed_rows", "redi_padded", "trl_dpo", "trl_simpo")}
 
     log.info("memory: %s; packing vs padding next", mem)
     methods, tick = packing_methods(model_dir, args.batch * 2)
@@ -418,17 +428,13 @@ def wide_head(args, model_dir: Path, pairs: Path, threads: int, n_params: int) -
         ours, simpo = Ours(model_dir, pairs, args.batch, True), TRLSimPO(model_dir, pairs, args.batch, Path(work))
         s2 = interleave({"redi_packed": ours.step, "trl_simpo": simpo.step}, args.steps)
         del ours, simpo
-    mem = {}
-    for m in s2:
-        r = subprocess.run([sys.executable, __file__, "--memory-child", m, "--work", str(args.work), "--batch",
-                            str(args.batch), "--head-vocab", str(args.head_vocab)], capture_output=True, text=True, check=True)
-        mem[m] = json.loads(r.stdout.strip().splitlines()[-1])
+    mem = {m: memory(m, args, ["--head-vocab", str(args.head_vocab)]) for m in s2}
     log.info("wide head: %s %s", s2, mem)
     o, t = s2["redi_packed"], s2["trl_simpo"]
     lines = [f"## Stage 2 with a Qwen-sized head: vocabulary {args.head_vocab:,} (`bench_train.py --head-vocab`)", "",
              f"Measured {time.strftime('%Y-%m-%d %H:%M')}, torch threads {threads}; the same {WIDTH}-wide {LAYERS}-layer "
              f"model with its embedding and head resized ({n_params / 1e6:.1f}M params), same pairs and tokenizer, "
-             f"{args.batch} pairs per step, {args.steps} alternated steps (medians); memory one subprocess per method.", "",
+             f"{args.batch} pairs per step, {args.steps} alternated steps (medians); memory: median of {args.memory_reps} subprocesses per method.", "",
              "| method | tokens/s | vs TRL SimPO | peak RSS GB | vs TRL SimPO | RSS growth in steps GB |", "|---|---|---|---|---|---|"]
     for k, name in (("redi_packed", "ours: REDI, one padding-free row (SDPA per sequence), chunked head"),
                     ("trl_simpo", "TRL CPOTrainer, simpo, cpo_alpha=0 (full logits)")):
@@ -455,8 +461,8 @@ def render(s2: dict, mem: dict, pk: dict, args, threads: int, n_params: int) -> 
         "## Stage 2: our REDI step vs TRL 1.16 DPOTrainer and CPOTrainer-SimPO (same model, same pairs)",
         "",
         "| method | tokens/s (median) | vs TRL DPO | vs TRL SimPO | tokens/step | peak RSS GB (steps) | vs TRL SimPO | "
-        "RSS growth in steps GB | setup RSS GB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "RSS growth in steps GB | setup RSS GB | peak RSS of each run GB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     names = {"redi_packed": "ours: REDI, one padding-free row, SDPA per sequence (CPU default; no reference)",
              "redi_packed_rows": "ours: REDI, padding-free rows of 512 under SDPA's block mask (`sdpa`; no reference)",
@@ -467,11 +473,13 @@ def render(s2: dict, mem: dict, pk: dict, args, threads: int, n_params: int) -> 
         lines.append(f"| {names[k]} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base:.2f}x | "
                      f"{r['tokens_per_s'] / sim:.2f}x | {r['tokens_per_step']:,.0f} | {mem[k]['peak_rss_gb']:.2f} | "
                      f"{mem[k]['peak_rss_gb'] / sim_mem['peak_rss_gb']:.2f}x | {mem[k]['growth_gb']:.3f} | "
-                     f"{mem[k]['setup_gb']:.3f} |")
+                     f"{mem[k]['setup_gb']:.3f} | {', '.join(f'{x:.2f}' for x in mem[k]['peak_rss_runs_gb'])} |")
     lines += [
         "",
         "Tokens/step differ a little: TRL truncates/pads its own way and its sampler shuffles; rates are per real token.",
-        "TRL's memory includes the reference copy; ours has none (REDI is reference-free).",
+        "TRL's memory includes the reference copy; ours has none (REDI is reference-free). Peak RSS: the median of "
+        f"{args.memory_reps} fresh subprocesses per method (4 steps each); ours with `lean_layers` (redi.lean_layers: "
+        "RMSNorm outputs and the MLP's silu(gate) and product recomputed in backward), as the trainer runs on CPU.",
         "",
         f"## Padding-free packing vs padded batches, length-skewed data ({args.batch * 2} sequences per step, "
         "85% of 60-140 tokens, 15% of 600-1000)",
