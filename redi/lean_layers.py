@@ -54,11 +54,8 @@ class SiluMulFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gate, up = ctx.saved_tensors
-        s = torch.sigmoid(gate)
-        g_up = torch.mul(gate, s).mul_(g)  # in place from here on: three (tokens, intermediate) buffers at a time
-        d = torch.rsub(s, 1).mul_(gate).add_(1).mul_(s)  # silu'(gate) = s * (1 + gate * (1 - s))
-        del s
-        return d.mul_(g).mul_(up), g_up
+        g_gate = torch.ops.aten.silu_backward(g * up, gate)  # aten's fused g * silu'(gate)
+        return g_gate, F.silu(gate).mul_(g)
 
 
 def _norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
