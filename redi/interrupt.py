@@ -22,7 +22,6 @@ sees the exception the signal raised in the main thread. Prefect's own SIGTERM h
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import signal
 import sys
@@ -30,8 +29,6 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
-
-log = logging.getLogger(__name__)
 
 STOP = threading.Event()
 GRACE_S = 60.0
@@ -61,7 +58,7 @@ def stopping() -> bool:
 
 
 def check(where: str) -> None:
-    """Raise :class:`Stopped` if a stop was requested; ``where`` names the loop, for the log."""
+    """Raise :class:`Stopped` if a stop was requested; ``where`` names the loop in its message."""
     if STOP.is_set():
         raise Stopped(f"stop requested: {where} stopped")
 
