@@ -63,20 +63,27 @@ def check(where: str) -> None:
         raise Stopped(f"stop requested: {where} stopped")
 
 
+def end_processes(procs: list, grace: float = 0.0) -> None:
+    """End psutil processes: SIGTERM and ``grace`` seconds to exit (when grace > 0), then SIGKILL."""
+    import psutil
+
+    for sig_first in ((True, False) if grace > 0 else (False,)):
+        for p in procs:
+            try:
+                p.terminate() if sig_first else p.kill()
+            except psutil.Error:
+                pass
+        _, procs = psutil.wait_procs(procs, timeout=grace if sig_first else 5)
+
+
 def kill_children() -> None:
     """SIGKILL every descendant of this process (a Prefect server, grading workers, vLLM engines, a launch)."""
     import psutil
 
     try:
-        kids = psutil.Process().children(recursive=True)
+        end_processes(psutil.Process().children(recursive=True))
     except psutil.Error:
         return
-    for p in kids:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(kids, timeout=5)
 
 
 def start_deadline(grace: float, status: int) -> None:

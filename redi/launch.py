@@ -132,15 +132,4 @@ def _terminate_tree(pid: int, grace: float = 20.0) -> None:
         procs = [root, *root.children(recursive=True)]
     except psutil.Error:
         return
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=grace)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=5)
+    interrupt.end_processes(procs, grace)

@@ -341,3 +341,20 @@ def test_redi_run_on_a_read_only_root_of_a_finished_run(tmp_path, capsys):
         assert "built" not in out and "the artifact root is read-only" in out and "| redi |" in out
         changed = write_recipe(tmp_path, {"redi.lr": 2e-6}, name="changed.yaml")
         assert f"redi: {root}/redi is not writable and redi " in _one_line(capsys, ["run", str(changed), "--no-prefect"])
+
+
+def test_end_processes_terminates_then_kills_after_the_grace():
+    """What a stopped launch does to its process tree: SIGTERM, then SIGKILL for one that ignores it."""
+    import psutil
+
+    from redi import interrupt
+
+    code = "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(1, flush=True); time.sleep(120)"
+    stubborn = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    polite = subprocess.Popen([sys.executable, "-c", "import time; print(1, flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    for p in (stubborn, polite):
+        p.stdout.readline()  # its handler is installed
+    t0 = time.time()
+    interrupt.end_processes([psutil.Process(stubborn.pid), psutil.Process(polite.pid)], grace=1.0)
+    assert 0.9 < time.time() - t0 < 10
+    assert not psutil.pid_exists(stubborn.pid) and not psutil.pid_exists(polite.pid)
