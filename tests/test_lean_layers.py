@@ -100,3 +100,12 @@ def test_lean_layers_under_gradient_checkpointing_match_the_stock_model():
     b.loss.backward()
     for (name, p), q in zip(stock.named_parameters(), lean.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_lean_layers_setting_reads_yaml_on_off():
+    from pathlib import Path
+
+    from redi.config import load_recipe
+
+    r = load_recipe(Path(__file__).resolve().parents[1] / "redi" / "recipes" / "demo.yaml", ["sft.lean_layers=off", "redi.lean_layers=on"])
+    assert (r.sft.lean_layers, r.redi.lean_layers) == ("off", "on")

@@ -60,6 +60,12 @@ class OptimConfig(StrictModel):
     )
     trust_remote_code: bool = Field(False, description="Allow model code shipped with the checkpoint when loading it (set it together with model.trust_remote_code).")
 
+    @field_validator("lean_layers", mode="before")
+    @classmethod
+    def _lean_layers(cls, v: object) -> object:
+        """YAML reads a bare on / off as true / false: take those as the words."""
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
     @field_validator("keep_checkpoints", mode="before")
     @classmethod
     def _keep_checkpoints(cls, v: object) -> object:
