@@ -448,7 +448,7 @@ def _interrupt(signum, frame) -> None:
     status = 128 + signum
     interrupt.begin(status)
     if _handled:
-        print(f"redi: already stopping (forced {interrupt.grace_s():g} s after the first signal)", file=sys.stderr, flush=True)
+        interrupt.say(f"redi: already stopping (forced {interrupt.grace_s():g} s after the first signal)")
         return
     _handled.append(signum)
     raise KeyboardInterrupt("SIGTERM" if signum == signal.SIGTERM else "")

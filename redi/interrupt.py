@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import os
 import signal
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -95,8 +94,7 @@ def start_deadline(grace: float, status: int) -> None:
 
         def expire() -> None:
             threading.Event().wait(grace)
-            print(f"redi: the run did not stop within {grace:g} s of the interrupt; killing its processes",
-                  file=sys.stderr, flush=True)
+            say(f"redi: the run did not stop within {grace:g} s of the interrupt; killing its processes")
             kill_children()
             os._exit(status)
 
@@ -123,10 +121,19 @@ def begin(status: int) -> bool:
     _begun.set()
     request_stop()
     grace = grace_s()
-    print(f"redi: stopping ({'SIGTERM' if status == 143 else 'interrupt'}): the running stage stops at its next "
-          f"step; forced in {grace:g} s", file=sys.stderr, flush=True)
     start_deadline(grace, status)
+    say(f"redi: stopping ({'SIGTERM' if status == 143 else 'interrupt'}): the running stage stops at its next step; "
+        f"forced in {grace:g} s")
     return True
+
+
+def say(line: str) -> None:
+    """One line on stderr, safe inside a signal handler: ``os.write`` takes no lock of ``sys.stderr``'s
+    buffer, which the interrupted code may hold (``print`` would raise a reentrant-call error there)."""
+    try:
+        os.write(2, (line + "\n").encode())
+    except OSError:
+        pass
 
 
 @contextmanager
