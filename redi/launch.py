@@ -107,13 +107,13 @@ def accelerate_command(run, device: str) -> list[str]:
     if run.num_processes:
         cmd += ["--num_processes", str(run.num_processes)]
         if run.num_processes > 1 and not run.accelerate_config:
-            cmd += ["--multi_gpu", "--num_machines", "1", "--main_process_port", str(_free_port())]
+            cmd += ["--multi_gpu", "--num_machines", "1", "--main_process_port", str(free_port())]
     if not run.accelerate_config:  # the trainer picks its precision itself (recipe dtype)
         cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]
     return cmd
 
 
-def _free_port() -> int:
+def free_port() -> int:
     """A free local TCP port for the launch's rendezvous (two launches at once must not share 29500)."""
     import socket
 
