@@ -1,7 +1,8 @@
 """Flow ``redi-study``: the CPU-scale study (deployments/study-cpu), as ordered tasks.
 
 SFT rounds until the validation plateau -> (``negatives: on_policy``: pairs sampled from the SFT start) ->
-per-method validation search -> final runs on test over seeds -> report. The decisions (plateau, best setting) are the library's pure functions
+per-method validation search -> final runs on test over seeds -> report. The points of the search and of the
+final runs run ``study.workers`` at a time. The decisions (plateau, best setting) are the library's pure functions
 (``redi.study.plateau_decision``, ``redi.study.choose``); each model is its own task and its own
 content-addressed artifact, so a change to one method reruns only that method.
 """
@@ -54,17 +55,29 @@ def redi_study(recipe_path: str = "deployments/study-cpu", overrides: list[str] 
     sft_test = evaluate(rd, sd, start, "test", base, "sft-plateau")
     if cfg.negatives == "on_policy":
         base = {**base, **on_policy(rd, sd, base, start)}
-    search, final = {}, {}
-    for m in cfg.methods:
-        search[m.name] = [point(rd, sd, m.name, p, cfg.search_seed, "val", base, start, tag=_tag(p)) for p in m.points()]
+    search = _points(s.cfg.workers, [j for m in cfg.methods for j in s.search_jobs(m)], rd, sd, base, start)
+    chosen = {}
     for m in cfg.methods:
         if m.final:
-            chosen = choose(m, [_row(p) for p in search[m.name]])
-            logger.info("%s: chosen on validation %s", m.name, chosen)
-            final[m.name] = [point(rd, sd, m.name, chosen, seed, "test", base, start, tag=_tag(chosen)) for seed in cfg.seeds]
+            chosen[m.name] = choose(m, [_row(p) for p in search[m.name]])
+            logger.info("%s: chosen on validation %s", m.name, chosen[m.name])
+    final = _points(s.cfg.workers, [j for m in cfg.methods if m.final for j in s.final_jobs(m, chosen[m.name])],
+                    rd, sd, base, start)
     rep = report(rd, sd, base, sft, sft_test, search, final, time.time() - t0, out_dir)
     logger.info("study report: %s\n%s", rep["out_dir"], rep["table_markdown"])
     return rep
+
+
+def _points(workers: int, jobs: list, rd: dict[str, Any], sd: dict[str, Any], base: dict[str, Any],
+            start: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """One task per point, ``study.workers`` at a time (each then trains in a child process), grouped by method."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for i in range(0, len(jobs), workers):
+        wave = jobs[i:i + workers]
+        futures = [point.submit(rd, sd, j.method, j.params, j.seed, j.split, base, start, tag=_tag(j.params)) for j in wave]
+        for j, f in zip(wave, futures, strict=True):
+            out.setdefault(j.method, []).append(f.result())
+    return out
 
 
 def _tag(params: dict[str, float]) -> str:

@@ -8,6 +8,7 @@ import hashlib
 import importlib.util
 import json
 import platform
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,11 @@ def hash_obj(obj: Any, n: int = 16) -> str:
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:n]
 
 
+_PARSE_LOCK = threading.Lock()
+"""CPython 3.11's ``ast.parse`` is not thread-safe: two Prefect tasks keying stages at once (the study's
+parallel point tasks) raised ``SystemError: AST constructor recursion depth mismatch``."""
+
+
 def _local_imports(module: str, source: str) -> set[str]:
     """Modules of the same top-level package that `source` imports (absolute or relative)."""
     import ast
@@ -28,7 +34,9 @@ def _local_imports(module: str, source: str) -> set[str]:
     top = module.split(".")[0]
     pkg = module.rsplit(".", 1)[0] if "." in module else module
     found: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
+    with _PARSE_LOCK:
+        tree = ast.parse(source)
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.split(".")[0] == top}
         elif isinstance(node, ast.ImportFrom):

@@ -64,12 +64,18 @@ def evaluate(recipe: dict[str, Any], study: dict[str, Any], model: dict[str, Any
 @task(name="study-point", cache_policy=NONE, task_run_name="{method}-{split}-seed{seed}-{tag}")
 def point(recipe: dict[str, Any], study: dict[str, Any], method: str, params: dict[str, float], seed: int,
           split: str, base: dict[str, dict[str, Any]], start: dict[str, Any], tag: str = "") -> dict[str, Any]:
-    """Train one (method, setting, seed) from the SFT start and evaluate it on ``split``."""
+    """Train one (method, setting, seed) from the SFT start and evaluate it on ``split`` (``study.workers`` > 1: in
+    a child process, as the flow runs that many of these tasks at once)."""
     from redi.artifacts import Artifact
+    from redi.study import PointJob
+    from redi.study.parallel import run_points
 
     s = _study(recipe, study)
-    spec = next(m for m in s.cfg.methods if m.name == method)
-    return asdict(s.point(spec, params, seed, split, _arts(base), Artifact.from_dict(start)))
+    if s.cfg.workers > 1:
+        job = PointJob(method, params, seed, split)
+        res = run_points(s.recipe, s.cfg, [job], _arts(base), Artifact.from_dict(start), s.pipe.run_dir() / "study_points")
+        return asdict(res[0])
+    return asdict(s.point(s.method(method), params, seed, split, _arts(base), Artifact.from_dict(start)))
 
 
 @task(name="study-report", cache_policy=NONE)
@@ -84,7 +90,7 @@ def report(recipe: dict[str, Any], study: dict[str, Any], base: dict[str, dict[s
 
     s = _study(recipe, study)
     sft = {**sft, "start": Artifact.from_dict(sft["start"])}
-    pts = {k: [PointResult(**{**p, "eval": EvalResult(**p["eval"])}) for p in v] for k, v in search.items()}
-    fin = {k: [PointResult(**{**p, "eval": EvalResult(**p["eval"])}) for p in v] for k, v in final.items()}
+    pts = {k: [PointResult.from_dict(p) for p in v] for k, v in search.items()}
+    fin = {k: [PointResult.from_dict(p) for p in v] for k, v in final.items()}
     result = s.assemble(_arts(base), sft, EvalResult(**sft_test), pts, fin, wall_s)
     return s.report(result, Path(out_dir) if out_dir else None)

@@ -287,15 +287,20 @@ def test_micro_study_end_to_end_and_cached_rerun(tmp_path):
 
 
 @pytest.mark.slow
-def test_micro_study_as_prefect_flow(tmp_path, prefect_harness):
-    """The `redi-study` flow on the micro study: same report as the library run, one task per point."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_micro_study_as_prefect_flow(tmp_path, prefect_harness, workers):
+    """The `redi-study` flow on the micro study: same report as the library run, one task per point (with
+    study.workers=2, two point tasks at a time, each training in a child process)."""
     from flows.study import redi_study
 
     (tmp_path / "recipe.yaml").write_text(f"run:\n  name: micro\n  artifact_root: {tmp_path / 'art'}\n  device: cpu\n")
     (tmp_path / "study.yaml").write_text(MICRO_STUDY)
-    rep = redi_study(str(tmp_path), MICRO, str(tmp_path / "out"))
+    rep = redi_study(str(tmp_path), [*MICRO, f"study.workers={workers}"], str(tmp_path / "out"))
     res = json.loads((tmp_path / "out" / "study.json").read_text())
     assert set(res["final"]) == {"none", "redi"} and "| redi |" in rep["table_markdown"]
+    assert len(res["search"]["redi"]) == 2 and [r["seed"] for r in res["final"]["redi"]] == [0]
+    points_dir = tmp_path / "art" / "runs" / "micro" / "study_points"
+    assert (len(list(points_dir.iterdir())) == 5) if workers == 2 else not points_dir.exists()
 
 
 @pytest.mark.slow
@@ -347,3 +352,73 @@ def test_on_policy_problems_of_a_non_synthetic_source_are_the_downloads_distinct
     rows, origin = teacher.load_problems(DataConfig(source="generate", generate={"model": "m", "problems": str(path)}))
     assert [(r["id"], r["problem"], r["answer"]) for r in rows] == [("a", "1+1?", "2"), ("b", "2+2?", "4"), ("c", "3+3?", "6")]
     assert origin == str(path)
+
+
+# ---------------------------------------------------------------- points in parallel (study.workers)
+def test_workers_is_not_part_of_the_study_key_and_is_bounded():
+    assert "workers" not in StudyConfig(workers=2).hash_fields()
+    assert StudyConfig(workers=2).hash_fields() == StudyConfig().hash_fields()
+    with pytest.raises(ValueError):
+        StudyConfig(workers=0)
+
+
+def test_a_failed_study_point_names_itself_keeps_its_log_and_starts_no_other(tmp_path):
+    """A child that fails: the error names the point, its exit status and its log (which holds the traceback);
+    with one worker the next point never starts."""
+    from redi.artifacts import Artifact
+    from redi.config import Recipe
+    from redi.study import PointJob
+    from redi.study.parallel import PointFailed, run_points
+
+    recipe = Recipe.model_validate({"run": {"artifact_root": str(tmp_path / "art"), "device": "cpu"}})
+    fake = Artifact("model", "k", str(tmp_path))
+    jobs = [PointJob("no-such-method", {"lr": 1e-3}, 0, "val"), PointJob("redi", {"lr": 1e-4}, 0, "val")]
+    with pytest.raises(PointFailed, match=r"no-such-method\[lr=0\.001\]-s0-val \(exit 1, log ") as e:
+        run_points(recipe, StudyConfig(workers=1), jobs, {"download": fake, "model": fake, "verify": fake}, fake, tmp_path / "logs")
+    assert "rerun the same command to resume" in str(e.value)
+    logs = sorted(p.name for p in (tmp_path / "logs").iterdir())
+    assert logs == ["no-such-method[lr=0.001]-s0-val.log"], logs
+    assert "StopIteration" in (tmp_path / "logs" / logs[0]).read_text()
+
+
+def test_child_recipe_trains_in_the_child_with_its_share_of_the_cores():
+    from redi.config import Recipe
+    from redi.study.parallel import child_recipe
+
+    r = Recipe.model_validate({"run": {"launcher": "accelerate", "num_processes": 2}})
+    tree = child_recipe(r, 2)
+    assert tree["run"]["launcher"] == "inprocess" and tree["run"]["threads"] == max(1, (__import__("os").cpu_count() or 1) // 2)
+    assert child_recipe(Recipe.model_validate({"run": {"threads": 3}}), 8)["run"]["threads"] == 3
+    Recipe.model_validate(tree)  # what the child reads back is a valid recipe
+
+
+@pytest.mark.slow
+def test_micro_study_points_run_two_at_once_with_the_same_keys(tmp_path):
+    """study.workers=2: the search's points train at the same time in two child processes (their build windows
+    overlap, one log each); the result is the same study: a workers=1 rerun is all cache hits with the same table."""
+    from datetime import datetime, timedelta
+
+    from redi.study import Study
+
+    (tmp_path / "recipe.yaml").write_text(f"run:\n  name: micro\n  artifact_root: {tmp_path / 'art'}\n  device: cpu\n")
+    (tmp_path / "study.yaml").write_text(MICRO_STUDY.replace("stage2_steps: 2", "stage2_steps: 6"))
+    recipe, cfg = load_study(tmp_path, [*MICRO, "study.workers=2"])
+    rep = Study(recipe, cfg).run(tmp_path / "out")
+    res = json.loads((tmp_path / "out" / "study.json").read_text())
+    assert set(res["final"]) == {"none", "redi"} and len(res["search"]["redi"]) == 2
+    logs = sorted(p.name for p in (tmp_path / "art" / "runs" / "micro" / "study_points").iterdir())
+    assert logs == ["none[lr=0.001]-s0-test.log", "none[lr=0.001]-s0-val.log", "redi[alpha=0.8,lr=0.0001]-s0-test.log",
+                    "redi[alpha=0.8,lr=0.0001]-s0-val.log", "redi[alpha=0.8,lr=0.1]-s0-val.log"], logs
+
+    def window(stage, key):
+        m = json.loads((tmp_path / "art" / stage / key / "manifest.json").read_text())
+        end = datetime.fromisoformat(m["created"].replace("Z", "+00:00"))
+        return end - timedelta(seconds=m["seconds"]), end
+
+    (a0, a1), (b0, b1) = window("sft", res["search"]["none"][0]["model_key"]), window("redi", res["search"]["redi"][0]["model_key"])
+    assert a0 < b1 and b0 < a1, ((a0, a1), (b0, b1))  # the first two points trained at the same time
+    before = {st: {p.name for p in (tmp_path / "art" / st).iterdir()} for st in ("sft", "redi", "evaluate")}
+    recipe1, cfg1 = load_study(tmp_path, MICRO)
+    rep1 = Study(recipe1, cfg1).run(tmp_path / "out1")
+    assert {st: {p.name for p in (tmp_path / "art" / st).iterdir()} for st in ("sft", "redi", "evaluate")} == before
+    assert rep1["table_markdown"] == rep["table_markdown"]

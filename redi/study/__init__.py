@@ -32,10 +32,11 @@ Departures from the paper, all forced by scale and stated in docs/study.md:
 - Stage-2 hyper-parameters are searched per method on validation (the paper reports tuned settings).
 
 Modules: ``config`` (methods, ``study.yaml``), ``logic`` (plateau, selection, seed statistics, collapse;
-no I/O), ``results`` (records), ``runner`` (:class:`Study`), ``report`` (tables and plots).
+no I/O), ``results`` (records), ``runner`` (:class:`Study`), ``parallel`` (points in child processes),
+``report`` (tables and plots).
 """
 
-from .config import CONTINUED_SFT, MethodSpec, StudyConfig, load_study, method_fields
+from .config import CONTINUED_SFT, MethodSpec, PointJob, StudyConfig, load_study, method_fields
 from .logic import (
     PlateauDecision,
     choose,
@@ -52,7 +53,7 @@ from .results import SIGNAL_FIELDS, EvalResult, PointResult, StudyResult, build_
 from .runner import Study, main, run_study
 
 __all__ = [
-    "CONTINUED_SFT", "SIGNAL_FIELDS", "EvalResult", "MethodSpec", "PlateauDecision", "PointResult", "Study", "StudyConfig",
+    "CONTINUED_SFT", "SIGNAL_FIELDS", "EvalResult", "MethodSpec", "PlateauDecision", "PointJob", "PointResult", "Study", "StudyConfig",
     "StudyResult", "build_seconds", "choose", "collapse_check", "final_table", "load_study", "main", "markdown_table",
     "method_fields", "param_str", "plateau_decision", "read_signals", "run_study", "seed_stats", "select_best", "sft_summary",
     "standard_error", "write_report",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -63,6 +63,15 @@ def _default_methods() -> list[MethodSpec]:
     ]
 
 
+class PointJob(NamedTuple):
+    """One stage-2 point to train and evaluate: a method of the study (by name), its setting, a seed, a split."""
+
+    method: str
+    params: dict[str, float]
+    seed: int
+    split: str
+
+
 class StudyConfig(StrictModel):
     """The study's own settings (``study.yaml`` beside the recipe); the recipe supplies every stage's defaults."""
 
@@ -90,6 +99,14 @@ class StudyConfig(StrictModel):
         "pairs with the recipe's verify settings: negatives are the student's own mistakes, a departure from the paper. "
         "In both, `none` continues SFT on the recipe's positives.")
     on_policy_n: int = Field(4, ge=2, le=64, description="negatives: on_policy: samples per training problem drawn from the SFT start.")
+    workers: int = Field(1, ge=1, le=64, description="Stage-2 points (search, then final seeds) trained and evaluated at once, "
+                         "each in its own process (`python -m redi.study.worker`) with run.threads torch threads (default: "
+                         "the cores / workers), training in that process whatever run.launcher says. SFT rounds stay one at a "
+                         "time (run.launcher applies). Not part of any key: results differ only by float rounding.")
+
+    def hash_fields(self) -> dict[str, Any]:
+        """The settings that decide the study's results (``workers`` only decides how fast)."""
+        return self.model_dump(mode="json", exclude={"workers"})
 
     @model_validator(mode="after")
     def _names(self) -> StudyConfig:

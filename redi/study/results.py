@@ -73,6 +73,11 @@ class PointResult:
     eval: EvalResult
     trainer_summary: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PointResult:
+        """The inverse of ``dataclasses.asdict`` (a point computed in another process or task)."""
+        return cls(**{**d, "eval": EvalResult(**d["eval"])})
+
     def row(self) -> dict[str, Any]:
         return {"method": self.method, "loss": self.loss, **{k: v for k, v in self.params.items()}, "seed": self.seed,
                 f"{self.eval.split}_pass@1": self.eval.pass1, f"{self.eval.split}_se": self.eval.se,

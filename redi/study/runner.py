@@ -15,7 +15,7 @@ from ..artifacts import Artifact, code_version, stage_key
 from ..config import EvaluateConfig, Recipe, SFTConfig, Stage2Config
 from ..launch import auto_device
 from ..pipeline import Pipeline, stage_code
-from .config import CONTINUED_SFT, MethodSpec, StudyConfig, load_study
+from .config import CONTINUED_SFT, MethodSpec, PointJob, StudyConfig, load_study
 from .logic import PlateauDecision, choose, collapse_check, param_str, plateau_decision, sft_summary
 from .report import write_report
 from .results import EvalResult, PointResult, StudyResult, build_seconds, read_signals
@@ -131,23 +131,24 @@ class Study:
 
         Keys follow the Pipeline's: SFT from the base model and stage 2 from an SFT artifact get exactly the key
         ``redi run`` would give them; SFT continued from an SFT model names that model as ``sft:<key>``.
+        Training runs as the Pipeline's does (``redi.launch.train_stage``): in this process, or under ``accelerate
+        launch`` with ``run.launcher=accelerate`` (on a 2-core CPU, ``run.num_processes=2`` trains each model on
+        both cores; docs/study.md).
         """
-        from .. import train
+        from .. import launch
 
         start_dir = start.dir if start.stage == "model" else start.file("model")
         if stage == "redi":
             upstream = {"verify": verify.key, "sft": start.key}
         else:
             upstream = {"verify": verify.key, "model": start.key if start.stage == "model" else f"{start.stage}:{start.key}"}
-        protocol = self.recipe.prompt.train
         config = {**cfg.hash_fields(), "prompt": self.recipe.prompt.hash_fields()}  # as Pipeline keys sft / redi
         key = stage_key(stage, config, upstream, self.codes[stage])
-        if stage == "sft":
-            def fn(out: Path, work: Path) -> dict:
-                return train.train_sft(cfg, start_dir, verify.file("positives.parquet"), out, work, self.device, protocol)
-        else:
-            def fn(out: Path, work: Path) -> dict:
-                return train.train_stage2(cfg, start_dir, verify.file("pairs.parquet"), out, work, self.device, protocol)
+        section, which, data = (("sft", "sft", "positives.parquet") if stage == "sft" else ("redi", "stage2", "pairs.parquet"))
+        recipe = self.recipe.model_copy(update={section: cfg})
+
+        def fn(out: Path, work: Path) -> dict:
+            return launch.train_stage(recipe, which, start_dir, verify.file(data), out, work)
         return self.store.build(stage, key, fn, config=config, inputs={**upstream, "start_dir": str(start_dir)},
                                 refresh=stage in self.recipe.run.refresh)
 
@@ -225,11 +226,23 @@ class Study:
         return PointResult(method.name, method.loss, params, seed, art.key, stage, art.path, art.cached, train_s,
                            collapse, ev, {k: v for k, v in art.summary.items() if not isinstance(v, (list, dict))})
 
-    def search(self, method: MethodSpec, base: dict[str, Artifact], start: Artifact) -> list[PointResult]:
-        return [self.point(method, p, self.cfg.search_seed, "val", base, start) for p in method.points()]
+    def search_jobs(self, method: MethodSpec) -> list[PointJob]:
+        return [PointJob(method.name, p, self.cfg.search_seed, "val") for p in method.points()]
 
-    def final(self, method: MethodSpec, params: dict[str, float], base: dict[str, Artifact], start: Artifact) -> list[PointResult]:
-        return [self.point(method, params, s, "test", base, start) for s in self.cfg.seeds]
+    def final_jobs(self, method: MethodSpec, params: dict[str, float]) -> list[PointJob]:
+        return [PointJob(method.name, params, s, "test") for s in self.cfg.seeds]
+
+    def method(self, name: str) -> MethodSpec:
+        return next(m for m in self.cfg.methods if m.name == name)
+
+    def points(self, jobs: list[PointJob], base: dict[str, Artifact], start: Artifact) -> list[PointResult]:
+        """Every job's :meth:`point`, in order: here one after another (``study.workers`` 1), else up to
+        ``workers`` at once, each in its own process (:func:`redi.study.parallel.run_points`)."""
+        if self.cfg.workers == 1 or len(jobs) <= 1:
+            return [self.point(self.method(j.method), j.params, j.seed, j.split, base, start) for j in jobs]
+        from .parallel import run_points
+
+        return run_points(self.recipe, self.cfg, jobs, base, start, self.pipe.run_dir() / "study_points")
 
     # -------------------------------------------------------------- whole study
     def run(self, out_dir: Path | None = None) -> dict[str, Any]:
@@ -241,9 +254,10 @@ class Study:
         sft_test = self.evaluate(start, "test", base["download"], "sft-plateau")
         if self.cfg.negatives == "on_policy":
             base = {**base, **self.on_policy(base, start)}
-        search = {m.name: self.search(m, base, start) for m in self.cfg.methods}
+        search = _by_method(self.points([j for m in self.cfg.methods for j in self.search_jobs(m)], base, start))
         chosen = {m.name: choose(m, [p.row() for p in search[m.name]]) for m in self.cfg.methods}
-        final = {m.name: self.final(m, chosen[m.name], base, start) for m in self.cfg.methods if m.final}
+        final = _by_method(self.points([j for m in self.cfg.methods if m.final for j in self.final_jobs(m, chosen[m.name])],
+                                       base, start))
         result = self.assemble(base, sft, sft_test, search, final, wall_s=time.time() - t0)
         return self.report(result, out_dir)
 
@@ -275,7 +289,7 @@ class Study:
         import shutil
 
         d = asdict(result)
-        key = stage_key("study", self.cfg.model_dump(mode="json"),
+        key = stage_key("study", self.cfg.hash_fields(),
                         {"sft": result.sft_key, "points": sorted(r["model_key"] for v in [*d["search"].values(), *d["final"].values()] for r in v)},
                         code_version(["redi.study"]))
         art = self.store.build("study", key, lambda out, work: _summary(write_report(result, out)), config=self.cfg.model_dump(mode="json"),
@@ -284,6 +298,13 @@ class Study:
         shutil.copytree(art.dir, dest, dirs_exist_ok=True)
         summary = json.loads((art.dir / "summary.json").read_text())
         return {**summary, "artifact": art.path, "out_dir": str(dest)}
+
+
+def _by_method(points: list[PointResult]) -> dict[str, list[PointResult]]:
+    out: dict[str, list[PointResult]] = {}
+    for p in points:
+        out.setdefault(p.method, []).append(p)
+    return out
 
 
 def _pairs_info(verify: Artifact) -> dict[str, Any]:
