@@ -164,6 +164,7 @@ def test_the_cpu_study_recipe_parses():
     assert len(s.seeds) == 3 and s.test_n_samples == 16 and s.val_benchmark == "demo_val" and s.test_benchmark == "demo_test"
     lrs = {m.name: m.grid.get("lr", []) for m in s.methods}
     assert max(lrs["redi-sym"]) >= 10 * min(lrs["redi-sym"])  # the grid spans low and collapse-range lrs
+    assert s.workers == 2 and (r.run.launcher, r.run.num_processes, r.run.threads) == ("accelerate", 2, 1)  # both cores
 
 
 # ---------------------------------------------------------------- report
