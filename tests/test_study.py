@@ -423,3 +423,48 @@ def test_micro_study_points_run_two_at_once_with_the_same_keys(tmp_path):
     rep1 = Study(recipe1, cfg1).run(tmp_path / "out1")
     assert {st: {p.name for p in (tmp_path / "art" / st).iterdir()} for st in ("sft", "redi", "evaluate")} == before
     assert rep1["table_markdown"] == rep["table_markdown"]
+
+
+def test_a_stop_ends_every_running_study_point(tmp_path, monkeypatch):
+    """A stop (SIGTERM / Ctrl-C / Cancel: redi.interrupt) while two points run: run_points raises Stopped within
+    seconds and both children are gone (here each child is a 60 s sleep standing in for a training)."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import psutil
+
+    from redi import interrupt
+    from redi.artifacts import Artifact
+    from redi.config import Recipe
+    from redi.study import PointJob
+    from redi.study import parallel
+
+    started = []
+    real_popen = subprocess.Popen
+
+    def popen(cmd, **kw):
+        p = real_popen([sys.executable, "-c", "import time; time.sleep(60)"], **kw)
+        started.append(p)
+        return p
+
+    monkeypatch.setattr(parallel.subprocess, "Popen", popen)
+    recipe = Recipe.model_validate({"run": {"artifact_root": str(tmp_path / "art"), "device": "cpu"}})
+    fake = Artifact("model", "k", str(tmp_path))
+    jobs = [PointJob("redi", {"lr": 1e-4}, s, "val") for s in (0, 1, 2)]
+    timer = threading.Timer(1.5, interrupt.request_stop)
+    timer.start()
+    t0 = time.time()
+    try:
+        with pytest.raises(interrupt.Stopped, match="study points"):
+            parallel.run_points(recipe, StudyConfig(workers=2), jobs, {"download": fake, "model": fake, "verify": fake}, fake,
+                                tmp_path / "logs")
+    finally:
+        timer.cancel()
+        interrupt.clear()
+    assert time.time() - t0 < 30
+    assert len(started) == 2  # the third point never started
+    assert all(p.poll() is not None for p in started) and not any(psutil.pid_exists(p.pid) and
+                                                                   psutil.Process(p.pid).status() != psutil.STATUS_ZOMBIE
+                                                                   for p in started)
