@@ -395,13 +395,15 @@ def test_child_recipe_trains_in_the_child_with_its_share_of_the_cores():
 
 @pytest.mark.slow
 def test_micro_study_points_run_two_at_once_with_the_same_keys(tmp_path):
-    """study.workers=2: the search's points train at the same time in two child processes (their build windows
-    overlap, one log each); the result is the same study: a workers=1 rerun is all cache hits with the same table."""
+    """study-cpu's both-cores shape (run.launcher=accelerate with 2 processes, study.workers=2): each SFT round
+    trains on two ranks; the search's points train at the same time in two child processes (their build windows
+    overlap, one log each); the result is the same study: a one-process rerun is all cache hits with the same table."""
     from datetime import datetime, timedelta
 
     from redi.study import Study
 
-    (tmp_path / "recipe.yaml").write_text(f"run:\n  name: micro\n  artifact_root: {tmp_path / 'art'}\n  device: cpu\n")
+    (tmp_path / "recipe.yaml").write_text(f"run:\n  name: micro\n  artifact_root: {tmp_path / 'art'}\n  device: cpu\n"
+                                          "  launcher: accelerate\n  num_processes: 2\n")
     (tmp_path / "study.yaml").write_text(MICRO_STUDY.replace("stage2_steps: 2", "stage2_steps: 6"))
     recipe, cfg = load_study(tmp_path, [*MICRO, "study.workers=2"])
     rep = Study(recipe, cfg).run(tmp_path / "out")
@@ -418,8 +420,10 @@ def test_micro_study_points_run_two_at_once_with_the_same_keys(tmp_path):
 
     (a0, a1), (b0, b1) = window("sft", res["search"]["none"][0]["model_key"]), window("redi", res["search"]["redi"][0]["model_key"])
     assert a0 < b1 and b0 < a1, ((a0, a1), (b0, b1))  # the first two points trained at the same time
+    rounds = [json.loads((tmp_path / "art" / "sft" / r["key"] / "manifest.json").read_text())["summary"] for r in res["sft_curve"]]
+    assert all(r["world_size"] == 2 and len(r["ranks"]) == 2 for r in rounds), rounds  # DDP rounds: both ranks trained
     before = {st: {p.name for p in (tmp_path / "art" / st).iterdir()} for st in ("sft", "redi", "evaluate")}
-    recipe1, cfg1 = load_study(tmp_path, MICRO)
+    recipe1, cfg1 = load_study(tmp_path, [*MICRO, "run.launcher=inprocess"])
     rep1 = Study(recipe1, cfg1).run(tmp_path / "out1")
     assert {st: {p.name for p in (tmp_path / "art" / st).iterdir()} for st in ("sft", "redi", "evaluate")} == before
     assert rep1["table_markdown"] == rep["table_markdown"]
@@ -438,8 +442,7 @@ def test_a_stop_ends_every_running_study_point(tmp_path, monkeypatch):
     from redi import interrupt
     from redi.artifacts import Artifact
     from redi.config import Recipe
-    from redi.study import PointJob
-    from redi.study import parallel
+    from redi.study import PointJob, parallel
 
     started = []
     real_popen = subprocess.Popen
