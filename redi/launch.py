@@ -91,7 +91,7 @@ def train_stage(recipe: Recipe, which: str, model_dir: Path, data: Path, out: Pa
                 interrupt.check(f"{which} launch")
     finally:
         if proc.poll() is None:  # stopped (or an error here): the launch and its ranks must not train on
-            _terminate_tree(proc.pid)
+            terminate_tree(proc.pid)
     if proc.returncode:
         raise subprocess.CalledProcessError(proc.returncode, cmd)
     return json.loads((out / "summary.json").read_text())
@@ -122,7 +122,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _terminate_tree(pid: int, grace: float = 20.0) -> None:
+def terminate_tree(pid: int, grace: float = 20.0) -> None:
     """SIGTERM a launch and every rank under it (accelerate's single-process launcher does not forward
     it to its child), SIGKILL what is left after ``grace`` seconds."""
     import psutil

@@ -68,14 +68,9 @@ def point(recipe: dict[str, Any], study: dict[str, Any], method: str, params: di
     a child process, as the flow runs that many of these tasks at once)."""
     from redi.artifacts import Artifact
     from redi.study import PointJob
-    from redi.study.parallel import run_points
 
-    s = _study(recipe, study)
-    if s.cfg.workers > 1:
-        job = PointJob(method, params, seed, split)
-        res = run_points(s.recipe, s.cfg, [job], _arts(base), Artifact.from_dict(start), s.pipe.run_dir() / "study_points")
-        return asdict(res[0])
-    return asdict(s.point(s.method(method), params, seed, split, _arts(base), Artifact.from_dict(start)))
+    res = _study(recipe, study).points([PointJob(method, params, seed, split)], _arts(base), Artifact.from_dict(start))
+    return asdict(res[0])
 
 
 @task(name="study-report", cache_policy=NONE)

@@ -62,13 +62,13 @@ def run_points(recipe: Recipe, cfg: StudyConfig, jobs: list[PointJob], base: dic
     """
     import tempfile
 
-    from ..launch import _terminate_tree
+    from ..launch import terminate_tree
 
     spec_common = {"recipe": child_recipe(recipe, cfg.workers), "study": cfg.model_dump(mode="json"),
                    "base": {k: a.to_dict() for k, a in base.items()}, "start": start.to_dict()}
     results: list[PointResult | None] = [None] * len(jobs)
     failed: list[str] = []
-    running: dict[int, tuple[subprocess.Popen, Path]] = {}
+    running: dict[int, tuple[subprocess.Popen, Path, Path]] = {}
     todo = list(range(len(jobs)))
     log_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="redi-study-points-") as tmp:
@@ -83,16 +83,15 @@ def run_points(recipe: Recipe, cfg: StudyConfig, jobs: list[PointJob], base: dic
                     with open(logf, "wb") as fh:
                         proc = subprocess.Popen([sys.executable, "-m", "redi.study.parallel", str(spec), str(out)],
                                                 stdout=fh, stderr=subprocess.STDOUT)
-                    running[i] = (proc, out)
+                    running[i] = (proc, out, logf)
                 if failed and not running:
                     break
                 time.sleep(POLL_S)
                 interrupt.check("study points")
-                for i, (proc, out) in list(running.items()):
+                for i, (proc, out, logf) in list(running.items()):
                     if proc.poll() is None:
                         continue
                     del running[i]
-                    logf = log_dir / f"{label(jobs[i])}.log"
                     if proc.returncode or not out.exists():
                         failed.append(f"{label(jobs[i])} (exit {proc.returncode}, log {logf})")
                         tail = "\n".join(logf.read_text(errors="replace").splitlines()[-15:])
@@ -103,9 +102,9 @@ def run_points(recipe: Recipe, cfg: StudyConfig, jobs: list[PointJob], base: dic
                         log.info("study point %s: %s pass@1 %.3f (train %.0f s, eval %.0f s)%s", label(jobs[i]), r.eval.split,
                                  r.eval.pass1, r.train_seconds, r.eval.seconds, " [cached]" if r.train_cached else "")
         finally:
-            for proc, _ in running.values():  # stopped, or an error here: no child trains on
+            for proc, _, _ in running.values():  # stopped, or an error here: no child trains on
                 if proc.poll() is None:
-                    _terminate_tree(proc.pid)
+                    terminate_tree(proc.pid)
     if failed:
         raise PointFailed(f"study points failed: {', '.join(failed)}; the points that finished are cached, rerun the "
                           "same command to resume")

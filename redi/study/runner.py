@@ -13,7 +13,6 @@ from typing import Any
 
 from ..artifacts import Artifact, code_version, stage_key
 from ..config import EvaluateConfig, Recipe, SFTConfig, Stage2Config
-from ..launch import auto_device
 from ..pipeline import Pipeline, stage_code
 from .config import CONTINUED_SFT, MethodSpec, PointJob, StudyConfig, load_study
 from .logic import PlateauDecision, choose, collapse_check, param_str, plateau_decision, sft_summary
@@ -30,7 +29,6 @@ class Study:
         self.recipe, self.cfg = recipe, cfg
         self.pipe = pipeline or Pipeline(recipe)
         self.store = self.pipe.store
-        self.device = auto_device(recipe.run.device)
         self.timings: dict[str, float] = {}
         # Code versions are read once: a source file edited mid-study must not split one method's models
         # over two keys (the Pipeline caches them the same way).
@@ -238,7 +236,7 @@ class Study:
     def points(self, jobs: list[PointJob], base: dict[str, Artifact], start: Artifact) -> list[PointResult]:
         """Every job's :meth:`point`, in order: here one after another (``study.workers`` 1), else up to
         ``workers`` at once, each in its own process (:func:`redi.study.parallel.run_points`)."""
-        if self.cfg.workers == 1 or len(jobs) <= 1:
+        if self.cfg.workers == 1:
             return [self.point(self.method(j.method), j.params, j.seed, j.split, base, start) for j in jobs]
         from .parallel import run_points
 
