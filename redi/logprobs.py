@@ -426,11 +426,18 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     :class:`LogProbLM` passes them through the backbone's kwargs; a row's padding is its own segment)
     each sequence runs as its own causal SDPA call without a mask, so attention costs sum(L_i^2)
     instead of R x C^2 (SDPA with transformers' block-diagonal mask computes every masked block).
-    Without it (padded batches, generation), this is transformers' own SDPA with the mask it built.
     Gradient checkpointing recomputes a layer with the same kwargs, so the split holds there too.
+    Without the offsets but with packed ``position_ids`` and no mask (a training forward: :func:`packed_sdpa_mask`
+    builds none), the offsets come from the position ids' restarts at 0, so a caller that packs rows without
+    passing ``cu_seq_lens_q`` still gets attention per sequence.
+    Otherwise (padded batches, generation with a cache), this is transformers' own SDPA with its mask.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    position_ids = kwargs.get("position_ids")
+    if (cu_seq_lens_q is None and attention_mask is None and position_ids is not None
+            and query.shape[2] == key.shape[2] == position_ids.shape[-1]):
+        cu_seq_lens_q = _segment_offsets(position_ids.expand(query.shape[0], -1))
     if cu_seq_lens_q is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
@@ -446,13 +453,36 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     return torch.cat([torch.cat(parts, dim=1) for parts in rows]), None
 
 
+def packed_sdpa_mask(*args, attention_mask=None, q_length=None, kv_length=None, q_offset=0, kv_offset=0,
+                     **kwargs):
+    """The mask transformers builds for :data:`PACKED_SDPA`: none for a training forward without padding.
+
+    transformers' ``sdpa_mask`` turns packed position ids into a dense (R, 1, W, W) block-diagonal bool mask
+    (for a pair of two 19k-token traces in one row, 1.5 GB per forward, plus its construction temporaries),
+    which :func:`packed_sdpa_attention` never reads: it splits the row at the position ids' restarts instead.
+    So without a 2-D padding mask and without a cache offset (queries = keys, from position 0) no mask is
+    built; padded batches and generation get ``sdpa_mask``'s own.
+    """
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None and q_length == kv_length and _is_zero(q_offset) and _is_zero(kv_offset):
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, **kwargs)
+
+
+def _is_zero(offset) -> bool:
+    return (int(offset) if isinstance(offset, torch.Tensor) else offset) == 0
+
+
 def register_packed_sdpa() -> str:
-    """Register :func:`packed_sdpa_attention` with transformers (masks as for sdpa) and return its name."""
+    """Register :func:`packed_sdpa_attention` and its mask (:func:`packed_sdpa_mask`) with transformers and return
+    the name."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, packed_sdpa_mask)
     return PACKED_SDPA
 
 

@@ -264,6 +264,36 @@ def test_packed_sdpa_equals_sdpa_with_its_mask(layout, monkeypatch):
             assert len(calls) == per_layer * 2 * (2 if ckpt else 1)  # 2 layers; recomputed in backward
 
 
+def test_packed_sdpa_builds_no_dense_mask(monkeypatch):
+    """PACKED_SDPA's training forward builds no (R, 1, W, W) mask (transformers' sdpa_mask is never called for
+    packed rows; it is for padded batches and cached generation), and a packed row run without ``cu_seq_lens_q``
+    still attends per sequence (offsets from the position ids): the same hidden states as each sequence alone."""
+    import transformers.masking_utils as mu
+
+    real, built = mu.sdpa_mask, []
+    monkeypatch.setattr(mu, "sdpa_mask", lambda *a, **k: built.append(k.get("q_length")) or real(*a, **k))
+    m = _model(True).eval()
+    m.config._attn_implementation = resolve_attn(PACKED_SDPA, "cpu")
+    b = collate(_examples(), packed=True, row_tokens=100)
+    with torch.no_grad():
+        LogProbLM(m, rows=16)(b.input_ids, b.keep, b.targets, b.position_ids)
+        assert built == []
+        ids = torch.randint(0, 300, (1, 50), generator=torch.Generator().manual_seed(3))
+        pos = torch.cat([torch.arange(30), torch.arange(20)])[None]
+        packed = m.model(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
+        alone = torch.cat([m.model(input_ids=ids[:, :30], use_cache=False).last_hidden_state,
+                           m.model(input_ids=ids[:, 30:], use_cache=False).last_hidden_state], 1)
+        assert built == [] and (packed - alone).abs().max().item() < 1e-5
+        padded = collate(_examples(), packed=False)
+        LogProbLM(m, rows=16)(padded.input_ids, padded.keep, padded.targets, attention_mask=padded.attention_mask)
+        assert built == [padded.input_ids.shape[1]]
+        am = torch.ones(2, 7, dtype=torch.long)
+        am[0, :2] = 0
+        m.generate(input_ids=torch.randint(3, 300, (2, 7)), attention_mask=am, max_new_tokens=3, do_sample=False,
+                   pad_token_id=0)
+        assert len(built) > 1
+
+
 def test_split_path_gives_sdpa_no_mask(monkeypatch):
     """Each packed sequence alone: SDPA gets attn_mask=None and is_causal (its flash kernel on CUDA)."""
     import torch.nn.functional as F
