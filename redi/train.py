@@ -338,7 +338,25 @@ def run(job: Job) -> dict[str, Any]:
     out = summary(job, signals, start, total, train_s, dev, mp, world, n_params)
     out["kept_checkpoints"] = job.keep_steps
     out["ranks"] = rank_report(acc, mine, total - start)
+    del model, optimizer, base_optimizer, ref_model, scheduler
+    job.ref_logps = None
+    acc.free_memory()  # accelerate drops its references to the prepared objects (and destroys a DeepSpeed engine)
     return out
+
+
+def _released(summary: dict[str, Any]) -> dict[str, Any]:
+    """After :func:`run` has returned (its frame, the Accelerator and what it still holds, e.g. the scheduler ->
+    optimizer -> parameters, are garbage now): collect them and empty torch's device cache, on every rank.
+
+    Under a launch, rank 0 goes on to evaluation, whose vLLM engines want ``gpu_memory_utilization`` (90 %) of
+    every GPU free, while the other ranks wait at a barrier; without this their caching allocators would keep
+    the training peak."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    return summary
 
 
 def _loop(job: Job, acc: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -433,7 +451,7 @@ def train_sft(cfg: SFTConfig, model_dir: Path, positives_path: Path, out_dir: Pa
     model_dir, out_dir, work_dir, tok = _prepare(cfg, model_dir, out_dir, work_dir)
     items, counts = load_sft_examples(cfg, tok, Path(positives_path), prompt_protocol, cache_dir=work_dir / "tokens")
     log.info("SFT: %s", counts)
-    return run(Job("sft", cfg, model_dir, out_dir, work_dir, device, items, counts, tok))
+    return _released(run(Job("sft", cfg, model_dir, out_dir, work_dir, device, items, counts, tok)))
 
 
 def train_stage2(cfg: Stage2Config, sft_model_dir: Path, pairs_path: Path, out_dir: Path, work_dir: Path,
@@ -443,7 +461,7 @@ def train_stage2(cfg: Stage2Config, sft_model_dir: Path, pairs_path: Path, out_d
     model_dir, out_dir, work_dir, tok = _prepare(cfg, sft_model_dir, out_dir, work_dir)
     items, counts = load_pair_examples(cfg, tok, Path(pairs_path), prompt_protocol, cache_dir=work_dir / "tokens")
     log.info("stage 2 (%s): %s", cfg.loss, counts)
-    return run(Job("stage2", cfg, model_dir, out_dir, work_dir, device, items, counts, tok))
+    return _released(run(Job("stage2", cfg, model_dir, out_dir, work_dir, device, items, counts, tok)))
 
 
 def main(argv: list[str] | None = None) -> None:

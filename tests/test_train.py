@@ -102,6 +102,34 @@ def sft_run(env):
     return summary, d / "sft"
 
 
+def test_a_finished_stage_drops_its_model_and_accelerate_state(env, sft_run, tmp_path, monkeypatch):
+    """After training, the stage drops the model, its optimizer state and the DPO reference (live copy and
+    precomputed log-probs) on every rank and empties accelerate's references and the device cache
+    (Accelerator.free_memory, then a collection once the training frame is gone): under a launch the other ranks wait at a barrier while rank 0 starts vLLM engines
+    that want 90 % of each GPU free."""
+    import weakref
+
+    import accelerate
+
+    d, data = env
+    loaded, freed = [], []
+    real_load, real_free = T._load_model, accelerate.Accelerator.free_memory
+
+    def load(*a, **k):
+        m = real_load(*a, **k)
+        loaded.append(weakref.ref(m))
+        loaded.append(weakref.ref(next(m.parameters())))  # held by the optimizer too
+        return m
+
+    monkeypatch.setattr(T, "_load_model", load)
+    monkeypatch.setattr(accelerate.Accelerator, "free_memory", lambda self, *o: freed.append(1) or real_free(self, *o))
+    T.train_sft(SFTConfig(max_steps=2, **SMALL), d / "base", data["positives"], tmp_path / "o", tmp_path / "w", "cpu")
+    cfg = Stage2Config(loss="dpo", precompute_ref=False, max_steps=2, beta=0.1, **SMALL)
+    T.train_stage2(cfg, sft_run[1] / "model", data["pairs"], tmp_path / "o2", tmp_path / "w2", "cpu")
+    assert len(freed) == 2 and len(loaded) == 6  # SFT's model; stage 2's model and its live reference
+    assert [r() is None for r in loaded] == [True] * 6
+
+
 def test_sft_learns_and_writes_outputs(sft_run):
     summary, out = sft_run
     recs = [json.loads(line) for line in (out / "signals.jsonl").read_text().splitlines()]
