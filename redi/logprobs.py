@@ -495,18 +495,29 @@ def _segment_offsets(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([idx, idx.new_tensor([r * c])]).to(torch.int32)
 
 
-def resolve_attn(impl: str, device: str) -> str:
-    """``auto`` -> flash_attention_2 on CUDA when flash-attn is importable, else sdpa (``LogProbLM`` then runs
-    packed sequences one by one); on any other device :data:`PACKED_SDPA`, registered and returned (the
-    fastest CPU layout measured, docs/benchmarks/train.md); other names unchanged."""
+def resolve_attn(impl: str, device: str, mixed_precision: str = "bf16") -> str:
+    """``auto`` -> flash_attention_2 on CUDA when flash-attn is importable, the training runs in bf16 / fp16
+    (``mixed_precision``, as :func:`redi.train.resolve_device` gives it) and the GPU is Ampere or newer, else
+    sdpa (``LogProbLM`` then runs packed sequences one by one); on any other device :data:`PACKED_SDPA`, registered
+    and returned (the fastest CPU layout measured, docs/benchmarks/train.md); other names unchanged.
+
+    flash-attn takes only fp16 / bf16 inputs and transformers casts q/k/v to the autocast dtype only under
+    autocast: with fp32 training (``dtype: float32``, or ``auto`` on a GPU without bf16) it would raise at the
+    first step, so ``auto`` does not pick it there and a named ``flash_attention_2`` is refused."""
     if impl == PACKED_SDPA:
         return register_packed_sdpa()
+    if impl == "flash_attention_2" and device == "cuda" and mixed_precision not in ("bf16", "fp16"):
+        raise ValueError("attn_implementation flash_attention_2 needs bf16 training, but this run trains in fp32 "
+                         "(dtype: float32, or a GPU without bf16): set dtype: bfloat16 or attn_implementation: sdpa")
     if impl != "auto":
         return impl
     if device == "cuda":
         from transformers.utils import is_flash_attn_2_available
 
-        return "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
+        if (is_flash_attn_2_available() and mixed_precision in ("bf16", "fp16")
+                and torch.cuda.get_device_capability() >= (8, 0)):
+            return "flash_attention_2"
+        return "sdpa"
     return register_packed_sdpa()
 
 

@@ -145,13 +145,14 @@ def _make_accelerator(dev: str, mixed_precision: str, grad_accum: int) -> Accele
                        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=grad_accum))
 
 
-def _load_model(model_dir: Path, cfg: OptimConfig, dev: str = "cpu") -> LogProbLM:
-    """The causal LM inside a :class:`LogProbLM` (what accelerate prepares; its forward returns log-probs)."""
+def _load_model(model_dir: Path, cfg: OptimConfig, dev: str = "cpu", mp: str = "no") -> LogProbLM:
+    """The causal LM inside a :class:`LogProbLM` (what accelerate prepares; its forward returns log-probs);
+    ``mp`` is the run's mixed precision (the attention kernel depends on it)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         str(model_dir), dtype=torch.float32, use_safetensors=True, trust_remote_code=cfg.trust_remote_code,
-        attn_implementation=resolve_attn(cfg.attn_implementation, dev))
+        attn_implementation=resolve_attn(cfg.attn_implementation, dev, mp))
     model.config.use_cache = False
     if lean_layers.enabled(cfg.lean_layers, dev):
         lean_layers.apply(model)
@@ -306,7 +307,7 @@ def run(job: Job) -> dict[str, Any]:
     acc = _make_accelerator(dev, mp, n_micro)
     check_backend(acc)
     configure_deepspeed(acc, cfg.micro_batch, n_micro, cfg.max_grad_norm)
-    model = _load_model(job.model_dir, cfg, dev)
+    model = _load_model(job.model_dir, cfg, dev, mp)
     n_params = param_count(model)
     optimizer = _optimizer(model, cfg)
     total = total_steps(cfg, len(job.items))
@@ -318,7 +319,7 @@ def run(job: Job) -> dict[str, Any]:
         if is_deepspeed(acc) or is_fsdp(acc):
             raise ValueError(f"redi.precompute_ref=false keeps an unsharded reference copy, which {acc.distributed_type} "
                              "cannot hold or load correctly: set redi.precompute_ref: true")
-        ref_model = _load_model(job.model_dir, cfg, dev).to(acc.device).eval().requires_grad_(False)
+        ref_model = _load_model(job.model_dir, cfg, dev, mp).to(acc.device).eval().requires_grad_(False)
     base_optimizer = optimizer  # the torch AdamW (DeepSpeed steps it on its fp32 partitions): update norms
     model, optimizer = acc.prepare(model, optimizer)
     job.work_dir.mkdir(parents=True, exist_ok=True)

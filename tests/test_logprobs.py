@@ -214,6 +214,27 @@ def test_attention_and_row_layout_resolution():
     assert row_budget("cpu", 512, "sdpa") == 512 and row_budget("cpu", 512, "eager") == 512
 
 
+@pytest.mark.parametrize("flash, mp, capability, want", [
+    (True, "bf16", (9, 0), "flash_attention_2"), (True, "no", (9, 0), "sdpa"), (True, "bf16", (7, 5), "sdpa"),
+    (False, "bf16", (9, 0), "sdpa")])
+def test_cuda_attention_picks_flash_only_where_it_can_run(flash, mp, capability, want, monkeypatch):
+    """No GPU here: flash-attn's import check and the device's compute capability stand in. flash-attn takes only
+    bf16 / fp16 on Ampere or newer, so auto falls back to sdpa for fp32 training or an older GPU, and a named
+    flash_attention_2 with fp32 training is refused (by the config before any start-up, and here)."""
+    import transformers.utils
+
+    from redi.config import SFTConfig
+
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: flash)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    assert resolve_attn("auto", "cuda", mp) == want
+    if mp == "no":
+        with pytest.raises(ValueError, match="flash_attention_2 needs bf16 training"):
+            resolve_attn("flash_attention_2", "cuda", mp)
+        with pytest.raises(ValueError, match="flash_attention_2 needs bf16 training"):
+            SFTConfig(attn_implementation="flash_attention_2", dtype="float32")
+
+
 def test_gradient_checkpointing_inside_the_wrapper_gives_the_same_gradients():
     b = collate(_examples(), packed=True, row_tokens=100)
     grads = []

@@ -66,6 +66,14 @@ class OptimConfig(StrictModel):
         """YAML reads a bare on / off as true / false: take those as the words."""
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
+    @model_validator(mode="after")
+    def _flash_needs_bf16(self):
+        """flash-attn takes only bf16 / fp16 inputs; fp32 training would fail at its first step on the GPU."""
+        if self.attn_implementation == "flash_attention_2" and self.dtype == "float32":
+            raise ValueError("attn_implementation flash_attention_2 needs bf16 training: set dtype: bfloat16 (or auto), "
+                             "or attn_implementation: sdpa")
+        return self
+
     @field_validator("keep_checkpoints", mode="before")
     @classmethod
     def _keep_checkpoints(cls, v: object) -> object:
