@@ -398,7 +398,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 USER_ERRORS = {  # module -> exception classes whose message already names the thing and the fix
     "redi.data": ("DataError",), "redi.sources": ("DataError",), "redi.generate": ("GenerationError",),
     "redi.benchmarks": ("BenchmarkError",),
-    "redi.verify": ("LabelRuleError",), "redi.train": ("TrainingError",), "redi.artifacts": ("StageFailed", "CorruptArtifact", "StorageError"),
+    "redi.verify": ("LabelRuleError",), "redi.train": ("TrainingError",), "redi.train_backend": ("TrainingSetupError",), "redi.artifacts": ("StageFailed", "CorruptArtifact", "StorageError"),
     "redi.storage": ("RemoteError",),
 }
 _ERRNO_FIX = {

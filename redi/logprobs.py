@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .train_backend import TrainingSetupError
+
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 512 * 2**20
@@ -336,7 +338,7 @@ class LogProbLM(nn.Module):
         cfg = getattr(lm, "config", None)
         bad = [k for k in _UNSUPPORTED if getattr(cfg, k, None) not in (None, 1.0, 0.0)]
         if bad:
-            raise ValueError(f"{type(lm).__name__} scales or caps its logits ({', '.join(bad)}); LogProbLM's head "
+            raise TrainingSetupError(f"{type(lm).__name__} scales or caps its logits ({', '.join(bad)}); LogProbLM's head "
                              "does not apply that: train this model with the plain logits path")
         self.lm, self.kernel, self.rows, self.split = lm, kernel, rows, split
         _register_zero3(self, lm.get_output_embeddings().weight)
@@ -507,7 +509,7 @@ def resolve_attn(impl: str, device: str, mixed_precision: str = "bf16") -> str:
     if impl == PACKED_SDPA:
         return register_packed_sdpa()
     if impl == "flash_attention_2" and device == "cuda" and mixed_precision not in ("bf16", "fp16"):
-        raise ValueError("attn_implementation flash_attention_2 needs bf16 training, but this run trains in fp32 "
+        raise TrainingSetupError("attn_implementation flash_attention_2 needs bf16 training, but this run trains in fp32 "
                          "(dtype: float32, or a GPU without bf16): set dtype: bfloat16 or attn_implementation: sdpa")
     if impl != "auto":
         return impl

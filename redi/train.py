@@ -65,9 +65,12 @@ from .prompts import DEFAULT_PROTOCOL
 from .signals import SignalLog
 from .tinymodel import load_tokenizer
 from .train_backend import (
+    TrainingSetupError,
     adam_update_norm,
     check_backend,
+    check_save_dtype,
     configure_deepspeed,
+    configure_fsdp,
     decay_groups,
     is_deepspeed,
     is_fsdp,
@@ -104,17 +107,17 @@ class TrainingError(RuntimeError):
 
 def _check_template(tok: PreTrainedTokenizerBase, model_dir: Path) -> None:
     if not getattr(tok, "chat_template", None):
-        raise ValueError(f"tokenizer in {model_dir} has no chat template: build the base model with "
+        raise TrainingSetupError(f"tokenizer in {model_dir} has no chat template: build the base model with "
                          "model.chat_template set (redi.prompts.CHATML_TEMPLATE is the Qwen-style one)")
 
 
 def resolve_device(device: str, dtype: str) -> tuple[str, str]:
     """(device type, mixed precision) for ``device`` in {auto, cpu, cuda} and the recipe's dtype."""
     if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+        raise TrainingSetupError(f"device must be auto, cpu or cuda, got {device!r}")
     cuda = torch.cuda.is_available()
     if device == "cuda" and not cuda:
-        raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
+        raise TrainingSetupError("device 'cuda' requested but torch.cuda.is_available() is False")
     dev = "cuda" if (device == "cuda" or (device == "auto" and cuda)) else "cpu"
     if dtype == "auto":
         mp = "bf16" if dev == "cuda" and torch.cuda.is_bf16_supported() else "no"
@@ -301,12 +304,14 @@ def run(job: Job) -> dict[str, Any]:
 
     world = PartialState(cpu=dev == "cpu").num_processes
     if cfg.global_batch % world:
-        raise ValueError(f"global_batch {cfg.global_batch} must be divisible by the number of processes {world}")
+        raise TrainingSetupError(f"global_batch {cfg.global_batch} must be divisible by the number of processes {world}")
     per_rank = cfg.global_batch // world
     n_micro = math.ceil(per_rank / cfg.micro_batch)
     acc = _make_accelerator(dev, mp, n_micro)
     check_backend(acc)
     configure_deepspeed(acc, cfg.micro_batch, n_micro, cfg.max_grad_norm)
+    configure_fsdp(acc, mp)
+    check_save_dtype(acc, mp, cfg.save_dtype)
     model = _load_model(job.model_dir, cfg, dev, mp)
     n_params = param_count(model)
     optimizer = _optimizer(model, cfg)
@@ -317,7 +322,7 @@ def run(job: Job) -> dict[str, Any]:
     needs_ref = job.kind == "stage2" and objective(cfg.loss).needs_reference
     if needs_ref and not cfg.precompute_ref:
         if is_deepspeed(acc) or is_fsdp(acc):
-            raise ValueError(f"redi.precompute_ref=false keeps an unsharded reference copy, which {acc.distributed_type} "
+            raise TrainingSetupError(f"redi.precompute_ref=false keeps an unsharded reference copy, which {acc.distributed_type} "
                              "cannot hold or load correctly: set redi.precompute_ref: true")
         ref_model = _load_model(job.model_dir, cfg, dev, mp).to(acc.device).eval().requires_grad_(False)
     base_optimizer = optimizer  # the torch AdamW (DeepSpeed steps it on its fp32 partitions): update norms
@@ -442,7 +447,7 @@ def _prepare(cfg: OptimConfig, model_dir: Path, out_dir: Path,
     tok = load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code)
     _check_template(tok, model_dir)
     if tok.eos_token_id is None or tok.pad_token_id is None:
-        raise ValueError(f"tokenizer in {model_dir} needs an EOS and a pad token (eos={tok.eos_token!r}, pad={tok.pad_token!r})")
+        raise TrainingSetupError(f"tokenizer in {model_dir} needs an EOS and a pad token (eos={tok.eos_token!r}, pad={tok.pad_token!r})")
     return model_dir, out_dir, work_dir, tok
 
 

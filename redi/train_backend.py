@@ -1,5 +1,7 @@
 """What the trainer does differently under DDP, FSDP and DeepSpeed ZeRO-2/3 (``redi.train`` calls these).
 
+- FSDP in bf16 computes in bf16 but reduces gradients and returns the forward's outputs (our per-sequence
+  log-prob sums) in fp32 (:func:`configure_fsdp`), as DDP under autocast does.
 - DeepSpeed gets the micro-batch, the accumulation steps and the recipe's ``max_grad_norm`` before
   ``prepare`` (the trainer passes no dataloader, so accelerate cannot infer ``auto`` values; its own
   ``gradient_clipping: auto`` default would be 1.0 whatever the recipe says).
@@ -29,6 +31,11 @@ import torch
 log = logging.getLogger(__name__)
 
 
+class TrainingSetupError(ValueError):
+    """A training stage cannot start with this recipe, launch or data; the message names the thing and the fix
+    (the CLI prints it as one line, without a traceback)."""
+
+
 def is_deepspeed(acc) -> bool:
     return acc.state.deepspeed_plugin is not None
 
@@ -52,9 +59,45 @@ def check_backend(acc) -> None:
     for env, name, on in (("ACCELERATE_USE_FSDP", "FSDP", is_fsdp(acc)),
                           ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed", is_deepspeed(acc))):
         if os.environ.get(env, "false").lower() == "true" and not on:
-            raise ValueError(f"the accelerate config asks for {name}, but accelerate runs it only on GPUs and this "
+            raise TrainingSetupError(f"the accelerate config asks for {name}, but accelerate runs it only on GPUs and this "
                              f"run is {acc.distributed_type} on {acc.device}: use a GPU, or deployments/accelerate/ddp.yaml "
                              "(or --multi_gpu) for CPU processes")
+
+
+def check_save_dtype(acc, mixed_precision: str, save_dtype: str) -> None:
+    """Refuse ``save_dtype: float32`` under DeepSpeed bf16, before the model loads.
+
+    DeepSpeed's bf16 engine casts the module's parameters to bf16 and keeps the fp32 masters in the
+    optimiser's partitions; ``get_state_dict`` under ZeRO-2 returns the module's bf16 tensors, so a float32
+    file would hold bf16 values upcast (ZeRO-3's 16-bit gather likewise). Gathering the masters
+    (``deepspeed.utils.safe_get_full_fp32_param``) is not implemented: it could only be tested on a GPU."""
+    if is_deepspeed(acc) and mixed_precision == "bf16" and save_dtype == "float32":
+        raise TrainingSetupError(
+            "save_dtype float32 under DeepSpeed bf16 would save the engine's bf16 weights upcast, not its fp32 masters: "
+            "set save_dtype: bfloat16 (for `auto`: evaluate.dtype: bfloat16), or train under FSDP or DDP")
+
+
+def configure_fsdp(acc, mixed_precision: str) -> None:
+    """Under FSDP with bf16: bf16 parameters for compute, fp32 gradient reduction and fp32 forward outputs.
+
+    accelerate turns ``mixed_precision="bf16"`` into a policy that is bf16 everywhere (``param_dtype``,
+    ``reduce_dtype`` and, for FSDP2, ``output_dtype``); FSDP2 casts the root module's outputs to it, so the
+    per-sequence log-prob sums that ``LogProbLM`` accumulates in fp32 (sums of thousands of token log-probs)
+    would reach the losses, the DPO reference cache and the collapse signal rounded to 8 bits of mantissa
+    (steps of 16 nats near -3000), and gradients would be averaged over ranks in bf16. No-op elsewhere."""
+    if not is_fsdp(acc) or mixed_precision != "bf16":
+        return
+    plugin = acc.state.fsdp_plugin
+    if plugin.fsdp_version == 2:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                                             output_dtype=torch.float32)
+    else:
+        from torch.distributed.fsdp import MixedPrecision
+
+        plugin.mixed_precision_policy = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                                       buffer_dtype=torch.float32)
 
 
 def configure_deepspeed(acc, micro_batch: int, grad_accum: int, max_grad_norm: float | None) -> None:
@@ -72,7 +115,7 @@ def configure_deepspeed(acc, micro_batch: int, grad_accum: int, max_grad_norm: f
         if cur == "auto":
             ds[key] = value
         elif float(cur) != float(value):
-            raise ValueError(f"the DeepSpeed config sets {key}={cur} but the recipe needs {value}: set {key}: auto "
+            raise TrainingSetupError(f"the DeepSpeed config sets {key}={cur} but the recipe needs {value}: set {key}: auto "
                              "in the accelerate config (deployments/accelerate/*.yaml)")
 
 

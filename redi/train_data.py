@@ -34,6 +34,7 @@ import numpy as np
 from .config.train import OptimConfig, SFTConfig, Stage2Config
 from .packing import Example, make_example
 from .prompts import DEFAULT_PROTOCOL, completion_suffix, render_prompt
+from .train_backend import TrainingSetupError
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ def _build_sft(cfg: SFTConfig, tok, positives_path: Path, prompt_protocol: str) 
     counts["dropped_empty"] = int((~ok).sum())
     df = df[ok]
     if df.empty:
-        raise ValueError(f"SFT: no training examples left in {positives_path} ({counts['rows']} rows, "
+        raise TrainingSetupError(f"SFT: no training examples left in {positives_path} ({counts['rows']} rows, "
                          f"{counts['dropped_empty']} with an empty completion or problem)")
     end = completion_suffix(tok)  # make_example appends the EOS id after it
     out, truncated = _Builder(), 0
@@ -273,7 +274,7 @@ def _build_pairs(cfg: Stage2Config, tok, pairs_path: Path, prompt_protocol: str)
     counts["truncated_long_prompt" if cfg.long_prompts == "truncate" else "dropped_long_prompt"] = long_prompts
     counts.update(examples=n, truncated_sequences=truncated)
     if not n:
-        raise ValueError(f"stage 2: no pairs left in {pairs_path} ({counts['rows']} rows; "
+        raise TrainingSetupError(f"stage 2: no pairs left in {pairs_path} ({counts['rows']} rows; "
                          f"{counts['dropped_identical']} with chosen == rejected, "
                          f"{counts.get('dropped_long_prompt', 0)} with a prompt > {cfg.max_prompt_length} tokens)")
     return out.table(counts)

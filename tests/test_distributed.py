@@ -400,6 +400,40 @@ def test_deepspeed_gets_micro_batch_accumulation_and_clipping_from_the_recipe():
         TB.configure_deepspeed(_fake_ds({"gradient_clipping": 1.0}), 1, 1, 0.3)
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_fsdp_bf16_reduces_gradients_and_returns_outputs_in_fp32(version):
+    """accelerate's own bf16 policy (what mixed_precision="bf16" builds) is bf16 for reduction and, for FSDP2, for
+    the root's outputs: the trainer replaces it before prepare; fp32 runs and other backends are left alone."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=version)
+    plugin.set_mixed_precision("bf16")
+    assert plugin.mixed_precision_policy.reduce_dtype == torch.bfloat16  # accelerate's default
+    acc = SimpleNamespace(distributed_type="DistributedType.FSDP", state=SimpleNamespace(fsdp_plugin=plugin))
+    TB.configure_fsdp(acc, "bf16")
+    pol = plugin.mixed_precision_policy
+    assert pol.param_dtype == torch.bfloat16 and pol.reduce_dtype == torch.float32
+    assert (pol.output_dtype if version == 2 else pol.buffer_dtype) == torch.float32
+    before = FullyShardedDataParallelPlugin(fsdp_version=version)
+    TB.configure_fsdp(SimpleNamespace(distributed_type="DistributedType.FSDP", state=SimpleNamespace(fsdp_plugin=before)),
+                      "no")
+    assert before.mixed_precision_policy is None
+    TB.configure_fsdp(SimpleNamespace(distributed_type="DistributedType.MULTI_GPU", state=None), "bf16")  # DDP: no-op
+
+
+def test_float32_save_under_deepspeed_bf16_is_refused_before_loading():
+    """DeepSpeed's bf16 engine holds the module in bf16 (fp32 masters only in the optimiser): a float32 final model
+    would be bf16 values upcast. One line with the fix; fp32 DeepSpeed, bf16 saves and DDP/FSDP are fine."""
+    from redi.cli import user_error
+
+    with pytest.raises(TB.TrainingSetupError, match="save_dtype float32 under DeepSpeed bf16") as e:
+        TB.check_save_dtype(_fake_ds({}), "bf16", "float32")
+    assert "set save_dtype: bfloat16" in user_error(e.value)
+    TB.check_save_dtype(_fake_ds({}), "no", "float32")
+    TB.check_save_dtype(_fake_ds({}), "bf16", "bfloat16")
+    TB.check_save_dtype(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None)), "bf16", "float32")
+
+
 def test_param_count_reads_zero3_placeholders():
     p = torch.nn.Parameter(torch.empty(0))
     p.ds_numel = 1234

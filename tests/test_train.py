@@ -300,9 +300,12 @@ def test_all_identical_pairs_is_a_clear_error(env, sft_run, tmp_path):
     d, data = env
     df = pd.read_parquet(data["pairs"]).head(4).copy()
     df["rejected"] = df["chosen"]
-    with pytest.raises(ValueError, match="no pairs left.*4 with chosen == rejected"):
+    with pytest.raises(ValueError, match="no pairs left.*4 with chosen == rejected") as e:
         T.train_stage2(Stage2Config(max_steps=1), sft_run[1] / "model", _pairs(tmp_path, df), tmp_path / "o",
                        tmp_path / "w", "cpu")
+    from redi.cli import user_error
+
+    assert "no pairs left" in user_error(e.value)  # the CLI prints it as one line, no traceback
 
 
 def test_empty_positives_is_a_clear_error(env, tmp_path):
