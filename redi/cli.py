@@ -84,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--benchmarks", default=None, help="Comma-separated benchmark names (default: the recipe's); registered: "
                     f"{', '.join(REGISTRY)}; or any name given a file in evaluate.benchmark_paths.<name>.")
     sp.add_argument("--samples", type=int, default=None, help="Samples per problem (evaluate.n_samples).")
-    sp.add_argument("--recipe", default=None, help="Recipe whose evaluate/run sections to start from (default: built-in defaults).")
+    sp.add_argument("--recipe", default=None, help="Recipe whose data, evaluate and run sections to start from (default: built-in "
+                    "defaults); demo_test is the test split of its synthetic data, so a model from `redi demo` takes "
+                    "--recipe deployments/demo.")
     sp.add_argument("--name", default=None, help="Label of this model in the results store (default: the folder name).")
     common(sp)
     sp = sub.add_parser("status", help="Which stages of a recipe are cached, their keys and folders.")
@@ -224,10 +226,23 @@ def check_labels(labels: list[str] | None) -> list[str] | None:
     return labels
 
 
+def preflight(check, *args) -> None:
+    """Run a pre-flight check of the inputs; what it finds is a bad recipe (exit 2, one line), like a bad key."""
+    try:
+        check(*args)
+    except RecipeError:
+        raise
+    except Exception as e:
+        line = user_error(e)
+        if line is None:
+            raise
+        raise RecipeError(line) from e
+
+
 def cmd_run(args: argparse.Namespace, r: Recipe, until: str, labels: list[str] | None = None) -> int:
     from .pipeline import check_inputs
 
-    check_inputs(r)  # a missing data file or an unknown benchmark fails here, not after training
+    preflight(check_inputs, r)  # a missing data file, model or benchmark fails here, not after training
     if until in dag_disabled(r):
         raise RecipeError(f"stage {until} is off in this recipe: set {NODE[until].enabled_by} to turn it on "
                           "(docs/evaluation.md)")
@@ -288,7 +303,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise RecipeError(f"--model {args.model}: no such folder (give a model folder or a Hub id such as Qwen/Qwen2.5-Math-1.5B)")
     from .benchmarks import check_names, from_download
 
-    check_names(r.evaluate.benchmarks, r.evaluate, from_download(r.data.source))
+    preflight(check_names, r.evaluate.benchmarks, r.evaluate, from_download(r.data.source))
+    if args.recipe is None and r.data.source == "synthetic" and any(b.startswith("demo_") for b in r.evaluate.benchmarks):
+        print("redi eval: demo_test is the test split of the built-in defaults' synthetic data, not the demo's "
+              "(pass --recipe deployments/demo for a model trained by `redi demo`)", file=sys.stderr)
     t0 = time.time()
     if args.no_prefect:
         from . import runs as run_registry

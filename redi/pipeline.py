@@ -29,7 +29,7 @@ from typing import Any
 
 from . import dag, distributed, launch, tracking
 from .artifacts import Artifact, ArtifactStore, code_version, hash_obj, stage_key
-from .config import Recipe
+from .config import Recipe, RecipeError
 from .launch import auto_device, go_offline
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,11 @@ def check_inputs(recipe: Recipe) -> None:
 
     if is_url(recipe.run.artifact_root):
         Remote(recipe.run.artifact_root).check()
+    check_base_model(recipe.model.base)
+    cfg = recipe.run.accelerate_config
+    if recipe.run.launcher == "accelerate" and cfg and not Path(cfg).expanduser().is_file():
+        raise RecipeError(f"run.accelerate_config {cfg!r}: no such file (the shipped ones: "
+                          "deployments/accelerate/{ddp,fsdp,zero2,zero3}.yaml)")
     src = sources.get_source(recipe.data.source)
     if src.check is not None:
         src.check(recipe.data)
@@ -83,6 +88,23 @@ def check_inputs(recipe: Recipe) -> None:
     if recipe.verify.decontaminate not in (False, "off"):
         names += [n for n in recipe.verify.decontam_benchmarks if n not in names]
     benchmarks.check_names(names, recipe.evaluate, extra)
+
+
+def check_base_model(base: str) -> None:
+    """``model.base`` is ``tiny``, an existing transformers folder, or a Hub id (org/name): else one line now, not a
+    Hub error after the download stage."""
+    import re
+
+    if base == "tiny":
+        return
+    p = Path(base).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise RecipeError(f"model.base {str(p)!r} is not a transformers model folder (no config.json)")
+        return
+    if base.startswith((".", "/", "~")) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", base):
+        raise RecipeError(f"model.base {base!r} does not exist: give a model folder, a Hub model id (org/name, e.g. "
+                          "Qwen/Qwen2.5-Math-1.5B) or tiny")
 
 
 @dataclass

@@ -120,11 +120,19 @@ def test_cli_user_errors_are_one_line_before_any_work(tmp_path, capsys):
 
     recipe = write_recipe(tmp_path)
     _one_line_error(capsys, ["stage", "evaluate", str(recipe), "--labels", "base,foo", "--no-prefect"], 2, "'foo'", "base,sft,redi")
-    _one_line_error(capsys, ["run", str(recipe), "--set", "evaluate.benchmarks=[math5000]", "--no-prefect"], 1,
+    _one_line_error(capsys, ["run", str(recipe), "--set", "evaluate.benchmarks=[math5000]", "--no-prefect"], 2,
                     "'math5000'", "math500", "evaluate.benchmark_paths")
     _one_line_error(capsys, ["run", str(recipe), "--set", "data.source=local", "--set", f"data.local_path={tmp_path}/gone.jsonl",
-                             "--no-prefect"], 1, "gone.jsonl", "data.local_path")
+                             "--no-prefect"], 2, "gone.jsonl", "data.local_path")
     _one_line_error(capsys, ["eval", "--model", str(tmp_path / "no-model"), "--recipe", str(recipe), "--no-prefect"], 2, "no-model")
+    _one_line_error(capsys, ["run", str(recipe), "--set", "model.base=/nonexistent/model", "--no-prefect"], 2,
+                    "model.base '/nonexistent/model' does not exist", "Hub model id")
+    (tmp_path / "not-a-model").mkdir()
+    _one_line_error(capsys, ["run", str(recipe), "--set", f"model.base={tmp_path}/not-a-model", "--no-prefect"], 2,
+                    "not a transformers model folder")
+    _one_line_error(capsys, ["run", str(recipe), "--set", "run.launcher=accelerate", "--set",
+                             "run.accelerate_config=deployments/accelerate/zero9.yaml", "--no-prefect"], 2,
+                    "zero9.yaml", "no such file")
     assert not (tmp_path / "artifacts").exists()  # nothing was started
 
 

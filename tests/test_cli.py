@@ -112,7 +112,7 @@ def test_eval_help_and_an_unknown_benchmark_list_the_registered_benchmarks(tmp_p
     out = " ".join(capsys.readouterr().out.split())
     assert all(name in out for name in REGISTRY), out
     recipe = write_recipe(tmp_path)
-    assert main(["eval", "--model", "Qwen/Qwen2.5-Math-1.5B", "--benchmarks", "mathh500", "--recipe", str(recipe), "--no-prefect"]) == 1
+    assert main(["eval", "--model", "Qwen/Qwen2.5-Math-1.5B", "--benchmarks", "mathh500", "--recipe", str(recipe), "--no-prefect"]) == 2
     err = capsys.readouterr().err
     assert "unknown benchmark 'mathh500'" in err and all(name in err for name in REGISTRY) and "Traceback" not in err
 

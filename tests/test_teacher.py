@@ -311,7 +311,7 @@ def test_redi_run_names_a_missing_teacher_in_one_line(tmp_path, capsys):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump({
         "run": {"name": "bad", "artifact_root": str(tmp_path / "a")},
         "data": {"source": "generate", "generate": {"model": "./nowhere"}}}))
-    assert main(["run", str(tmp_path / "r.yaml"), "--no-prefect"]) == 1
+    assert main(["run", str(tmp_path / "r.yaml"), "--no-prefect"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"redi: data.generate.model {str(tmp_path / 'nowhere')!r} does not exist: give a model folder, a registered " \
                   "run's folder (<artifact_root>/runs/<name>) or a Hub model id (org/name)"
