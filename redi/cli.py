@@ -341,6 +341,11 @@ def cmd_nightly(args: argparse.Namespace) -> int:
             raise RecipeError(f"nightly: only evaluate.* fields can be set, got {k!r}")
         ov[k.removeprefix("evaluate.")] = v
     runs = _csv(args.runs)
+    from .storage import is_url
+
+    if not is_url(args.artifact_root) and not Path(args.artifact_root).expanduser().is_dir():
+        raise RecipeError(f"--artifact-root {args.artifact_root}: no such folder (the run.artifact_root your runs wrote to; "
+                          "default ./artifacts)")
     if args.no_prefect:
         from dataclasses import asdict
 
@@ -399,6 +404,11 @@ def cmd_push(args: argparse.Namespace) -> int:
         if args.no_prefect:
             plan = publish(**kw)
         else:
+            from .publish import repo_ids
+            from .publish_source import find_run
+
+            repo_ids(args.repo, _csv(args.only), args.dataset_repo, args.details_repo)  # before Prefect starts
+            find_run(args.artifact_root, args.run)
             prefect_env(args.artifact_root)
             from flows.publish import redi_push
 

@@ -67,9 +67,9 @@ def resolve_label(label: str, recipe: Any) -> str:
                        f"(its stage-2 objective is {recipe.redi.loss!r})")
 
 
-def load_run(artifact_root: str | os.PathLike[str], run: str, label: str, need_verify: bool = True) -> RunSource:
-    """The registered run ``run`` with its chosen model, verify artifact and grades, every artifact validated."""
-    from .config import RecipeError, load_recipe
+def find_run(artifact_root: str | os.PathLike[str], run: str) -> Any:
+    """The registration of ``run`` (a :class:`redi.runs.RegisteredRun`), else a one-line PublishError naming the
+    registered runs; reads only the registry (cheap enough to check before Prefect starts)."""
     from .runs import registered_runs
 
     found = registered_runs(artifact_root)
@@ -78,7 +78,14 @@ def load_run(artifact_root: str | os.PathLike[str], run: str, label: str, need_v
         names = ", ".join(r.name for r in found) or "none"
         raise PublishError(f"run {run!r} is not registered under {artifact_root}/runs (registered: {names}): run its "
                            "recipe to the end (`redi run RECIPE`), or pass --artifact-root of the store it ran in")
-    reg = match[0]
+    return match[0]
+
+
+def load_run(artifact_root: str | os.PathLike[str], run: str, label: str, need_verify: bool = True) -> RunSource:
+    """The registered run ``run`` with its chosen model, verify artifact and grades, every artifact validated."""
+    from .config import RecipeError, load_recipe
+
+    reg = find_run(artifact_root, run)
     try:
         recipe = load_recipe(reg.run_dir / "recipe.yaml")
     except (RecipeError, OSError) as e:

@@ -268,6 +268,27 @@ def test_cli_push_dry_run_and_bad_input(tiny_run, staged, tmp_path, capsys):
     assert sorted(p.name for p in default.iterdir()) == ["model", "push.json"] and (default / "model" / "README.md").is_file()
 
 
+def test_cli_push_of_an_unregistered_run_fails_before_prefect(tmp_path, capsys, monkeypatch):
+    """Without --no-prefect, an unknown run (or a malformed repo id) is one line before Prefect's server starts."""
+    import redi.cli as cli
+
+    started = []
+    monkeypatch.setattr(cli, "prefect_env", lambda *a: started.append(a))
+    assert cli.main(["push", "nope", "--model", "redi", "--repo", "me/x", "--artifact-root", str(tmp_path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("redi: run 'nope' is not registered") and "\n" not in err and not started
+    assert cli.main(["push", "nope", "--model", "redi", "--repo", "bad id", "--artifact-root", str(tmp_path), "--dry-run"]) == 2
+    assert "not a Hub repo id" in capsys.readouterr().err and not started
+
+
+def test_cli_nightly_on_a_missing_root_is_one_line(tmp_path, capsys):
+    from redi.cli import main
+
+    assert main(["nightly", "--artifact-root", str(tmp_path / "gone"), "--no-prefect"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"redi: --artifact-root {tmp_path / 'gone'}: no such folder") and "\n" not in err
+
+
 def test_cli_real_push_goes_to_the_hub_endpoint(tiny_run, staged, tmp_path, monkeypatch, capsys):
     """`redi push RUN --model redi --repo NS/NAME` as documented: HfApi() at huggingface_hub's endpoint (the stand-in)."""
     from _hub_standin import HubStandIn
