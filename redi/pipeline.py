@@ -306,11 +306,17 @@ class Pipeline:
         from . import benchmarks
 
         out: dict[str, list[str]] = {}
+        skipped: list[str] = []
         for name in self.recipe.verify.decontam_benchmarks if self.recipe.verify.decontaminate != "off" else []:
             try:
                 out[name] = [row["problem"] for row in benchmarks.load_benchmark(name, self.recipe.evaluate, {})]
             except Exception as e:
-                log.warning("decontamination: benchmark %s not available, skipped (%s)", name, e)
+                skipped.append(name)
+                log.debug("decontamination: benchmark %s not available (%s)", name, " ".join(str(e).split()))
+        if skipped:  # one line: offline runs skip most of them by design (the reasons are at debug level)
+            log.warning("decontamination: %d of %d benchmarks not available here, skipped: %s (checked: %s; "
+                        "a local copy under evaluate.benchmark_dir, or the Hub, makes them count)", len(skipped),
+                        len(skipped) + len(out), ", ".join(skipped), ", ".join(out) or "none")
         return out
 
     def verify(self, data: Artifact | None = None, model: Artifact | None = None) -> Artifact:
