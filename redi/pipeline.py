@@ -306,17 +306,19 @@ class Pipeline:
         from . import benchmarks
 
         out: dict[str, list[str]] = {}
-        skipped: list[str] = []
+        skipped: dict[str, str] = {}
         for name in self.recipe.verify.decontam_benchmarks if self.recipe.verify.decontaminate != "off" else []:
             try:
                 out[name] = [row["problem"] for row in benchmarks.load_benchmark(name, self.recipe.evaluate, {})]
             except Exception as e:
-                skipped.append(name)
-                log.debug("decontamination: benchmark %s not available (%s)", name, " ".join(str(e).split()))
-        if skipped:  # one line: offline runs skip most of them by design (the reasons are at debug level)
-            log.warning("decontamination: %d of %d benchmarks not available here, skipped: %s (checked: %s; "
-                        "a local copy under evaluate.benchmark_dir, or the Hub, makes them count)", len(skipped),
-                        len(skipped) + len(out), ", ".join(skipped), ", ".join(out) or "none")
+                skipped[name] = f"{type(e).__name__}: {' '.join(str(e).split())}"
+                log.debug("decontamination: benchmark %s not available (%s)", name, skipped[name])
+        if skipped:  # one line: offline runs skip most of them by design (each reason at debug level)
+            first = next(iter(skipped.values()))
+            log.warning("decontamination: %d of %d benchmarks not available here, skipped: %s (checked: %s; a local "
+                        "copy under evaluate.benchmark_dir, or the Hub, makes them count; first reason: %s)",
+                        len(skipped), len(skipped) + len(out), ", ".join(skipped), ", ".join(out) or "none",
+                        first if len(first) <= 200 else f"{first[:100]} ... {first[-95:]}")  # the cause is often last
         return out
 
     def verify(self, data: Artifact | None = None, model: Artifact | None = None) -> Artifact:

@@ -439,7 +439,7 @@ def test_cli_one_line_errors_for_missing_backend_and_endpoint(tmp_path):
     assert "s3://bkt/root is not reachable" in r.stderr and "AWS_ENDPOINT_URL" in r.stderr
     assert secret not in r.stderr + r.stdout
     r = subprocess.run(redi_argv("run", str(recipe)), env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0, r.stderr  # before Prefect starts its server
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr  # a bad input, before Prefect starts
     assert "s3://bkt/root is not reachable" in r.stderr and secret not in r.stderr + r.stdout
 
 
