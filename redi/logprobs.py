@@ -339,7 +339,7 @@ class LogProbLM(nn.Module):
         bad = [k for k in _UNSUPPORTED if getattr(cfg, k, None) not in (None, 1.0, 0.0)]
         if bad:
             raise TrainingSetupError(f"{type(lm).__name__} scales or caps its logits ({', '.join(bad)}); LogProbLM's head "
-                             "does not apply that: train this model with the plain logits path")
+                                     "does not apply that: train this model with the plain logits path")
         self.lm, self.kernel, self.rows, self.split = lm, kernel, rows, split
         _register_zero3(self, lm.get_output_embeddings().weight)
 
@@ -510,7 +510,7 @@ def resolve_attn(impl: str, device: str, mixed_precision: str = "bf16") -> str:
         return register_packed_sdpa()
     if impl == "flash_attention_2" and device == "cuda" and mixed_precision not in ("bf16", "fp16"):
         raise TrainingSetupError("attn_implementation flash_attention_2 needs bf16 training, but this run trains in fp32 "
-                         "(dtype: float32, or a GPU without bf16): set dtype: bfloat16 or attn_implementation: sdpa")
+                                 "(dtype: float32, or a GPU without bf16): set dtype: bfloat16 or attn_implementation: sdpa")
     if impl != "auto":
         return impl
     if device == "cuda":

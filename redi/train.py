@@ -108,7 +108,7 @@ class TrainingError(RuntimeError):
 def _check_template(tok: PreTrainedTokenizerBase, model_dir: Path) -> None:
     if not getattr(tok, "chat_template", None):
         raise TrainingSetupError(f"tokenizer in {model_dir} has no chat template: build the base model with "
-                         "model.chat_template set (redi.prompts.CHATML_TEMPLATE is the Qwen-style one)")
+                                 "model.chat_template set (redi.prompts.CHATML_TEMPLATE is the Qwen-style one)")
 
 
 def resolve_device(device: str, dtype: str) -> tuple[str, str]:
@@ -323,7 +323,7 @@ def run(job: Job) -> dict[str, Any]:
     if needs_ref and not cfg.precompute_ref:
         if is_deepspeed(acc) or is_fsdp(acc):
             raise TrainingSetupError(f"redi.precompute_ref=false keeps an unsharded reference copy, which {acc.distributed_type} "
-                             "cannot hold or load correctly: set redi.precompute_ref: true")
+                                     "cannot hold or load correctly: set redi.precompute_ref: true")
         ref_model = _load_model(job.model_dir, cfg, dev, mp).to(acc.device).eval().requires_grad_(False)
     base_optimizer = optimizer  # the torch AdamW (DeepSpeed steps it on its fp32 partitions): update norms
     model, optimizer = acc.prepare(model, optimizer)

@@ -59,9 +59,10 @@ def check_backend(acc) -> None:
     for env, name, on in (("ACCELERATE_USE_FSDP", "FSDP", is_fsdp(acc)),
                           ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed", is_deepspeed(acc))):
         if os.environ.get(env, "false").lower() == "true" and not on:
-            raise TrainingSetupError(f"the accelerate config asks for {name}, but accelerate runs it only on GPUs and this "
-                             f"run is {acc.distributed_type} on {acc.device}: use a GPU, or deployments/accelerate/ddp.yaml "
-                             "(or --multi_gpu) for CPU processes")
+            raise TrainingSetupError(
+                f"the accelerate config asks for {name}, but accelerate runs it only on GPUs and this run is "
+                f"{acc.distributed_type} on {acc.device}: use a GPU, or deployments/accelerate/ddp.yaml (or --multi_gpu) "
+                "for CPU processes")
 
 
 def check_save_dtype(acc, mixed_precision: str, save_dtype: str) -> None:
@@ -115,8 +116,8 @@ def configure_deepspeed(acc, micro_batch: int, grad_accum: int, max_grad_norm: f
         if cur == "auto":
             ds[key] = value
         elif float(cur) != float(value):
-            raise TrainingSetupError(f"the DeepSpeed config sets {key}={cur} but the recipe needs {value}: set {key}: auto "
-                             "in the accelerate config (deployments/accelerate/*.yaml)")
+            raise TrainingSetupError(f"the DeepSpeed config sets {key}={cur} but the recipe needs {value}: set {key}: "
+                                     "auto in the accelerate config (deployments/accelerate/*.yaml)")
 
 
 def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

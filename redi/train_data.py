@@ -213,7 +213,7 @@ def _build_sft(cfg: SFTConfig, tok, positives_path: Path, prompt_protocol: str) 
     df = df[ok]
     if df.empty:
         raise TrainingSetupError(f"SFT: no training examples left in {positives_path} ({counts['rows']} rows, "
-                         f"{counts['dropped_empty']} with an empty completion or problem)")
+                                 f"{counts['dropped_empty']} with an empty completion or problem)")
     end = completion_suffix(tok)  # make_example appends the EOS id after it
     out, truncated = _Builder(), 0
     for s in range(0, len(df), _BATCH_ROWS):
@@ -275,8 +275,8 @@ def _build_pairs(cfg: Stage2Config, tok, pairs_path: Path, prompt_protocol: str)
     counts.update(examples=n, truncated_sequences=truncated)
     if not n:
         raise TrainingSetupError(f"stage 2: no pairs left in {pairs_path} ({counts['rows']} rows; "
-                         f"{counts['dropped_identical']} with chosen == rejected, "
-                         f"{counts.get('dropped_long_prompt', 0)} with a prompt > {cfg.max_prompt_length} tokens)")
+                                 f"{counts['dropped_identical']} with chosen == rejected, "
+                                 f"{counts.get('dropped_long_prompt', 0)} with a prompt > {cfg.max_prompt_length} tokens)")
     return out.table(counts)
 
 
