@@ -215,6 +215,26 @@ def test_backend_config_trains_checkpoints_resumes_and_saves_like_ddp(sft_launch
     assert upd == pytest.approx(ddp_upd, rel=1e-4)  # from the sharded fp32 optimiser state, summed over ranks
 
 
+@pytest.mark.slow
+def test_fsdp2_config_trains_in_bf16_on_both_ranks(tmp_path):
+    """The shipped fsdp.yaml with the recipe in bf16 (CPU autocast, FSDP2's bf16 parameters under the trainer's
+    fp32-reduce / fp32-output policy), 2 processes: SFT and the DPO baseline (reference precomputed through the
+    sharded model) train on both ranks; at step 1 the policy equals its reference (loss log 2)."""
+    recipe = write_recipe(tmp_path, {"redi.global_batch": 4, "redi.micro_batch": 2, "sft.dtype": "bfloat16",
+                                     "redi.dtype": "bfloat16"})
+    env = {"PYTHONPATH": f"{CPU_BACKEND_SHIM}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "REDI_TEST_CPU_BACKEND": "1"}
+    _launch("stage", "sft", str(recipe), "--no-prefect", config="fsdp.yaml", **env)
+    _launch("stage", "redi", str(recipe), "--no-prefect", "--set", "redi.loss=dpo", "--set", "redi.beta=0.1",
+            config="fsdp.yaml", **env)
+    root = tmp_path / "artifacts"
+    for stage in ("sft", "redi"):
+        [art] = _published(root, stage)
+        summary = _manifest(art)["summary"]
+        _assert_two_ranks_trained(summary)
+        assert summary["mixed_precision"] == "bf16" and all(math.isfinite(x) for x in _losses(art))
+    assert _losses(art)[0] == pytest.approx(math.log(2), abs=1e-4)
+
+
 @pytest.mark.parametrize("env", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
 def test_backend_config_that_accelerate_dropped_is_refused(monkeypatch, env):
     """On CPU accelerate turns an FSDP / DeepSpeed config into plain DDP without a word: the trainer refuses."""
@@ -419,6 +439,54 @@ def test_fsdp_bf16_reduces_gradients_and_returns_outputs_in_fp32(version):
                       "no")
     assert before.mixed_precision_policy is None
     TB.configure_fsdp(SimpleNamespace(distributed_type="DistributedType.MULTI_GPU", state=None), "bf16")  # DDP: no-op
+
+
+_FSDP2_BF16 = """
+import json, os, sys, torch
+import torch.distributed as dist
+from types import SimpleNamespace
+from torch.distributed.fsdp import fully_shard
+from transformers import Qwen2Config, Qwen2ForCausalLM
+from accelerate.utils import FullyShardedDataParallelPlugin
+from redi import train_backend as TB
+from redi.logprobs import LogProbLM
+from redi.packing import Example, collate, sequence_logps
+dist.init_process_group("gloo")
+out = {}
+for which in ("accelerate", "redi"):
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    plugin.set_mixed_precision("bf16")  # what Accelerator(mixed_precision="bf16") does
+    if which == "redi":
+        TB.configure_fsdp(SimpleNamespace(distributed_type="FSDP", state=SimpleNamespace(fsdp_plugin=plugin)), "bf16")
+    torch.manual_seed(0)
+    lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, attn_implementation="sdpa"))
+    m = LogProbLM(lm)
+    for layer in lm.model.layers:  # as accelerate's FSDP2 preparation: each decoder layer, then the root
+        fully_shard(layer, mp_policy=plugin.mixed_precision_policy)
+    fully_shard(m, mp_policy=plugin.mixed_precision_policy)
+    g = torch.Generator().manual_seed(1)
+    b = collate([Example(tuple(torch.randint(0, 300, (n,), generator=g).tolist()), 4) for n in (700, 650)], packed=True)
+    sums, _ = sequence_logps(m, b)
+    out[which] = [str(sums.dtype), sums.tolist()]
+dist.destroy_process_group()
+print(json.dumps(out))
+"""
+
+
+def test_fsdp2_bf16_log_prob_sums_stay_fp32_under_the_trainers_policy(tmp_path):
+    """FSDP2 for real (fully_shard over a one-process gloo group, bf16 parameters on CPU): under accelerate's bf16
+    policy the root casts LogProbLM's per-sequence sums to bf16 (a sum near -4,000 moves in steps of 16 nats);
+    under the policy the trainer sets they come out fp32, and bf16 compute puts them within a few nats."""
+    env = subprocess_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()), RANK="0", WORLD_SIZE="1",
+                         OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", _FSDP2_BF16], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    (acc_dtype, acc_sums), (redi_dtype, redi_sums) = out["accelerate"], out["redi"]
+    assert acc_dtype == "torch.bfloat16" and all(x % 16 == 0 for x in acc_sums)  # |sum| in [2048, 4096): 16-nat steps
+    assert redi_dtype == "torch.float32" and any(x % 1 for x in redi_sums)
+    assert max(abs(a - b) for a, b in zip(acc_sums, redi_sums, strict=True)) <= 16
 
 
 def test_float32_save_under_deepspeed_bf16_is_refused_before_loading():
