@@ -68,7 +68,6 @@ from .train_backend import (
     TrainingSetupError,
     adam_update_norm,
     check_backend,
-    check_save_dtype,
     configure_deepspeed,
     configure_fsdp,
     decay_groups,
@@ -311,7 +310,6 @@ def run(job: Job) -> dict[str, Any]:
     check_backend(acc)
     configure_deepspeed(acc, cfg.micro_batch, n_micro, cfg.max_grad_norm)
     configure_fsdp(acc, mp)
-    check_save_dtype(acc, mp, cfg.save_dtype)
     model = _load_model(job.model_dir, cfg, dev, mp)
     n_params = param_count(model)
     optimizer = _optimizer(model, cfg)

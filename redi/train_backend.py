@@ -1,5 +1,7 @@
 """What the trainer does differently under DDP, FSDP and DeepSpeed ZeRO-2/3 (``redi.train`` calls these).
 
+- DeepSpeed in bf16 saves a ``save_dtype: float32`` model from the fp32 masters (:func:`fp32_masters`), not
+  from the engine's bf16 module.
 - FSDP in bf16 computes in bf16 but reduces gradients and returns the forward's outputs (our per-sequence
   log-prob sums) in fp32 (:func:`configure_fsdp`), as DDP under autocast does.
 - DeepSpeed gets the micro-batch, the accumulation steps and the recipe's ``max_grad_norm`` before
@@ -65,17 +67,31 @@ def check_backend(acc) -> None:
                 "for CPU processes")
 
 
-def check_save_dtype(acc, mixed_precision: str, save_dtype: str) -> None:
-    """Refuse ``save_dtype: float32`` under DeepSpeed bf16, before the model loads.
+def fp32_masters(acc, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """Under DeepSpeed in bf16: every parameter's full fp32 master, by the unwrapped module's parameter names (tied
+    names included), on CPU in the main process (an empty dict on the other ranks); None on other backends and
+    precisions. Collective: every rank calls it, in the same order.
 
-    DeepSpeed's bf16 engine casts the module's parameters to bf16 and keeps the fp32 masters in the
-    optimiser's partitions; ``get_state_dict`` under ZeRO-2 returns the module's bf16 tensors, so a float32
-    file would hold bf16 values upcast (ZeRO-3's 16-bit gather likewise). Gathering the masters
-    (``deepspeed.utils.safe_get_full_fp32_param``) is not implemented: it could only be tested on a GPU."""
-    if is_deepspeed(acc) and mixed_precision == "bf16" and save_dtype == "float32":
-        raise TrainingSetupError(
-            "save_dtype float32 under DeepSpeed bf16 would save the engine's bf16 weights upcast, not its fp32 masters: "
-            "set save_dtype: bfloat16 (for `auto`: evaluate.dtype: bfloat16), or train under FSDP or DDP")
+    DeepSpeed's bf16 engine casts the module's parameters to bf16 and keeps the fp32 masters in the optimiser's
+    partitions; ``get_state_dict`` returns the module's bf16 tensors (ZeRO-3: its 16-bit gather), so a
+    ``save_dtype: float32`` model would be bf16 values upcast. ``deepspeed.utils.safe_get_full_fp32_param``
+    assembles a master from the partitions (an all-reduce under ZeRO-1/2, an all-gather under ZeRO-3)."""
+    if not is_deepspeed(acc) or acc.mixed_precision != "bf16":
+        return None
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out: dict[str, torch.Tensor] = {}
+    done: dict[int, torch.Tensor] = {}
+    for name, p in acc.unwrap_model(model).named_parameters(remove_duplicate=False):
+        if id(p) not in done:
+            full = safe_get_full_fp32_param(p)  # every rank takes part; only the main process keeps a copy
+            if full is None:
+                raise RuntimeError(f"DeepSpeed holds no fp32 master for {name}: cannot save float32 weights")
+            done[id(p)] = full.detach().float().cpu() if acc.is_main_process else full.new_empty(0)
+            out[name] = done[id(p)]
+        else:  # a tied name (lm_head = embed_tokens): its own tensor, as get_state_dict gives it
+            out[name] = done[id(p)].clone()
+    return out if acc.is_main_process else {}
 
 
 def configure_fsdp(acc, mixed_precision: str) -> None:

@@ -14,6 +14,7 @@ import torch
 from .logprobs import unwrap_logprob
 from .signals import SignalLog
 from .tinymodel import MARKER
+from .train_backend import fp32_masters
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -70,8 +71,11 @@ def export_model(job: Job, acc: Accelerator, model: torch.nn.Module, out: Path) 
     tiny-model marker. Every rank calls it (gathering a sharded state dict is collective); the main process writes."""
     acc.wait_for_everyone()
     state = acc.get_state_dict(model)
+    masters = fp32_masters(acc, model) if job.cfg.save_dtype == "float32" else None  # DeepSpeed bf16; collective
     if acc.is_main_process:
         wrapper = unwrap_logprob(acc.unwrap_model(model))  # the LogProbLM; its causal LM is saved
+        if masters:
+            state = {k: masters.get(k, v) for k, v in state.items()}
         state = saved_state(state, job.cfg.save_dtype)
         wrapper.lm.save_pretrained(out, state_dict=state, safe_serialization=True)
         _set_config_dtype(out, next(v.dtype for v in state.values() if v.is_floating_point()))
