@@ -27,7 +27,7 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from redi import dag
+from redi import dag, interrupt
 from redi.config import Recipe, RecipeError, apply_overrides, load_recipe
 from redi.interrupt import stoppable
 from redi.storage import normalize_root
@@ -179,7 +179,7 @@ def schedule(plan: list[tuple[str, dag.Node, str | None, list[str]]], needs: dic
             if error is None and pending:  # every need is clamped to the machine, so an idle pool fits any node
                 raise RuntimeError(f"scheduler stalled with {[p[0] for p in pending]} pending (a bug)")
             break
-        name = done.get()
+        name = interrupt.get(done)  # short waits: a SIGTERM handed to a worker thread still runs its handler
         pool.give(*running.pop(name))
         try:
             results[name] = futures[name].result()

@@ -9,11 +9,13 @@ content-addressed artifact, so a change to one method reruns only that method.
 
 from __future__ import annotations
 
+import queue
 import time
 from typing import Any
 
 from prefect import flow, get_run_logger
 
+from redi import interrupt
 from redi.interrupt import stoppable
 from tasks.study import base as base_task
 from tasks.study import evaluate, on_policy, point, report, sft_round
@@ -75,6 +77,11 @@ def _points(workers: int, jobs: list, rd: dict[str, Any], sd: dict[str, Any], ba
     for i in range(0, len(jobs), workers):
         wave = jobs[i:i + workers]
         futures = [point.submit(rd, sd, j.method, j.params, j.seed, j.split, base, start, tag=_tag(j.params)) for j in wave]
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        for f in futures:
+            f.add_done_callback(lambda _f, q=done: q.put(None))
+        for _ in futures:  # short waits, not f.result(): a SIGTERM handed to a worker thread still runs its handler
+            interrupt.get(done)
         for j, f in zip(wave, futures, strict=True):
             out.setdefault(j.method, []).append(f.result())
     return out

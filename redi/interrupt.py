@@ -1,6 +1,7 @@
 """Stopping a run on SIGTERM / Ctrl-C, whichever thread its stage runs in.
 
-A signal reaches only the main thread. Under Prefect a stage runs in a task-runner thread, and while the
+A signal's Python handler runs only in the main thread (and only once it is awake: flows wait through
+:func:`get`). Under Prefect a stage runs in a task-runner thread, and while the
 main thread unwinds (``KeyboardInterrupt``, or Prefect's ``TerminationSignal`` for SIGTERM and for a
 cancellation from the UI), the task runner joins that thread: without help, an SFT interrupted at step 10
 of 100,000 keeps training until its last step. So, once per process, :func:`begin`:
@@ -35,6 +36,26 @@ _deadline_started = threading.Lock()
 _deadline: threading.Thread | None = None
 _begun = threading.Event()
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+POLL_S = 0.2
+"""Longest a main-thread wait of :func:`get` sleeps before a pending signal handler gets to run."""
+
+
+def get(q: Any) -> Any:
+    """``q.get()`` for the main thread, in waits of :data:`POLL_S`.
+
+    The kernel hands a process-directed signal (``kill``, ``killpg``) to any thread that does not block it. If
+    that is a worker thread, CPython only flags the handler for the main thread, which runs it when it next
+    wakes: a main thread asleep in a plain ``q.get()`` sleeps through a SIGTERM until the next item arrives,
+    which for a flow waiting on an SFT of 100,000 steps is the end of the training."""
+    import queue
+
+    while True:
+        try:
+            return q.get(timeout=POLL_S)
+        except queue.Empty:
+            continue
 
 
 class Stopped(KeyboardInterrupt):

@@ -253,6 +253,45 @@ def test_stop_check_raises_only_after_a_request():
         interrupt.clear()
 
 
+_SIGNAL_TO_A_WORKER = """
+import queue, signal, sys, threading, time
+from redi import interrupt
+
+def handler(signum, frame):
+    raise KeyboardInterrupt("handled")
+
+signal.signal(signal.SIGUSR1, handler)
+
+def worker():  # the kernel may hand a process-directed SIGTERM to any thread: here, explicitly, this one
+    time.sleep(0.3)
+    signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+    time.sleep(60)
+
+threading.Thread(target=worker, daemon=True).start()
+q = queue.Queue()
+t0 = time.time()
+try:
+    q.get() if sys.argv[1] == "plain" else interrupt.get(q)
+except KeyboardInterrupt as e:
+    print(f"{e} after {time.time() - t0:.1f} s")
+"""
+
+
+@pytest.mark.parametrize("how", ["interrupt.get", "plain"])
+def test_a_signal_handed_to_a_worker_thread_reaches_a_waiting_main_thread(how):
+    """The scheduler of a Prefect run waits in its main thread while stages run in worker threads. A signal the
+    kernel hands to a worker thread only flags the Python handler; interrupt.get wakes every 0.2 s, so it runs
+    (a plain queue.get sleeps on: the 1-in-4 hang of the group-SIGTERM test above)."""
+    cmd = [sys.executable, "-c", _SIGNAL_TO_A_WORKER, how]
+    if how == "plain":
+        with pytest.raises(subprocess.TimeoutExpired):
+            subprocess.run(cmd, capture_output=True, text=True, timeout=5, env=subprocess_env())
+        return
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=subprocess_env())
+    assert r.returncode == 0 and r.stdout.startswith("handled after"), r.stderr[-2000:]
+    assert float(r.stdout.split()[2]) < 2
+
+
 # ------------------------------------------------------------------ full disk, read-only root (real mounts)
 
 
