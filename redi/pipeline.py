@@ -93,7 +93,7 @@ def check_inputs(recipe: Recipe) -> None:
 def check_base_model(base: str) -> None:
     """``model.base`` is ``tiny``, an existing transformers folder, or a Hub id (org/name): else one line now, not a
     Hub error after the download stage."""
-    import re
+    from .teacher import is_hub_id
 
     if base == "tiny":
         return
@@ -102,7 +102,7 @@ def check_base_model(base: str) -> None:
         if not (p / "config.json").is_file():
             raise RecipeError(f"model.base {str(p)!r} is not a transformers model folder (no config.json)")
         return
-    if base.startswith((".", "/", "~")) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", base):
+    if not is_hub_id(base):
         raise RecipeError(f"model.base {base!r} does not exist: give a model folder, a Hub model id (org/name, e.g. "
                           "Qwen/Qwen2.5-Math-1.5B) or tiny")
 

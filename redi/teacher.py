@@ -62,6 +62,11 @@ BENCHMARK = "generate"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def is_hub_id(name: str) -> bool:
+    """``name`` reads as a Hub model id (``org/name``), not as a path (``.``, ``/``, ``~``)."""
+    return not name.startswith((".", "/", "~")) and bool(_HUB_ID.match(name))
+
+
 @dataclass(frozen=True)
 class ModelRef:
     """The teacher as resolved: ``kind`` (folder, run, hub), the folder or Hub id, and its identity (the key)."""
@@ -93,7 +98,7 @@ def resolve_model(g: GenerateConfig) -> ModelRef:
         if not (p / "config.json").is_file():
             raise DataError(f"data.generate.model {str(p)!r} is not a transformers model folder (no config.json)")
         return ModelRef("folder", str(p.resolve()), folder_identity(p))
-    if name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
+    if not is_hub_id(name):
         raise DataError(f"data.generate.model {name!r} does not exist: give a model folder, a registered run's folder "
                         "(<artifact_root>/runs/<name>) or a Hub model id (org/name)")
     return ModelRef("hub", name, f"hub:{name}@{g.revision or 'main'}")

@@ -355,11 +355,9 @@ def _released(summary: dict[str, Any]) -> dict[str, Any]:
     Under a launch, rank 0 goes on to evaluation, whose vLLM engines want ``gpu_memory_utilization`` (90 %) of
     every GPU free, while the other ranks wait at a barrier; without this their caching allocators would keep
     the training peak."""
-    import gc
+    from accelerate.utils.memory import clear_device_cache
 
-    gc.collect()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
+    clear_device_cache(garbage_collection=True)
     return summary
 
 
